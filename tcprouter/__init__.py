@@ -1,0 +1,1 @@
+"""tcprouter: route raw TCP to labelled Docker containers with kernel NAT rules."""

@@ -1,0 +1,156 @@
+"""Desired state -> rule set: the pure heart of tcprouter.
+
+Every rule is written exactly as `iptables-save` prints it back, so that the rules read from the
+kernel can be compared with the compiled ones as plain text (see diff.py).
+
+Layout (DESIGN.md):
+  nat    PREROUTING/OUTPUT -> TCPR-FRONTENDS -> TCPR-FE-<port> (CONNMARK, then one DNAT per rotation slot)
+         POSTROUTING -> TCPR-POSTROUTING (MASQUERADE for hairpin flows, or for all with --snat always)
+  filter DOCKER-USER (else FORWARD) -> TCPR-FORWARD (drop INVALID, accept the marked connections)
+Both tables also hold an empty TCPR-CANARY chain: if it vanishes, someone flushed the table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from .model import Backend, Balance, DesiredState, Frontend
+
+PREFIX = "TCPR-"
+FRONTENDS_CHAIN = "TCPR-FRONTENDS"
+POSTROUTING_CHAIN = "TCPR-POSTROUTING"
+FORWARD_CHAIN = "TCPR-FORWARD"
+CANARY_CHAIN = "TCPR-CANARY"
+FRONTEND_CHAIN_PREFIX = "TCPR-FE-"
+DEFAULT_MARK_BIT = 0x100000
+_COMMENT_MAX = 64
+
+# table -> chain -> rule specs (the text after "-A <chain> ", as iptables-save prints it)
+Tables = dict[str, dict[str, tuple[str, ...]]]
+
+
+@dataclass(frozen=True)
+class Options:
+    mark_bit: int = DEFAULT_MARK_BIT
+    listen_address: str | None = None  # match only this destination instead of every local address
+    snat_always: bool = False  # masquerade every routed flow (backends behind another router)
+    forward_parent: str = "DOCKER-USER"  # where the filter hook goes: DOCKER-USER if it exists, else FORWARD
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """Owned chains and their contents, plus the jumps from chains we do not own (hooks).
+
+    Each hook must be the first rule of its parent chain.
+    """
+
+    chains: Tables
+    hooks: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)  # table -> (parent, rule)
+
+    def rule_count(self) -> int:
+        return sum(len(rules) for chains in self.chains.values() for rules in chains.values())
+
+
+def frontend_chain(port: int) -> str:
+    return f"{FRONTEND_CHAIN_PREFIX}{port}"
+
+
+def rotation(backends: Sequence[Backend]) -> list[Backend]:
+    """Smooth weighted round-robin order: each backend appears `weight` times, spread out.
+
+    With weights (A=1, B=2) this gives B, A, B rather than A, B, B.
+    """
+    total = sum(b.weight for b in backends)
+    current = [0] * len(backends)
+    order: list[Backend] = []
+    for _ in range(total):
+        for i, backend in enumerate(backends):
+            current[i] += backend.weight
+        best = max(range(len(backends)), key=lambda i: current[i])  # first index wins ties
+        current[best] -= total
+        order.append(backends[best])
+    return order
+
+
+def _probability_text(probability: float) -> str:
+    """The probability as the statistic match stores (u32 of 2^31) and prints it (%.11f)."""
+    stored = int(probability * 0x80000000 + 0.5)
+    return f"{stored / 0x80000000:.11f}"
+
+
+def _dnat(backend: Backend, condition: str) -> str:
+    comment = backend.name[:_COMMENT_MAX] or backend.container_id[:12]
+    statistic = f" -m statistic {condition}" if condition else ""
+    return f"-p tcp -m comment --comment {comment}{statistic} -j DNAT --to-destination {backend.ip}:{backend.port}"
+
+
+def pool_rules(frontend: Frontend, mark: str) -> tuple[str, ...]:
+    """The rules of one frontend chain: mark the connection, then pick a backend."""
+    rules = [f"-j CONNMARK --set-xmark {mark}"]
+    if frontend.balance is Balance.RANDOM:
+        slots = list(frontend.backends)
+        remaining = sum(b.weight for b in slots)
+        for i, backend in enumerate(slots):
+            last = i == len(slots) - 1
+            condition = "" if last else f"--mode random --probability {_probability_text(backend.weight / remaining)}"
+            rules.append(_dnat(backend, condition))
+            remaining -= backend.weight
+    else:
+        slots = rotation(frontend.backends)
+        for i, backend in enumerate(slots):
+            last = i == len(slots) - 1
+            rules.append(_dnat(backend, "" if last else f"--mode nth --every {len(slots) - i} --packet 0"))
+    return tuple(rules)
+
+
+def dispatch_rules(ports: Iterable[int]) -> tuple[str, ...]:
+    """TCPR-FRONTENDS: port -> frontend chain. Linear in the number of frontends, evaluated once per new
+    connection; the one place to change for a logarithmic dispatch."""
+    return tuple(f"-p tcp -m tcp --dport {port} -j {frontend_chain(port)}" for port in sorted(ports))
+
+
+def _snat_rules(frontends: Iterable[Frontend], mark: str, snat_always: bool) -> tuple[str, ...]:
+    if snat_always:
+        return (f"-m connmark --mark {mark} -j MASQUERADE",)
+    # Hairpin: a client on a backend's own subnet would get the reply straight from the backend,
+    # bypassing the reverse NAT, unless the flow is masqueraded through the host.
+    subnets = sorted({b.subnet for f in frontends for b in f.backends if b.subnet})
+    return tuple(f"-s {s} -d {s} -m connmark --mark {mark} -j MASQUERADE" for s in subnets)
+
+
+def compile_rules(state: DesiredState, options: Options = Options()) -> RuleSet:
+    mark = f"{options.mark_bit:#x}/{options.mark_bit:#x}"
+    routed = [f for f in state.frontends.values() if f.backends]  # an empty pool is not routed: RST from the host
+    if options.listen_address:
+        local = f"-d {options.listen_address}/32"
+        output_match = local
+    else:
+        local = "-m addrtype --dst-type LOCAL"
+        # Loopback destinations keep going to the host: DNAT of 127.0.0.1 needs route_localnet.
+        output_match = f"! -d 127.0.0.0/8 {local}"
+
+    nat: dict[str, tuple[str, ...]] = {
+        CANARY_CHAIN: (),
+        FRONTENDS_CHAIN: dispatch_rules(f.port for f in routed),
+        POSTROUTING_CHAIN: _snat_rules(routed, mark, options.snat_always),
+    }
+    for frontend in routed:
+        nat[frontend_chain(frontend.port)] = pool_rules(frontend, mark)
+
+    filter_chains = {
+        CANARY_CHAIN: (),
+        FORWARD_CHAIN: (
+            "-m conntrack --ctstate INVALID -j DROP",
+            f"-m connmark --mark {mark} -j ACCEPT",
+        ),
+    }
+    hooks = {
+        "nat": (
+            ("PREROUTING", f"{local} -j {FRONTENDS_CHAIN}"),
+            ("OUTPUT", f"{output_match} -j {FRONTENDS_CHAIN}"),
+            ("POSTROUTING", f"-j {POSTROUTING_CHAIN}"),
+        ),
+        "filter": ((options.forward_parent, f"-j {FORWARD_CHAIN}"),),
+    }
+    return RuleSet(chains={"nat": nat, "filter": filter_chains}, hooks=hooks)

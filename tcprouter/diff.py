@@ -1,0 +1,132 @@
+"""Kernel state versus compiled rules -> the smallest `iptables-restore --noflush` script.
+
+Pure functions. Only chains whose content differs are rewritten; owned chains that are no longer
+wanted are flushed and deleted; hooks in chains we do not own are fixed by deleting our own jumps
+(by their exact text) and inserting one at the top. Nothing without the TCPR- prefix is ever
+declared (which would flush it) or deleted.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass
+
+from .compiler import PREFIX, RuleSet, Tables
+
+_COUNTERS = re.compile(r"^\[\d+:\d+\]\s+")
+
+
+@dataclass(frozen=True)
+class SavedRule:
+    chain: str
+    spec: str
+    packets: int
+
+
+def parse_save(text: str) -> tuple[Tables, list[tuple[str, SavedRule]]]:
+    """Parse `iptables-save [-c]` output into table -> chain -> rules, and the rules with counters."""
+    tables: Tables = {}
+    counted: list[tuple[str, SavedRule]] = []
+    table: dict[str, tuple[str, ...]] | None = None
+    table_name = ""
+    for line in text.splitlines():
+        if line.startswith("*"):
+            table_name = line[1:].strip()
+            table = tables.setdefault(table_name, {})
+        elif table is None or not line or line.startswith("#") or line == "COMMIT":
+            continue
+        elif line.startswith(":"):
+            table.setdefault(line[1:].split()[0], ())
+        else:
+            packets = 0
+            match = _COUNTERS.match(line)
+            if match:
+                packets = int(line[1 : line.index(":")])
+                line = line[match.end() :]
+            if not line.startswith("-A "):
+                continue
+            chain, _, spec = line[3:].partition(" ")
+            table[chain] = (*table.get(chain, ()), spec)
+            counted.append((table_name, SavedRule(chain, spec, packets)))
+    return tables, counted
+
+
+def jump_target(spec: str) -> str | None:
+    try:
+        words = shlex.split(spec)
+    except ValueError:
+        return None
+    for flag in ("-j", "-g"):
+        if flag in words and words.index(flag) + 1 < len(words):
+            return words[words.index(flag) + 1]
+    return None
+
+
+def owned(chain: str) -> bool:
+    return chain.startswith(PREFIX)
+
+
+def hook_in_place(parent_rules: tuple[str, ...], hook: str) -> bool:
+    """Our hook is the parent's first rule and the only jump of ours in it."""
+    ours = [i for i, rule in enumerate(parent_rules) if owned(jump_target(rule) or "")]
+    return ours == [0] and parent_rules[0] == hook
+
+
+def restore_script(current: Tables, desired: RuleSet, tables: tuple[str, ...] = ("nat", "filter")) -> str:
+    """The `iptables-restore --noflush` input that turns `current` into `desired`; "" if nothing differs."""
+    out: list[str] = []
+    for table in tables:
+        have = current.get(table, {})
+        want = desired.chains.get(table, {})
+        declare: list[str] = []
+        hook_ops: list[str] = []
+        appends: list[str] = []
+        deletes: list[str] = []
+        for chain, rules in want.items():
+            if have.get(chain) != rules or chain not in have:
+                declare.append(f":{chain} - [0:0]")
+                appends.extend(f"-A {chain} {rule}" for rule in rules)
+        for parent, hook in desired.hooks.get(table, ()):
+            parent_rules = have.get(parent, ())
+            if hook_in_place(parent_rules, hook):
+                continue
+            hook_ops.extend(f"-D {parent} {rule}" for rule in parent_rules if owned(jump_target(rule) or ""))
+            hook_ops.append(f"-I {parent} 1 {hook}")
+        wanted_parents = {parent for parent, _ in desired.hooks.get(table, ())}
+        for parent, rules in have.items():  # stale hooks, e.g. left by another --listen-address
+            if not owned(parent) and parent not in wanted_parents:
+                hook_ops.extend(f"-D {parent} {rule}" for rule in rules if owned(jump_target(rule) or ""))
+        for chain in have:
+            if owned(chain) and chain not in want:
+                declare.append(f":{chain} - [0:0]")  # flushes it, so it can be deleted
+                deletes.append(f"-X {chain}")
+        lines = declare + hook_ops + appends + deletes
+        if lines:
+            out += [f"*{table}", *lines, "COMMIT"]
+    return "\n".join(out) + "\n" if out else ""
+
+
+def believed_tables(rules: RuleSet) -> Tables:
+    """What the kernel holds after `rules` was applied, as far as restore_script looks at it."""
+    believed: Tables = {table: dict(chains) for table, chains in rules.chains.items()}
+    for table, hooks in rules.hooks.items():
+        for parent, hook in hooks:
+            believed.setdefault(table, {})[parent] = (hook,)
+    return believed
+
+
+def owned_only(tables: Tables) -> Tables:
+    """Owned chains and the jumps into them: the part of the kernel state that tcprouter answers for."""
+    result: Tables = {}
+    for table, chains in tables.items():
+        kept = {}
+        for chain, rules in chains.items():
+            if owned(chain):
+                kept[chain] = rules
+            else:
+                jumps = tuple(r for r in rules if owned(jump_target(r) or ""))
+                if jumps:
+                    kept[chain] = jumps
+        result[table] = kept
+    return result

@@ -1,0 +1,144 @@
+"""The label contract: container labels -> backends and frontends (the desired state).
+
+Pure functions only. A container whose labels are wrong is rejected with a reason; it never
+affects another container or another frontend.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .model import Backend, Balance, ContainerSnapshot, DesiredState, Frontend, Rejection
+
+DEFAULT_PREFIX = "tcp"
+_DECIMAL = re.compile(r"[0-9]{1,6}")
+
+
+class LabelError(ValueError):
+    """A label value that breaks the contract; `reason` is a stable key for metrics."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """One container's validated labels, before pooling."""
+
+    frontend_port: int
+    backend: Backend
+    balance: Balance | None  # None: the label was not set
+
+
+def _integer(labels: dict[str, str], key: str, low: int, high: int) -> int | None:
+    raw = labels.get(key)
+    if raw is None:
+        return None
+    value = raw.strip()
+    if not _DECIMAL.fullmatch(value) or not low <= int(value) <= high:
+        raise LabelError(f"invalid_{key.rsplit('.', 1)[-1]}", f"label {key}={raw!r} is not an integer {low}-{high}")
+    return int(value)
+
+
+def _choose_network(container: ContainerSnapshot, key: str) -> str:
+    wanted = container.labels.get(key)
+    if wanted is not None:
+        if wanted not in container.networks:
+            raise LabelError(
+                "unknown_network",
+                f"label {key}={wanted!r} names a network the container is not attached to "
+                f"(attached: {', '.join(sorted(container.networks)) or 'none'})",
+            )
+        return wanted
+    if not container.networks:
+        raise LabelError("no_address", "the container is attached to no network with an address")
+    return sorted(container.networks)[0]
+
+
+def parse_backend(container: ContainerSnapshot, prefix: str = DEFAULT_PREFIX) -> BackendSpec:
+    """Validate one container's labels. Raises LabelError naming the label and why."""
+    labels = container.labels
+    port = _integer(labels, f"{prefix}.port", 1, 65535)
+    if port is None:
+        raise LabelError("missing_port", f"label {prefix}.port is missing")
+
+    backend_port = _integer(labels, f"{prefix}.backend_port", 1, 65535)
+    if backend_port is None:
+        if len(container.exposed_tcp_ports) > 1:
+            raise LabelError(
+                "ambiguous_backend_port",
+                f"the container exposes several TCP ports {sorted(container.exposed_tcp_ports)}; "
+                f"set {prefix}.backend_port",
+            )
+        backend_port = container.exposed_tcp_ports[0] if container.exposed_tcp_ports else port
+
+    weight = _integer(labels, f"{prefix}.weight", 1, 100)
+
+    balance_raw = labels.get(f"{prefix}.balance")
+    balance = None
+    if balance_raw is not None:
+        try:
+            balance = Balance(balance_raw.strip())
+        except ValueError:
+            raise LabelError(
+                "invalid_balance",
+                f"label {prefix}.balance={balance_raw!r} is not one of {', '.join(b.value for b in Balance)}",
+            ) from None
+
+    network = _choose_network(container, f"{prefix}.network")
+    ip = container.networks[network]
+    if not ip:
+        raise LabelError("no_address", f"the container has no IPv4 address on network {network!r}")
+
+    backend = Backend(
+        container_id=container.id,
+        name=container.name,
+        ip=ip,
+        port=backend_port,
+        weight=weight or 1,
+        subnet=container.subnets.get(network),
+    )
+    return BackendSpec(frontend_port=port, backend=backend, balance=balance)
+
+
+def desired_state(containers: Iterable[ContainerSnapshot], prefix: str = DEFAULT_PREFIX) -> DesiredState:
+    """Group the serving, valid containers into frontends; report the rest.
+
+    Pools are ordered by container creation time (oldest first) so the rotation is stable, and a
+    pool-level setting that disagrees within a pool takes the oldest container's value.
+    """
+    rejections: list[Rejection] = []
+    pools: dict[int, list[BackendSpec]] = defaultdict(list)
+    # Frontends are keyed by the label even when no container serves: status shows them empty.
+    declared_ports: set[int] = set()
+    for container in sorted(containers, key=lambda c: (c.created, c.id)):
+        if not container.running:
+            continue  # a stopped container has no address to validate: it is simply not a backend
+        try:
+            spec = parse_backend(container, prefix)
+        except LabelError as error:
+            rejections.append(Rejection(container.id, container.name, error.reason, error.detail))
+            continue
+        declared_ports.add(spec.frontend_port)
+        if container.serving:
+            pools[spec.frontend_port].append(spec)
+
+    frontends: dict[int, Frontend] = {}
+    warnings: list[str] = []
+    for port in sorted(declared_ports):
+        specs = pools.get(port, [])
+        settings = [s for s in specs if s.balance is not None]
+        balance = settings[0].balance if settings else Balance.ROUNDROBIN
+        for other in settings[1:]:
+            if other.balance != balance:
+                warnings.append(
+                    f"frontend {port}: container {other.backend.name} asks for balance {other.balance}, "
+                    f"the oldest container {settings[0].backend.name} sets {balance}, which wins"
+                )
+        frontends[port] = Frontend(port, balance, tuple(s.backend for s in specs))
+    return DesiredState(frontends=frontends, rejections=tuple(rejections), warnings=tuple(warnings))

@@ -1,0 +1,70 @@
+"""The data that flows through the pipeline: Docker snapshots in, desired state out.
+
+Everything here is immutable and free of I/O, so each stage can be tested on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Balance(StrEnum):
+    ROUNDROBIN = "roundrobin"
+    RANDOM = "random"
+
+
+@dataclass(frozen=True)
+class ContainerSnapshot:
+    """What tcprouter needs to know about one container, read from `docker inspect`."""
+
+    id: str
+    name: str
+    created: str  # RFC 3339 timestamp from Docker; sorts chronologically as a string
+    labels: dict[str, str]
+    running: bool
+    health: str | None = None  # None: no HEALTHCHECK; else "starting" | "healthy" | "unhealthy"
+    draining: bool = False  # a stop/kill was seen: leave the rotation before the process exits
+    networks: dict[str, str] = field(default_factory=dict)  # network name -> IPv4 address ("" if none)
+    subnets: dict[str, str] = field(default_factory=dict)  # network name -> IPv4 subnet (CIDR), if known
+    exposed_tcp_ports: tuple[int, ...] = ()
+
+    @property
+    def serving(self) -> bool:
+        """A container is a backend only while it runs, is not stopping, and is healthy if it has a check."""
+        return self.running and not self.draining and self.health in (None, "healthy")
+
+
+@dataclass(frozen=True)
+class Backend:
+    container_id: str
+    name: str
+    ip: str
+    port: int
+    weight: int = 1
+    subnet: str | None = None  # the backend network's subnet, for hairpin SNAT
+
+
+@dataclass(frozen=True)
+class Frontend:
+    port: int
+    balance: Balance
+    backends: tuple[Backend, ...]  # in rotation order (oldest container first)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    container_id: str
+    name: str
+    reason: str  # short machine-readable key, used as a metric label
+    detail: str  # the sentence an operator reads
+
+    def __str__(self) -> str:
+        return f"container {self.name} ({self.container_id[:12]}) rejected: {self.detail}"
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    frontends: dict[int, Frontend]
+    rejections: tuple[Rejection, ...] = ()
+    warnings: tuple[str, ...] = ()  # pool-level conflicts resolved by the oldest container's value

@@ -1,0 +1,102 @@
+"""The edge to the kernel: which iptables flavour Docker uses, reading and writing the tables.
+
+The default writer pipes a script into `iptables-restore --noflush`: one atomic commit per call
+(all tables in the script), the mechanism kube-proxy uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+from dataclasses import dataclass
+from enum import StrEnum
+
+from .compiler import Tables
+from .diff import SavedRule, parse_save
+
+log = logging.getLogger(__name__)
+TABLES = ("nat", "filter")
+
+
+class Flavour(StrEnum):
+    NFT = "nft"
+    LEGACY = "legacy"
+
+
+class NetfilterError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Iptables:
+    """The iptables binaries of one flavour, optionally run inside a network namespace."""
+
+    flavour: Flavour
+    netns: str | None = None
+    timeout: float = 30.0
+
+    def _command(self, tool: str, *args: str) -> list[str]:
+        base = [f"iptables-{self.flavour}{tool}", *args]
+        if self.flavour is Flavour.LEGACY and tool in ("", "-restore"):
+            base.insert(1, "-w")  # wait for the xtables lock instead of failing
+        return ["ip", "netns", "exec", self.netns, *base] if self.netns else base
+
+    def _run(self, command: list[str], stdin: str | None = None) -> str:
+        try:
+            done = subprocess.run(
+                command, input=stdin, capture_output=True, text=True, timeout=self.timeout, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired) as error:
+            raise NetfilterError(f"{command[0]}: {error}") from error
+        if done.returncode != 0:
+            raise NetfilterError(f"{' '.join(command)} failed ({done.returncode}): {done.stderr.strip()}")
+        return done.stdout
+
+    def save(self, table: str, counters: bool = False) -> str:
+        return self._run(self._command("-save", "-t", table, *(["-c"] if counters else [])))
+
+    def read(self, counters: bool = False) -> tuple[Tables, list[tuple[str, SavedRule]]]:
+        text = "".join(self.save(table, counters) for table in TABLES)
+        return parse_save(text)
+
+    def list_chain(self, table: str, chain: str) -> tuple[str, ...] | None:
+        """The rules of one chain (None if it does not exist): cheaper than a full save."""
+        try:
+            out = self._run(self._command("", "-t", table, "-S", chain))
+        except NetfilterError as error:
+            if "No chain" in str(error) or "does not exist" in str(error):
+                return None
+            raise
+        prefix = f"-A {chain} "
+        return tuple(line[len(prefix) :] for line in out.splitlines() if line.startswith(prefix))
+
+    def restore(self, script: str, test: bool = False) -> None:
+        if script:
+            self._run(self._command("-restore", "--noflush", *(["--test"] if test else [])), stdin=script)
+
+
+def _has_docker_chains(flavour: Flavour) -> bool:
+    try:
+        tables, _ = Iptables(flavour, timeout=10).read()
+    except NetfilterError:
+        return False
+    return any(chain.startswith("DOCKER") for chains in tables.values() for chain in chains)
+
+
+def detect_flavour() -> Flavour:
+    """The flavour whose tables hold Docker's chains; without them, the one `iptables` points to."""
+    available = [f for f in Flavour if shutil.which(f"iptables-{f}-restore")]
+    if not available:
+        raise NetfilterError("no iptables-nft-restore or iptables-legacy-restore on PATH")
+    for flavour in available:
+        if _has_docker_chains(flavour):
+            log.info("Docker's chains are in the %s tables: writing there", flavour)
+            return flavour
+    try:
+        version = subprocess.run(["iptables", "-V"], capture_output=True, text=True, check=False).stdout
+    except OSError:
+        version = ""
+    flavour = Flavour.LEGACY if "legacy" in version and Flavour.LEGACY in available else available[0]
+    log.warning("no Docker chains found in any iptables flavour; using %s", flavour)
+    return flavour

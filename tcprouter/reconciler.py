@@ -1,0 +1,286 @@
+"""The control loop: Docker changes in, kernel rules out.
+
+Two threads. The watcher holds the Docker connection: it subscribes to events, lists the labelled
+containers, and turns every relevant event into a Change on a queue; when Docker goes away it
+reconnects with exponential backoff and lists again. The reconciler drains the queue, coalescing a
+burst into one write, and keeps the kernel equal to the desired state: partial syncs diff against
+what it last wrote; full syncs (at start, periodically, on drift, after a failure) diff against what
+the kernel really holds. Rules are never flushed first and stay in place when tcprouter stops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import docker
+import requests
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from . import discovery
+from .compiler import FRONTEND_CHAIN_PREFIX, Options, RuleSet, compile_rules
+from .diff import believed_tables, hook_in_place, owned, restore_script
+from .labels import desired_state
+from .metrics import Metrics
+from .model import ContainerSnapshot, DesiredState
+from .netfilter import Iptables, NetfilterError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Settings:
+    prefix: str = "tcp"
+    options: Options = field(default_factory=Options)
+    docker_url: str | None = None
+    docker_timeout: float = 10.0
+    resync_interval: float = 60.0
+    check_interval: float = 1.0
+    settle: float = 0.01  # wait this long for more events after one arrives...
+    max_delay: float = 0.1  # ...but never delay a write longer than this
+
+
+class Reconciler:
+    def __init__(self, settings: Settings, iptables: Iptables, metrics: Metrics) -> None:
+        self.settings = settings
+        self.iptables = iptables
+        self.metrics = metrics
+        self.changes: queue.Queue[discovery.Change | discovery.Relist] = queue.Queue()
+        self.containers: dict[str, ContainerSnapshot] = {}
+        self.draining: set[str] = set()
+        self.applied: dict | None = None  # what we believe the kernel holds; None: read it first
+        self.state = DesiredState(frontends={})
+        self.stopping = threading.Event()
+        self.listed = False  # a full list of Docker's containers has arrived
+        self.ready = threading.Event()  # set after the first successful sync from that list
+
+    # ---- the reconciler thread -------------------------------------------------------------
+
+    def run(self) -> None:
+        """Reconcile until `stop()`. Never raises for Docker or iptables failures."""
+        next_resync = next_check = 0.0
+        need_full = True
+        while not self.stopping.is_set():
+            timeout = max(0.0, min(next_resync, next_check) - time.monotonic())
+            batch = self._next_batch(timeout if self.listed else self.settings.check_interval)
+            event_times = [self._apply(item) for item in batch]
+            if not self.listed:
+                continue  # never write before Docker's state is known: an empty state would wipe live rules
+            now = time.monotonic()
+            if now >= next_resync:
+                need_full = True
+            elif now >= next_check and not need_full:
+                need_full = self._drifted()
+            if now >= next_check:
+                next_check = now + self.settings.check_interval
+            if not (batch or need_full):
+                continue
+            ok = self.sync(full=need_full)
+            if need_full:
+                next_resync = now + (self.settings.resync_interval if ok else 1.0)
+            need_full = not ok
+            if ok:
+                written = time.time_ns()
+                for stamp in filter(None, event_times):
+                    self.metrics.event_to_rules.observe(max(0, written - stamp) / 1e9)
+                self.ready.set()
+
+    def _next_batch(self, timeout: float) -> list[discovery.Change | discovery.Relist]:
+        """One change, then whatever follows within `settle` of the last one, up to `max_delay`."""
+        try:
+            batch = [self.changes.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        deadline = time.monotonic() + self.settings.max_delay
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                batch.append(self.changes.get(timeout=min(self.settings.settle, left)))
+            except queue.Empty:
+                break
+        return batch
+
+    def _apply(self, item: discovery.Change | discovery.Relist) -> int:
+        """Fold one change into the container view; returns the event time to measure latency from."""
+        if isinstance(item, discovery.Relist):
+            self.containers = {s.id: s for s in item.snapshots}
+            self.listed = True
+            self.draining &= set(self.containers)
+            return 0
+        self.metrics.docker_events.labels(item.action).inc()
+        if item.drain:
+            self.draining.add(item.container_id)
+        elif item.action in ("start", "restart", "unpause"):
+            self.draining.discard(item.container_id)
+        if item.gone:
+            self.containers.pop(item.container_id, None)
+            self.draining.discard(item.container_id)
+        elif item.snapshot is not None:
+            if f"{self.settings.prefix}.port" in item.snapshot.labels:
+                self.containers[item.container_id] = item.snapshot
+            else:
+                self.containers.pop(item.container_id, None)
+        return item.time_ns
+
+    def _desired(self) -> DesiredState:
+        views = (
+            dataclasses.replace(c, draining=True) if c.id in self.draining else c for c in self.containers.values()
+        )
+        return desired_state(views, self.settings.prefix)
+
+    def sync(self, full: bool) -> bool:
+        """Write the difference between the desired rules and the kernel (full) or our last write."""
+        kind = "full" if full else "partial"
+        state = self._desired()
+        started = time.perf_counter()
+        try:
+            for attempt in Retrying(
+                stop=stop_after_attempt(3),
+                wait=wait_exponential(multiplier=0.05, max=1),
+                retry=retry_if_exception_type(NetfilterError),
+                before_sleep=self._log_retry,
+                reraise=True,
+            ):
+                with attempt:
+                    rules = self._write(state, full=full or attempt.retry_state.attempt_number > 1)
+        except NetfilterError as error:
+            self.metrics.sync_failures.inc()
+            self.applied = None
+            log.error("sync failed, the rules in force stay as they were: %s", error)
+            return False
+        self.metrics.sync_duration.labels(kind).observe(time.perf_counter() - started)
+        self.metrics.last_sync.set_to_current_time()
+        self._log_changes(self.state, state)
+        self.state = state
+        self.metrics.state.publish(state)
+        log.debug("%s sync: %d owned rules", kind, rules.rule_count())
+        return True
+
+    def _write(self, state: DesiredState, full: bool) -> RuleSet:
+        if full or self.applied is None:
+            current, _ = self.iptables.read()
+            parent = "DOCKER-USER" if "DOCKER-USER" in current.get("filter", {}) else "FORWARD"
+        else:
+            current = self.applied
+            parent = (self.applied["filter"].get("DOCKER-USER") and "DOCKER-USER") or "FORWARD"
+        rules = compile_rules(state, dataclasses.replace(self.settings.options, forward_parent=parent))
+        script = restore_script(current, rules)
+        if script:
+            self.iptables.restore(script)
+        self.applied = believed_tables(rules)
+        return rules
+
+    @staticmethod
+    def _log_retry(retry_state: RetryCallState) -> None:
+        log.warning(
+            "rule write failed (attempt %d), retrying from the kernel's state: %s",
+            retry_state.attempt_number,
+            retry_state.outcome.exception() if retry_state.outcome else "",
+        )
+
+    def _drifted(self) -> bool:
+        """Cheap check of the chains every flow crosses; a per-frontend edit waits for the full resync."""
+        assert self.applied is not None
+        try:
+            for table, chains in self.applied.items():
+                for chain, rules in chains.items():
+                    if chain.startswith(FRONTEND_CHAIN_PREFIX):
+                        continue
+                    found = self.iptables.list_chain(table, chain)
+                    in_place = found == rules if owned(chain) else found is not None and hook_in_place(found, rules[0])
+                    if not in_place:
+                        log.warning("drift: %s chain %s was changed by someone else; resyncing", table, chain)
+                        self.metrics.drift_repairs.inc()
+                        return True
+        except NetfilterError as error:
+            log.warning("drift check failed: %s", error)
+            return True
+        return False
+
+    @staticmethod
+    def _log_changes(before: DesiredState, after: DesiredState) -> None:
+        for port in sorted(set(before.frontends) | set(after.frontends)):
+            old = set(before.frontends[port].backends) if port in before.frontends else set()
+            new = set(after.frontends[port].backends) if port in after.frontends else set()
+            for backend in sorted(new - old, key=lambda b: b.name):
+                log.info("frontend %d: +backend %s %s:%d", port, backend.name, backend.ip, backend.port)
+            for backend in sorted(old - new, key=lambda b: b.name):
+                log.info("frontend %d: -backend %s %s:%d", port, backend.name, backend.ip, backend.port)
+        for rejection in set(after.rejections) - set(before.rejections):
+            log.warning("%s", rejection)
+        for warning in set(after.warnings) - set(before.warnings):
+            log.warning("%s", warning)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    # ---- the watcher thread ----------------------------------------------------------------
+
+    def watch(self) -> None:
+        """Follow Docker until `stop()`: connect and list with backoff, then stream; never raises.
+
+        The backoff restarts after every stream that was healthy, so an outage hours later starts
+        again from a short wait.
+        """
+        while not self.stopping.is_set():
+            try:
+                api, stream, known = self._connect_and_list()
+            except _Stopping:
+                return
+            try:
+                self._follow(api, stream, known)
+            except (docker.errors.DockerException, requests.RequestException, OSError) as error:
+                log.warning("Docker event stream lost: %s", error)
+            finally:
+                stream.close()
+                self.metrics.docker_connected.set(0)
+            if not self.stopping.is_set():
+                self.metrics.docker_reconnects.inc()
+
+    def _connect_and_list(self) -> tuple[docker.APIClient, Iterator[dict], set[str]]:
+        for attempt in Retrying(
+            wait=wait_exponential(multiplier=0.2, max=10),
+            retry=retry_if_exception_type((docker.errors.DockerException, requests.RequestException, OSError)),
+            before_sleep=lambda s: log.warning(
+                "Docker unreachable (%s); retrying in %.1fs",
+                s.outcome.exception() if s.outcome else "",
+                s.upcoming_sleep,
+            ),
+        ):
+            with attempt:
+                if self.stopping.is_set():
+                    raise _Stopping
+                api = discovery.connect(self.settings.docker_url, self.settings.docker_timeout)
+                stream = discovery.open_events(api)  # subscribe first: nothing falls between list and stream
+                try:
+                    labelled = discovery.list_labelled(api, self.settings.prefix)
+                except BaseException:
+                    stream.close()
+                    raise
+                self.changes.put(discovery.Relist(tuple(labelled)))
+                self.metrics.docker_connected.set(1)
+                log.info("Docker connected: %d labelled containers", len(labelled))
+                return api, stream, {s.id for s in labelled}
+        raise AssertionError("unreachable: Retrying retries forever")
+
+    def _follow(self, api: docker.APIClient, stream: Iterator[dict], known: set[str]) -> None:
+        for event in stream:
+            if self.stopping.is_set():
+                return
+            change = discovery.to_change(api, event, self.settings.prefix, known)
+            if change is None:
+                continue
+            if change.gone:
+                known.discard(change.container_id)
+            else:
+                known.add(change.container_id)
+            self.changes.put(change)
+        raise ConnectionError("the Docker event stream ended")
+
+
+class _Stopping(Exception):
+    pass
