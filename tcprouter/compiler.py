@@ -79,28 +79,44 @@ def _probability_text(probability: float) -> str:
     return f"{stored / 0x80000000:.11f}"
 
 
-def _dnat(backend: Backend, condition: str) -> str:
+def _dnat(backend: Backend, condition: str = "", skip_self: bool = True) -> str:
     comment = backend.name[:_COMMENT_MAX] or backend.container_id[:12]
     statistic = f" -m statistic {condition}" if condition else ""
-    return f"-p tcp -m comment --comment {comment}{statistic} -j DNAT --to-destination {backend.ip}:{backend.port}"
+    source = f"! -s {backend.ip}/32 " if skip_self else ""
+    return (
+        f"{source}-p tcp -m comment --comment {comment}{statistic} -j DNAT --to-destination {backend.ip}:{backend.port}"
+    )
+
+
+def _conditions(frontend: Frontend) -> list[tuple[Backend, str]]:
+    """The rotation slots and the statistic condition of each; the last slot takes what is left."""
+    if frontend.balance is Balance.RANDOM:
+        remaining = sum(b.weight for b in frontend.backends)
+        slots = []
+        for backend in frontend.backends:
+            slots.append((backend, f"--mode random --probability {_probability_text(backend.weight / remaining)}"))
+            remaining -= backend.weight
+    else:
+        order = rotation(frontend.backends)
+        slots = [(backend, f"--mode nth --every {len(order) - i} --packet 0") for i, backend in enumerate(order)]
+    slots[-1] = (slots[-1][0], "")
+    return slots
 
 
 def pool_rules(frontend: Frontend, mark: str) -> tuple[str, ...]:
-    """The rules of one frontend chain: mark the connection, then pick a backend."""
-    rules = [f"-j CONNMARK --set-xmark {mark}"]
-    if frontend.balance is Balance.RANDOM:
-        slots = list(frontend.backends)
-        remaining = sum(b.weight for b in slots)
-        for i, backend in enumerate(slots):
-            last = i == len(slots) - 1
-            condition = "" if last else f"--mode random --probability {_probability_text(backend.weight / remaining)}"
-            rules.append(_dnat(backend, condition))
-            remaining -= backend.weight
-    else:
-        slots = rotation(frontend.backends)
-        for i, backend in enumerate(slots):
-            last = i == len(slots) - 1
-            rules.append(_dnat(backend, "" if last else f"--mode nth --every {len(slots) - i} --packet 0"))
+    """The rules of one frontend chain: mark the connection, then pick a backend.
+
+    A slot never sends a backend's own connection back to it (`! -s`): with bridge netfilter on, the
+    bridge drops a packet DNATed back out of the port it came in on. The source test comes before the
+    statistic match, so skipping does not advance the rotation that every other client sees. A backend
+    whose own connection passes every slot goes to the first other backend; a lone backend gets a refusal.
+    """
+    slots = _conditions(frontend)
+    rules = [f"-j CONNMARK --set-xmark {mark}", *(_dnat(backend, condition) for backend, condition in slots)]
+    last = slots[-1][0]
+    fallback = next((backend for backend, _ in slots if backend != last), None)
+    if fallback is not None:
+        rules.append(f"-s {last.ip}/32 " + _dnat(fallback, skip_self=False))
     return tuple(rules)
 
 

@@ -68,6 +68,8 @@ class Reconciler:
         while not self.stopping.is_set():
             timeout = max(0.0, min(next_resync, next_check) - time.monotonic())
             batch = self._next_batch(timeout if self.listed else self.settings.check_interval)
+            if self.stopping.is_set():
+                break  # after SIGTERM nothing more is written: the rules in force stay as they are
             event_times = [self._apply(item) for item in batch]
             if not self.listed:
                 continue  # never write before Docker's state is known: an empty state would wipe live rules
@@ -217,6 +219,7 @@ class Reconciler:
 
     def stop(self) -> None:
         self.stopping.set()
+        self.changes.put(discovery.Relist(()))  # wake the loop; it stops before applying anything
 
     # ---- the watcher thread ----------------------------------------------------------------
 

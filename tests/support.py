@@ -1,0 +1,261 @@
+"""Test helpers: network namespaces as external hosts, polling with deadlines, real TCP clients,
+the tcprouter daemon as a child process. Everything created here is removed by its owner, even on failure."""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+REPO = Path(__file__).resolve().parent.parent
+BACKEND_IMAGE = "tcprouter-test/backend:latest"
+BACKEND_PORT = 1234
+UNEXPOSED_PORT = 8080
+CLIENT_SUBNET = "198.51.100"  # documentation range: the "public" side of the host
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def sh(*args: str, check: bool = True, input: str | None = None) -> str:
+    done = subprocess.run(args, capture_output=True, text=True, input=input, check=False)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}): {done.stderr.strip()}")
+    return done.stdout
+
+
+def wait_until(predicate: Callable[[], T], timeout: float, interval: float = 0.02, what: str = "condition") -> T:
+    """Poll until `predicate()` is truthy; return its value, or fail naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last value: {value!r})")
+        time.sleep(interval)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{secrets.token_hex(3)}"
+
+
+def in_netns(name: str | None, fn: Callable[[], T]) -> T:
+    """Run `fn` in a thread that has joined network namespace `name` (None: the host's)."""
+    if name is None:
+        return fn()
+    result: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+            try:
+                if _libc.setns(fd, _CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns failed")
+            finally:
+                os.close(fd)
+            result["value"] = fn()
+        except BaseException as error:
+            result["error"] = error
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]  # type: ignore[misc]
+    return result["value"]  # type: ignore[return-value]
+
+
+def greet(address: str, port: int, timeout: float = 3.0) -> str:
+    """Connect, read the backend's one-line greeting, close. Raises OSError if refused or silent."""
+    with socket.create_connection((address, port), timeout=timeout) as conn:
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = conn.recv(256)
+            if not chunk:
+                break
+            data += chunk
+        return data.decode().strip()
+
+
+def greetings(ns: str | None, address: str, port: int, count: int, timeout: float = 3.0) -> list[str]:
+    """`count` sequential connections from namespace `ns`; the address each backend reports."""
+    return in_netns(ns, lambda: [greet(address, port, timeout).removeprefix("Hi from ") for _ in range(count)])
+
+
+def connect_outcome(ns: str | None, address: str, port: int, timeout: float = 2.0) -> str:
+    """'answered', 'refused' or 'timeout': how a connection attempt ends."""
+
+    def attempt() -> str:
+        try:
+            greet(address, port, timeout)
+            return "answered"
+        except ConnectionRefusedError:
+            return "refused"
+        except TimeoutError:
+            return "timeout"
+        except ConnectionResetError:
+            return "refused"
+
+    return in_netns(ns, attempt)
+
+
+@dataclass
+class ClientHost:
+    """A network namespace on 198.51.100.0/24 behind a veth pair: an external client of the host."""
+
+    name: str = field(default_factory=lambda: unique("tcpr-cli-"))
+    host_ip: str = f"{CLIENT_SUBNET}.1"
+    client_ip: str = f"{CLIENT_SUBNET}.2"
+
+    def __post_init__(self) -> None:
+        self.host_if = "tcpr" + self.name[-6:] + "h"
+        self.client_if = "tcpr" + self.name[-6:] + "c"
+
+    def create(self) -> ClientHost:
+        sh("ip", "netns", "add", self.name)
+        try:
+            sh("ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.client_if)
+            sh("ip", "link", "set", self.client_if, "netns", self.name)
+            sh("ip", "addr", "add", f"{self.host_ip}/24", "dev", self.host_if)
+            sh("ip", "link", "set", self.host_if, "up")
+            ns = ("ip", "netns", "exec", self.name)
+            sh(*ns, "ip", "addr", "add", f"{self.client_ip}/24", "dev", self.client_if)
+            sh(*ns, "ip", "link", "set", self.client_if, "up")
+            sh(*ns, "ip", "link", "set", "lo", "up")
+            sh(*ns, "ip", "route", "add", "default", "via", self.host_ip)
+        except Exception:
+            self.destroy()
+            raise
+        return self
+
+    def destroy(self) -> None:
+        sh("ip", "link", "del", self.host_if, check=False)
+        sh("ip", "netns", "del", self.name, check=False)
+
+
+@contextmanager
+def private_netns() -> Iterator[str]:
+    """An empty network namespace (its own, empty netfilter tables), removed afterwards."""
+    name = unique("tcpr-k-")
+    sh("ip", "netns", "add", name)
+    try:
+        yield name
+    finally:
+        sh("ip", "netns", "del", name, check=False)
+
+
+@contextmanager
+def host_rules_lock() -> Iterator[None]:
+    """Only one test session at a time may run tcprouter against this host's real tables."""
+    with open("/run/tcprouter-tests.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def owned_rules_in_host(flavour: str) -> list[str]:
+    text = sh(f"iptables-{flavour}-save")
+    return [line for line in text.splitlines() if "TCPR-" in line]
+
+
+def foreign_rules_in_host(flavour: str) -> list[str]:
+    """Every rule and chain not owned by tcprouter, counters stripped: must never change."""
+    lines = []
+    for line in sh(f"iptables-{flavour}-save").splitlines():
+        if line.startswith("#") or "TCPR-" in line:
+            continue
+        if line.startswith(":"):
+            line = line.rsplit(" ", 1)[0]  # drop the chain's [packets:bytes]
+        lines.append(line)
+    return lines
+
+
+class Router:
+    """`tcprouter run` as a child process; stopped by its own PID."""
+
+    def __init__(self, *args: str, metrics_port: int | None = None) -> None:
+        self.metrics_port = metrics_port or free_port()
+        self.args = ["run", "--metrics-address", f"127.0.0.1:{self.metrics_port}", "--log-level", "debug", *args]
+        self.log_path = Path(f"/tmp/{unique('tcprouter-test-')}.log")
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> Router:
+        log = self.log_path.open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tcprouter", *self.args], stdout=log, stderr=subprocess.STDOUT, cwd=REPO
+        )
+        wait_until(lambda: self.synced() or self.exited(), 20, 0.05, "tcprouter's first sync")
+        assert not self.exited(), self.log()
+        return self
+
+    def synced(self) -> bool:
+        return "tcprouter_last_sync_timestamp_seconds" in self.metrics_text() and self.last_sync() > 0
+
+    def exited(self) -> bool:
+        return self.process is not None and self.process.poll() is not None
+
+    def metrics_text(self) -> str:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as reply:
+                return reply.read().decode()
+        except OSError:
+            return ""
+
+    def last_sync(self) -> float:
+        for line in self.metrics_text().splitlines():
+            if line.startswith("tcprouter_last_sync_timestamp_seconds "):
+                return float(line.split()[1])
+        return 0.0
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process and self.process.poll() is None:
+            os.kill(self.process.pid, sig)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+
+
+def tcprouter(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "tcprouter", *args], capture_output=True, text=True, cwd=REPO)
+    if check and done.returncode != 0:
+        raise AssertionError(f"tcprouter {' '.join(args)} failed: {done.stdout}{done.stderr}")
+    return done
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def peers_of(pid: int, local_port: int) -> list[str]:
+    """Remote IPv4 addresses of established TCP connections on `local_port`, read from /proc/PID/net/tcp{,6}
+    (the tables of that process's network namespace: the backend's side of the socket). A dual-stack
+    listener's IPv4 peers appear in tcp6 as ::ffff:a.b.c.d, whose last 32-bit word is the address."""
+    peers = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            local, remote, state = line.split()[1:4]
+            if state == "01" and int(local.split(":")[1], 16) == local_port:
+                raw = bytes.fromhex(remote.split(":")[0][-8:])
+                peers.append(".".join(str(b) for b in reversed(raw)))
+    return peers
