@@ -7,6 +7,7 @@ import os
 
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")  # Ryuk's image cannot be pulled here
 
+import contextlib
 from collections.abc import Callable, Iterator
 
 import docker
@@ -91,10 +92,8 @@ class Backends:
 
     def remove_all(self) -> None:
         for container in self.started:
-            try:
+            with contextlib.suppress(docker.errors.NotFound):
                 container.stop()
-            except docker.errors.NotFound:
-                pass
         self.started.clear()
 
 

@@ -71,7 +71,7 @@ def test_pool_follows_start_kill_and_empties_to_refused(backends, start_router, 
 
 
 def test_only_routed_flows_are_open(backends, start_router, client_host, docker_api):
-    labelled, ips = pool(backends, 1)
+    _labelled, ips = pool(backends, 1)
     unlabelled = backends.start({})
     start_router()
     ns = client_host.name
