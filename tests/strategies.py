@@ -1,0 +1,62 @@
+"""Hypothesis strategies for containers and desired states."""
+
+from __future__ import annotations
+
+from hypothesis import strategies as st
+
+from tcprouter.model import Backend, Balance, ContainerSnapshot, DesiredState, Frontend
+
+ports = st.integers(min_value=1, max_value=65535)
+names = st.from_regex(r"[a-z][a-z0-9_.-]{0,20}", fullmatch=True)
+
+
+@st.composite
+def backends(draw: st.DrawFn, index: int) -> Backend:
+    subnet_octet = draw(st.integers(min_value=16, max_value=31))
+    return Backend(
+        container_id=f"{index:064x}",
+        name=f"{draw(names)}-{index}",
+        ip=f"172.{subnet_octet}.{index // 250}.{index % 250 + 2}",
+        port=draw(ports),
+        weight=draw(st.integers(min_value=1, max_value=4)),
+        subnet=f"172.{subnet_octet}.0.0/16",
+    )
+
+
+@st.composite
+def desired_states(draw: st.DrawFn, max_frontends: int = 5, max_backends: int = 5) -> DesiredState:
+    frontend_ports = draw(st.lists(ports, max_size=max_frontends, unique=True))
+    frontends = {}
+    counter = 0
+    for port in frontend_ports:
+        count = draw(st.integers(min_value=0, max_value=max_backends))
+        pool = []
+        for _ in range(count):
+            counter += 1
+            pool.append(draw(backends(counter)))
+        frontends[port] = Frontend(port, draw(st.sampled_from(Balance)), tuple(pool))
+    return DesiredState(frontends=frontends)
+
+
+label_values = st.one_of(
+    st.text(max_size=4),
+    st.integers(min_value=-5, max_value=70000).map(str),
+    st.sampled_from(["roundrobin", "random", " 80", "0x50", "1e3", "bridge", "other"]),
+)
+label_keys = st.sampled_from(["tcp.port", "tcp.backend_port", "tcp.network", "tcp.balance", "tcp.weight", "tcp.x"])
+
+
+@st.composite
+def containers(draw: st.DrawFn, index: int = 0) -> ContainerSnapshot:
+    networks = draw(st.dictionaries(st.sampled_from(["bridge", "backend", "front"]), st.just(""), max_size=2))
+    networks = {name: f"10.{i}.0.{index % 250 + 2}" for i, name in enumerate(sorted(networks))}
+    return ContainerSnapshot(
+        id=f"{index:064x}",
+        name=f"c{index}",
+        created=f"2026-01-01T00:00:{index % 60:02d}Z",
+        labels=draw(st.dictionaries(label_keys, label_values, max_size=4)),
+        running=draw(st.booleans()),
+        health=draw(st.sampled_from([None, "starting", "healthy", "unhealthy"])),
+        networks=networks,
+        exposed_tcp_ports=tuple(draw(st.lists(ports, max_size=2, unique=True))),
+    )

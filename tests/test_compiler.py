@@ -1,0 +1,218 @@
+"""The rule compiler and the restore diff (pure, fast), checked by simulating the statistic match."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tcprouter.compiler import Options, RuleSet, compile_rules, pool_rules, rotation
+from tcprouter.diff import believed_tables, parse_save, restore_script
+from tcprouter.model import Backend, Balance, DesiredState, Frontend
+
+from .strategies import backends, desired_states
+
+MARK = "0x100000/0x100000"
+
+
+def backend(i: int, weight: int = 1) -> Backend:
+    return Backend(f"{i:064x}", f"b{i}", f"172.17.0.{i + 1}", 1234, weight, "172.17.0.0/16")
+
+
+class NthPool:
+    """The kernel's per-rule nth counters (xt_statistic: a rule with --every N matches its 1st, (N+1)th, ...
+    evaluation), the `! -s` skip before the statistic match, and the DNAT target: a model of the chain."""
+
+    def __init__(self, rules: tuple[str, ...]) -> None:
+        self.rules = [r for r in rules if "-j DNAT" in r]
+        self.counters = [0] * len(self.rules)
+
+    def route(self, source: str = "198.51.100.2") -> str | None:
+        for i, rule in enumerate(self.rules):
+            skip = re.search(r"! -s (\S+)/32", rule)
+            only = re.match(r"-s (\S+)/32", rule)
+            if (skip and skip.group(1) == source) or (only and only.group(1) != source):
+                continue
+            every = re.search(r"--every (\d+)", rule)
+            if every:
+                hit = self.counters[i] % int(every.group(1)) == 0
+                self.counters[i] += 1
+                if not hit:
+                    continue
+            return re.search(r"--to-destination (\S+):", rule).group(1)
+        return None
+
+
+def test_seed_layout_for_three_backends():
+    rules = pool_rules(Frontend(27017, Balance.ROUNDROBIN, (backend(1), backend(2), backend(3))), MARK)
+    assert rules == (
+        f"-j CONNMARK --set-xmark {MARK}",
+        "! -s 172.17.0.2/32 -p tcp -m comment --comment b1 -m statistic --mode nth --every 3 --packet 0 "
+        "-j DNAT --to-destination 172.17.0.2:1234",
+        "! -s 172.17.0.3/32 -p tcp -m comment --comment b2 -m statistic --mode nth --every 2 --packet 0 "
+        "-j DNAT --to-destination 172.17.0.3:1234",
+        "! -s 172.17.0.4/32 -p tcp -m comment --comment b3 -j DNAT --to-destination 172.17.0.4:1234",
+        "-s 172.17.0.4/32 -p tcp -m comment --comment b1 -j DNAT --to-destination 172.17.0.2:1234",
+    )
+    pool = NthPool(rules)
+    assert [pool.route() for _ in range(6)] == ["172.17.0.2", "172.17.0.3", "172.17.0.4"] * 2
+
+
+def test_smooth_weighted_rotation():
+    a, b = backend(1, 1), backend(2, 2)
+    assert rotation([a, b]) == [b, a, b]
+    assert rotation([backend(1)]) == [backend(1)]
+
+
+@given(
+    st.lists(st.integers(1, 10_000), min_size=1, max_size=6, unique=True).flatmap(
+        lambda ids: st.tuples(*(backends(i) for i in ids))
+    ),
+    st.integers(1, 3),
+)
+def test_nth_rotation_is_exact_for_any_weights(pool, rounds):
+    frontend = Frontend(80, Balance.ROUNDROBIN, pool)
+    period = sum(b.weight for b in pool)
+    router = NthPool(pool_rules(frontend, MARK))
+    got = Counter(router.route() for _ in range(period * rounds))
+    assert got == Counter({b.ip: b.weight * rounds for b in pool})
+
+
+@given(
+    st.lists(st.integers(1, 10_000), min_size=2, max_size=5, unique=True).flatmap(
+        lambda ids: st.tuples(*(backends(i) for i in ids))
+    )
+)
+def test_a_backend_is_never_sent_to_itself_and_others_see_no_change(pool):
+    frontend = Frontend(80, Balance.ROUNDROBIN, pool)
+    period = sum(b.weight for b in pool)
+    router = NthPool(pool_rules(frontend, MARK))
+    for member in pool:
+        assert router.route(member.ip) not in (None, member.ip)
+    reference = NthPool(pool_rules(frontend, MARK))
+    assert Counter(router.route() for _ in range(period)) == Counter(reference.route() for _ in range(period))
+
+
+def test_lone_backend_never_gets_its_own_connection():
+    rules = pool_rules(Frontend(80, Balance.ROUNDROBIN, (backend(1),)), MARK)
+    assert NthPool(rules).route("172.17.0.2") is None  # falls through to the host: refused, not hung
+    assert NthPool(rules).route() == "172.17.0.2"
+
+
+@given(
+    st.lists(st.integers(1, 10_000), min_size=1, max_size=6, unique=True).flatmap(
+        lambda ids: st.tuples(*(backends(i) for i in ids))
+    )
+)
+def test_random_mode_probabilities_give_weight_shares(pool):
+    rules = [r for r in pool_rules(Frontend(80, Balance.RANDOM, pool), MARK) if "-j DNAT" in r and "! -s" in r]
+    total = sum(b.weight for b in pool)
+    reach = 1.0
+    for b, rule in zip(pool, rules, strict=True):
+        p = float(re.search(r"--probability (\S+)", rule).group(1)) if "--probability" in rule else 1.0
+        assert abs(reach * p - b.weight / total) < 1e-6
+        reach *= 1 - p
+
+
+def test_empty_pools_are_not_routed_and_hooks_are_in_place():
+    state = DesiredState(
+        {80: Frontend(80, Balance.ROUNDROBIN, ()), 81: Frontend(81, Balance.ROUNDROBIN, (backend(1),))}
+    )
+    rules = compile_rules(state)
+    assert rules.chains["nat"]["TCPR-FRONTENDS"] == ("-p tcp -m tcp --dport 81 -j TCPR-FE-81",)
+    assert "TCPR-FE-80" not in rules.chains["nat"]
+    assert ("PREROUTING", "-m addrtype --dst-type LOCAL -j TCPR-FRONTENDS") in rules.hooks["nat"]
+    assert ("DOCKER-USER", "-j TCPR-FORWARD") in rules.hooks["filter"]
+    assert rules.chains["filter"]["TCPR-FORWARD"] == (
+        "-m conntrack --ctstate INVALID -j DROP",
+        f"-m connmark --mark {MARK} -j ACCEPT",
+    )
+
+
+def test_options_listen_address_snat_and_mark():
+    state = DesiredState({81: Frontend(81, Balance.ROUNDROBIN, (backend(1),))})
+    rules = compile_rules(state, Options(mark_bit=0x4000, listen_address="192.0.2.7", snat_always=True))
+    assert ("PREROUTING", "-d 192.0.2.7/32 -j TCPR-FRONTENDS") in rules.hooks["nat"]
+    assert rules.chains["nat"]["TCPR-POSTROUTING"] == ("-m connmark --mark 0x4000/0x4000 -j MASQUERADE",)
+    hairpin = compile_rules(state).chains["nat"]["TCPR-POSTROUTING"]
+    assert hairpin == (f"-s 172.17.0.0/16 -d 172.17.0.0/16 -m connmark --mark {MARK} -j MASQUERADE",)
+
+
+def test_one_backend_change_rewrites_one_frontend_chain():
+    many = {
+        port: Frontend(port, Balance.ROUNDROBIN, (backend(port % 200 + 1), backend(port % 200 + 2)))
+        for port in range(1000, 1100)
+    }
+    before = compile_rules(DesiredState(many))
+    changed = dict(many)
+    changed[1050] = Frontend(1050, Balance.ROUNDROBIN, (*many[1050].backends, backend(240)))
+    script = restore_script(believed_tables(before), compile_rules(DesiredState(changed)))
+    assert script == "\n".join(
+        [
+            "*nat",
+            ":TCPR-FE-1050 - [0:0]",
+            *(f"-A TCPR-FE-1050 {r}" for r in pool_rules(changed[1050], MARK)),
+            "COMMIT",
+            "",
+        ]
+    )
+    assert restore_script(believed_tables(before), before) == ""
+
+
+@given(desired_states(), desired_states())
+def test_diff_from_any_state_to_any_state_reaches_it(first, second):
+    """Applying the script to a model of the kernel gives exactly the second rule set."""
+    kernel = believed_tables(compile_rules(first))
+    target = compile_rules(second)
+    apply_script_to_model(kernel, restore_script(kernel, target))
+    assert kernel == believed_tables(target)
+
+
+def apply_script_to_model(tables: dict, script: str) -> None:
+    """A tiny model of iptables-restore --noflush for the operations restore_script emits."""
+    table: dict = {}
+    for line in script.splitlines():
+        if line.startswith("*"):
+            table = tables.setdefault(line[1:], {})
+        elif line.startswith(":"):
+            table[line[1:].split()[0]] = ()
+        elif line.startswith("-A "):
+            chain, _, rule = line[3:].partition(" ")
+            table[chain] = (*table[chain], rule)
+        elif line.startswith("-I "):
+            chain, _, rest = line[3:].partition(" ")
+            table[chain] = (rest.partition(" ")[2], *table.get(chain, ()))
+        elif line.startswith("-D "):
+            chain, _, rule = line[3:].partition(" ")
+            rules = list(table[chain])
+            rules.remove(rule)
+            table[chain] = tuple(rules)
+        elif line.startswith("-X "):
+            del table[line[3:]]
+
+
+def test_parse_save_reads_counters_and_chains():
+    text = (
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:TCPR-FE-80 - [0:0]\n"
+        "[7:420] -A TCPR-FE-80 -j DNAT --to-destination 1.2.3.4:80\nCOMMIT\n"
+    )
+    tables, counted = parse_save(text)
+    assert tables == {"nat": {"PREROUTING": (), "TCPR-FE-80": ("-j DNAT --to-destination 1.2.3.4:80",)}}
+    assert counted[0][1].packets == 7
+
+
+def test_cleanup_script_touches_only_owned_objects():
+    kernel = {
+        "nat": {
+            "PREROUTING": ("-j DOCKER", "-m addrtype --dst-type LOCAL -j TCPR-FRONTENDS"),
+            "DOCKER": ("-j RETURN",),
+            "TCPR-FRONTENDS": ("-j TCPR-FE-80",),
+            "TCPR-FE-80": (),
+        }
+    }
+    script = restore_script(kernel, RuleSet(chains={}))
+    assert "DOCKER " not in script.replace("PREROUTING", "")
+    assert "-D PREROUTING -m addrtype --dst-type LOCAL -j TCPR-FRONTENDS" in script
+    assert {line for line in script.splitlines() if line.startswith("-X")} == {"-X TCPR-FRONTENDS", "-X TCPR-FE-80"}

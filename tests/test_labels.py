@@ -1,0 +1,146 @@
+"""The label contract: defaults, errors, pooling (pure, fast)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tcprouter.labels import LabelError, desired_state, parse_backend
+from tcprouter.model import Balance, ContainerSnapshot
+
+from .strategies import containers
+
+
+def snapshot(labels: dict[str, str], index: int = 1, **fields: object) -> ContainerSnapshot:
+    defaults: dict[str, object] = {
+        "id": f"{index:064x}",
+        "name": f"c{index}",
+        "created": f"2026-01-01T00:00:{index:02d}Z",
+        "labels": labels,
+        "running": True,
+        "networks": {"bridge": f"172.17.0.{index + 1}"},
+        "subnets": {"bridge": "172.17.0.0/16"},
+    }
+    defaults.update(fields)
+    return ContainerSnapshot(**defaults)  # type: ignore[arg-type]
+
+
+def test_defaults():
+    spec = parse_backend(snapshot({"tcp.port": "27017"}))
+    assert (spec.frontend_port, spec.backend.ip, spec.backend.port, spec.backend.weight) == (
+        27017,
+        "172.17.0.2",
+        27017,
+        1,
+    )
+    assert spec.balance is None
+    assert spec.backend.subnet == "172.17.0.0/16"
+
+
+def test_backend_port_defaults_to_the_only_exposed_port():
+    assert parse_backend(snapshot({"tcp.port": "80"}, exposed_tcp_ports=(8080,))).backend.port == 8080
+
+
+def test_several_exposed_ports_need_the_label():
+    with pytest.raises(LabelError, match=r"tcp\.backend_port") as error:
+        parse_backend(snapshot({"tcp.port": "80"}, exposed_tcp_ports=(8080, 9090)))
+    assert error.value.reason == "ambiguous_backend_port"
+    assert parse_backend(snapshot({"tcp.port": "80", "tcp.backend_port": "9090"}, exposed_tcp_ports=(8080, 9090)))
+
+
+def test_network_choice():
+    networks = {"zeta": "10.0.0.2", "alpha": "10.1.0.2"}
+    assert parse_backend(snapshot({"tcp.port": "80"}, networks=networks)).backend.ip == "10.1.0.2"
+    assert (
+        parse_backend(snapshot({"tcp.port": "80", "tcp.network": "zeta"}, networks=networks)).backend.ip == "10.0.0.2"
+    )
+    with pytest.raises(LabelError, match="not attached") as error:
+        parse_backend(snapshot({"tcp.port": "80", "tcp.network": "nope"}, networks=networks))
+    assert error.value.reason == "unknown_network"
+    with pytest.raises(LabelError, match="no IPv4 address"):
+        parse_backend(snapshot({"tcp.port": "80"}, networks={"host": ""}))
+
+
+@pytest.mark.parametrize(
+    ("labels", "reason"),
+    [
+        ({"tcp.port": "0"}, "invalid_port"),
+        ({"tcp.port": "65536"}, "invalid_port"),
+        ({"tcp.port": "http"}, "invalid_port"),
+        ({"tcp.port": "-1"}, "invalid_port"),
+        ({"tcp.port": "0x50"}, "invalid_port"),
+        ({"tcp.port": "80", "tcp.weight": "0"}, "invalid_weight"),
+        ({"tcp.port": "80", "tcp.weight": "101"}, "invalid_weight"),
+        ({"tcp.port": "80", "tcp.balance": "leastconn"}, "invalid_balance"),
+        ({"tcp.port": "80", "tcp.backend_port": "99999"}, "invalid_backend_port"),
+        ({"tcp.weight": "2"}, "missing_port"),
+    ],
+)
+def test_bad_labels_are_named(labels, reason):
+    with pytest.raises(LabelError) as error:
+        parse_backend(snapshot(labels))
+    assert error.value.reason == reason
+    assert any(key in error.value.detail for key in [*labels, "tcp.port"])
+
+
+def test_custom_prefix():
+    spec = parse_backend(snapshot({"lb.port": "1883", "lb.weight": "3"}), prefix="lb")
+    assert (spec.frontend_port, spec.backend.weight) == (1883, 3)
+
+
+def test_pools_are_ordered_by_age_and_only_serving_containers_count():
+    state = desired_state(
+        [
+            snapshot({"tcp.port": "80"}, 3),
+            snapshot({"tcp.port": "80"}, 1),
+            snapshot({"tcp.port": "80"}, 2, health="unhealthy"),
+            snapshot({"tcp.port": "80"}, 4, health="healthy"),
+            snapshot({"tcp.port": "80"}, 5, draining=True),
+            snapshot({"tcp.port": "80"}, 6, running=False),
+            snapshot({"tcp.port": "81"}, 7, health="starting"),
+        ]
+    )
+    assert [b.name for b in state.frontends[80].backends] == ["c1", "c3", "c4"]
+    assert state.frontends[81].backends == ()  # declared, nothing serving: reported, not routed
+    assert state.rejections == ()
+
+
+def test_a_bad_container_does_not_affect_its_pool():
+    state = desired_state([snapshot({"tcp.port": "80"}, 1), snapshot({"tcp.port": "80", "tcp.weight": "x"}, 2)])
+    assert [b.name for b in state.frontends[80].backends] == ["c1"]
+    assert [(r.name, r.reason) for r in state.rejections] == [("c2", "invalid_weight")]
+    assert "c2" in str(state.rejections[0]) and "tcp.weight" in str(state.rejections[0])
+
+
+def test_pool_setting_conflict_oldest_wins_and_is_reported():
+    state = desired_state(
+        [
+            snapshot({"tcp.port": "80", "tcp.balance": "roundrobin"}, 2),
+            snapshot({"tcp.port": "80", "tcp.balance": "random"}, 1),
+        ]
+    )
+    assert state.frontends[80].balance is Balance.RANDOM
+    assert len(state.warnings) == 1 and "c2" in state.warnings[0] and "c1" in state.warnings[0]
+
+
+@given(
+    st.lists(st.integers(min_value=0, max_value=59), max_size=6, unique=True).flatmap(
+        lambda indexes: st.tuples(*(containers(i) for i in indexes))
+    )
+)
+def test_any_labels_never_raise_and_every_running_container_is_placed_or_rejected(snapshots):
+    state = desired_state(snapshots)
+    routed = {b.container_id for f in state.frontends.values() for b in f.backends}
+    rejected = {r.container_id for r in state.rejections}
+    assert not routed & rejected
+    for container in snapshots:
+        if container.running and container.id not in rejected:
+            spec = parse_backend(container)  # valid: parsed
+            assert spec.frontend_port in state.frontends
+            assert (container.id in routed) == container.serving
+        elif container.id in rejected:
+            reason = next(r for r in state.rejections if r.container_id == container.id)
+            assert reason.reason and reason.detail
+        else:
+            assert container.id not in routed
