@@ -19,19 +19,30 @@ from prometheus_client.registry import Collector
 
 from .compiler import FRONTEND_CHAIN_PREFIX
 from .diff import SavedRule, owned
+from .discovery import CONTAINER_ACTIONS, NETWORK_ACTIONS
 from .model import DesiredState
+from .netfilter import Flavour, Iptables
 
 log = logging.getLogger(__name__)
 _COMMENT = re.compile(r"--comment (\S+)")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# A scrape gives up on iptables-save after this long (Prometheus' own default scrape timeout is 10 s).
+KERNEL_READ_TIMEOUT = 5.0
 
 KernelReader = Callable[[], list[tuple[str, SavedRule]]]
+
+
+def kernel_reader(flavour: Flavour, netns: str | None = None, timeout: float = KERNEL_READ_TIMEOUT) -> KernelReader:
+    """The rules of the nat and filter tables with their counters, read by a bounded `iptables-save -c`."""
+    iptables = Iptables(flavour, netns=netns, timeout=timeout)
+    return lambda: iptables.read(counters=True)[1]
 
 
 def backend_connections(rules: list[tuple[str, SavedRule]]) -> dict[tuple[str, str], int]:
     """New connections per (frontend port, backend name), from the DNAT rules' packet counters.
 
     Only a connection's first packet traverses the nat table, so packets counted there are connections.
+    A backend with several rotation slots (a weight) sums them.
     """
     totals: Tally[tuple[str, str]] = Tally()
     for table, rule in rules:
@@ -42,27 +53,49 @@ def backend_connections(rules: list[tuple[str, SavedRule]]) -> dict[tuple[str, s
     return dict(totals)
 
 
+def _frontend_chains(rules: list[tuple[str, SavedRule]]) -> dict[str, tuple[str, ...]]:
+    """frontend port -> the rule texts of its chain (counters excluded)."""
+    chains: dict[str, tuple[str, ...]] = {}
+    for table, rule in rules:
+        if table == "nat" and rule.chain.startswith(FRONTEND_CHAIN_PREFIX):
+            port = rule.chain.removeprefix(FRONTEND_CHAIN_PREFIX)
+            chains[port] = (*chains.get(port, ()), rule.spec)
+    return chains
+
+
 class StateCollector(Collector):
     """Reads the published desired state and the kernel's owned rules when Prometheus scrapes."""
 
     def __init__(self, read_kernel: KernelReader) -> None:
         self._read_kernel = read_kernel
         self._state = DesiredState(frontends={})
-        # Counters in the kernel restart at 0 when a frontend chain is rewritten; keep them monotonic here.
+        # The kernel's counters restart at 0 whenever a frontend chain is rewritten (a backend joins or
+        # leaves); what had been counted before is carried here, so the exported counters stay monotonic.
         self._carried: Tally[tuple[str, str]] = Tally()
         self._last: dict[tuple[str, str], int] = {}
-        self._lock = threading.Lock()
+        self._chains: dict[str, tuple[str, ...]] = {}
+        # Serialises scrapes (read and fold together: a stale read folded after a newer one would look like
+        # a reset). The reconciler never takes it.
+        self._lock = threading.RLock()
 
     def publish(self, state: DesiredState) -> None:
         self._state = state  # one reference swap: a scrape sees the old or the new state, whole
 
     def connection_totals(self, rules: list[tuple[str, SavedRule]]) -> dict[tuple[str, str], int]:
+        """Monotonic connection counts per (frontend, backend) from successive reads of the kernel.
+
+        A backend's kernel count was reset since the last read when its frontend chain's rules changed
+        (restore rewrites a chain only when its content changes) or when the count went down; a backend
+        whose rules are gone keeps its total for when it comes back.
+        """
+        current = backend_connections(rules)
+        chains = _frontend_chains(rules)
         with self._lock:
-            current = backend_connections(rules)
-            for key, value in current.items():
-                if value < self._last.get(key, 0):
-                    self._carried[key] += self._last[key]
-            self._last = current
+            rewritten = {port for port, specs in chains.items() if self._chains.get(port, specs) != specs}
+            for key, last in self._last.items():
+                if key not in current or current[key] < last or key[0] in rewritten:
+                    self._carried[key] += last
+            self._last, self._chains = current, chains
             return {key: self._carried[key] + value for key, value in current.items()}
 
     def collect(self) -> Iterator[Metric]:
@@ -79,11 +112,13 @@ class StateCollector(Collector):
             rejected.add_metric([reason], count)
         yield from (frontends, backends, rejected)
 
-        try:
-            rules = self._read_kernel()
-        except Exception as error:  # a scrape must answer even when iptables does not
-            log.warning("metrics: cannot read the kernel rules: %s", error)
-            return
+        with self._lock:
+            try:
+                rules = self._read_kernel()
+            except Exception as error:  # a scrape must answer even when iptables does not
+                log.warning("metrics: cannot read the kernel rules: %s", error)
+                return
+            totals = self.connection_totals(rules)
         counts = GaugeMetricFamily(
             "tcprouter_rules", "Rules in owned chains, as the kernel holds them", labels=["table", "chain"]
         )
@@ -94,7 +129,7 @@ class StateCollector(Collector):
             "New connections sent to each backend (DNAT packet counters)",
             labels=["frontend", "backend"],
         )
-        for (port, name), total in sorted(self.connection_totals(rules).items()):
+        for (port, name), total in sorted(totals.items()):
             connections.add_metric([port, name], total)
         yield from (counts, connections)
 
@@ -134,10 +169,16 @@ class Metrics:
         )
         build = Gauge("tcprouter_build_info", "tcprouter version", ["version"], registry=r)
         build.labels(package_version()).set(1)
+        # Labelled series exist from the start at 0, so that rate() and alerts see the first increment.
+        for kind in ("full", "partial"):
+            self.sync_duration.labels(kind)
+        for action in sorted(CONTAINER_ACTIONS | NETWORK_ACTIONS):
+            self.docker_events.labels(action)
 
     def serve(self, address: str) -> None:
+        """Serve /metrics on `host:port` (`:port` or `[::]:port` too) in a daemon thread."""
         host, _, port = address.rpartition(":")
-        start_http_server(int(port), addr=host or "0.0.0.0", registry=self.registry)
+        start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=self.registry)
 
 
 def package_version() -> str:
