@@ -10,24 +10,32 @@ import argparse
 import json
 import logging
 import os
+import re
+import shutil
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+
+import docker.errors
 
 from . import discovery
-from .compiler import DEFAULT_MARK_BIT, Options, RuleSet, compile_rules
-from .diff import restore_script
-from .labels import desired_state
-from .metrics import Metrics, backend_connections
-from .model import DesiredState
+from .compiler import DEFAULT_MARK_BIT, FRONTEND_CHAIN_PREFIX, Options, RuleSet, compile_rules
+from .diff import SavedRule, restore_script
+from .labels import LabelError, desired_state, parse_backend
+from .metrics import Metrics, backend_connections, kernel_reader
+from .model import ContainerSnapshot, DesiredState
 from .netfilter import Flavour, Iptables, NetfilterError, detect_flavour
 from .reconciler import Reconciler, Settings
 
 log = logging.getLogger("tcprouter")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_RECORD_ATTRIBUTES = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and any `extra=` fields of the call."""
+
     def format(self, record: logging.LogRecord) -> str:
         entry = {
             "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
@@ -35,9 +43,10 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        entry.update((key, value) for key, value in vars(record).items() if key not in _RECORD_ATTRIBUTES)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
+        return json.dumps(entry, default=str)
 
 
 def _env(flag: str, default: str | None) -> str | None:
@@ -76,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
         help="the conntrack mark bit that tags routed connections (default 0x100000)",
     )
     common.add_argument("--log-format", choices=["human", "json"], default=_env("log-format", "human"))
-    common.add_argument("--log-level", default=_env("log-level", "info"))
+    common.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default=_env("log-level", "info"))
 
     parser = argparse.ArgumentParser(prog="tcprouter", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +122,7 @@ def _setup_logging(args: argparse.Namespace) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler], force=True)
+    logging.captureWarnings(True)  # library warnings too go out in the chosen format
 
 
 def _iptables(args: argparse.Namespace) -> Iptables:
@@ -132,7 +142,7 @@ def _current_state(args: argparse.Namespace) -> DesiredState:
 def cmd_run(args: argparse.Namespace) -> int:
     iptables = _iptables(args)
     log.info("tcprouter starting: writing %s tables with iptables-%s-restore", iptables.flavour, iptables.flavour)
-    metrics = Metrics(lambda: iptables.read(counters=True)[1])
+    metrics = Metrics(kernel_reader(iptables.flavour))
     if args.metrics_address:
         metrics.serve(args.metrics_address)
     settings = Settings(
@@ -171,23 +181,56 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     return 0
 
 
-def status_report(state: DesiredState, connections: dict[tuple[str, str], int]) -> dict:
+_DNAT_TARGET = re.compile(r"-j DNAT --to-destination (\S+)")
+
+
+def _kernel_targets(kernel: list[tuple[str, SavedRule]]) -> set[tuple[int, str]]:
+    """(frontend port, "ip:port") of every DNAT rule in the kernel's frontend chains."""
+    targets = set()
+    for table, rule in kernel:
+        match = _DNAT_TARGET.search(rule.spec)
+        if table == "nat" and rule.chain.startswith(FRONTEND_CHAIN_PREFIX) and match:
+            targets.add((int(rule.chain.removeprefix(FRONTEND_CHAIN_PREFIX)), match.group(1)))
+    return targets
+
+
+def status_report(containers: Iterable[ContainerSnapshot], kernel: list[tuple[str, SavedRule]], prefix: str) -> dict:
+    """What Docker declares and what the kernel holds, per frontend and backend.
+
+    Every running container with valid labels is listed under its frontend, in rotation order; `in_rotation`
+    says whether it should receive connections now (running, not unhealthy or starting), `in_kernel` whether
+    a DNAT rule sends connections to it, `connections` what that rule counted since the pool last changed.
+    """
+    containers = sorted(containers, key=lambda c: (c.created, c.id))
+    state = desired_state(containers, prefix)
+    connections = backend_connections(kernel)
+    targets = _kernel_targets(kernel)
+    in_rotation = {b.container_id for frontend in state.frontends.values() for b in frontend.backends}
+    pools: dict[int, list[dict]] = {port: [] for port in state.frontends}
+    for container in containers:
+        if not container.running:
+            continue
+        try:
+            spec = parse_backend(container, prefix)
+        except LabelError:
+            continue  # listed under "rejected"
+        backend, port = spec.backend, spec.frontend_port
+        address = f"{backend.ip}:{backend.port}"
+        pools[port].append(
+            {
+                "container": backend.name,
+                "id": backend.container_id[:12],
+                "address": address,
+                "health": container.health or "none",
+                "weight": backend.weight,
+                "in_rotation": container.id in in_rotation,
+                "in_kernel": (port, address) in targets,
+                "connections": connections.get((str(port), backend.name), 0),
+            }
+        )
     return {
         "frontends": [
-            {
-                "port": port,
-                "balance": str(frontend.balance),
-                "backends": [
-                    {
-                        "container": b.name,
-                        "id": b.container_id[:12],
-                        "address": f"{b.ip}:{b.port}",
-                        "weight": b.weight,
-                        "connections": connections.get((str(port), b.name), 0),
-                    }
-                    for b in frontend.backends
-                ],
-            }
+            {"port": port, "balance": str(frontend.balance), "backends": pools[port]}
             for port, frontend in sorted(state.frontends.items())
         ],
         "rejected": [
@@ -198,47 +241,193 @@ def status_report(state: DesiredState, connections: dict[tuple[str, str], int]) 
     }
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    state = _current_state(args)
-    _, counted = _iptables(args).read(counters=True)
-    report = status_report(state, backend_connections(counted))
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
+def _table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
+    cells = [list(headers), *([str(cell) for cell in row] for row in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in cells]
+
+
+def render_status(report: dict) -> str:
+    """The human form of `status_report`: one table of frontends and backends, one of rejected containers."""
+    yes_no = {True: "yes", False: "no"}
+    rows = []
     for frontend in report["frontends"]:
-        print(f"frontend :{frontend['port']} ({frontend['balance']}, {len(frontend['backends'])} backends)")
-        for b in frontend["backends"]:
-            print(f"  {b['container']:<30} {b['address']:<22} weight {b['weight']:<3} {b['connections']} connections")
-    for r in report["rejected"]:
-        print(f"rejected {r['container']}: {r['detail']}")
-    for warning in report["warnings"]:
-        print(f"warning: {warning}")
+        lead = [f":{frontend['port']}", frontend["balance"]]
+        if not frontend["backends"]:
+            rows.append([*lead, "(no backend)", "", "", "", "", "", ""])
+        for i, b in enumerate(frontend["backends"]):
+            rows.append(
+                [
+                    *(lead if i == 0 else ["", ""]),
+                    b["container"],
+                    b["address"],
+                    b["health"],
+                    b["weight"],
+                    yes_no[b["in_rotation"]],
+                    yes_no[b["in_kernel"]],
+                    b["connections"],
+                ]
+            )
+    headers = ["FRONTEND", "BALANCE", "CONTAINER", "ADDRESS", "HEALTH", "WEIGHT", "IN ROTATION", "IN KERNEL"]
+    lines = _table([*headers, "CONNECTIONS"], rows) if rows else ["no frontends: no running container is labelled"]
+    if report["rejected"]:
+        rejected = ([r["container"], r["reason"], r["detail"]] for r in report["rejected"])
+        lines += ["", *_table(["REJECTED CONTAINER", "REASON", "DETAIL"], rejected)]
+    lines += [f"warning: {warning}" for warning in report["warnings"]]
+    return "\n".join(lines) + "\n"
+
+
+def _flavour(args: argparse.Namespace) -> Flavour:
+    return detect_flavour() if args.flavour == "auto" else Flavour(args.flavour)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    api = discovery.connect(args.docker_url, timeout=10)
+    containers = discovery.list_labelled(api, args.label_prefix)
+    report = status_report(containers, kernel_reader(_flavour(args))(), args.label_prefix)
+    sys.stdout.write(json.dumps(report, indent=2) + "\n" if args.json else render_status(report))
     return 0
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    problems: list[str] = []
-    if os.geteuid() != 0:
-        problems.append("not running as root: writing iptables rules needs root or CAP_NET_ADMIN")
+# ---- tcprouter check: each finding is (ok, what an operator reads) ---------------------------------------
+
+Finding = tuple[bool, str]
+CAP_NET_ADMIN = 12
+
+
+def has_net_admin(proc_status: str) -> bool:
+    """Whether CAP_NET_ADMIN is in the effective set, from the text of /proc/<pid>/status."""
+    for line in proc_status.splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
+    return False
+
+
+def privilege_finding(euid: int, net_admin: bool) -> Finding:
+    if net_admin:
+        return True, f"{'root' if euid == 0 else f'uid {euid}'} with the CAP_NET_ADMIN capability"
+    if euid == 0:
+        return False, (
+            "running as root but without the CAP_NET_ADMIN capability, so iptables rules cannot be changed "
+            "(in a container: add --cap-add NET_ADMIN)"
+        )
+    return False, (
+        f"not root (uid {euid}) and without the CAP_NET_ADMIN capability, so iptables rules cannot be changed: "
+        "run tcprouter as root"
+    )
+
+
+def forwarding_finding(ip_forward: str) -> Finding:
+    if ip_forward.strip() == "1":
+        return True, "IP forwarding is on (net.ipv4.ip_forward = 1)"
+    return False, (
+        "IP forwarding is off (net.ipv4.ip_forward = 0): the kernel would drop every routed connection; "
+        "turn it on with `sysctl -w net.ipv4.ip_forward=1`"
+    )
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The OS error behind a Docker client error (docker, requests and urllib3 wrap it several levels deep)."""
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno:
+            return current
+        nested = (current.__cause__, current.__context__, *current.args)
+        pending += [e for e in nested if isinstance(e, BaseException)]
+    return error
+
+
+def docker_problem(url: str, error: BaseException) -> str:
+    cause = _root_cause(error)
+    where = f"Docker is unreachable at {url}"
+    if isinstance(cause, FileNotFoundError):
+        return f"{where}: the socket does not exist (is dockerd running? in a container, mount /var/run/docker.sock)"
+    if isinstance(cause, PermissionError):
+        return f"{where}: permission denied on the socket (run as root or as a member of the docker group)"
+    if isinstance(cause, ConnectionRefusedError):
+        return f"{where}: connection refused (is dockerd running?)"
+    return f"{where}: {cause}"
+
+
+def _docker_url(args: argparse.Namespace) -> str:
+    return args.docker_url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+
+
+def docker_finding(args: argparse.Namespace) -> Finding:
+    url = _docker_url(args)
     try:
-        with open("/proc/sys/net/ipv4/ip_forward") as f:
-            if f.read().strip() != "1":
-                problems.append("net.ipv4.ip_forward is 0: routed connections would be dropped")
-    except OSError as error:
-        problems.append(f"cannot read net.ipv4.ip_forward: {error}")
-    try:
-        iptables = _iptables(args)
-        iptables.read()
-        print(f"ok: iptables {iptables.flavour} tables readable")
-    except NetfilterError as error:
-        problems.append(f"iptables unusable: {error}")
-    try:
-        discovery.connect(args.docker_url, timeout=5).ping()
-        print("ok: Docker reachable")
+        info = discovery.connect(args.docker_url, timeout=5).version()
     except Exception as error:
-        problems.append(f"Docker unreachable: {error}")
-    for problem in problems:
-        print(f"problem: {problem}")
+        return False, docker_problem(url, error)
+    return True, f"Docker {info.get('Version', '?')} reachable at {url} (API {info.get('ApiVersion', '?')})"
+
+
+def iptables_findings(
+    available: Sequence[Flavour],
+    docker_in: Sequence[Flavour],
+    unreadable: dict[Flavour, str],
+    forced: Flavour | None,
+    docker_reachable: bool,
+) -> list[Finding]:
+    """Whether tcprouter can write its rules where Docker's are: both must use the same iptables flavour.
+
+    `available`: flavours whose binaries are on PATH; `docker_in`: those whose tables hold Docker's chains.
+    """
+    if not available:
+        problem = "no iptables binaries on PATH (neither iptables-nft-restore nor iptables-legacy-restore)"
+        return [(False, f"{problem}: install the iptables package")]
+    findings: list[Finding] = [(False, f"cannot read the {f} tables: {error}") for f, error in unreadable.items()]
+    missing = [f for f in Flavour if f not in available]
+    if forced is not None and forced not in available:
+        findings.append((False, f"--flavour {forced} was asked but iptables-{forced}-restore is not on PATH"))
+    elif forced is not None and docker_in and forced not in docker_in:
+        where = f"--flavour {forced} was asked but Docker's rules are in the {docker_in[0]} tables"
+        findings.append((False, f"{where}: rules written there would not work with Docker's (use --flavour auto)"))
+    elif docker_in:
+        chosen = forced or docker_in[0]
+        findings.append((True, f"Docker's rules are in the {docker_in[0]} tables; writing with iptables-{chosen}"))
+    elif docker_reachable and missing and not unreadable:
+        where = f"Docker's rules are in none of the tables that the iptables binaries on PATH read ({available[0]})"
+        findings.append((False, f"{where}: Docker probably uses iptables-{missing[0]}, which is not on PATH"))
+    elif not unreadable:
+        found = "iptables-" + ", iptables-".join(available)
+        findings.append((True, f"{found} on PATH; no Docker chains in their tables (dockerd --iptables=false?)"))
+    return findings
+
+
+def _iptables_findings(args: argparse.Namespace, docker_reachable: bool) -> list[Finding]:
+    available = [f for f in Flavour if shutil.which(f"iptables-{f}-restore") and shutil.which(f"iptables-{f}-save")]
+    docker_in, unreadable = [], {}
+    for flavour in available:
+        try:
+            tables, _ = Iptables(flavour, timeout=10).read()
+        except NetfilterError as error:
+            unreadable[flavour] = str(error)
+            continue
+        if any(chain.startswith("DOCKER") for chains in tables.values() for chain in chains):
+            docker_in.append(flavour)
+    forced = None if args.flavour == "auto" else Flavour(args.flavour)
+    return iptables_findings(available, docker_in, unreadable, forced, docker_reachable)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Preflight: print every finding, each problem in plain words; exit 1 if there is any problem."""
+    with open("/proc/self/status") as status, open("/proc/sys/net/ipv4/ip_forward") as ip_forward:
+        findings = [
+            privilege_finding(os.geteuid(), has_net_admin(status.read())),
+            forwarding_finding(ip_forward.read()),
+        ]
+    docker = docker_finding(args)
+    findings += [docker, *_iptables_findings(args, docker_reachable=docker[0])]
+    for ok, text in findings:
+        print(f"{'ok' if ok else 'problem'}: {text}")
+    problems = sum(not ok for ok, _ in findings)
+    if problems:
+        print(f"{problems} problem{'s' if problems > 1 else ''}: tcprouter cannot route connections on this host")
     return 1 if problems else 0
 
 
@@ -252,6 +441,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except (NetfilterError, OSError) as error:
         log.error("%s", error)
+        return 1
+    except docker.errors.DockerException as error:
+        log.error("%s", docker_problem(_docker_url(args), error))
         return 1
 
 
