@@ -1,0 +1,161 @@
+"""Metrics without Docker or the kernel: packet counters -> connections, monotonic carry, the exposition."""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tcprouter.compiler import compile_rules
+from tcprouter.diff import SavedRule, parse_save
+from tcprouter.metrics import Metrics, StateCollector, backend_connections, kernel_reader
+from tcprouter.model import Backend, Balance, DesiredState, Frontend, Rejection
+from tcprouter.netfilter import Flavour
+
+A = Backend("a" * 64, "web-a", "172.17.0.2", 1234)
+B = Backend("b" * 64, "web-b", "172.17.0.3", 1234, weight=2)
+C = Backend("c" * 64, "web-c", "172.17.0.4", 1234)
+D = Backend("d" * 64, "web-d", "172.17.0.5", 1234)
+
+
+def kernel(counts: dict[str, list[int]], state: DesiredState) -> list[tuple[str, SavedRule]]:
+    """The compiled rules of `state` as `iptables-save -c` lists them, with the packet counts given per chain
+    (one per rule, in order; missing ones are 0)."""
+    rules = compile_rules(state)
+    lines = []
+    for table, chains in rules.chains.items():
+        lines.append(f"*{table}")
+        lines += [f":{chain} - [0:0]" for chain in chains]
+        for chain, specs in chains.items():
+            packets = counts.get(chain, [])
+            lines += [f"[{packets[i] if i < len(packets) else 0}:0] -A {chain} {spec}" for i, spec in enumerate(specs)]
+        lines.append("COMMIT")
+    return parse_save("\n".join(lines) + "\n")[1]
+
+
+def pool(*backends: Backend, port: int = 27017) -> DesiredState:
+    return DesiredState(frontends={port: Frontend(port, Balance.ROUNDROBIN, backends)})
+
+
+def test_connections_come_from_dnat_rules_only_and_sum_a_backends_slots():
+    state = pool(A, B)  # rotation B, A, B: B has two DNAT slots
+    chain = compile_rules(state).chains["nat"]["TCPR-FE-27017"]
+    assert [("DNAT" in rule) for rule in chain] == [False, True, True, True, True]  # CONNMARK, 3 slots, fallback
+    counted = kernel({"TCPR-FE-27017": [99, 4, 3, 5, 1], "TCPR-FRONTENDS": [99]}, state)
+    # slots: B (4), A (3), B (5); the fallback rule (-s B -> A) counts for A (1); CONNMARK and dispatch are no DNAT
+    assert backend_connections(counted) == {("27017", "web-b"): 9, ("27017", "web-a"): 4}
+
+
+def test_connections_ignore_foreign_chains_and_the_filter_table():
+    counted = [
+        ("nat", SavedRule("DOCKER", "-p tcp -m comment --comment web-a -j DNAT --to-destination 1.2.3.4:1", 7)),
+        ("filter", SavedRule("TCPR-FE-80", "-m comment --comment web-a -j DNAT --to-destination 1.2.3.4:1", 7)),
+        ("nat", SavedRule("TCPR-FE-80", "-p tcp -m comment --comment web-a -j DNAT --to-destination 1.2.3.4:1", 2)),
+    ]
+    assert backend_connections(counted) == {("80", "web-a"): 2}
+
+
+def totals(collector: StateCollector, state: DesiredState, **counts: list[int]) -> dict[str, int]:
+    chain_counts = {f"TCPR-FE-{port.removeprefix('p')}": c for port, c in counts.items()}
+    return {name: n for (_, name), n in collector.connection_totals(kernel(chain_counts, state)).items()}
+
+
+def test_counters_stay_monotonic_across_chain_rewrites():
+    collector = StateCollector(lambda: [])
+    two, three = pool(A, C), pool(A, C, D)  # rules: CONNMARK, one slot per backend, fallback (-s last -> first)
+    assert totals(collector, two, p27017=[0, 2, 3]) == {"web-a": 2, "web-c": 3}
+    assert totals(collector, two, p27017=[0, 4, 4]) == {"web-a": 4, "web-c": 4}
+    # D joins: the chain is rewritten and the kernel counts from 0, even though a new count (5) exceeds the old (4)
+    assert totals(collector, three, p27017=[0, 5, 1, 0]) == {"web-a": 9, "web-c": 5, "web-d": 0}
+    # the same chain again: no reset, the kernel's counts grow
+    assert totals(collector, three, p27017=[0, 6, 1, 2]) == {"web-a": 10, "web-c": 5, "web-d": 2}
+
+
+def test_a_backend_that_leaves_and_returns_continues_its_total():
+    collector = StateCollector(lambda: [])
+    assert totals(collector, pool(A, C), p27017=[0, 3, 3]) == {"web-a": 3, "web-c": 3}
+    assert totals(collector, pool(C), p27017=[0, 1]) == {"web-c": 4}
+    assert totals(collector, DesiredState(frontends={})) == {}  # the pool emptied: its chain is gone
+    assert totals(collector, pool(A, C), p27017=[0, 1, 0]) == {"web-a": 4, "web-c": 4}
+
+
+def test_a_count_that_drops_is_a_reset_even_if_the_chain_text_is_unchanged():
+    collector = StateCollector(lambda: [])  # e.g. rewritten to other content and back between two scrapes
+    assert totals(collector, pool(A, C), p27017=[0, 5, 5]) == {"web-a": 5, "web-c": 5}
+    assert totals(collector, pool(A, C), p27017=[0, 1, 7]) == {"web-a": 6, "web-c": 7}
+
+
+def scrape(metrics: Metrics) -> dict[str, list[tuple[dict[str, str], float]]]:
+    families = text_string_to_metric_families(generate_latest(metrics.registry).decode())
+    return {f.name: [(s.labels, s.value) for s in f.samples if not s.name.endswith("_created")] for f in families}
+
+
+def test_scrape_shows_the_published_state_and_the_kernel():
+    state = DesiredState(
+        frontends={
+            27017: Frontend(27017, Balance.ROUNDROBIN, (A, C)),
+            1883: Frontend(1883, Balance.ROUNDROBIN, ()),
+        },
+        rejections=(
+            Rejection("1" * 64, "bad-1", "invalid_port", "label tcp.port='x' is not an integer 1-65535"),
+            Rejection("2" * 64, "bad-2", "invalid_port", "label tcp.port='0' is not an integer 1-65535"),
+            Rejection("3" * 64, "bad-3", "unknown_network", "label tcp.network='x' names ..."),
+        ),
+    )
+    metrics = Metrics(lambda: kernel({"TCPR-FE-27017": [0, 2, 1]}, state))
+    metrics.state.publish(state)
+    seen = scrape(metrics)
+    assert seen["tcprouter_frontends"] == [({}, 2)]
+    assert seen["tcprouter_backends"] == [({"frontend": "1883"}, 0), ({"frontend": "27017"}, 2)]
+    assert seen["tcprouter_rejected_containers"] == [
+        ({"reason": "invalid_port"}, 2),
+        ({"reason": "unknown_network"}, 1),
+    ]
+    assert seen["tcprouter_backend_connections"] == [
+        ({"frontend": "27017", "backend": "web-a"}, 2),
+        ({"frontend": "27017", "backend": "web-c"}, 1),
+    ]
+    rules = {(labels["table"], labels["chain"]): value for labels, value in seen["tcprouter_rules"]}
+    assert rules[("nat", "TCPR-FE-27017")] == 4  # CONNMARK, two slots, fallback
+    assert rules[("filter", "TCPR-FORWARD")] == 2
+    assert ("nat", "TCPR-FE-1883") not in rules  # an empty pool has no chain
+
+
+def test_labelled_series_exist_before_anything_happened():
+    seen = scrape(Metrics(lambda: []))
+    kinds = {labels["kind"] for labels, _ in seen["tcprouter_sync_duration_seconds"]}
+    assert kinds == {"full", "partial"}
+    actions = {labels["action"] for labels, _ in seen["tcprouter_docker_events"]}
+    assert {"start", "die", "stop", "kill", "destroy", "health_status", "connect", "disconnect"} <= actions
+    assert seen["tcprouter_sync_failures"] == [({}, 0)]
+    assert seen["tcprouter_docker_connected"] == [({}, 0)]
+    assert [labels.keys() for labels, _ in seen["tcprouter_build_info"]] == [{"version"}]
+
+
+def test_a_scrape_answers_when_iptables_fails():
+    def broken() -> list[tuple[str, SavedRule]]:
+        raise OSError("iptables-nft-save: not found")
+
+    metrics = Metrics(broken)
+    metrics.state.publish(pool(A))
+    seen = scrape(metrics)
+    assert seen["tcprouter_backends"] == [({"frontend": "27017"}, 1)]
+    assert "tcprouter_rules" not in seen and "tcprouter_backend_connections" not in seen
+
+
+@pytest.mark.timeout(20)
+def test_a_hanging_iptables_save_cannot_hang_a_scrape(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    fake = tmp_path / "iptables-nft-save"
+    fake.write_text("#!/bin/sh\nexec sleep 60\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    metrics = Metrics(kernel_reader(Flavour.NFT, timeout=0.5))
+    started = time.monotonic()
+    seen = scrape(metrics)
+    assert time.monotonic() - started < 3
+    assert "tcprouter_frontends" in seen and "tcprouter_rules" not in seen
