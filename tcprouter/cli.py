@@ -25,11 +25,12 @@ from .diff import SavedRule, restore_script
 from .labels import LabelError, desired_state, parse_backend
 from .metrics import Metrics, backend_connections, kernel_reader
 from .model import ContainerSnapshot, DesiredState
-from .netfilter import Flavour, Iptables, NetfilterError, detect_flavour
+from .netfilter import Flavour, Iptables, NetfilterError, Writer, detect_flavour
 from .reconciler import Reconciler, Settings
 
 log = logging.getLogger("tcprouter")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+WRITERS = ("auto", "restore", "iptc")
 _RECORD_ATTRIBUTES = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
@@ -66,6 +67,13 @@ def _parser() -> argparse.ArgumentParser:
         choices=["auto", *Flavour],
         default=_env("flavour", "auto"),
         help="iptables flavour to write: auto follows Docker's",
+    )
+    common.add_argument(
+        "--writer",
+        choices=WRITERS,
+        default=_env("writer", "auto"),
+        help="restore: pipe the rules into iptables-<flavour>-restore; iptc: write them in-process with "
+        "python-iptables (libiptc, legacy hosts only); auto: restore (the faster one, see scripts/bench-writers)",
     )
     common.add_argument(
         "--listen-address",
@@ -125,8 +133,24 @@ def _setup_logging(args: argparse.Namespace) -> None:
     logging.captureWarnings(True)  # library warnings too go out in the chosen format
 
 
-def _iptables(args: argparse.Namespace) -> Iptables:
+def _iptables(args: argparse.Namespace) -> Writer:
+    """The writer asked for: iptables-restore of Docker's flavour, or libiptc on a legacy host."""
+    if args.writer not in WRITERS:
+        raise NetfilterError(f"unknown writer {args.writer!r}: choose one of {', '.join(WRITERS)}")
     flavour = detect_flavour() if args.flavour == "auto" else Flavour(args.flavour)
+    if args.writer == "iptc":
+        if flavour is not Flavour.LEGACY:
+            raise NetfilterError(
+                f"--writer iptc cannot be used here: python-iptables (libiptc) writes only the legacy tables, "
+                f"but this host's rules go to the {flavour} tables (Docker's chains are there, or --flavour says "
+                "so); rules written to the other flavour would not route anything. Use --writer restore or auto."
+            )
+        from .iptc_writer import IptcWriter
+
+        log.info("writer: python-iptables (libiptc) into the legacy tables, one atomic commit per table")
+        return IptcWriter()
+    if args.writer == "auto":
+        log.info("writer auto: iptables-%s-restore (on a legacy host --writer iptc also works, but is slower)", flavour)
     return Iptables(flavour)
 
 
@@ -141,7 +165,7 @@ def _current_state(args: argparse.Namespace) -> DesiredState:
 
 def cmd_run(args: argparse.Namespace) -> int:
     iptables = _iptables(args)
-    log.info("tcprouter starting: writing %s tables with iptables-%s-restore", iptables.flavour, iptables.flavour)
+    log.info("tcprouter starting: writing the %s tables with %r", iptables.flavour, iptables)
     metrics = Metrics(kernel_reader(iptables.flavour))
     if args.metrics_address:
         metrics.serve(args.metrics_address)
@@ -284,7 +308,8 @@ def _flavour(args: argparse.Namespace) -> Flavour:
 def cmd_status(args: argparse.Namespace) -> int:
     api = discovery.connect(args.docker_url, timeout=10)
     containers = discovery.list_labelled(api, args.label_prefix)
-    report = status_report(containers, kernel_reader(_flavour(args))(), args.label_prefix)
+    _, kernel = kernel_reader(_flavour(args))()
+    report = status_report(containers, kernel, args.label_prefix)
     sys.stdout.write(json.dumps(report, indent=2) + "\n" if args.json else render_status(report))
     return 0
 

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .compiler import FRONTEND_CHAIN_PREFIX
+from .compiler import FRONTEND_CHAIN_PREFIX, Tables
 from .diff import SavedRule, owned
 from .discovery import CONTAINER_ACTIONS, NETWORK_ACTIONS
 from .model import DesiredState
@@ -29,13 +29,14 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # A scrape gives up on iptables-save after this long (Prometheus' own default scrape timeout is 10 s).
 KERNEL_READ_TIMEOUT = 5.0
 
-KernelReader = Callable[[], list[tuple[str, SavedRule]]]
+# The nat and filter tables (chains and rules) and their rules with packet counters, as Iptables.read returns them.
+KernelReader = Callable[[], tuple[Tables, list[tuple[str, SavedRule]]]]
 
 
 def kernel_reader(flavour: Flavour, netns: str | None = None, timeout: float = KERNEL_READ_TIMEOUT) -> KernelReader:
-    """The rules of the nat and filter tables with their counters, read by a bounded `iptables-save -c`."""
+    """Reads the tables with counters by a bounded `iptables-save -c`."""
     iptables = Iptables(flavour, netns=netns, timeout=timeout)
-    return lambda: iptables.read(counters=True)[1]
+    return lambda: iptables.read(counters=True)
 
 
 def backend_connections(rules: list[tuple[str, SavedRule]]) -> dict[tuple[str, str], int]:
@@ -114,7 +115,7 @@ class StateCollector(Collector):
 
         with self._lock:
             try:
-                rules = self._read_kernel()
+                tables, rules = self._read_kernel()
             except Exception as error:  # a scrape must answer even when iptables does not
                 log.warning("metrics: cannot read the kernel rules: %s", error)
                 return
@@ -122,8 +123,10 @@ class StateCollector(Collector):
         counts = GaugeMetricFamily(
             "tcprouter_rules", "Rules in owned chains, as the kernel holds them", labels=["table", "chain"]
         )
-        for (table, chain), count in sorted(Tally((t, r.chain) for t, r in rules if owned(r.chain)).items()):
-            counts.add_metric([table, chain], count)
+        for table, chains in sorted(tables.items()):
+            for chain, specs in sorted(chains.items()):
+                if owned(chain):
+                    counts.add_metric([table, chain], len(specs))
         connections = CounterMetricFamily(
             "tcprouter_backend_connections",
             "New connections sent to each backend (DNAT packet counters)",

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tcprouter.compiler import compile_rules
+from tcprouter.compiler import Tables, compile_rules
 from tcprouter.diff import SavedRule, parse_save
 from tcprouter.metrics import Metrics, StateCollector, backend_connections, kernel_reader
 from tcprouter.model import Backend, Balance, DesiredState, Frontend, Rejection
@@ -23,7 +23,7 @@ C = Backend("c" * 64, "web-c", "172.17.0.4", 1234)
 D = Backend("d" * 64, "web-d", "172.17.0.5", 1234)
 
 
-def kernel(counts: dict[str, list[int]], state: DesiredState) -> list[tuple[str, SavedRule]]:
+def kernel(counts: dict[str, list[int]], state: DesiredState) -> tuple[Tables, list[tuple[str, SavedRule]]]:
     """The compiled rules of `state` as `iptables-save -c` lists them, with the packet counts given per chain
     (one per rule, in order; missing ones are 0)."""
     rules = compile_rules(state)
@@ -35,7 +35,7 @@ def kernel(counts: dict[str, list[int]], state: DesiredState) -> list[tuple[str,
             packets = counts.get(chain, [])
             lines += [f"[{packets[i] if i < len(packets) else 0}:0] -A {chain} {spec}" for i, spec in enumerate(specs)]
         lines.append("COMMIT")
-    return parse_save("\n".join(lines) + "\n")[1]
+    return parse_save("\n".join(lines) + "\n")
 
 
 def pool(*backends: Backend, port: int = 27017) -> DesiredState:
@@ -46,7 +46,7 @@ def test_connections_come_from_dnat_rules_only_and_sum_a_backends_slots():
     state = pool(A, B)  # rotation B, A, B: B has two DNAT slots
     chain = compile_rules(state).chains["nat"]["TCPR-FE-27017"]
     assert [("DNAT" in rule) for rule in chain] == [False, True, True, True, True]  # CONNMARK, 3 slots, fallback
-    counted = kernel({"TCPR-FE-27017": [99, 4, 3, 5, 1], "TCPR-FRONTENDS": [99]}, state)
+    _, counted = kernel({"TCPR-FE-27017": [99, 4, 3, 5, 1], "TCPR-FRONTENDS": [99]}, state)
     # slots: B (4), A (3), B (5); the fallback rule (-s B -> A) counts for A (1); CONNMARK and dispatch are no DNAT
     assert backend_connections(counted) == {("27017", "web-b"): 9, ("27017", "web-a"): 4}
 
@@ -62,11 +62,11 @@ def test_connections_ignore_foreign_chains_and_the_filter_table():
 
 def totals(collector: StateCollector, state: DesiredState, **counts: list[int]) -> dict[str, int]:
     chain_counts = {f"TCPR-FE-{port.removeprefix('p')}": c for port, c in counts.items()}
-    return {name: n for (_, name), n in collector.connection_totals(kernel(chain_counts, state)).items()}
+    return {name: n for (_, name), n in collector.connection_totals(kernel(chain_counts, state)[1]).items()}
 
 
 def test_counters_stay_monotonic_across_chain_rewrites():
-    collector = StateCollector(lambda: [])
+    collector = StateCollector(lambda: ({}, []))
     two, three = pool(A, C), pool(A, C, D)  # rules: CONNMARK, one slot per backend, fallback (-s last -> first)
     assert totals(collector, two, p27017=[0, 2, 3]) == {"web-a": 2, "web-c": 3}
     assert totals(collector, two, p27017=[0, 4, 4]) == {"web-a": 4, "web-c": 4}
@@ -77,7 +77,7 @@ def test_counters_stay_monotonic_across_chain_rewrites():
 
 
 def test_a_backend_that_leaves_and_returns_continues_its_total():
-    collector = StateCollector(lambda: [])
+    collector = StateCollector(lambda: ({}, []))
     assert totals(collector, pool(A, C), p27017=[0, 3, 3]) == {"web-a": 3, "web-c": 3}
     assert totals(collector, pool(C), p27017=[0, 1]) == {"web-c": 4}
     assert totals(collector, DesiredState(frontends={})) == {}  # the pool emptied: its chain is gone
@@ -85,7 +85,7 @@ def test_a_backend_that_leaves_and_returns_continues_its_total():
 
 
 def test_a_count_that_drops_is_a_reset_even_if_the_chain_text_is_unchanged():
-    collector = StateCollector(lambda: [])  # e.g. rewritten to other content and back between two scrapes
+    collector = StateCollector(lambda: ({}, []))  # e.g. rewritten to other content and back between two scrapes
     assert totals(collector, pool(A, C), p27017=[0, 5, 5]) == {"web-a": 5, "web-c": 5}
     assert totals(collector, pool(A, C), p27017=[0, 1, 7]) == {"web-a": 6, "web-c": 7}
 
@@ -123,11 +123,12 @@ def test_scrape_shows_the_published_state_and_the_kernel():
     rules = {(labels["table"], labels["chain"]): value for labels, value in seen["tcprouter_rules"]}
     assert rules[("nat", "TCPR-FE-27017")] == 4  # CONNMARK, two slots, fallback
     assert rules[("filter", "TCPR-FORWARD")] == 2
+    assert rules[("nat", "TCPR-CANARY")] == 0  # an owned chain without rules still counts
     assert ("nat", "TCPR-FE-1883") not in rules  # an empty pool has no chain
 
 
 def test_labelled_series_exist_before_anything_happened():
-    seen = scrape(Metrics(lambda: []))
+    seen = scrape(Metrics(lambda: ({}, [])))
     kinds = {labels["kind"] for labels, _ in seen["tcprouter_sync_duration_seconds"]}
     assert kinds == {"full", "partial"}
     actions = {labels["action"] for labels, _ in seen["tcprouter_docker_events"]}
@@ -138,7 +139,7 @@ def test_labelled_series_exist_before_anything_happened():
 
 
 def test_a_scrape_answers_when_iptables_fails():
-    def broken() -> list[tuple[str, SavedRule]]:
+    def broken() -> tuple[Tables, list[tuple[str, SavedRule]]]:
         raise OSError("iptables-nft-save: not found")
 
     metrics = Metrics(broken)
