@@ -11,6 +11,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Protocol
 
 from .compiler import Tables
 from .diff import SavedRule, parse_save
@@ -26,6 +27,26 @@ class Flavour(StrEnum):
 
 class NetfilterError(RuntimeError):
     pass
+
+
+class Writer(Protocol):
+    """What the reconciler and the CLI need from a writer: Iptables (iptables-restore) and
+    iptc_writer.IptcWriter (python-iptables, legacy only) both provide it."""
+
+    @property
+    def flavour(self) -> Flavour: ...
+
+    def read(self, counters: bool = False) -> tuple[Tables, list[tuple[str, SavedRule]]]:
+        """The nat and filter tables as diff.parse_save gives them, and every rule with its packet counter."""
+        ...
+
+    def list_chain(self, table: str, chain: str) -> tuple[str, ...] | None:
+        """The rule specs of one chain, or None if it does not exist."""
+        ...
+
+    def restore(self, script: str) -> None:
+        """Apply a diff.restore_script script, atomically per table; NetfilterError if it fails."""
+        ...
 
 
 @dataclass(frozen=True)
