@@ -79,8 +79,16 @@ def _probability_text(probability: float) -> str:
     return f"{stored / 0x80000000:.11f}"
 
 
+def save_string(value: str) -> str:
+    """A match argument as iptables-save prints it (xtables_save_string): bare if it is only
+    [A-Za-z0-9_-], else double-quoted with quotes and backslashes escaped."""
+    if value and all(c.isascii() and (c.isalnum() or c in "_-") for c in value):
+        return value
+    return '"' + "".join("\\" + c if c in "\"\\'" else c for c in value) + '"'
+
+
 def _dnat(backend: Backend, condition: str = "", skip_self: bool = True) -> str:
-    comment = backend.name[:_COMMENT_MAX] or backend.container_id[:12]
+    comment = save_string(backend.name[:_COMMENT_MAX] or backend.container_id[:12])
     statistic = f" -m statistic {condition}" if condition else ""
     source = f"! -s {backend.ip}/32 " if skip_self else ""
     return (

@@ -50,7 +50,7 @@ def backend_connections(rules: list[tuple[str, SavedRule]]) -> dict[tuple[str, s
         if table == "nat" and rule.chain.startswith(FRONTEND_CHAIN_PREFIX) and "-j DNAT" in rule.spec:
             match = _COMMENT.search(rule.spec)
             if match:
-                totals[(rule.chain.removeprefix(FRONTEND_CHAIN_PREFIX), match.group(1))] += rule.packets
+                totals[(rule.chain.removeprefix(FRONTEND_CHAIN_PREFIX), match.group(1).strip('"'))] += rule.packets
     return dict(totals)
 
 
