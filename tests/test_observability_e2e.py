@@ -1,0 +1,168 @@
+"""Observability end to end: /metrics, `tcprouter status` and the daemon's logs against real containers,
+the real kernel tables and real connections from a client namespace."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import Counter
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from .support import greetings, sh, tcprouter, wait_until
+
+pytestmark = pytest.mark.e2e
+FRONT = 27017
+SECOND = 1000_000_000  # Docker durations are in nanoseconds
+# HEALTHCHECK whose first probe is a minute away: the container stays "starting", out of the rotation.
+STARTING = {"test": ["CMD-SHELL", "true"], "interval": 60 * SECOND}
+
+
+def scrape(router) -> dict:
+    """family name -> the family, from the daemon's /metrics parsed by prometheus-client's own parser."""
+    return {family.name: family for family in text_string_to_metric_families(router.metrics_text())}
+
+
+def values(family, suffix: str = "") -> dict[tuple[tuple[str, str], ...], float]:
+    """Samples of one family (the `_total`, `_count`... sample when a suffix is given) by their sorted labels."""
+    return {tuple(sorted(s.labels.items())): s.value for s in family.samples if s.name == family.name + suffix}
+
+
+def name(container) -> str:
+    return container.get_wrapped_container().name
+
+
+def kernel_pool(flavour: str, port: int = FRONT) -> dict[str, tuple[str, int]]:
+    """backend name -> (DNAT target, packets), summed over its rules, read straight from `iptables-save -c`."""
+    found: dict[str, tuple[str, int]] = {}
+    rule = re.compile(rf"^\[(\d+):\d+\] -A TCPR-FE-{port} .*--comment (\S+) .*-j DNAT --to-destination (\S+)$")
+    for line in sh(f"iptables-{flavour}-save", "-c", "-t", "nat").splitlines():
+        if match := rule.match(line):
+            packets, backend, target = int(match[1]), match[2], match[3]
+            found[backend] = (target, found.get(backend, (target, 0))[1] + packets)
+    return found
+
+
+def test_metrics_every_family_with_its_labels_and_exact_connection_counts(backends, start_router, client_host):
+    first = [backends.start({"tcp.port": str(FRONT)}) for _ in range(2)]
+    rejected = backends.start({"tcp.port": "not-a-port"}, wait=False)
+    router = start_router()
+    third = backends.start({"tcp.port": str(FRONT)})  # after the start: a Docker event, measured to the kernel
+    wait_until(lambda: values(scrape(router)["tcprouter_backends"]) == {(("frontend", str(FRONT)),): 3}, 5)
+
+    answers = greetings(client_host.name, client_host.host_ip, FRONT, 9)
+    ips = [backends.ip(c) for c in [*first, third]]
+    assert Counter(answers) == {ip: 3 for ip in ips}
+
+    metrics = scrape(router)
+    assert values(metrics["tcprouter_backend_connections"], "_total") == {
+        (("backend", name(c)), ("frontend", str(FRONT))): 3 for c in [*first, third]
+    }
+    assert metrics["tcprouter_backend_connections"].type == "counter"
+    assert values(metrics["tcprouter_frontends"]) == {(): 1}
+    assert values(metrics["tcprouter_rejected_containers"]) == {(("reason", "invalid_port"),): 1}
+    assert name(rejected) not in {dict(k).get("backend") for k in values(metrics["tcprouter_backend_connections"])}
+    rules = values(metrics["tcprouter_rules"])
+    assert rules[(("chain", f"TCPR-FE-{FRONT}"), ("table", "nat"))] == 5  # CONNMARK, 3 slots, fallback
+    assert {dict(k)["table"] for k in rules} == {"nat", "filter"}
+
+    sync = metrics["tcprouter_sync_duration_seconds"]
+    assert sync.type == "histogram"
+    assert {dict(k)["kind"] for k in values(sync, "_count")} == {"full", "partial"}
+    assert values(sync, "_count")[(("kind", "full"),)] >= 1  # the first sync
+    assert values(sync, "_count")[(("kind", "partial"),)] >= 1  # the third backend
+    latency = metrics["tcprouter_event_to_rules_seconds"]
+    assert latency.type == "histogram" and values(latency, "_count")[()] >= 1
+    assert 0 < values(latency, "_sum")[()] < 1.0 * values(latency, "_count")[()]
+    assert values(metrics["tcprouter_docker_events"], "_total")[(("action", "start"),)] >= 1
+    assert values(metrics["tcprouter_sync_failures"], "_total") == {(): 0}
+    assert abs(values(metrics["tcprouter_last_sync_timestamp_seconds"])[()] - time.time()) < 120
+    assert values(metrics["tcprouter_docker_connected"]) == {(): 1}
+    assert values(metrics["tcprouter_docker_reconnects"], "_total") == {(): 0}
+    [(labels, one)] = values(metrics["tcprouter_build_info"]).items()
+    assert one == 1 and [key for key, _ in labels] == ["version"]
+
+
+def test_rule_counts_equal_iptables_save(backends, start_router, flavour):
+    for port in (FRONT, 1883, 1883):
+        backends.start({"tcp.port": str(port)})
+    router = start_router()
+    saved: Counter[tuple[str, str]] = Counter()
+    table = ""
+    for line in sh(f"iptables-{flavour}-save").splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+        elif line.startswith(":TCPR-"):
+            saved[(table, line[1:].split()[0])] += 0  # an empty owned chain counts too
+        elif line.startswith("-A TCPR-"):
+            saved[(table, line.split()[1])] += 1
+    metric = {(dict(k)["table"], dict(k)["chain"]): v for k, v in values(scrape(router)["tcprouter_rules"]).items()}
+    assert metric == dict(saved)
+    assert metric[("nat", "TCPR-FE-1883")] == 4 and metric[("nat", "TCPR-FRONTENDS")] == 2
+
+
+def test_status_json_matches_the_kernel_and_docker(backends, start_router, client_host, docker_api, flavour):
+    pool = [backends.start({"tcp.port": str(FRONT)}) for _ in range(3)]
+    starting = backends.start({"tcp.port": str(FRONT)}, healthcheck=STARTING)
+    bad = backends.start({"tcp.port": str(FRONT), "tcp.weight": "heavy"}, wait=False)
+    start_router()
+    greetings(client_host.name, client_host.host_ip, FRONT, 9)
+
+    report = json.loads(tcprouter("status", "--json").stdout)
+    kernel = kernel_pool(flavour)
+    [frontend] = report["frontends"]
+    assert (frontend["port"], frontend["balance"]) == (FRONT, "roundrobin")
+    rows = {b["container"]: b for b in frontend["backends"]}
+    assert list(rows) == [name(c) for c in [*pool, starting]]  # rotation order: oldest first
+    for container in pool:
+        docker_view = docker_api.containers.get(container.get_wrapped_container().id)
+        address = f"{docker_view.attrs['NetworkSettings']['IPAddress']}:1234"
+        row = rows[docker_view.name]
+        assert (row["address"], row["id"], row["health"]) == (address, docker_view.id[:12], "none")
+        assert row["in_rotation"] and row["in_kernel"]
+        assert kernel[docker_view.name] == (address, row["connections"])
+        assert row["connections"] == 3
+    waiting = rows[name(starting)]
+    assert (waiting["health"], waiting["in_rotation"], waiting["in_kernel"], waiting["connections"]) == (
+        "starting",
+        False,
+        False,
+        0,
+    )
+    assert name(starting) not in kernel and len(kernel) == 3
+    assert report["rejected"] == [
+        {
+            "container": name(bad),
+            "id": bad.get_wrapped_container().id[:12],
+            "reason": "invalid_weight",
+            "detail": "label tcp.weight='heavy' is not an integer 1-100",
+        }
+    ]
+
+    table = tcprouter("status").stdout
+    assert re.search(rf"{name(pool[0])}\s+\S+:1234\s+none\s+1\s+yes\s+yes\s+3\n", table), table
+    assert re.search(rf"{name(starting)}\s+\S+:1234\s+starting\s+1\s+no\s+no\s+0\n", table), table
+    assert re.search(rf"{name(bad)}\s+invalid_weight\s+label tcp.weight='heavy'", table), table
+
+
+def test_json_logs_one_line_per_change(backends, start_router):
+    router = start_router("--log-format", "json")
+    container = backends.start({"tcp.port": str(FRONT)})
+    backends.remove(container)
+    change = rf"frontend {FRONT}: %sbackend {name(container)} \S+:1234"
+    wait_until(lambda: re.search(change % "-", router.log()), 5, what="the -backend log line")
+    entries = [json.loads(line) for line in router.log().splitlines()]  # every line of output is JSON
+    assert all({"level", "message", "time", "logger"} <= entry.keys() for entry in entries)
+    assert {"debug", "info"} <= {entry["level"] for entry in entries}  # the fixture runs --log-level debug
+    for sign in "+-":
+        assert sum(bool(re.fullmatch(change % re.escape(sign), e["message"])) for e in entries) == 1
+
+
+def test_log_level_warning_hides_info(backends, start_router):
+    backends.start({"tcp.port": "0"}, wait=False)
+    router = start_router("--log-format", "json", "--log-level", "warning")
+    entries = [json.loads(line) for line in router.log().splitlines()]
+    assert entries and {entry["level"] for entry in entries} <= {"warning", "error"}
+    assert any("tcp.port='0'" in entry["message"] for entry in entries)  # the rejection is a warning
