@@ -160,7 +160,9 @@ def _options(args: argparse.Namespace) -> Options:
 
 def _current_state(args: argparse.Namespace) -> DesiredState:
     api = discovery.connect(args.docker_url, timeout=10)
-    return desired_state(discovery.list_labelled(api, args.label_prefix), args.label_prefix)
+    return desired_state(
+        discovery.list_labelled(api, args.label_prefix), args.label_prefix, discovery.host_tcp_listeners()
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -133,3 +133,36 @@ def to_change(api: docker.APIClient, event: dict, prefix: str, known: set[str]) 
         return Change(container_id, action, time_ns, drain=True)
     snapshot = inspect(api, container_id)
     return Change(container_id, action, time_ns, snapshot=snapshot, gone=snapshot is None)
+
+
+def parse_tcp_listeners(text: str) -> dict[int, str]:
+    """Listening sockets in /proc/net/tcp or /proc/net/tcp6 format: port -> local address.
+
+    Loopback-only listeners are left out: tcprouter never routes loopback destinations.
+    """
+    listeners: dict[int, str] = {}
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 4 or fields[3] != "0A":  # 0A: TCP_LISTEN
+            continue
+        hex_address, hex_port = fields[1].split(":")
+        raw = bytes.fromhex(hex_address)
+        # The kernel prints each 32-bit word in host (little-endian) order.
+        address = ipaddress.ip_address(b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4)))
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        if not address.is_loopback:
+            listeners.setdefault(int(hex_port, 16), str(address))
+    return listeners
+
+
+def host_tcp_listeners() -> dict[int, str]:
+    """The host's TCP listeners that a frontend on the same port would hijack."""
+    listeners: dict[int, str] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                listeners.update(parse_tcp_listeners(f.read()))
+        except OSError:
+            continue
+    return listeners

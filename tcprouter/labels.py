@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from .model import Backend, Balance, ContainerSnapshot, DesiredState, Frontend, Rejection
@@ -106,12 +106,19 @@ def parse_backend(container: ContainerSnapshot, prefix: str = DEFAULT_PREFIX) ->
     return BackendSpec(frontend_port=port, backend=backend, balance=balance)
 
 
-def desired_state(containers: Iterable[ContainerSnapshot], prefix: str = DEFAULT_PREFIX) -> DesiredState:
+def desired_state(
+    containers: Iterable[ContainerSnapshot],
+    prefix: str = DEFAULT_PREFIX,
+    busy_ports: Mapping[int, str] | None = None,
+) -> DesiredState:
     """Group the serving, valid containers into frontends; report the rest.
 
     Pools are ordered by container creation time (oldest first) so the rotation is stable, and a
-    pool-level setting that disagrees within a pool takes the oldest container's value.
+    pool-level setting that disagrees within a pool takes the oldest container's value. A frontend
+    port that a host process listens on (`busy_ports`: port -> address) is refused: routing it would
+    hijack that service.
     """
+    busy_ports = busy_ports or {}
     rejections: list[Rejection] = []
     pools: dict[int, list[BackendSpec]] = defaultdict(list)
     # Frontends are keyed by the label even when no container serves: status shows them empty.
@@ -123,6 +130,13 @@ def desired_state(containers: Iterable[ContainerSnapshot], prefix: str = DEFAULT
             spec = parse_backend(container, prefix)
         except LabelError as error:
             rejections.append(Rejection(container.id, container.name, error.reason, error.detail))
+            continue
+        if spec.frontend_port in busy_ports:
+            detail = (
+                f"label {prefix}.port={spec.frontend_port}: a host process already listens on "
+                f"{busy_ports[spec.frontend_port]}:{spec.frontend_port}"
+            )
+            rejections.append(Rejection(container.id, container.name, "port_in_use", detail))
             continue
         declared_ports.add(spec.frontend_port)
         if container.serving:

@@ -15,11 +15,11 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import docker
 import requests
+from docker.types import CancellableStream
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from . import discovery
@@ -132,7 +132,7 @@ class Reconciler:
         views = (
             dataclasses.replace(c, draining=True) if c.id in self.draining else c for c in self.containers.values()
         )
-        return desired_state(views, self.settings.prefix)
+        return desired_state(views, self.settings.prefix, discovery.host_tcp_listeners())
 
     def sync(self, full: bool) -> bool:
         """Write the difference between the desired rules and the kernel (full) or our last write."""
@@ -234,17 +234,20 @@ class Reconciler:
                 api, stream, known = self._connect_and_list()
             except _Stopping:
                 return
+            healthy = threading.Event()
+            threading.Thread(target=self._ping, args=(api, stream, healthy), name="docker-ping", daemon=True).start()
             try:
                 self._follow(api, stream, known)
             except (docker.errors.DockerException, requests.RequestException, OSError) as error:
                 log.warning("Docker event stream lost: %s", error)
             finally:
+                healthy.set()
                 stream.close()
                 self.metrics.docker_connected.set(0)
             if not self.stopping.is_set():
                 self.metrics.docker_reconnects.inc()
 
-    def _connect_and_list(self) -> tuple[docker.APIClient, Iterator[dict], set[str]]:
+    def _connect_and_list(self) -> tuple[docker.APIClient, CancellableStream, set[str]]:
         for attempt in Retrying(
             wait=wait_exponential(multiplier=0.2, max=10),
             retry=retry_if_exception_type((docker.errors.DockerException, requests.RequestException, OSError)),
@@ -270,7 +273,18 @@ class Reconciler:
                 return api, stream, {s.id for s in labelled}
         raise AssertionError("unreachable: Retrying retries forever")
 
-    def _follow(self, api: docker.APIClient, stream: Iterator[dict], known: set[str]) -> None:
+    def _ping(self, api: docker.APIClient, stream: CancellableStream, done: threading.Event) -> None:
+        """Liveness: a daemon that hangs keeps the stream open but silent. If it stops answering pings,
+        close the stream so that the watcher reconnects (and relists) instead of waiting forever."""
+        while not done.wait(self.settings.docker_timeout):
+            try:
+                api.ping()
+            except (docker.errors.DockerException, requests.RequestException, OSError) as error:
+                log.warning("Docker does not answer pings (%s): reopening the connection", error)
+                stream.close()
+                return
+
+    def _follow(self, api: docker.APIClient, stream: CancellableStream, known: set[str]) -> None:
         for event in stream:
             if self.stopping.is_set():
                 return
