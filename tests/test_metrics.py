@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 import time
 from pathlib import Path
 
@@ -160,3 +161,28 @@ def test_a_hanging_iptables_save_cannot_hang_a_scrape(tmp_path: Path, monkeypatc
     seen = scrape(metrics)
     assert time.monotonic() - started < 3
     assert "tcprouter_frontends" in seen and "tcprouter_rules" not in seen
+
+
+def test_a_slow_scrape_blocks_no_sync_and_shows_one_whole_state():
+    reading, release = threading.Event(), threading.Event()
+
+    def slow_kernel() -> tuple[Tables, list[tuple[str, SavedRule]]]:
+        reading.set()
+        release.wait(5)
+        return {}, []
+
+    metrics = Metrics(slow_kernel)
+    metrics.state.publish(pool(A, C))
+    seen: dict = {}
+    scraper = threading.Thread(target=lambda: seen.update(scrape(metrics)))
+    scraper.start()
+    assert reading.wait(5)
+    started = time.monotonic()  # what a sync does, while the scrape waits for iptables-save
+    metrics.state.publish(DesiredState(frontends={1883: Frontend(1883, Balance.ROUNDROBIN, (D,))}))
+    metrics.sync_duration.labels("partial").observe(0.01)
+    metrics.last_sync.set_to_current_time()
+    assert time.monotonic() - started < 0.1
+    release.set()
+    scraper.join(5)
+    assert seen["tcprouter_frontends"] == [({}, 1)]
+    assert seen["tcprouter_backends"] == [({"frontend": "27017"}, 2)]  # the state the scrape began with, whole
