@@ -24,7 +24,7 @@ from .model import DesiredState
 from .netfilter import Flavour, Iptables
 
 log = logging.getLogger(__name__)
-_COMMENT = re.compile(r"--comment (\S+)")
+_COMMENT = re.compile(r'--comment ("(?:[^"\\]|\\.)*"|\S+)')  # bare, or double-quoted with \-escapes
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # A scrape gives up on iptables-save after this long (Prometheus' own default scrape timeout is 10 s).
 KERNEL_READ_TIMEOUT = 5.0
@@ -50,8 +50,13 @@ def backend_connections(rules: list[tuple[str, SavedRule]]) -> dict[tuple[str, s
         if table == "nat" and rule.chain.startswith(FRONTEND_CHAIN_PREFIX) and "-j DNAT" in rule.spec:
             match = _COMMENT.search(rule.spec)
             if match:
-                totals[(rule.chain.removeprefix(FRONTEND_CHAIN_PREFIX), match.group(1).strip('"'))] += rule.packets
+                totals[(rule.chain.removeprefix(FRONTEND_CHAIN_PREFIX), _unquote(match.group(1)))] += rule.packets
     return dict(totals)
+
+
+def _unquote(word: str) -> str:
+    """A match argument as iptables-save prints it (see compiler.save_string) -> its value."""
+    return re.sub(r"\\(.)", r"\1", word[1:-1]) if word.startswith('"') else word
 
 
 def _frontend_chains(rules: list[tuple[str, SavedRule]]) -> dict[str, tuple[str, ...]]:

@@ -186,3 +186,9 @@ def test_a_slow_scrape_blocks_no_sync_and_shows_one_whole_state():
     scraper.join(5)
     assert seen["tcprouter_frontends"] == [({}, 1)]
     assert seen["tcprouter_backends"] == [({"frontend": "27017"}, 2)]  # the state the scrape began with, whole
+
+
+def test_connections_of_backends_whose_names_iptables_save_quotes():
+    dotted = Backend("9" * 64, 'web.1"x', "172.17.0.9", 1234)  # a '.' (and any quote) makes iptables-save quote
+    _, counted = kernel({"TCPR-FE-27017": [0, 2, 3]}, pool(dotted, A))
+    assert backend_connections(counted) == {("27017", 'web.1"x'): 2, ("27017", "web-a"): 3}

@@ -37,7 +37,7 @@ def name(container) -> str:
 def kernel_pool(flavour: str, port: int = FRONT) -> dict[str, tuple[str, int]]:
     """backend name -> (DNAT target, packets), summed over its rules, read straight from `iptables-save -c`."""
     found: dict[str, tuple[str, int]] = {}
-    rule = re.compile(rf"^\[(\d+):\d+\] -A TCPR-FE-{port} .*--comment (\S+) .*-j DNAT --to-destination (\S+)$")
+    rule = re.compile(rf'^\[(\d+):\d+\] -A TCPR-FE-{port} .*--comment "?([^"\s]+)"? .*-j DNAT --to-destination (\S+)$')
     for line in sh(f"iptables-{flavour}-save", "-c", "-t", "nat").splitlines():
         if match := rule.match(line):
             packets, backend, target = int(match[1]), match[2], match[3]
