@@ -15,14 +15,14 @@ import shutil
 import signal
 import sys
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import docker.errors
 
 from . import discovery
 from .compiler import DEFAULT_MARK_BIT, FRONTEND_CHAIN_PREFIX, Options, RuleSet, compile_rules
 from .diff import SavedRule, restore_script
-from .labels import LabelError, desired_state, parse_backend
+from .labels import desired_state, parse_backend
 from .metrics import Metrics, backend_connections, kernel_reader
 from .model import ContainerSnapshot, DesiredState
 from .netfilter import Flavour, Iptables, NetfilterError, Writer, detect_flavour
@@ -220,7 +220,12 @@ def _kernel_targets(kernel: list[tuple[str, SavedRule]]) -> set[tuple[int, str]]
     return targets
 
 
-def status_report(containers: Iterable[ContainerSnapshot], kernel: list[tuple[str, SavedRule]], prefix: str) -> dict:
+def status_report(
+    containers: Iterable[ContainerSnapshot],
+    kernel: list[tuple[str, SavedRule]],
+    prefix: str,
+    busy_ports: Mapping[int, str] | None = None,
+) -> dict:
     """What Docker declares and what the kernel holds, per frontend and backend.
 
     Every running container with valid labels is listed under its frontend, in rotation order; `in_rotation`
@@ -228,18 +233,16 @@ def status_report(containers: Iterable[ContainerSnapshot], kernel: list[tuple[st
     a DNAT rule sends connections to it, `connections` what that rule counted since the pool last changed.
     """
     containers = sorted(containers, key=lambda c: (c.created, c.id))
-    state = desired_state(containers, prefix)
+    state = desired_state(containers, prefix, busy_ports)
+    rejected = {r.container_id for r in state.rejections}
     connections = backend_connections(kernel)
     targets = _kernel_targets(kernel)
     in_rotation = {b.container_id for frontend in state.frontends.values() for b in frontend.backends}
     pools: dict[int, list[dict]] = {port: [] for port in state.frontends}
     for container in containers:
-        if not container.running:
-            continue
-        try:
-            spec = parse_backend(container, prefix)
-        except LabelError:
-            continue  # listed under "rejected"
+        if not container.running or container.id in rejected:
+            continue  # a rejected container is listed under "rejected"
+        spec = parse_backend(container, prefix)
         backend, port = spec.backend, spec.frontend_port
         address = f"{backend.ip}:{backend.port}"
         pools[port].append(
@@ -311,7 +314,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     api = discovery.connect(args.docker_url, timeout=10)
     containers = discovery.list_labelled(api, args.label_prefix)
     _, kernel = kernel_reader(_flavour(args))()
-    report = status_report(containers, kernel, args.label_prefix)
+    report = status_report(containers, kernel, args.label_prefix, discovery.host_tcp_listeners())
     sys.stdout.write(json.dumps(report, indent=2) + "\n" if args.json else render_status(report))
     return 0
 

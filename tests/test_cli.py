@@ -286,3 +286,9 @@ def test_check_root_without_net_admin():
         "running as root but without the CAP_NET_ADMIN capability, so iptables rules cannot be changed "
         "(in a container: add --cap-add NET_ADMIN)"
     )
+
+
+def test_status_reports_a_frontend_refused_for_a_host_listener():
+    report = cli.status_report(CONTAINERS[:1], [], "tcp", busy_ports={27017: "0.0.0.0"})
+    assert report["frontends"] == []
+    assert [(r["container"], r["reason"]) for r in report["rejected"]] == [("web-a", "port_in_use")]
