@@ -249,7 +249,7 @@ class Reconciler:
 
     def _connect_and_list(self) -> tuple[docker.APIClient, CancellableStream, set[str]]:
         for attempt in Retrying(
-            wait=wait_exponential(multiplier=0.2, max=10),
+            wait=wait_exponential(multiplier=0.2, max=3),  # short: routes must follow Docker soon after it returns
             retry=retry_if_exception_type((docker.errors.DockerException, requests.RequestException, OSError)),
             before_sleep=lambda s: log.warning(
                 "Docker unreachable (%s); retrying in %.1fs",

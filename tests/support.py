@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -259,3 +259,106 @@ def peers_of(pid: int, local_port: int) -> list[str]:
                 raw = bytes.fromhex(remote.split(":")[0][-8:])
                 peers.append(".".join(str(b) for b in reversed(raw)))
     return peers
+
+
+class DockerSocketProxy:
+    """A relay to the Docker API socket that a test can cut and restore: it takes Docker away from
+    tcprouter (as a daemon restart would) without touching the daemon other tests use."""
+
+    def __init__(self, upstream: str = "/var/run/docker.sock") -> None:
+        self.upstream = upstream
+        self.path = f"/tmp/{unique('tcpr-docker-')}.sock"
+        self.url = f"unix://{self.path}"
+        self._listener: socket.socket | None = None
+        self._open: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def start(self) -> DockerSocketProxy:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(self.path)
+        listener.listen(16)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        return self
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # cut
+            server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            server.connect(self.upstream)
+            with self._lock:
+                self._open += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                with suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        """Refuse new connections and break the open ones, as a stopped daemon would."""
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            for s in self._open:
+                with suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            self._open.clear()
+        Path(self.path).unlink(missing_ok=True)
+
+
+@dataclass
+class Load:
+    """Sequential new connections from a namespace at a bounded rate, in a background thread; each
+    outcome recorded with its start time (monotonic) and the backend that answered (or the error)."""
+
+    ns: str
+    address: str
+    port: int
+    interval: float = 0.01
+    limit: int = 2000
+    outcomes: list[tuple[float, str | None, str | None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=in_netns, args=(self.ns, self._run), daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and len(self.outcomes) < self.limit:
+            started = time.monotonic()
+            try:
+                answer = greet(self.address, self.port, timeout=2).removeprefix("Hi from ")
+                self.outcomes.append((started, answer, None))
+            except OSError as error:
+                self.outcomes.append((started, None, repr(error)))
+            time.sleep(max(0.0, self.interval - (time.monotonic() - started)))  # pacing, not synchronisation
+
+    def start(self) -> Load:
+        self._thread.start()
+        return self
+
+    def stop(self) -> Load:
+        self._stop.set()
+        self._thread.join(30)
+        return self
+
+    def wait(self, timeout: float) -> Load:
+        self._thread.join(timeout)
+        return self.stop()
+
+    @property
+    def failures(self) -> list[tuple[float, str | None, str | None]]:
+        return [o for o in self.outcomes if o[2] is not None]

@@ -1,0 +1,196 @@
+"""Reliability of the control loop with a real Docker engine and the host's real tables: router restarts,
+Docker going away, rules flushed by someone else, churn, health checks, draining, bad input."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tcprouter import discovery
+from tcprouter.compiler import Options, compile_rules
+from tcprouter.diff import believed_tables, owned_only
+from tcprouter.labels import desired_state
+from tcprouter.netfilter import Flavour, Iptables
+
+from .support import (
+    BACKEND_IMAGE,
+    DockerSocketProxy,
+    Load,
+    connect_outcome,
+    greetings,
+    in_netns,
+    owned_rules_in_host,
+    sh,
+    wait_until,
+)
+
+pytestmark = pytest.mark.e2e
+FRONT = 27017
+
+
+def kernel_matches_docker(flavour: str) -> bool:
+    """The owned rules in the kernel are exactly those compiled from Docker's current containers."""
+    api = discovery.connect(None, timeout=10)
+    state = desired_state(discovery.list_labelled(api, "tcp"), "tcp", discovery.host_tcp_listeners())
+    expected = believed_tables(compile_rules(state, Options(forward_parent="DOCKER-USER")))
+    tables, _ = Iptables(Flavour(flavour)).read()
+    return owned_only(tables) == expected
+
+
+def answering(ns: str, host: str, count: int) -> set[str]:
+    """The backends that answer `count` connections; empty while any of them fails."""
+    try:
+        return set(greetings(ns, host, FRONT, count, timeout=0.5))
+    except OSError:
+        return set()
+
+
+def names_in_rules(flavour: str, ip: str) -> bool:
+    return any(f"{ip}:" in line for line in owned_rules_in_host(flavour))
+
+
+def test_router_restart_under_load_loses_no_connection(backends, start_router, client_host, host_tables):
+    pool = [backends.start({"tcp.port": str(FRONT)}) for _ in range(3)]
+    router = start_router()
+    load = Load(client_host.name, client_host.host_ip, FRONT, interval=0.01, limit=2000).start()
+    wait_until(lambda: len(load.outcomes) >= 300, 30, what="load to run")
+    router.stop(signal.SIGKILL)
+    wait_until(lambda: len(load.outcomes) >= 600, 30, what="load while the router is down")
+    start_router()
+    load.wait(60)
+    assert len(load.outcomes) == 2000
+    assert load.failures == []
+    assert {answer for _, answer, _ in load.outcomes} == {backends.ip(c) for c in pool}
+    assert kernel_matches_docker(host_tables)
+
+
+def test_docker_connection_loss_and_return(backends, start_router, client_host, host_tables):
+    survivor = backends.start({"tcp.port": str(FRONT)})
+    doomed = backends.start({"tcp.port": str(FRONT)})
+    proxy = DockerSocketProxy().start()
+    try:
+        router = start_router("--docker-url", proxy.url)
+        proxy.cut()
+        wait_until(lambda: "tcprouter_docker_connected 0.0" in router.metrics_text(), 10, what="the router to notice")
+        newcomer = backends.start({"tcp.port": str(FRONT)})  # started while the router cannot see Docker
+        backends.remove(doomed)  # died meanwhile
+        proxy.start()
+        back = time.monotonic()
+        new_ip, survivor_ip = backends.ip(newcomer), backends.ip(survivor)
+        wait_until(
+            lambda: answering(client_host.name, client_host.host_ip, 2) == {new_ip, survivor_ip},
+            10,
+            0.05,
+            what="the pool as Docker has it now",
+        )
+        assert time.monotonic() - back <= 5.0
+        assert "tcprouter_docker_reconnects_total 1.0" in router.metrics_text()
+        assert kernel_matches_docker(host_tables)
+    finally:
+        proxy.cut()
+
+
+@pytest.mark.parametrize(
+    "vandalism",
+    [
+        ["-t", "nat", "-F", "TCPR-FRONTENDS"],
+        ["-t", "nat", "-D", "PREROUTING", "-m", "addrtype", "--dst-type", "LOCAL", "-j", "TCPR-FRONTENDS"],
+        ["-t", "filter", "-F", "TCPR-FORWARD"],
+    ],
+    ids=["flush-dispatch", "delete-jump", "flush-forward"],
+)
+def test_rules_changed_behind_our_back_are_restored(backends, start_router, client_host, host_tables, vandalism):
+    backends.start({"tcp.port": str(FRONT)})
+    start_router()
+    ns, host = client_host.name, client_host.host_ip
+    assert connect_outcome(ns, host, FRONT) == "answered"
+    sh(f"iptables-{host_tables}", *vandalism)
+    broken = time.monotonic()
+    wait_until(lambda: connect_outcome(ns, host, FRONT, 0.3) == "answered", 10, 0.05, what="routing to come back")
+    assert time.monotonic() - broken <= 2.0
+    assert kernel_matches_docker(host_tables)
+
+
+def test_churn_never_routes_to_a_removed_backend_and_leaks_nothing(
+    backends, start_router, client_host, host_tables, docker_api
+):
+    stable = [backends.start({"tcp.port": str(FRONT)}) for _ in range(2)]
+    start_router()
+    baseline = len(owned_rules_in_host(host_tables))
+    load = Load(client_host.name, client_host.host_ip, FRONT, interval=0.005, limit=1_000_000).start()
+    removed_at: dict[str, float] = {}
+    churned = []
+    with ThreadPoolExecutor(8) as stopper:
+        try:
+            for _ in range(200):
+                container = docker_api.containers.run(BACKEND_IMAGE, detach=True, labels={"tcp.port": str(FRONT)})
+                churned.append(container)
+                container.reload()
+                ip = container.attrs["NetworkSettings"]["IPAddress"]
+                wait_until(lambda ip=ip: names_in_rules(host_tables, ip), 5, 0.01, what="the new backend's rule")
+                # PID 1 ignores SIGTERM: the container lives ~1 s after its removal from the rotation.
+                stopper.submit(container.stop, timeout=1)
+                wait_until(lambda ip=ip: not names_in_rules(host_tables, ip), 5, 0.005, what="the rule to go")
+                removed_at[ip] = time.monotonic()
+        finally:
+            load.stop()
+    for container in churned:
+        container.remove(force=True)
+    late = [(t, ip) for t, ip, _ in load.outcomes if ip in removed_at and t > removed_at[ip]]
+    assert late == []
+    answered = {ip for _, ip, _ in load.outcomes if ip}
+    assert {backends.ip(c) for c in stable} <= answered
+    assert len(answered) > 50  # the churned backends did take connections while they were in the pool
+    wait_until(lambda: len(owned_rules_in_host(host_tables)) == baseline, 10, what="owned rules back to baseline")
+    assert kernel_matches_docker(host_tables)
+
+
+def test_unhealthy_backend_leaves_and_rejoins(backends, start_router, client_host):
+    check = {"test": ["CMD-SHELL", "test ! -f /sick"], "interval": 300_000_000, "retries": 1}
+    steady = backends.start({"tcp.port": str(FRONT)})
+    patient = backends.start({"tcp.port": str(FRONT)}, healthcheck=check)
+    start_router()
+    ns, host, ips = client_host.name, client_host.host_ip, {backends.ip(steady), backends.ip(patient)}
+    wait_until(lambda: answering(ns, host, 2) == ips, 10, 0.1, what="the healthy pool")
+    name = patient.get_wrapped_container().name
+    sh("docker", "exec", name, "touch", "/sick")
+    wait_until(lambda: answering(ns, host, 4) == {backends.ip(steady)}, 10, 0.1, what="it to leave")
+    sh("docker", "exec", name, "rm", "/sick")
+    wait_until(lambda: answering(ns, host, 2) == ips, 10, 0.1, what="it to rejoin")
+
+
+def test_stop_drains_new_connections_while_established_ones_continue(backends, start_router, client_host, host_tables):
+    first, second = (backends.start({"tcp.port": str(FRONT)}) for _ in range(2))
+    start_router()
+    ns, host = client_host.name, client_host.host_ip
+    first_ip, second_ip = backends.ip(first), backends.ip(second)
+    # A socket belongs to the namespace it was created in, whichever thread uses it later.
+    with in_netns(ns, lambda: socket.create_connection((host, FRONT), timeout=5)) as held:
+        reader = held.makefile("r")
+        assert reader.readline().strip() == f"Hi from {first_ip}"
+        stopping = threading.Thread(target=first.get_wrapped_container().stop, kwargs={"timeout": 4})
+        stopping.start()
+        wait_until(lambda: not names_in_rules(host_tables, first_ip), 2, 0.01, what="first out of the rotation")
+        assert greetings(ns, host, FRONT, 4) == [second_ip] * 4
+        held.sendall(b"still there?\n")
+        assert reader.readline().strip() == "still there?"  # the established connection carries on
+        stopping.join(10)
+
+
+def test_bad_labels_and_port_conflicts_leave_the_rest_working(backends, start_router, client_host, host_tables):
+    good = backends.start({"tcp.port": str(FRONT)})
+    backends.start({"tcp.port": "not-a-port"}, wait=False)
+    with socket.create_server(("0.0.0.0", 0)) as listener:
+        busy = listener.getsockname()[1]
+        squatter = backends.start({"tcp.port": str(busy)})
+        router = start_router()
+        assert greetings(client_host.name, client_host.host_ip, FRONT, 2) == [backends.ip(good)] * 2
+        log = router.log()
+        assert "label tcp.port='not-a-port' is not an integer" in log
+        assert f"{squatter.get_wrapped_container().name}" in log and "already listens" in log
+        assert not any(f"--dport {busy} " in line for line in owned_rules_in_host(host_tables))
