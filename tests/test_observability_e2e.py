@@ -153,16 +153,28 @@ def test_json_logs_one_line_per_change(backends, start_router):
     backends.remove(container)
     change = rf"frontend {FRONT}: %sbackend {name(container)} \S+:1234"
     wait_until(lambda: re.search(change % "-", router.log()), 5, what="the -backend log line")
-    entries = [json.loads(line) for line in router.log().splitlines()]  # every line of output is JSON
+    entries = json_lines(router.log())
     assert all({"level", "message", "time", "logger"} <= entry.keys() for entry in entries)
     assert {"debug", "info"} <= {entry["level"] for entry in entries}  # the fixture runs --log-level debug
-    for sign in "+-":
-        assert sum(bool(re.fullmatch(change % re.escape(sign), e["message"])) for e in entries) == 1
+    changes = [e["message"] for e in entries if re.match(rf"frontend {FRONT}: [+-]backend", e["message"])]
+    assert len(changes) == 2, changes  # one line per change
+    assert re.fullmatch(change % r"\+", changes[0]) and re.fullmatch(change % "-", changes[1]), changes
+
+
+def json_lines(output: str) -> list[dict]:
+    """Every line of the daemon's output, parsed as JSON (a line that is not JSON fails, naming it)."""
+    entries = []
+    for line in output.splitlines():
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            raise AssertionError(f"not a JSON log line: {line!r}") from None
+    return entries
 
 
 def test_log_level_warning_hides_info(backends, start_router):
     backends.start({"tcp.port": "0"}, wait=False)
     router = start_router("--log-format", "json", "--log-level", "warning")
-    entries = [json.loads(line) for line in router.log().splitlines()]
+    entries = json_lines(router.log())
     assert entries and {entry["level"] for entry in entries} <= {"warning", "error"}
     assert any("tcp.port='0'" in entry["message"] for entry in entries)  # the rejection is a warning
