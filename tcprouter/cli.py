@@ -7,6 +7,7 @@ which is how the sidecar container is configured.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from .diff import SavedRule, restore_script
 from .labels import desired_state, parse_backend
 from .metrics import Metrics, backend_connections, kernel_reader
 from .model import ContainerSnapshot, DesiredState
-from .netfilter import Flavour, Iptables, NetfilterError, Writer, detect_flavour
+from .netfilter import Flavour, Iptables, NetfilterError, Writer, detect_flavour, enable_route_localnet
 from .reconciler import Reconciler, Settings
 
 log = logging.getLogger("tcprouter")
@@ -85,6 +86,13 @@ def _parser() -> argparse.ArgumentParser:
         choices=["hairpin", "always"],
         default=_env("snat", "hairpin"),
         help="masquerade only hairpin flows (backends see client addresses) or all flows",
+    )
+    common.add_argument(
+        "--route-localhost",
+        action="store_true",
+        default=_env("route-localhost", "") in ("1", "true", "yes"),
+        help="also route 127.0.0.1:<port> from the host (sets net.ipv4.conf.all.route_localnet=1, "
+        "and drops martian packets to 127.0.0.0/8)",
     )
     common.add_argument(
         "--mark-bit",
@@ -155,7 +163,12 @@ def _iptables(args: argparse.Namespace) -> Writer:
 
 
 def _options(args: argparse.Namespace) -> Options:
-    return Options(mark_bit=args.mark_bit, listen_address=args.listen_address, snat_always=args.snat == "always")
+    return Options(
+        mark_bit=args.mark_bit,
+        listen_address=args.listen_address,
+        snat_always=args.snat == "always",
+        route_localhost=args.route_localhost and not args.listen_address,
+    )
 
 
 def _current_state(args: argparse.Namespace) -> DesiredState:
@@ -171,9 +184,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     metrics = Metrics(kernel_reader(iptables.flavour))
     if args.metrics_address:
         metrics.serve(args.metrics_address)
+    options = _options(args)
+    if options.route_localhost and not enable_route_localnet():
+        options = dataclasses.replace(options, route_localhost=False)
     settings = Settings(
         prefix=args.label_prefix,
-        options=_options(args),
+        options=options,
         docker_url=args.docker_url,
         resync_interval=args.resync_interval,
         check_interval=args.check_interval,

@@ -21,6 +21,7 @@ PREFIX = "TCPR-"
 FRONTENDS_CHAIN = "TCPR-FRONTENDS"
 POSTROUTING_CHAIN = "TCPR-POSTROUTING"
 FORWARD_CHAIN = "TCPR-FORWARD"
+INPUT_CHAIN = "TCPR-INPUT"
 CANARY_CHAIN = "TCPR-CANARY"
 FRONTEND_CHAIN_PREFIX = "TCPR-FE-"
 DEFAULT_MARK_BIT = 0x100000
@@ -35,6 +36,7 @@ class Options:
     mark_bit: int = DEFAULT_MARK_BIT
     listen_address: str | None = None  # match only this destination instead of every local address
     snat_always: bool = False  # masquerade every routed flow (backends behind another router)
+    route_localhost: bool = False  # route 127.0.0.1:<port> from the host too (needs route_localnet=1)
     forward_parent: str = "DOCKER-USER"  # where the filter hook goes: DOCKER-USER if it exists, else FORWARD
 
 
@@ -134,13 +136,15 @@ def dispatch_rules(ports: Iterable[int]) -> tuple[str, ...]:
     return tuple(f"-p tcp -m tcp --dport {port} -j {frontend_chain(port)}" for port in sorted(ports))
 
 
-def _snat_rules(frontends: Iterable[Frontend], mark: str, snat_always: bool) -> tuple[str, ...]:
-    if snat_always:
+def _snat_rules(frontends: Iterable[Frontend], mark: str, options: Options) -> tuple[str, ...]:
+    if options.snat_always:
         return (f"-m connmark --mark {mark} -j MASQUERADE",)
+    # A connection to 127.0.0.1 carries a loopback source that cannot leave the host.
+    localhost = (f"-s 127.0.0.0/8 -m connmark --mark {mark} -j MASQUERADE",) if options.route_localhost else ()
     # Hairpin: a client on a backend's own subnet would get the reply straight from the backend,
     # bypassing the reverse NAT, unless the flow is masqueraded through the host.
     subnets = sorted({b.subnet for f in frontends for b in f.backends if b.subnet})
-    return tuple(f"-s {s} -d {s} -m connmark --mark {mark} -j MASQUERADE" for s in subnets)
+    return localhost + tuple(f"-s {s} -d {s} -m connmark --mark {mark} -j MASQUERADE" for s in subnets)
 
 
 def compile_rules(state: DesiredState, options: Options = Options()) -> RuleSet:
@@ -151,13 +155,13 @@ def compile_rules(state: DesiredState, options: Options = Options()) -> RuleSet:
         output_match = local
     else:
         local = "-m addrtype --dst-type LOCAL"
-        # Loopback destinations keep going to the host: DNAT of 127.0.0.1 needs route_localnet.
-        output_match = f"! -d 127.0.0.0/8 {local}"
+        # Loopback destinations stay with the host unless asked for: DNAT of 127.0.0.1 needs route_localnet.
+        output_match = local if options.route_localhost else f"! -d 127.0.0.0/8 {local}"
 
     nat: dict[str, tuple[str, ...]] = {
         CANARY_CHAIN: (),
         FRONTENDS_CHAIN: dispatch_rules(f.port for f in routed),
-        POSTROUTING_CHAIN: _snat_rules(routed, mark, options.snat_always),
+        POSTROUTING_CHAIN: _snat_rules(routed, mark, options),
     }
     for frontend in routed:
         nat[frontend_chain(frontend.port)] = pool_rules(frontend, mark)
@@ -169,12 +173,20 @@ def compile_rules(state: DesiredState, options: Options = Options()) -> RuleSet:
             f"-m connmark --mark {mark} -j ACCEPT",
         ),
     }
+    filter_hooks = [(options.forward_parent, f"-j {FORWARD_CHAIN}")]
+    if options.route_localhost:
+        # route_localnet also lets other machines reach 127.0.0.1 services (CVE-2020-8558): drop
+        # martian packets to 127.0.0.0/8 that come from anywhere but loopback and were not DNATed.
+        filter_chains[INPUT_CHAIN] = (
+            "! -s 127.0.0.0/8 -d 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP",
+        )
+        filter_hooks.append(("INPUT", f"-j {INPUT_CHAIN}"))
     hooks = {
         "nat": (
             ("PREROUTING", f"{local} -j {FRONTENDS_CHAIN}"),
             ("OUTPUT", f"{output_match} -j {FRONTENDS_CHAIN}"),
             ("POSTROUTING", f"-j {POSTROUTING_CHAIN}"),
         ),
-        "filter": ((options.forward_parent, f"-j {FORWARD_CHAIN}"),),
+        "filter": tuple(filter_hooks),
     }
     return RuleSet(chains={"nat": nat, "filter": filter_chains}, hooks=hooks)

@@ -121,3 +121,25 @@ def detect_flavour() -> Flavour:
     flavour = Flavour.LEGACY if "legacy" in version and Flavour.LEGACY in available else available[0]
     log.warning("no Docker chains found in any iptables flavour; using %s", flavour)
     return flavour
+
+
+ROUTE_LOCALNET = "/proc/sys/net/ipv4/conf/all/route_localnet"
+
+
+def enable_route_localnet() -> bool:
+    """Let DNATed packets with a loopback source leave the host (needed to route 127.0.0.1:<port>)."""
+    try:
+        with open(ROUTE_LOCALNET) as f:
+            if f.read().strip() == "1":
+                return True
+        with open(ROUTE_LOCALNET, "w") as f:
+            f.write("1")
+        log.info("set net.ipv4.conf.all.route_localnet=1 to route connections to 127.0.0.1")
+        return True
+    except OSError as error:
+        log.error(
+            "cannot set net.ipv4.conf.all.route_localnet=1 (%s): connections to 127.0.0.1 are not routed; "
+            "set it on the host (sysctl -w net.ipv4.conf.all.route_localnet=1) and restart tcprouter",
+            error,
+        )
+        return False

@@ -6,6 +6,7 @@ import math
 import socket
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -166,3 +167,19 @@ def test_hairpin_from_a_container_on_the_same_bridge(backends, start_router, cli
     assert ask_from(neighbour) == ips * 2
     # A pool member is never sent to itself (the bridge would drop the hairpin): it gets the other backend.
     assert ask_from(containers[0]) == [ips[1]] * 4
+
+
+def test_localhost_is_routed_only_when_asked(backends, start_router, client_host):
+    _, ips = pool(backends, 2)
+    route_localnet = Path("/proc/sys/net/ipv4/conf/all/route_localnet")
+    saved = route_localnet.read_text()
+    try:
+        router = start_router()
+        assert connect_outcome(None, "127.0.0.1", FRONT) == "refused"  # loopback stays with the host by default
+        router.stop()
+        start_router("--route-localhost")
+        assert route_localnet.read_text().strip() == "1"
+        assert greetings(None, "127.0.0.1", FRONT, 4) == ips * 2
+        assert greetings(client_host.name, client_host.host_ip, FRONT, 2) == ips
+    finally:
+        route_localnet.write_text(saved)

@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tcprouter.compiler import Options, RuleSet, compile_rules
 from tcprouter.diff import believed_tables, owned_only, parse_save, restore_script
@@ -44,8 +45,8 @@ def apply(iptables: Iptables, rules: RuleSet) -> str:
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(first=desired_states(), second=desired_states())
-def test_compiled_rules_load_and_the_kernel_holds_exactly_them(flavour, first, second):
+@given(first=desired_states(), second=desired_states(), localhost=st.booleans(), snat=st.booleans())
+def test_compiled_rules_load_and_the_kernel_holds_exactly_them(flavour, first, second, localhost, snat):
     options = Options(forward_parent="DOCKER-USER")
     with private_netns() as ns:
         iptables = Iptables(Flavour(flavour), netns=ns)
@@ -57,7 +58,7 @@ def test_compiled_rules_load_and_the_kernel_holds_exactly_them(flavour, first, s
         apply(iptables, rules)
         assert kernel_view(iptables) == believed_tables(rules)
 
-        updated = compile_rules(second, dataclasses.replace(options, snat_always=True))
+        updated = compile_rules(second, dataclasses.replace(options, route_localhost=localhost, snat_always=snat))
         apply(iptables, updated)
         assert kernel_view(iptables) == believed_tables(updated)
         assert apply(iptables, updated) == ""  # in step: nothing left to write
