@@ -13,11 +13,14 @@ from `iptables-legacy-restore --noflush`:
   commit again, a bounded number of times (tenacity), before giving up with NetfilterError.
 
 Reading is delegated to `iptables-legacy-save` and diff.parse_save: the reconciler compares rules as
-the text iptables-save prints, and the libiptc extensions' own save functions through python-iptables
-are several times slower than the save binary for large tables (see scripts/bench-writers).
+the text iptables-save prints, which the save binary produces by definition; and it is faster. Measured
+here on 13,000 rules (1,000 frontends x 10 backends): save + parse_save 0.07 s, a walk of the same
+rules through python-iptables (chains, rules, each match's and target's parameters) 1.7 s, before any
+text is even assembled.
 
-Legacy tables only: libiptc cannot reach nf_tables. python-iptables keeps process-wide state (a cache
-of Table handles, the extensions' parse state), so every use of it here holds one module lock.
+Legacy tables only: libiptc cannot reach nf_tables. python-iptables keeps process-wide state (each
+extension's parse state lives in the shared extension structure), so every use of it here holds one
+module lock, and each write opens its own table handle rather than python-iptables' cached singleton.
 """
 
 from __future__ import annotations
@@ -234,7 +237,7 @@ def _final_check(module: Any) -> None:
         module._final_check()
 
 
-_rule_classes: dict[str, type] = {}
+_rule_classes: dict[str, type] = {}  # one subclass, made when python-iptables is first loaded
 
 
 def _rule_class(iptc: ModuleType) -> type:
