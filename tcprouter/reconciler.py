@@ -15,6 +15,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import docker
@@ -82,7 +83,8 @@ class Reconciler:
                 next_check = now + self.settings.check_interval
             if not (batch or need_full):
                 continue
-            ok = self.sync(full=need_full)
+            causes = {i.container_id: i.action for i in batch if isinstance(i, discovery.Change)}
+            ok = self.sync(full=need_full, causes=causes)
             if need_full:
                 next_resync = now + (self.settings.resync_interval if ok else 1.0)
             need_full = not ok
@@ -134,7 +136,7 @@ class Reconciler:
         )
         return desired_state(views, self.settings.prefix, discovery.host_tcp_listeners())
 
-    def sync(self, full: bool) -> bool:
+    def sync(self, full: bool, causes: Mapping[str, str] | None = None) -> bool:
         """Write the difference between the desired rules and the kernel (full) or our last write."""
         kind = "full" if full else "partial"
         state = self._desired()
@@ -156,7 +158,7 @@ class Reconciler:
             return False
         self.metrics.sync_duration.labels(kind).observe(time.perf_counter() - started)
         self.metrics.last_sync.set_to_current_time()
-        self._log_changes(self.state, state)
+        self._log_changes(self.state, state, causes or {})
         self.state = state
         self.metrics.state.publish(state)
         log.debug("%s sync: %d owned rules", kind, rules.rule_count())
@@ -204,16 +206,26 @@ class Reconciler:
         return False
 
     @staticmethod
-    def _log_changes(before: DesiredState, after: DesiredState) -> None:
+    def _log_changes(before: DesiredState, after: DesiredState, causes: Mapping[str, str]) -> None:
+        """One line per backend that joined or left, with the Docker event that caused it."""
         for port in sorted(set(before.frontends) | set(after.frontends)):
             old = set(before.frontends[port].backends) if port in before.frontends else set()
             new = set(after.frontends[port].backends) if port in after.frontends else set()
-            for backend in sorted(new - old, key=lambda b: b.name):
-                log.info("frontend %d: +backend %s %s:%d", port, backend.name, backend.ip, backend.port)
-            for backend in sorted(old - new, key=lambda b: b.name):
-                log.info("frontend %d: -backend %s %s:%d", port, backend.name, backend.ip, backend.port)
+            for sign, moved in (("+", new - old), ("-", old - new)):
+                for b in sorted(moved, key=lambda b: b.name):
+                    cause = causes.get(b.container_id, "resync")
+                    log.info(
+                        "frontend %d: %sbackend %s %s:%d (%s)",
+                        port,
+                        sign,
+                        b.name,
+                        b.ip,
+                        b.port,
+                        cause,
+                        extra={"frontend": port, "backend": b.name, "change": sign, "cause": cause},
+                    )
         for rejection in set(after.rejections) - set(before.rejections):
-            log.warning("%s", rejection)
+            log.warning("%s", rejection, extra={"container": rejection.name, "reason": rejection.reason})
         for warning in set(after.warnings) - set(before.warnings):
             log.warning("%s", warning)
 

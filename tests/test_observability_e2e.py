@@ -151,7 +151,7 @@ def test_json_logs_one_line_per_change(backends, start_router):
     router = start_router("--log-format", "json")
     container = backends.start({"tcp.port": str(FRONT)})
     backends.remove(container)
-    change = rf"frontend {FRONT}: %sbackend {name(container)} \S+:1234"
+    change = rf"frontend {FRONT}: %sbackend {name(container)} \S+:1234 \((start|resync|kill|die|stop|destroy)\)"
     wait_until(lambda: re.search(change % "-", router.log()), 5, what="the -backend log line")
     entries = json_lines(router.log())
     assert all({"level", "message", "time", "logger"} <= entry.keys() for entry in entries)
