@@ -24,7 +24,7 @@ from docker.types import CancellableStream
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from . import discovery
-from .compiler import FRONTEND_CHAIN_PREFIX, Options, RuleSet, compile_rules
+from .compiler import FRONTEND_CHAIN_PREFIX, Options, RuleSet, Tables, compile_rules
 from .diff import believed_tables, hook_in_place, owned, restore_script
 from .labels import desired_state
 from .metrics import Metrics
@@ -54,7 +54,7 @@ class Reconciler:
         self.changes: queue.Queue[discovery.Change | discovery.Relist] = queue.Queue()
         self.containers: dict[str, ContainerSnapshot] = {}
         self.draining: set[str] = set()
-        self.applied: dict | None = None  # what we believe the kernel holds; None: read it first
+        self.applied: Tables | None = None  # what we believe the kernel holds; None: read it first
         self.state = DesiredState(frontends={})
         self.stopping = threading.Event()
         self.listed = False  # a full list of Docker's containers has arrived
@@ -165,12 +165,8 @@ class Reconciler:
         return True
 
     def _write(self, state: DesiredState, full: bool) -> RuleSet:
-        if full or self.applied is None:
-            current, _ = self.iptables.read()
-            parent = "DOCKER-USER" if "DOCKER-USER" in current.get("filter", {}) else "FORWARD"
-        else:
-            current = self.applied
-            parent = (self.applied["filter"].get("DOCKER-USER") and "DOCKER-USER") or "FORWARD"
+        current = self.iptables.read()[0] if full or self.applied is None else self.applied
+        parent = "DOCKER-USER" if "DOCKER-USER" in current.get("filter", {}) else "FORWARD"
         rules = compile_rules(state, dataclasses.replace(self.settings.options, forward_parent=parent))
         script = restore_script(current, rules)
         if script:
