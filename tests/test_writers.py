@@ -196,10 +196,12 @@ def test_writer_iptc_on_an_nft_host_is_a_startup_error():
 mark_bits = st.sampled_from([0x100000, 0x1, 0x80000000, 0x4000])
 listen_addresses = st.sampled_from([None, "198.51.100.1", "203.0.113.7"])
 options = st.builds(
-    lambda mark_bit, listen, snat: Options(mark_bit, listen, snat, "DOCKER-USER"),
-    mark_bits,
-    listen_addresses,
-    st.booleans(),
+    Options,
+    mark_bit=mark_bits,
+    listen_address=listen_addresses,
+    snat_always=st.booleans(),
+    route_localhost=st.booleans(),
+    forward_parent=st.just("DOCKER-USER"),
 )
 
 
