@@ -1,0 +1,142 @@
+"""The reconciler's loop logic against a real kernel (private network namespace), with Docker's changes
+fed in directly: coalescing, draining, failed writes that leave the rules in force, restarts without a flush."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from tcprouter.compiler import Options, compile_rules
+from tcprouter.diff import believed_tables, owned_only
+from tcprouter.discovery import Change, Relist
+from tcprouter.labels import desired_state
+from tcprouter.metrics import Metrics, kernel_reader
+from tcprouter.model import ContainerSnapshot
+from tcprouter.netfilter import Flavour, Iptables, NetfilterError
+from tcprouter.reconciler import Reconciler, Settings
+
+from .support import private_netns, wait_until
+
+pytestmark = pytest.mark.kernel
+
+
+def container(i: int, **fields: object) -> ContainerSnapshot:
+    values: dict[str, object] = {
+        "id": f"{i:064x}",
+        "name": f"c{i}",
+        "created": f"2026-01-01T00:00:{i:02d}Z",
+        "labels": {"tcp.port": "80"},
+        "running": True,
+        "networks": {"bridge": f"10.9.0.{i + 1}"},
+        "subnets": {"bridge": "10.9.0.0/24"},
+    }
+    values.update(fields)
+    return ContainerSnapshot(**values)  # type: ignore[arg-type]
+
+
+class FlakyWriter:
+    """A real writer into the namespace whose next `failures` writes fail, as a busy or broken iptables would."""
+
+    def __init__(self, real: Iptables) -> None:
+        self.real = real
+        self.flavour = real.flavour
+        self.failures = 0
+        self.writes = 0
+
+    def read(self, counters: bool = False):
+        return self.real.read(counters)
+
+    def list_chain(self, table: str, chain: str):
+        return self.real.list_chain(table, chain)
+
+    def restore(self, script: str, test: bool = False) -> None:
+        self.writes += 1
+        if self.failures:
+            self.failures -= 1
+            raise NetfilterError("iptables-restore: simulated failure (another writer holds the table)")
+        self.real.restore(script, test)
+
+
+@pytest.fixture
+def namespace():
+    with private_netns() as ns:
+        yield ns
+
+
+def make(ns: str) -> tuple[Reconciler, FlakyWriter]:
+    writer = FlakyWriter(Iptables(Flavour.NFT, netns=ns))
+    settings = Settings(settle=0.01, max_delay=0.1, resync_interval=3600, check_interval=0.2)
+    return Reconciler(settings, writer, Metrics(kernel_reader(Flavour.NFT, ns))), writer
+
+
+def kernel_routes(ns: str) -> list[str]:
+    tables, _ = Iptables(Flavour.NFT, netns=ns).read()
+    return [rule.split("--to-destination ")[1] for rule in tables["nat"].get("TCPR-FE-80", ()) if "! -s" in rule]
+
+
+def expected(containers: list[ContainerSnapshot]) -> dict:
+    return believed_tables(compile_rules(desired_state(containers), Options(forward_parent="FORWARD")))
+
+
+def test_failed_write_is_retried_counted_and_leaves_the_rules_in_force(namespace):
+    reconciler, writer = make(namespace)
+    reconciler._apply(Relist((container(1), container(2))))
+    assert reconciler.sync(full=True)
+    assert kernel_routes(namespace) == ["10.9.0.2:80", "10.9.0.3:80"]
+
+    writer.failures = 10
+    reconciler._apply(Change(container(2).id, "die", 0, snapshot=container(2, running=False)))
+    assert reconciler.sync(full=False) is False  # no exception escapes
+    assert writer.writes == 1 + 3  # retried twice, from a fresh read of the kernel
+    assert reconciler.metrics.sync_failures._value.get() == 1
+    assert kernel_routes(namespace) == ["10.9.0.2:80", "10.9.0.3:80"]  # the previous rules stay in force
+
+    writer.failures = 0
+    assert reconciler.sync(full=True)
+    assert kernel_routes(namespace) == ["10.9.0.2:80"]
+
+
+def test_loop_coalesces_a_burst_drains_on_kill_and_repairs_drift(namespace):
+    reconciler, writer = make(namespace)
+    loop = threading.Thread(target=reconciler.run, daemon=True)
+    loop.start()
+    try:
+        reconciler.changes.put(Relist(()))
+        wait_until(reconciler.ready.is_set, 5, what="the first sync")
+        writes = writer.writes
+        burst = [container(i) for i in range(1, 51)]
+        for c in burst:
+            reconciler.changes.put(Change(c.id, "start", 0, snapshot=c))
+        wait_until(lambda: len(kernel_routes(namespace)) == 50, 5, what="the whole burst in the kernel")
+        assert writer.writes - writes <= 3  # 50 starts, a handful of writes at most
+
+        reconciler.changes.put(Change(burst[0].id, "kill", 0, drain=True))
+        wait_until(lambda: "10.9.0.2:80" not in kernel_routes(namespace), 5, what="the killed backend to go")
+        # Docker's later events about the dying container (health, die) must not bring it back.
+        reconciler.changes.put(Change(burst[0].id, "health_status", 0, snapshot=burst[0]))
+        marker = container(60)  # processed after the health event: once it shows, that event was handled
+        reconciler.changes.put(Change(marker.id, "start", 0, snapshot=marker))
+        wait_until(lambda: "10.9.0.61:80" in kernel_routes(namespace), 5, what="the marker backend")
+        assert "10.9.0.2:80" not in kernel_routes(namespace)
+
+        Iptables(Flavour.NFT, netns=namespace).restore("*nat\n-F TCPR-FRONTENDS\nCOMMIT\n")
+        want = expected([*burst[1:], marker])
+        wait_until(
+            lambda: owned_only(Iptables(Flavour.NFT, netns=namespace).read()[0]) == want,
+            5,
+            what="the flushed dispatch chain to be repaired",
+        )
+    finally:
+        reconciler.stop()
+        loop.join(5)
+
+
+def test_restart_reconciles_without_rewriting_what_is_in_place(namespace):
+    first, _ = make(namespace)
+    first._apply(Relist((container(1), container(2))))
+    assert first.sync(full=True)
+    second, writer = make(namespace)  # a new process: no belief, reads the kernel
+    second._apply(Relist((container(1), container(2))))
+    assert second.sync(full=True)
+    assert writer.writes == 0  # nothing differed: no flush, no rewrite, counters and rotation untouched
