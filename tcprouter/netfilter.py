@@ -86,7 +86,8 @@ class Iptables:
         try:
             out = self._run(self._command("", "-t", table, "-S", chain))
         except NetfilterError as error:
-            if "No chain" in str(error) or "does not exist" in str(error):
+            # legacy: "No chain/target/match by that name"; nft (1.8.9): "chain `X' ... is incompatible"
+            if any(text in str(error) for text in ("No chain", "does not exist", "is incompatible")):
                 return None
             raise
         prefix = f"-A {chain} "
@@ -105,22 +106,30 @@ def _has_docker_chains(flavour: Flavour) -> bool:
     return any(chain.startswith("DOCKER") for chains in tables.values() for chain in chains)
 
 
-def detect_flavour() -> Flavour:
-    """The flavour whose tables hold Docker's chains; without them, the one `iptables` points to."""
-    available = [f for f in Flavour if shutil.which(f"iptables-{f}-restore")]
-    if not available:
-        raise NetfilterError("no iptables-nft-restore or iptables-legacy-restore on PATH")
-    for flavour in available:
-        if _has_docker_chains(flavour):
-            log.info("Docker's chains are in the %s tables: writing there", flavour)
-            return flavour
+def _default_flavour(available: list[Flavour]) -> Flavour:
+    """The flavour the `iptables` command points to."""
     try:
         version = subprocess.run(["iptables", "-V"], capture_output=True, text=True, check=False).stdout
     except OSError:
         version = ""
-    flavour = Flavour.LEGACY if "legacy" in version and Flavour.LEGACY in available else available[0]
-    log.warning("no Docker chains found in any iptables flavour; using %s", flavour)
-    return flavour
+    return Flavour.LEGACY if "legacy" in version and Flavour.LEGACY in available else available[0]
+
+
+def detect_flavour() -> Flavour:
+    """The flavour whose tables hold Docker's chains, looking first where `iptables` points (Docker may have
+    left chains in the other flavour's tables when a host was switched); without any, where it points.
+
+    The other flavour is read only when needed: reading the legacy tables creates them."""
+    available = [f for f in Flavour if shutil.which(f"iptables-{f}-restore")]
+    if not available:
+        raise NetfilterError("no iptables-nft-restore or iptables-legacy-restore on PATH")
+    default = _default_flavour(available)
+    for flavour in sorted(available, key=lambda f: f != default):
+        if _has_docker_chains(flavour):
+            log.info("Docker's chains are in the %s tables: writing there", flavour)
+            return flavour
+    log.warning("no Docker chains found in any iptables flavour; using %s", default)
+    return default
 
 
 ROUTE_LOCALNET = "/proc/sys/net/ipv4/conf/all/route_localnet"

@@ -29,7 +29,7 @@ from .diff import believed_tables, hook_in_place, owned, restore_script
 from .labels import desired_state
 from .metrics import Metrics
 from .model import ContainerSnapshot, DesiredState
-from .netfilter import Iptables, NetfilterError
+from .netfilter import NetfilterError, Writer
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class Settings:
 
 
 class Reconciler:
-    def __init__(self, settings: Settings, iptables: Iptables, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, iptables: Writer, metrics: Metrics) -> None:
         self.settings = settings
         self.iptables = iptables
         self.metrics = metrics
