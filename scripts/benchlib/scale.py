@@ -1,0 +1,447 @@
+"""Scale: synthetic desired states of N frontends x 10 backends, in private network namespaces.
+
+Nothing here touches the host's tables, so no lock is taken. The pipeline timed is the daemon's own:
+labels.desired_state (container snapshots -> frontends), compiler.compile_rules, diff.restore_script
+against either the kernel's tables (a full sync: Iptables.read first) or what was last written (a
+partial sync: diff.believed_tables), and Iptables.restore (one iptables-restore --noflush).
+
+Synthetic backends get addresses in 198.18.0.0/15 (RFC 2544, reserved for benchmarks); no packet is
+ever sent to them. The first-packet test routes only to a server namespace behind a router namespace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tcprouter.compiler import Options, RuleSet, compile_rules
+from tcprouter.diff import believed_tables, restore_script
+from tcprouter.labels import desired_state
+from tcprouter.metrics import Metrics
+from tcprouter.model import ContainerSnapshot, DesiredState
+from tcprouter.netfilter import Iptables, detect_flavour
+from tcprouter.reconciler import Reconciler, Settings
+
+from .common import CLIENT_SUBNET, in_netns, log, median, netns_add, percentile, sh, tune_client, veth
+
+FIRST_PORT = 20000
+BACKENDS_PER_FRONTEND = 10
+SERVER_NET = "198.19.255"  # the server side of the first-packet topology (RFC 2544 range)
+OPTIONS = Options(forward_parent="FORWARD")  # a namespace has no DOCKER-USER
+
+
+def _address(k: int) -> str:
+    k += 1
+    return f"198.{18 + k // 65536}.{(k // 256) % 256}.{k % 256}"
+
+
+def snapshots(
+    frontends: int,
+    per: int = BACKENDS_PER_FRONTEND,
+    real: dict[int, list[str]] | None = None,
+    first_port: int = FIRST_PORT,
+) -> list[ContainerSnapshot]:
+    """Labelled, running containers as discovery would report them: `frontends` x `per`.
+
+    `real` maps a frontend index to the addresses its backends really have (the server namespace).
+    """
+    out = []
+    for f in range(frontends):
+        for j in range(per):
+            k = f * per + j
+            ip = real[f][j] if real and f in real else _address(k)
+            out.append(
+                ContainerSnapshot(
+                    id=f"{k:064x}",
+                    name=f"bench-fe{f}-be{j}",
+                    created=f"2026-01-01T00:00:{k:06d}Z",
+                    labels={"tcp.port": str(first_port + f), "tcp.backend_port": "80"},
+                    running=True,
+                    networks={"bench": ip},
+                    subnets={"bench": "198.18.0.0/15"},
+                    exposed_tcp_ports=(80,),
+                )
+            )
+    return out
+
+
+def _timed(fn, *args):
+    started = time.perf_counter()
+    value = fn(*args)
+    return value, time.perf_counter() - started
+
+
+def _full_sync(iptables: Iptables, state: DesiredState) -> dict[str, float]:
+    (current, _), t_read = _timed(iptables.read)
+    rules, t_compile = _timed(compile_rules, state, OPTIONS)
+    script, t_diff = _timed(restore_script, current, rules)
+    _, t_restore = _timed(iptables.restore, script)
+    return {
+        "read_s": t_read,
+        "compile_s": t_compile,
+        "diff_s": t_diff,
+        "restore_s": t_restore,
+        "total_s": t_read + t_compile + t_diff + t_restore,
+        "script_lines": script.count("\n"),
+    }
+
+
+def _empty(iptables: Iptables) -> float:
+    current, _ = iptables.read()
+    _, took = _timed(iptables.restore, restore_script(current, RuleSet(chains={})))
+    return took
+
+
+def sync_figures(frontends: int, repeats: int) -> dict:
+    flavour = detect_flavour()
+    result: dict[str, object] = {"frontends": frontends, "backends": frontends * BACKENDS_PER_FRONTEND}
+    with contextlib.ExitStack() as stack:
+        ns = netns_add(stack, "tcpr-bench-k-")
+        iptables = Iptables(flavour, netns=ns, timeout=120)
+        containers = snapshots(frontends)
+        state, t_labels = _timed(desired_state, containers)
+        result["labels_s"] = t_labels
+
+        fulls, empties = [], []
+        for _ in range(repeats):
+            fulls.append(_full_sync(iptables, state))
+            empties.append(_empty(iptables))
+        first = _full_sync(iptables, state)
+        rules = compile_rules(state, OPTIONS)
+        result["rule_count"] = rules.rule_count()
+        result["full_sync_from_empty"] = _medians(fulls)
+        result["full_sync_from_empty_max_total_s"] = max(f["total_s"] for f in fulls)
+        result["full_resync_unchanged"] = _medians([_full_sync(iptables, state) for _ in range(repeats)])
+        result["full_sync_first"] = first
+        result["cleanup_s"] = median(empties)
+
+        # One backend leaves (and comes back): the daemon's partial sync, against what it last wrote.
+        middle = frontends // 2
+        victim = containers[middle * BACKENDS_PER_FRONTEND + 3]
+        partials, fulls_changed = [], []
+        believed = believed_tables(rules)
+        for i in range(2 * repeats):
+            kept = [c for c in containers if c is not victim] if i % 2 == 0 else containers
+            new_state, t_labels = _timed(desired_state, kept)
+            new_rules, t_compile = _timed(compile_rules, new_state, OPTIONS)
+            script, t_diff = _timed(restore_script, believed, new_rules)
+            _, t_restore = _timed(iptables.restore, script)
+            believed = believed_tables(new_rules)
+            partials.append(
+                {
+                    "labels_s": t_labels,
+                    "compile_s": t_compile,
+                    "diff_s": t_diff,
+                    "restore_s": t_restore,
+                    "total_s": t_labels + t_compile + t_diff + t_restore,
+                    "script_lines": script.count("\n"),
+                    "rules_written": sum(1 for line in script.splitlines() if line.startswith("-A ")),
+                    "chains_rewritten": sum(1 for line in script.splitlines() if line.startswith(":")),
+                }
+            )
+        # The same change found by a full sync (reads the kernel first), e.g. the periodic resync.
+        for i in range(2 * repeats):
+            kept = [c for c in containers if c is not victim] if i % 2 == 0 else containers
+            fulls_changed.append(_full_sync(iptables, desired_state(kept)))
+        result.update(_daemon_syncs(iptables, containers, victim, repeats))
+        current, _ = iptables.read()
+        result["consistent_after"] = restore_script(current, compile_rules(state, OPTIONS)) == ""
+        result["one_backend_change_partial"] = _medians(partials)
+        result["one_backend_change_partial_max_total_s"] = max(p["total_s"] for p in partials)
+        result["one_backend_change_full"] = _medians(fulls_changed)
+        result["one_backend_change_example"] = _example_script(believed_tables(rules), state, victim, containers)
+    return result
+
+
+def _daemon_syncs(iptables: Iptables, containers: list[ContainerSnapshot], victim, repeats: int) -> dict:
+    """The daemon's own Reconciler.sync on this state: a full sync from empty tables, then partial syncs
+    of one backend leaving and coming back (what a `docker kill` / `docker start` event costs it)."""
+    fulls, partials, drift_checks = [], [], []
+    for _ in range(repeats):
+        _empty(iptables)
+        reconciler = Reconciler(Settings(options=OPTIONS), iptables, Metrics(lambda: []))
+        reconciler.containers = {c.id: c for c in containers}
+        reconciler.listed = True
+        ok, took = _timed(reconciler.sync, True)
+        assert ok, "full sync failed"
+        fulls.append(took)
+        drifted, took = _timed(reconciler._drifted)  # the once-a-second check, run in the same thread
+        assert not drifted, "drift reported on tables just written"
+        drift_checks.append(took)
+        for _ in range(2):
+            reconciler.containers.pop(victim.id)
+            ok, took = _timed(reconciler.sync, False)
+            partials.append(took)
+            reconciler.containers[victim.id] = victim
+            ok, took2 = _timed(reconciler.sync, False)
+            partials.append(took2)
+    return {
+        "daemon_full_sync_s": {"p50": median(fulls), "max": max(fulls)},
+        "daemon_partial_sync_s": {"p50": median(partials), "max": max(partials)},
+        "daemon_drift_check_s": {"p50": median(drift_checks), "max": max(drift_checks)},
+    }
+
+
+def _example_script(believed, state, victim, containers) -> str:
+    kept = [c for c in containers if c is not victim]
+    return restore_script(believed, compile_rules(desired_state(kept), OPTIONS))
+
+
+def _medians(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {key: median([row[key] for row in rows]) for key in rows[0]}
+
+
+# ---- resident memory ----------------------------------------------------------------------------------
+
+
+def rss_probe(frontends: int) -> dict[str, int]:
+    """Runs in a fresh interpreter: import the daemon's modules, then hold what the daemon holds at this size."""
+    from prometheus_client import generate_latest
+
+    from tcprouter import cli  # noqa: F401  (the daemon's imports: docker, requests, prometheus_client, tenacity)
+    from tcprouter.diff import SavedRule
+    from tcprouter.metrics import Metrics
+
+    held: list[object] = []
+    if frontends:
+        containers = {c.id: c for c in snapshots(frontends)}
+        state = desired_state(containers.values())
+        rules = compile_rules(state, OPTIONS)
+        script = restore_script({}, rules)  # the first write's script
+        applied = believed_tables(rules)
+        counted = [
+            (table, SavedRule(chain, spec, 1))
+            for table, chains in rules.chains.items()
+            for chain, specs in chains.items()
+            for spec in specs
+        ]
+        metrics = Metrics(lambda: counted)
+        metrics.state.publish(state)
+        exposition = generate_latest(metrics.registry)  # one scrape
+        held = [containers, state, rules, applied, metrics]
+        del script, exposition
+    gc.collect()
+    status = Path("/proc/self/status").read_text()
+    field = lambda key: int(next(x for x in status.splitlines() if x.startswith(key)).split()[1])  # noqa: E731
+    return {
+        "frontends": frontends,
+        "vmrss_kb": field("VmRSS:"),
+        # VmHWM, not getrusage's maxrss: Linux carries maxrss over from the parent across fork and exec.
+        "peak_kb": field("VmHWM:"),
+        "objects_held": len(held),
+    }
+
+
+def rss_figures(sizes: list[int]) -> list[dict[str, int]]:
+    rows = []
+    for frontends in [0, *sizes]:
+        done = subprocess.run(
+            [sys.executable, "-m", "benchlib.scale", "rss", str(frontends)],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        rows.append(json.loads(done.stdout))
+    return rows
+
+
+# ---- the listener scan done on every sync ---------------------------------------------------------------
+
+
+def listener_probe(sockets: int, reads: int = 20) -> dict[str, float]:
+    """Runs inside a private namespace: leave `sockets` TIME_WAIT sockets behind, then time the scan of the
+    namespace's TCP listeners that the daemon does before every sync (discovery.host_tcp_listeners)."""
+    from tcprouter import discovery
+
+    scan = getattr(discovery, "host_tcp_listeners", None)
+    if scan is None:
+        return {"sockets": sockets, "missing": 1}
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 9))
+        listener.listen(1024)
+        for _ in range(sockets):
+            client = socket.create_connection(("127.0.0.1", 9))
+            served, _ = listener.accept()
+            served.close()  # the server closes first: its side stays in TIME_WAIT for 60 s
+            client.close()
+        lines = len(Path("/proc/net/tcp").read_text().splitlines()) - 1
+        times = []
+        for _ in range(reads):
+            started = time.perf_counter()
+            scan()
+            times.append(time.perf_counter() - started)
+    return {"sockets": sockets, "proc_net_tcp_lines": lines, "scan_s_p50": median(times), "scan_s_max": max(times)}
+
+
+def listener_figures(counts: list[int]) -> list[dict[str, float]]:
+    rows = []
+    for sockets in counts:
+        with contextlib.ExitStack() as stack:
+            ns = netns_add(stack, "tcpr-bench-l-")
+            tune_client(ns)
+            done = subprocess.run(
+                ["ip", "netns", "exec", ns, sys.executable, "-m", "benchlib.scale", "listeners", str(sockets)],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=300,
+                cwd=Path(__file__).resolve().parent.parent,
+            )
+            rows.append(json.loads(done.stdout))
+    return rows
+
+
+# ---- first-packet latency ---------------------------------------------------------------------------
+
+
+class Topology:
+    """client ns -- router ns (tcprouter's rules, ip_forward) -- server ns (10 addresses, port 80)."""
+
+    def __init__(self, stack: contextlib.ExitStack, tag: str) -> None:
+        self.stack = stack
+        self.client = netns_add(stack, f"tcpr-bench-{tag}c-")
+        self.router = netns_add(stack, f"tcpr-bench-{tag}r-")
+        self.server = netns_add(stack, f"tcpr-bench-{tag}s-")
+        self.router_ip = f"{CLIENT_SUBNET}.1"
+        veth(stack, self.router, self.router_ip, self.client, f"{CLIENT_SUBNET}.2", self.client[-6:])
+        # One source address per measured case: conntrack keys flows by their tuple, so cases sharing a
+        # source address would meet each other's entries (reopened or clashing) and disturb each other.
+        self.sources = [f"{CLIENT_SUBNET}.{10 + i}" for i in range(4)]
+        for ip in self.sources:
+            sh("ip", "netns", "exec", self.client, "ip", "addr", "add", f"{ip}/24", "dev", f"tb{self.client[-6:]}b")
+        veth(stack, self.router, f"{SERVER_NET}.1", self.server, f"{SERVER_NET}.2", self.server[-6:])
+        self.server_ips = [f"{SERVER_NET}.{2 + j}" for j in range(BACKENDS_PER_FRONTEND)]
+        server_if = f"tb{self.server[-6:]}b"
+        for ip in self.server_ips[1:]:
+            sh("ip", "netns", "exec", self.server, "ip", "addr", "add", f"{ip}/24", "dev", server_if)
+        sh("ip", "netns", "exec", self.client, "ip", "route", "add", "default", "via", self.router_ip)
+        sh("ip", "netns", "exec", self.server, "ip", "route", "add", "default", "via", f"{SERVER_NET}.1")
+        sh("ip", "netns", "exec", self.router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        tune_client(self.client)
+        self.iptables = Iptables(detect_flavour(), netns=self.router, timeout=120)
+        self._serve()
+
+    def _serve(self) -> None:
+        """A listener on port 80 of the server namespace, in a process of its own (not a thread of this one:
+        the measuring thread must not wait for the interpreter lock behind the accept loop)."""
+        code = (
+            "import socket\n"
+            "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+            "s.bind(('0.0.0.0', 80)); s.listen(4096); print('ready', flush=True)\n"
+            "while True:\n"
+            "    c, _ = s.accept(); c.close()\n"
+        )
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", self.server, sys.executable, "-c", code], stdout=subprocess.PIPE, text=True
+        )
+        self.stack.callback(server.wait, 10)
+        self.stack.callback(server.kill)
+        assert server.stdout is not None
+        if server.stdout.readline().strip() != "ready":
+            raise RuntimeError("the server namespace's listener did not start")
+
+    def install(self, frontends: int, routed: list[int], first_port: int = FIRST_PORT) -> int:
+        """N frontends x 10 from `first_port` on; the frontends at the `routed` indices go to the server."""
+        real = {f: self.server_ips for f in routed}
+        state = desired_state(snapshots(frontends, real=real, first_port=first_port))
+        current, _ = self.iptables.read()
+        rules = compile_rules(state, OPTIONS)
+        self.iptables.restore(restore_script(current, rules))
+        return rules.rule_count()
+
+    def connect_times(self, address: str, port: int, count: int, source: str) -> list[float]:
+        linger = struct.pack("ii", 1, 0)  # close with RST: no TIME_WAIT piles up in the client
+
+        def run() -> list[float]:
+            times = []
+            for _ in range(count):
+                s = socket.socket()
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+                s.bind((source, 0))
+                s.settimeout(2)
+                t0 = time.perf_counter_ns()
+                s.connect((address, port))
+                times.append((time.perf_counter_ns() - t0) / 1e3)
+                s.close()
+            return times
+
+        return in_netns(self.client, run)
+
+
+def first_packet_figures(frontends: int, samples: int) -> dict:
+    cases: dict[str, list[float]] = {}
+    with contextlib.ExitStack() as stack:
+        small = Topology(stack, "a")
+        large = Topology(stack, "b")
+        last = FIRST_PORT + frontends - 1
+        rules_small = small.install(1, [0], first_port=last)  # the same port as the large set's last frontend
+        rules_large = large.install(frontends, [0, frontends - 1])
+        cases = {
+            "no_rules_routed": [],  # straight to the server through the router: forwarding alone
+            "1_frontend": [],
+            f"{frontends}_frontends_first": [],
+            f"{frontends}_frontends_last": [],
+        }
+        probes = {
+            "no_rules_routed": (small, small.server_ips[0], 80),
+            "1_frontend": (small, small.router_ip, last),
+            f"{frontends}_frontends_first": (large, large.router_ip, FIRST_PORT),
+            f"{frontends}_frontends_last": (large, large.router_ip, last),
+        }
+        sources = {case: (small if i < 2 else large).sources[i] for i, case in enumerate(probes)}
+        for case, (topology, address, port) in probes.items():  # warm-up
+            topology.connect_times(address, port, 50, sources[case])
+        blocks = 10
+        for _ in range(blocks):
+            for case, (topology, address, port) in probes.items():
+                cases[case] += topology.connect_times(address, port, samples // blocks, sources[case])
+    return {
+        "samples_per_case": samples,
+        "rules": {"1_frontend": rules_small, f"{frontends}_frontends": rules_large},
+        "connect_us": {
+            case: {
+                "p50": percentile(values, 50),
+                "p90": percentile(values, 90),
+                "p99": percentile(values, 99),
+                "mean": statistics.fmean(values),
+            }
+            for case, values in cases.items()
+        },
+    }
+
+
+def run(sizes: list[int], repeats: int, samples: int) -> dict:
+    syncs = []
+    for frontends in sizes:
+        figures = sync_figures(frontends, repeats)
+        syncs.append(figures)
+        log(
+            f"scale {frontends}x{BACKENDS_PER_FRONTEND}: full sync {figures['full_sync_from_empty']['total_s']:.3f}s "
+            f"({figures['rule_count']} rules), one-backend change "
+            f"{figures['one_backend_change_partial']['total_s'] * 1000:.1f} ms, "
+            f"{figures['one_backend_change_partial']['rules_written']:.0f} rules written"
+        )
+    rss = rss_figures(sizes)
+    log(f"scale rss: {[(r['frontends'], r['vmrss_kb']) for r in rss]}")
+    first = first_packet_figures(max(sizes), samples)
+    log(f"first packet: { {k: round(v['p50'], 1) for k, v in first['connect_us'].items()} } us p50")
+    listeners = listener_figures([0, 10_000, 50_000])
+    log(f"listener scan: {[(r['sockets'], round(r.get('scan_s_p50', 0) * 1000, 1)) for r in listeners]} ms")
+    return {"syncs": syncs, "rss": rss, "first_packet": first, "listener_scan": listeners}
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "rss":
+        print(json.dumps(rss_probe(int(sys.argv[2]))))
+    elif sys.argv[1] == "listeners":
+        print(json.dumps(listener_probe(int(sys.argv[2]))))
