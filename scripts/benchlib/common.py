@@ -217,7 +217,7 @@ def tool_version(*command: str) -> str:
     except OSError:
         return "missing"
     text = (done.stdout + done.stderr).strip().splitlines()
-    return text[0].strip() if text else "unknown"
+    return text[0].split(" Copyright")[0].strip() if text else "unknown"
 
 
 def machine() -> dict[str, object]:
