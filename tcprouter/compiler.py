@@ -12,6 +12,7 @@ Both tables also hold an empty TCPR-CANARY chain: if it vanishes, someone flushe
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -113,6 +114,7 @@ def _conditions(frontend: Frontend) -> list[tuple[Backend, str]]:
     return slots
 
 
+@functools.lru_cache(maxsize=8192)  # a pure function: unchanged pools are not recompiled on every event
 def pool_rules(frontend: Frontend, mark: str) -> tuple[str, ...]:
     """The rules of one frontend chain: mark the connection, then pick a backend.
 

@@ -56,6 +56,7 @@ class Reconciler:
         self.draining: set[str] = set()
         self.applied: Tables | None = None  # what we believe the kernel holds; None: read it first
         self.state = DesiredState(frontends={})
+        self.listeners: dict[int, str] = {}  # host TCP listeners (port -> address), as last scanned
         self.stopping = threading.Event()
         self.listed = False  # a full list of Docker's containers has arrived
         self.ready = threading.Event()  # set after the first successful sync from that list
@@ -95,13 +96,14 @@ class Reconciler:
                 self.ready.set()
 
     def _next_batch(self, timeout: float) -> list[discovery.Change | discovery.Relist]:
-        """One change, then whatever follows within `settle` of the last one, up to `max_delay`."""
+        """One change, then whatever follows within `settle` of the last one, up to `max_delay`; a stop or a
+        kill ends the batch at once, so a dying backend leaves the rotation without waiting for the window."""
         try:
             batch = [self.changes.get(timeout=timeout)]
         except queue.Empty:
             return []
         deadline = time.monotonic() + self.settings.max_delay
-        while (left := deadline - time.monotonic()) > 0:
+        while not getattr(batch[-1], "drain", False) and (left := deadline - time.monotonic()) > 0:
             try:
                 batch.append(self.changes.get(timeout=min(self.settings.settle, left)))
             except queue.Empty:
@@ -130,16 +132,22 @@ class Reconciler:
                 self.containers.pop(item.container_id, None)
         return item.time_ns
 
-    def _desired(self) -> DesiredState:
-        views = (
+    def _desired(self, full: bool) -> DesiredState:
+        views = [
             dataclasses.replace(c, draining=True) if c.id in self.draining else c for c in self.containers.values()
-        )
-        return desired_state(views, self.settings.prefix, discovery.host_tcp_listeners())
+        ]
+        state = desired_state(views, self.settings.prefix, self.listeners)
+        if full or set(state.frontends) - set(self.state.frontends):
+            # The listener scan reads every socket of the host (TIME_WAIT included): only at full syncs
+            # and when a frontend port appears, not on every event.
+            self.listeners = discovery.host_tcp_listeners()
+            state = desired_state(views, self.settings.prefix, self.listeners)
+        return state
 
     def sync(self, full: bool, causes: Mapping[str, str] | None = None) -> bool:
         """Write the difference between the desired rules and the kernel (full) or our last write."""
         kind = "full" if full else "partial"
-        state = self._desired()
+        state = self._desired(full)
         started = time.perf_counter()
         try:
             for attempt in Retrying(
