@@ -52,6 +52,16 @@ def unique(prefix: str) -> str:
     return f"{prefix}{secrets.token_hex(3)}"
 
 
+def join_netns(name: str) -> None:
+    """Move the calling thread (only it) into network namespace `name`."""
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if _libc.setns(fd, _CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns failed")
+    finally:
+        os.close(fd)
+
+
 def in_netns(name: str | None, fn: Callable[[], T]) -> T:
     """Run `fn` in a thread that has joined network namespace `name` (None: the host's)."""
     if name is None:
@@ -60,12 +70,7 @@ def in_netns(name: str | None, fn: Callable[[], T]) -> T:
 
     def target() -> None:
         try:
-            fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
-            try:
-                if _libc.setns(fd, _CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns failed")
-            finally:
-                os.close(fd)
+            join_netns(name)
             result["value"] = fn()
         except BaseException as error:
             result["error"] = error

@@ -7,7 +7,6 @@ when a phase fails halfway.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import os
 import re
@@ -17,14 +16,11 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
-T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
 LOCK_PATH = "/run/tcprouter-tests.lock"
 NGINX_IMAGE = "tcprouter-bench/nginx:latest"
@@ -32,8 +28,6 @@ BASE_IMAGE = "tcprouter-build/debian:bookworm"
 CLIENT_SUBNET = "203.0.113"  # this benchmark's client side (others' e2e tests use 198.51.100.0/24)
 BACKEND_SUBNET = "198.18.113"  # RFC 2544 benchmarking range: the Docker network of the backends
 LABEL_PREFIX = "tcpbench"  # our own label namespace: no other tcprouter ever picks our containers up
-_CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def log(message: str) -> None:
@@ -65,32 +59,6 @@ def host_lock(what: str) -> Iterator[None]:
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
             log(f"lock released after {time.monotonic() - held:.1f}s ({what})")
-
-
-def in_netns(name: str | None, fn: Callable[[], T]) -> T:
-    """Run `fn` in a thread that joined network namespace `name` (None: the host's own)."""
-    if name is None:
-        return fn()
-    result: dict[str, object] = {}
-
-    def target() -> None:
-        try:
-            fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
-            try:
-                if _libc.setns(fd, _CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns failed")
-            finally:
-                os.close(fd)
-            result["value"] = fn()
-        except BaseException as error:
-            result["error"] = error
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    thread.join()
-    if "error" in result:
-        raise result["error"]  # type: ignore[misc]
-    return result["value"]  # type: ignore[return-value]
 
 
 def netns_add(stack: contextlib.ExitStack, prefix: str) -> str:

@@ -19,8 +19,6 @@ is scraped before and after, and its increase reported.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import os
 import re
 import subprocess
 import sys
@@ -31,20 +29,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import docker
 
+from tests.support import join_netns
+
 from .common import BACKEND_SUBNET, host_lock, log, summary
 from .dataplane import BACKEND_PORT, ROUTER_PORT, Rig, who
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_CLONE_NEWNET = 0x40000000
-
-
-def _join_netns(name: str) -> None:
-    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        if _libc.setns(fd, _CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "setns failed")
-    finally:
-        os.close(fd)
 
 
 def _poll_answer(address: str, port: int, hostname: str, deadline: float, pause: float = 0.0005) -> float | None:
@@ -153,7 +141,7 @@ def run(trials: int, batching: tuple[float, float] | None = None) -> dict:
         ip = rig.ips[-1]
         tool = f"iptables-{rig.flavour}"
         chain = f"TCPR-FE-{ROUTER_PORT}"
-        in_client = stack.enter_context(ThreadPoolExecutor(1, initializer=_join_netns, initargs=(client.name,)))
+        in_client = stack.enter_context(ThreadPoolExecutor(1, initializer=join_netns, initargs=(client.name,)))
         in_host = stack.enter_context(ThreadPoolExecutor(1))
         before = last_scrape = _histogram(rig.metrics_port, METRIC)
         by_phase: dict[str, dict[str, float]] = {"start": {}, "kill": {}}

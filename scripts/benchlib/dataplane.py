@@ -27,6 +27,7 @@ from tcprouter.compiler import DEFAULT_MARK_BIT, pool_rules
 from tcprouter.metrics import backend_connections
 from tcprouter.model import Backend, Balance, Frontend
 from tcprouter.netfilter import Iptables, detect_flavour
+from tests.support import in_netns
 
 from .common import (
     BACKEND_SUBNET,
@@ -35,7 +36,6 @@ from .common import (
     REPO,
     ClientHost,
     host_lock,
-    in_netns,
     log,
     median,
     percentile,

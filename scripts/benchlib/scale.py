@@ -29,8 +29,9 @@ from tcprouter.metrics import Metrics
 from tcprouter.model import ContainerSnapshot, DesiredState
 from tcprouter.netfilter import Iptables, detect_flavour
 from tcprouter.reconciler import Reconciler, Settings
+from tests.support import in_netns
 
-from .common import CLIENT_SUBNET, in_netns, log, median, netns_add, percentile, sh, tune_client, veth
+from .common import CLIENT_SUBNET, log, median, netns_add, percentile, sh, tune_client, veth
 
 FIRST_PORT = 20000
 BACKENDS_PER_FRONTEND = 10
