@@ -78,6 +78,7 @@ def snapshot_from_inspect(info: dict) -> ContainerSnapshot:
         labels=dict(config.get("Labels") or {}),
         running=bool(state.get("Running")) and not state.get("Paused") and not state.get("Restarting"),
         health=health or None,
+        started_at=state.get("StartedAt") or "",
         networks=addresses,
         subnets=subnets,
         exposed_tcp_ports=tuple(exposed),

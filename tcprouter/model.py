@@ -25,6 +25,7 @@ class ContainerSnapshot:
     running: bool
     health: str | None = None  # None: no HEALTHCHECK; else "starting" | "healthy" | "unhealthy"
     draining: bool = False  # a stop/kill was seen: leave the rotation before the process exits
+    started_at: str = ""  # Docker's State.StartedAt: tells one run of the container from the next
     networks: dict[str, str] = field(default_factory=dict)  # network name -> IPv4 address ("" if none)
     subnets: dict[str, str] = field(default_factory=dict)  # network name -> IPv4 subnet (CIDR), if known
     exposed_tcp_ports: tuple[int, ...] = ()

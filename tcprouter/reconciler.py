@@ -53,7 +53,7 @@ class Reconciler:
         self.metrics = metrics
         self.changes: queue.Queue[discovery.Change | discovery.Relist] = queue.Queue()
         self.containers: dict[str, ContainerSnapshot] = {}
-        self.draining: set[str] = set()
+        self.draining: dict[str, str] = {}  # container id -> start time of the run being drained
         self.applied: Tables | None = None  # what we believe the kernel holds; None: read it first
         self.state = DesiredState(frontends={})
         self.listeners: dict[int, str] = {}  # host TCP listeners (port -> address), as last scanned
@@ -111,26 +111,33 @@ class Reconciler:
         return batch
 
     def _apply(self, item: discovery.Change | discovery.Relist) -> int:
-        """Fold one change into the container view; returns the event time to measure latency from."""
+        """Fold one change into the container view; returns the event time to measure latency from.
+
+        Draining is tied to the run of the container that was stopped (its start time): a fresh snapshot of
+        the same run keeps it out of the rotation, a snapshot of a later run (restarted, perhaps while
+        tcprouter could not see Docker) brings it back.
+        """
         if isinstance(item, discovery.Relist):
             self.containers = {s.id: s for s in item.snapshots}
             self.listed = True
-            self.draining &= set(self.containers)
-            return 0
-        self.metrics.docker_events.labels(item.action).inc()
-        if item.drain:
-            self.draining.add(item.container_id)
-        elif item.action in ("start", "restart", "unpause"):
-            self.draining.discard(item.container_id)
-        if item.gone:
-            self.containers.pop(item.container_id, None)
-            self.draining.discard(item.container_id)
-        elif item.snapshot is not None:
-            if f"{self.settings.prefix}.port" in item.snapshot.labels:
-                self.containers[item.container_id] = item.snapshot
-            else:
+        else:
+            self.metrics.docker_events.labels(item.action).inc()
+            if item.drain:
+                known = self.containers.get(item.container_id)
+                self.draining[item.container_id] = known.started_at if known else ""
+            if item.gone:
                 self.containers.pop(item.container_id, None)
-        return item.time_ns
+            elif item.snapshot is not None:
+                if f"{self.settings.prefix}.port" in item.snapshot.labels:
+                    self.containers[item.container_id] = item.snapshot
+                else:
+                    self.containers.pop(item.container_id, None)
+        self.draining = {
+            cid: run
+            for cid, run in self.draining.items()
+            if cid in self.containers and self.containers[cid].started_at in (run, "")
+        }
+        return 0 if isinstance(item, discovery.Relist) else item.time_ns
 
     def _desired(self, full: bool) -> DesiredState:
         views = [

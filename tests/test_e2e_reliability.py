@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ from tcprouter.netfilter import Flavour, Iptables
 
 from .support import (
     BACKEND_IMAGE,
+    REPO,
     DockerSocketProxy,
     Load,
     connect_outcome,
@@ -31,6 +33,7 @@ from .support import (
 
 pytestmark = pytest.mark.e2e
 FRONT = 27017
+TEST_DOCKERD = str(REPO / "scripts" / "test-dockerd")
 
 
 def kernel_matches_docker(flavour: str) -> bool:
@@ -93,6 +96,30 @@ def test_docker_connection_loss_and_return(backends, start_router, client_host, 
         assert kernel_matches_docker(host_tables)
     finally:
         proxy.cut()
+
+
+def test_docker_daemon_restart(backends, start_router, client_host, host_tables):
+    """A real restart of the engine (only one that scripts/test-dockerd started, as in CI): the containers
+    stop with it; the one with a restart policy comes back, the other stays dead."""
+    if subprocess.run([TEST_DOCKERD, "owned"], check=False).returncode != 0:
+        pytest.skip("this dockerd was not started by scripts/test-dockerd: not restarting another's daemon")
+    keeper = backends.start({"tcp.port": str(FRONT)}, restart_policy={"Name": "always"}, stop_signal="SIGKILL")
+    goner = backends.start({"tcp.port": str(FRONT)}, stop_signal="SIGKILL")
+    goner_ip = backends.ip(goner)
+    router = start_router()
+    ns, host = client_host.name, client_host.host_ip
+    assert answering(ns, host, 2) == {backends.ip(keeper), goner_ip}
+    try:
+        sh(TEST_DOCKERD, "stop")
+        wait_until(lambda: "tcprouter_docker_connected 0.0" in router.metrics_text(), 10, what="the router to notice")
+    finally:
+        sh(TEST_DOCKERD, "start")
+    back = time.monotonic()
+    keeper_ip = wait_until(lambda: backends.ip(keeper), 10, 0.1, what="the keeper to be restarted by Docker")
+    wait_until(lambda: answering(ns, host, 3) == {keeper_ip}, 10, 0.05, what="the pool as Docker has it now")
+    assert time.monotonic() - back <= 5.0
+    assert not names_in_rules(host_tables, goner_ip) or goner_ip == keeper_ip
+    assert kernel_matches_docker(host_tables)
 
 
 @pytest.mark.parametrize(

@@ -140,3 +140,18 @@ def test_restart_reconciles_without_rewriting_what_is_in_place(namespace):
     second._apply(Relist((container(1), container(2))))
     assert second.sync(full=True)
     assert writer.writes == 0  # nothing differed: no flush, no rewrite, counters and rotation untouched
+
+
+def test_draining_ends_with_the_run_it_belongs_to(namespace):
+    """A kill drains that run of the container; a restart Docker did while tcprouter was away (seen only in a
+    relist, with a new start time) brings it back, while a relist of the same run keeps it out."""
+    reconciler, _ = make(namespace)
+    first_run = container(1, started_at="2026-01-01T00:00:01Z")
+    reconciler._apply(Relist((first_run, container(2))))
+    reconciler._apply(Change(first_run.id, "kill", 0, drain=True))
+    serving = lambda: [b.name for b in reconciler._desired(full=False).frontends[80].backends]  # noqa: E731
+    assert serving() == ["c2"]
+    reconciler._apply(Relist((first_run, container(2))))
+    assert serving() == ["c2"]
+    reconciler._apply(Relist((container(1, started_at="2026-01-01T00:05:00Z"), container(2))))
+    assert serving() == ["c1", "c2"]
