@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -212,13 +213,7 @@ class Router:
         return self.process is not None and self.process.poll() is not None
 
     def metrics_text(self) -> str:
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as reply:
-                return reply.read().decode()
-        except OSError:
-            return ""
+        return scrape(self.metrics_port)
 
     def last_sync(self) -> float:
         for line in self.metrics_text().splitlines():
@@ -237,6 +232,15 @@ class Router:
             except subprocess.TimeoutExpired:
                 os.kill(self.process.pid, signal.SIGKILL)
                 self.process.wait(10)
+
+
+def scrape(port: int) -> str:
+    """The /metrics page of a router on this host's loopback, or "" while it does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            return reply.read().decode()
+    except OSError:
+        return ""
 
 
 def tcprouter(*args: str, check: bool = True) -> subprocess.CompletedProcess:

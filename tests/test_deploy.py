@@ -23,6 +23,7 @@ from .support import (
     greetings,
     owned_rules_in_host,
     private_netns,
+    scrape,
     sh,
     unique,
     wait_until,
@@ -133,13 +134,7 @@ class ComposeProject:
         return [next(iter(c.attrs["NetworkSettings"]["Networks"].values()))["IPAddress"] for c in containers]
 
     def metrics(self) -> str:
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as reply:
-                return reply.read().decode()
-        except OSError:
-            return ""
+        return scrape(self.metrics_port)
 
 
 def backends_in_rotation(metrics_text: str) -> float:
