@@ -141,11 +141,15 @@ def _setup_logging(args: argparse.Namespace) -> None:
     logging.captureWarnings(True)  # library warnings too go out in the chosen format
 
 
+def _flavour(args: argparse.Namespace) -> Flavour:
+    return detect_flavour() if args.flavour == "auto" else Flavour(args.flavour)
+
+
 def _iptables(args: argparse.Namespace) -> Writer:
     """The writer asked for: iptables-restore of Docker's flavour, or libiptc on a legacy host."""
     if args.writer not in WRITERS:
         raise NetfilterError(f"unknown writer {args.writer!r}: choose one of {', '.join(WRITERS)}")
-    flavour = detect_flavour() if args.flavour == "auto" else Flavour(args.flavour)
+    flavour = _flavour(args)
     if args.writer == "iptc":
         if flavour is not Flavour.LEGACY:
             raise NetfilterError(
@@ -320,10 +324,6 @@ def render_status(report: dict) -> str:
         lines += ["", *_table(["REJECTED CONTAINER", "REASON", "DETAIL"], rejected)]
     lines += [f"warning: {warning}" for warning in report["warnings"]]
     return "\n".join(lines) + "\n"
-
-
-def _flavour(args: argparse.Namespace) -> Flavour:
-    return detect_flavour() if args.flavour == "auto" else Flavour(args.flavour)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
