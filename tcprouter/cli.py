@@ -26,7 +26,15 @@ from .diff import SavedRule, restore_script
 from .labels import desired_state, parse_backend
 from .metrics import Metrics, backend_connections, kernel_reader
 from .model import ContainerSnapshot, DesiredState
-from .netfilter import Flavour, Iptables, NetfilterError, Writer, detect_flavour, enable_route_localnet
+from .netfilter import (
+    Flavour,
+    Iptables,
+    NetfilterError,
+    Writer,
+    detect_flavour,
+    enable_route_localnet,
+    holds_docker_chains,
+)
 from .reconciler import Reconciler, Settings
 
 log = logging.getLogger("tcprouter")
@@ -454,7 +462,7 @@ def _iptables_findings(args: argparse.Namespace, docker_reachable: bool) -> list
         except NetfilterError as error:
             unreadable[flavour] = str(error)
             continue
-        if any(chain.startswith("DOCKER") for chains in tables.values() for chain in chains):
+        if holds_docker_chains(tables):
             docker_in.append(flavour)
     forced = None if args.flavour == "auto" else Flavour(args.flavour)
     return iptables_findings(available, docker_in, unreadable, forced, docker_reachable)

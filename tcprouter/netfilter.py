@@ -98,12 +98,16 @@ class Iptables:
             self._run(self._command("-restore", "--noflush", *(["--test"] if test else [])), stdin=script)
 
 
+def holds_docker_chains(tables: Tables) -> bool:
+    return any(chain.startswith("DOCKER") for chains in tables.values() for chain in chains)
+
+
 def _has_docker_chains(flavour: Flavour) -> bool:
     try:
         tables, _ = Iptables(flavour, timeout=10).read()
     except NetfilterError:
         return False
-    return any(chain.startswith("DOCKER") for chains in tables.values() for chain in chains)
+    return holds_docker_chains(tables)
 
 
 def _default_flavour(available: list[Flavour]) -> Flavour:
