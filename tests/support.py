@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from tcprouter.discovery import proc_net_endpoint
+
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
 BACKEND_IMAGE = "tcprouter-test/backend:latest"
@@ -257,16 +259,14 @@ def free_port() -> int:
 
 
 def peers_of(pid: int, local_port: int) -> list[str]:
-    """Remote IPv4 addresses of established TCP connections on `local_port`, read from /proc/PID/net/tcp{,6}
-    (the tables of that process's network namespace: the backend's side of the socket). A dual-stack
-    listener's IPv4 peers appear in tcp6 as ::ffff:a.b.c.d, whose last 32-bit word is the address."""
+    """Remote addresses of established TCP connections on `local_port`, read from /proc/PID/net/tcp{,6}
+    (the tables of that process's network namespace: the backend's side of the socket)."""
     peers = []
     for table in ("tcp", "tcp6"):
         for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
             local, remote, state = line.split()[1:4]
-            if state == "01" and int(local.split(":")[1], 16) == local_port:
-                raw = bytes.fromhex(remote.split(":")[0][-8:])
-                peers.append(".".join(str(b) for b in reversed(raw)))
+            if state == "01" and proc_net_endpoint(local)[1] == local_port:  # 01: TCP_ESTABLISHED
+                peers.append(str(proc_net_endpoint(remote)[0]))
     return peers
 
 
