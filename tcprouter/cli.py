@@ -13,19 +13,18 @@ import logging
 import os
 import re
 import shutil
-import signal
 import sys
-import threading
 from collections.abc import Iterable, Mapping, Sequence
 
 import docker.errors
 
-from . import discovery
+from . import hostports
 from .compiler import DEFAULT_MARK_BIT, FRONTEND_CHAIN_PREFIX, Options, RuleSet, compile_rules
+from .daemon import Mode, build_providers, resolve_mode, serve
 from .diff import SavedRule, restore_script
 from .labels import desired_state, parse_backend
 from .metrics import Metrics, backend_connections, kernel_reader
-from .model import ContainerSnapshot, DesiredState
+from .model import ContainerSnapshot
 from .netfilter import (
     Flavour,
     Iptables,
@@ -35,7 +34,9 @@ from .netfilter import (
     enable_route_localnet,
     holds_docker_chains,
 )
-from .reconciler import Reconciler, Settings
+from .probe import ProbePolicy
+from .providers.docker_api import connect
+from .runner import Timing
 
 log = logging.getLogger("tcprouter")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -68,8 +69,28 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--label-prefix", default=_env("label-prefix", "tcp"), help="label namespace (default tcp)")
     common.add_argument(
         "--docker-url",
-        default=_env("docker-url", None),
-        help="Docker API address (default: DOCKER_HOST or the local socket)",
+        action="append",
+        default=(_env("docker-url", "") or "").replace(",", " ").split(),
+        help="Docker API address (default: DOCKER_HOST or the local socket); once per engine with --engines; "
+        "TLS from DOCKER_TLS_VERIFY and DOCKER_CERT_PATH as the Docker CLI reads them; ssh://user@host works too",
+    )
+    modes = common.add_mutually_exclusive_group()
+    modes.set_defaults(provider=_env("provider", None))
+    modes.add_argument(
+        "--swarm",
+        dest="provider",
+        action="store_const",
+        const=str(Mode.SWARM),
+        help="gateway mode: route to the running tasks of services labelled <prefix>.port, at their node's "
+        "address and host-mode published port (--docker-url: a manager)",
+    )
+    modes.add_argument(
+        "--engines",
+        dest="provider",
+        action="store_const",
+        const=str(Mode.ENGINES),
+        help="gateway mode: route to labelled containers of other hosts' engines (--docker-url once per engine), "
+        "at the engine host's address and the container's published port (implied by several --docker-url)",
     )
     common.add_argument(
         "--flavour",
@@ -91,9 +112,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     common.add_argument(
         "--snat",
-        choices=["hairpin", "always"],
-        default=_env("snat", "hairpin"),
-        help="masquerade only hairpin flows (backends see client addresses) or all flows",
+        choices=["auto", "hairpin", "always"],
+        default=_env("snat", "auto"),
+        help="hairpin: masquerade only hairpin flows (backends see client addresses); always: every flow (backends "
+        "whose replies do not route back through this host); auto: always in gateway mode, else hairpin",
     )
     common.add_argument(
         "--route-localhost",
@@ -130,6 +152,36 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=float(_env("check-interval", "1")),
         help="seconds between drift checks of the hooks and top-level chains",
+    )
+    run.add_argument(
+        "--swarm-poll-interval",
+        type=float,
+        default=float(_env("swarm-poll-interval", "0.5")),
+        help="seconds between task listings of the Swarm manager (also listed on every service or node event)",
+    )
+    run.add_argument(
+        "--probe-interval",
+        type=float,
+        default=float(_env("probe-interval", "1")),
+        help="seconds between TCP probes of each remote backend (gateway mode)",
+    )
+    run.add_argument(
+        "--probe-timeout",
+        type=float,
+        default=float(_env("probe-timeout", "0.5")),
+        help="seconds a probe's TCP connect may take",
+    )
+    run.add_argument(
+        "--probe-fall",
+        type=int,
+        default=int(_env("probe-fall", "2")),
+        help="failed probes in a row that take a remote backend out of the rotation",
+    )
+    run.add_argument(
+        "--probe-rise",
+        type=int,
+        default=int(_env("probe-rise", "1")),
+        help="successful probes in a row that bring it back",
     )
     status = commands.add_parser("status", parents=[common], help="frontends, backends, connections, rejections")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -174,53 +226,48 @@ def _iptables(args: argparse.Namespace) -> Writer:
     return Iptables(flavour)
 
 
+def _mode(args: argparse.Namespace) -> Mode:
+    return resolve_mode(args.provider, args.docker_url)
+
+
 def _options(args: argparse.Namespace) -> Options:
+    snat_always = args.snat == "always" or (args.snat == "auto" and _mode(args) is not Mode.LOCAL)
     return Options(
         mark_bit=args.mark_bit,
         listen_address=args.listen_address,
-        snat_always=args.snat == "always",
+        snat_always=snat_always,
         route_localhost=args.route_localhost and not args.listen_address,
     )
 
 
-def _current_state(args: argparse.Namespace) -> DesiredState:
-    api = discovery.connect(args.docker_url, timeout=10)
-    return desired_state(
-        discovery.list_labelled(api, args.label_prefix), args.label_prefix, discovery.host_tcp_listeners()
-    )
+def _listed(args: argparse.Namespace, metrics: Metrics | None = None) -> list[ContainerSnapshot]:
+    """One listing of every source's labelled containers (or tasks)."""
+    providers = build_providers(_mode(args), args.docker_url, args.label_prefix, metrics or Metrics(lambda: ({}, [])))
+    return [snapshot for provider in providers for snapshot in provider.list()]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     iptables = _iptables(args)
     log.info("tcprouter starting: writing the %s tables with %r", iptables.flavour, iptables)
     metrics = Metrics(kernel_reader(iptables.flavour))
+    mode = _mode(args)
+    providers = build_providers(
+        mode, args.docker_url, args.label_prefix, metrics, poll_interval=args.swarm_poll_interval
+    )
+    log.info("backends from %s: %s", mode, ", ".join(p.source for p in providers))
     if args.metrics_address:
         metrics.serve(args.metrics_address)
     options = _options(args)
     if options.route_localhost and not enable_route_localnet():
         options = dataclasses.replace(options, route_localhost=False)
-    settings = Settings(
-        prefix=args.label_prefix,
-        options=options,
-        docker_url=args.docker_url,
-        resync_interval=args.resync_interval,
-        check_interval=args.check_interval,
-    )
-    reconciler = Reconciler(settings, iptables, metrics)
-
-    def stop(signum: int, _frame: object) -> None:
-        log.info("signal %d: stopping; the rules stay in the kernel (use `tcprouter cleanup` to remove them)", signum)
-        reconciler.stop()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    threading.Thread(target=reconciler.watch, name="docker-watcher", daemon=True).start()
-    reconciler.run()
-    return 0
+    timing = Timing(resync_interval=args.resync_interval, check_interval=args.check_interval)
+    probing = ProbePolicy(args.probe_interval, args.probe_timeout, args.probe_fall, args.probe_rise)
+    return serve(providers, iptables, metrics, options, args.label_prefix, timing, probing)
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    rules = compile_rules(_current_state(args), _options(args))
+    state = desired_state(_listed(args), args.label_prefix, hostports.host_tcp_listeners())
+    rules = compile_rules(state, _options(args))
     sys.stdout.write(restore_script({}, rules))
     return 0
 
@@ -277,6 +324,7 @@ def status_report(
             {
                 "container": backend.name,
                 "id": backend.container_id[:12],
+                "node": backend.node,
                 "address": address,
                 "health": container.health or "none",
                 "weight": backend.weight,
@@ -311,12 +359,13 @@ def render_status(report: dict) -> str:
     for frontend in report["frontends"]:
         lead = [f":{frontend['port']}", frontend["balance"]]
         if not frontend["backends"]:
-            rows.append([*lead, "(no backend)", "", "", "", "", "", ""])
+            rows.append([*lead, "(no backend)", "", "", "", "", "", "", ""])
         for i, b in enumerate(frontend["backends"]):
             rows.append(
                 [
                     *(lead if i == 0 else ["", ""]),
                     b["container"],
+                    b["node"] or "-",
                     b["address"],
                     b["health"],
                     b["weight"],
@@ -325,7 +374,7 @@ def render_status(report: dict) -> str:
                     b["connections"],
                 ]
             )
-    headers = ["FRONTEND", "BALANCE", "CONTAINER", "ADDRESS", "HEALTH", "WEIGHT", "IN ROTATION", "IN KERNEL"]
+    headers = ["FRONTEND", "BALANCE", "CONTAINER", "NODE", "ADDRESS", "HEALTH", "WEIGHT", "IN ROTATION", "IN KERNEL"]
     lines = _table([*headers, "CONNECTIONS"], rows) if rows else ["no frontends: no running container is labelled"]
     if report["rejected"]:
         rejected = ([r["container"], r["reason"], r["detail"]] for r in report["rejected"])
@@ -335,10 +384,9 @@ def render_status(report: dict) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    api = discovery.connect(args.docker_url, timeout=10)
-    containers = discovery.list_labelled(api, args.label_prefix)
+    containers = _listed(args)
     _, kernel = kernel_reader(_flavour(args))()
-    report = status_report(containers, kernel, args.label_prefix, discovery.host_tcp_listeners())
+    report = status_report(containers, kernel, args.label_prefix, hostports.host_tcp_listeners())
     sys.stdout.write(json.dumps(report, indent=2) + "\n" if args.json else render_status(report))
     return 0
 
@@ -407,17 +455,22 @@ def docker_problem(url: str, error: BaseException) -> str:
     return f"{where}: {cause}"
 
 
-def _docker_url(args: argparse.Namespace) -> str:
-    return args.docker_url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+def _docker_urls(args: argparse.Namespace) -> list[str]:
+    return args.docker_url or [os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"]
 
 
-def docker_finding(args: argparse.Namespace) -> Finding:
-    url = _docker_url(args)
-    try:
-        info = discovery.connect(args.docker_url, timeout=5).version()
-    except Exception as error:
-        return False, docker_problem(url, error)
-    return True, f"Docker {info.get('Version', '?')} reachable at {url} (API {info.get('ApiVersion', '?')})"
+def docker_findings(args: argparse.Namespace) -> list[Finding]:
+    findings = []
+    for url in _docker_urls(args):
+        try:
+            info = connect(url, timeout=5).version()
+        except Exception as error:
+            findings.append((False, docker_problem(url, error)))
+            continue
+        findings.append(
+            (True, f"Docker {info.get('Version', '?')} reachable at {url} (API {info.get('ApiVersion', '?')})")
+        )
+    return findings
 
 
 def iptables_findings(
@@ -475,8 +528,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             privilege_finding(os.geteuid(), has_net_admin(status.read())),
             forwarding_finding(ip_forward.read()),
         ]
-    docker = docker_finding(args)
-    findings += [docker, *_iptables_findings(args, docker_reachable=docker[0])]
+    docker = docker_findings(args)
+    findings += [*docker, *_iptables_findings(args, docker_reachable=all(ok for ok, _ in docker))]
     for ok, text in findings:
         print(f"{'ok' if ok else 'problem'}: {text}")
     problems = sum(not ok for ok, _ in findings)
@@ -497,8 +550,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", error)
         return 1
     except docker.errors.DockerException as error:
-        log.error("%s", docker_problem(_docker_url(args), error))
+        log.error("%s", docker_problem(" or ".join(_docker_urls(args)), error))
         return 1
+    except ValueError as error:  # a combination of flags that cannot work, in an operator's words
+        log.error("%s", error)
+        return 2
 
 
 if __name__ == "__main__":

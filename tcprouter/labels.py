@@ -6,9 +6,10 @@ affects another container or another frontend.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from .model import Backend, Balance, ContainerSnapshot, DesiredState, Frontend, Rejection
@@ -60,23 +61,53 @@ def _choose_network(container: ContainerSnapshot, key: str) -> str:
     return sorted(container.networks)[0]
 
 
+def _container_port(candidates: list[int], wanted: int | None, fallback: int | None, prefix: str, what: str) -> int:
+    """The container port to send to: the label's, else the only candidate, else `fallback`."""
+    if wanted is not None:
+        return wanted
+    if len(candidates) > 1:
+        raise LabelError(
+            "ambiguous_backend_port", f"the container {what} several TCP ports {candidates}; set {prefix}.backend_port"
+        )
+    if candidates:
+        return candidates[0]
+    if fallback is None:
+        raise LabelError("not_published", f"the container {what} no TCP port")
+    return fallback
+
+
+def _local_endpoint(
+    container: ContainerSnapshot, prefix: str, port: int, wanted: int | None
+) -> tuple[str, int, str | None]:
+    """A container of this host: its address on a Docker network, a container port."""
+    backend_port = _container_port(sorted(container.exposed_tcp_ports), wanted, port, prefix, "exposes")
+    network = _choose_network(container, f"{prefix}.network")
+    ip = container.networks[network]
+    if not ip:
+        raise LabelError("no_address", f"the container has no IPv4 address on network {network!r}")
+    return ip, backend_port, container.subnets.get(network)
+
+
+def _remote_endpoint(container: ContainerSnapshot, prefix: str, wanted: int | None) -> tuple[str, int]:
+    """A container of another host: that host's address, the host port its container port is published on."""
+    published = container.published_tcp_ports
+    target = _container_port(sorted(published), wanted, None, prefix, "publishes")
+    if target not in published:
+        raise LabelError(
+            "not_published",
+            f"label {prefix}.backend_port={target}: the container does not publish that TCP port on its host "
+            f"(published: {sorted(published) or 'none'}; publish it with --publish mode=host,target={target})",
+        )
+    return container.host_address, published[target]
+
+
 def parse_backend(container: ContainerSnapshot, prefix: str = DEFAULT_PREFIX) -> BackendSpec:
     """Validate one container's labels. Raises LabelError naming the label and why."""
     labels = container.labels
     port = _integer(labels, f"{prefix}.port", 1, 65535)
     if port is None:
         raise LabelError("missing_port", f"label {prefix}.port is missing")
-
-    backend_port = _integer(labels, f"{prefix}.backend_port", 1, 65535)
-    if backend_port is None:
-        if len(container.exposed_tcp_ports) > 1:
-            raise LabelError(
-                "ambiguous_backend_port",
-                f"the container exposes several TCP ports {sorted(container.exposed_tcp_ports)}; "
-                f"set {prefix}.backend_port",
-            )
-        backend_port = container.exposed_tcp_ports[0] if container.exposed_tcp_ports else port
-
+    wanted_port = _integer(labels, f"{prefix}.backend_port", 1, 65535)
     weight = _integer(labels, f"{prefix}.weight", 1, 100)
 
     balance_raw = labels.get(f"{prefix}.balance")
@@ -90,18 +121,19 @@ def parse_backend(container: ContainerSnapshot, prefix: str = DEFAULT_PREFIX) ->
                 f"label {prefix}.balance={balance_raw!r} is not one of {', '.join(b.value for b in Balance)}",
             ) from None
 
-    network = _choose_network(container, f"{prefix}.network")
-    ip = container.networks[network]
-    if not ip:
-        raise LabelError("no_address", f"the container has no IPv4 address on network {network!r}")
-
+    subnet = None
+    if container.host_address:
+        ip, backend_port = _remote_endpoint(container, prefix, wanted_port)
+    else:
+        ip, backend_port, subnet = _local_endpoint(container, prefix, port, wanted_port)
     backend = Backend(
         container_id=container.id,
         name=container.name,
         ip=ip,
         port=backend_port,
         weight=weight or 1,
-        subnet=container.subnets.get(network),
+        subnet=subnet,
+        node=container.node,
     )
     return BackendSpec(frontend_port=port, backend=backend, balance=balance)
 
@@ -156,3 +188,14 @@ def desired_state(
                 )
         frontends[port] = Frontend(port, balance, tuple(s.backend for s in specs))
     return DesiredState(frontends=frontends, rejections=tuple(rejections), warnings=tuple(warnings))
+
+
+def reachable_only(state: DesiredState, unreachable: Collection[tuple[str, int]]) -> DesiredState:
+    """The state without the backends whose endpoint (address, port) failed its reachability probes."""
+    if not unreachable:
+        return state
+    frontends = {
+        port: dataclasses.replace(f, backends=tuple(b for b in f.backends if b.endpoint not in unreachable))
+        for port, f in state.frontends.items()
+    }
+    return dataclasses.replace(state, frontends=frontends)

@@ -19,7 +19,6 @@ from prometheus_client.registry import Collector
 
 from .compiler import FRONTEND_CHAIN_PREFIX, Tables
 from .diff import SavedRule, owned
-from .discovery import CONTAINER_ACTIONS, NETWORK_ACTIONS
 from .model import DesiredState
 from .netfilter import Flavour, Iptables
 
@@ -108,9 +107,13 @@ class StateCollector(Collector):
         state = self._state
         frontends = GaugeMetricFamily("tcprouter_frontends", "Frontends (public ports) declared by labels")
         frontends.add_metric([], len(state.frontends))
-        backends = GaugeMetricFamily("tcprouter_backends", "Backends in the rotation", labels=["frontend"])
+        backends = GaugeMetricFamily(
+            "tcprouter_backends", "Backends in the rotation, by the node they run on", labels=["frontend", "node"]
+        )
         for port, frontend in sorted(state.frontends.items()):
-            backends.add_metric([str(port)], len(frontend.backends))
+            nodes = Tally(b.node for b in frontend.backends) or Tally({"": 0})  # an empty pool still shows, at 0
+            for node, count in sorted(nodes.items()):
+                backends.add_metric([str(port), node], count)
         rejected = GaugeMetricFamily(
             "tcprouter_rejected_containers", "Labelled containers left out, by reason", labels=["reason"]
         )
@@ -168,9 +171,23 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
         )
         self.docker_events = Counter("tcprouter_docker_events", "Docker events handled", ["action"], registry=r)
-        self.docker_connected = Gauge("tcprouter_docker_connected", "1 while the event stream is open", registry=r)
+        self.docker_connected = Gauge(
+            "tcprouter_docker_connected", "1 while the source's Docker API is followed", ["source"], registry=r
+        )
         self.docker_reconnects = Counter(
-            "tcprouter_docker_reconnects", "Times the Docker event stream was reopened", registry=r
+            "tcprouter_docker_reconnects",
+            "Times the connection to a source's Docker API was reopened",
+            ["source"],
+            registry=r,
+        )
+        self.probe_up = Gauge(
+            "tcprouter_backend_probe_up",
+            "1 while a remote backend answers the gateway's TCP probes, 0 once out of the rotation for failing them",
+            ["node", "address"],
+            registry=r,
+        )
+        self.probe_failures = Counter(
+            "tcprouter_backend_probe_failures", "Failed TCP probes of a remote backend", ["node", "address"], registry=r
         )
         self.drift_repairs = Counter(
             "tcprouter_drift_repairs", "Full resyncs triggered by rules changed behind tcprouter's back", registry=r
@@ -180,8 +197,6 @@ class Metrics:
         # Labelled series exist from the start at 0, so that rate() and alerts see the first increment.
         for kind in ("full", "partial"):
             self.sync_duration.labels(kind)
-        for action in sorted(CONTAINER_ACTIONS | NETWORK_ACTIONS):
-            self.docker_events.labels(action)
 
     def serve(self, address: str) -> None:
         """Serve /metrics on `host:port` (`:port` or `[::]:port` too) in a daemon thread."""

@@ -16,7 +16,12 @@ class Balance(StrEnum):
 
 @dataclass(frozen=True)
 class ContainerSnapshot:
-    """What tcprouter needs to know about one container, read from `docker inspect`."""
+    """What tcprouter needs to know about one container (or Swarm task), whatever provider found it.
+
+    A local container is reached at its address on a Docker network (`networks`) and a container port. A
+    remote one (`host_address` set: another engine, or a Swarm node) is reached at that host address and the
+    host port its container port is published on (`published_tcp_ports`).
+    """
 
     id: str
     name: str
@@ -29,6 +34,9 @@ class ContainerSnapshot:
     networks: dict[str, str] = field(default_factory=dict)  # network name -> IPv4 address ("" if none)
     subnets: dict[str, str] = field(default_factory=dict)  # network name -> IPv4 subnet (CIDR), if known
     exposed_tcp_ports: tuple[int, ...] = ()
+    node: str = ""  # the host it runs on, for status, logs and metrics ("": this host)
+    host_address: str = ""  # remote only: the address of that host, where its published ports are reached
+    published_tcp_ports: dict[int, int] = field(default_factory=dict)  # remote only: container port -> host port
 
     @property
     def serving(self) -> bool:
@@ -44,6 +52,11 @@ class Backend:
     port: int
     weight: int = 1
     subnet: str | None = None  # the backend network's subnet, for hairpin SNAT
+    node: str = ""  # the host it runs on ("": this host)
+
+    @property
+    def endpoint(self) -> tuple[str, int]:
+        return self.ip, self.port
 
 
 @dataclass(frozen=True)

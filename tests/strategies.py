@@ -50,6 +50,7 @@ label_keys = st.sampled_from(["tcp.port", "tcp.backend_port", "tcp.network", "tc
 def containers(draw: st.DrawFn, index: int = 0) -> ContainerSnapshot:
     networks = draw(st.dictionaries(st.sampled_from(["bridge", "backend", "front"]), st.just(""), max_size=2))
     networks = {name: f"10.{i}.0.{index % 250 + 2}" for i, name in enumerate(sorted(networks))}
+    remote = draw(st.booleans())  # a container of another host (engines, Swarm): reached at its published ports
     return ContainerSnapshot(
         id=f"{index:064x}",
         name=f"c{index}",
@@ -59,4 +60,7 @@ def containers(draw: st.DrawFn, index: int = 0) -> ContainerSnapshot:
         health=draw(st.sampled_from([None, "starting", "healthy", "unhealthy"])),
         networks=networks,
         exposed_tcp_ports=tuple(draw(st.lists(ports, max_size=2, unique=True))),
+        node=f"node{index % 3}" if remote else "",
+        host_address=f"198.18.99.{index % 3 + 11}" if remote else "",
+        published_tcp_ports=draw(st.dictionaries(ports, ports, max_size=2)) if remote else {},
     )

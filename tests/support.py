@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from tcprouter.discovery import proc_net_endpoint
+from tcprouter.hostports import proc_net_endpoint
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent

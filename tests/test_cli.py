@@ -67,6 +67,7 @@ def test_status_lists_every_valid_container_with_health_rotation_kernel_and_conn
     assert rows["web-a"] == {
         "container": "web-a",
         "id": "web-a0000000",
+        "node": "",
         "address": "172.17.0.2:27017",
         "health": "none",
         "weight": 1,
@@ -95,11 +96,11 @@ def test_status_table_for_humans():
     text = cli.render_status(cli.status_report(CONTAINERS, kernel_for(CONTAINERS, [5, 4, 1]), "tcp"))
     lines = text.splitlines()
     assert lines[0].split() == [
-        "FRONTEND", "BALANCE", "CONTAINER", "ADDRESS", "HEALTH", "WEIGHT", "IN", "ROTATION", "IN", "KERNEL",
+        "FRONTEND", "BALANCE", "CONTAINER", "NODE", "ADDRESS", "HEALTH", "WEIGHT", "IN", "ROTATION", "IN", "KERNEL",
         "CONNECTIONS",
     ]  # fmt: skip
-    assert lines[1].split() == [":27017", "roundrobin", "web-a", "172.17.0.2:27017", "none", "1", "yes", "yes", "6"]
-    assert lines[3].split() == ["web-c", "172.17.0.4:27017", "unhealthy", "1", "no", "no", "0"]
+    assert lines[1].split() == [":27017", "roundrobin", "web-a", "-", "172.17.0.2:27017", "none", "1", "yes", "yes", "6"]
+    assert lines[3].split() == ["web-c", "-", "172.17.0.4:27017", "unhealthy", "1", "no", "no", "0"]
     assert lines[5].split()[:3] == ["REJECTED", "CONTAINER", "REASON"]
     assert lines[6].split()[:2] == ["bad", "invalid_port"]
     assert cli.render_status(cli.status_report([], [], "tcp")).startswith("no frontends")
@@ -170,9 +171,7 @@ def test_unreadable_tables_are_a_problem():
 
 
 def test_json_log_lines_carry_level_message_and_extra_fields():
-    record = logging.LogRecord(
-        "tcprouter.reconciler", logging.INFO, __file__, 1, "frontend %d: +backend %s", (80, "a"), None
-    )
+    record = logging.LogRecord("tcprouter.sync", logging.INFO, __file__, 1, "frontend %d: +backend %s", (80, "a"), None)
     record.frontend = 80
     entry = json.loads(cli.JsonFormatter().format(record))
     assert entry["level"] == "info" and entry["message"] == "frontend 80: +backend a" and entry["frontend"] == 80

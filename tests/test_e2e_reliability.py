@@ -12,11 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tcprouter import discovery
+from tcprouter import hostports
 from tcprouter.compiler import Options, compile_rules
 from tcprouter.diff import believed_tables, owned_only
 from tcprouter.labels import desired_state
 from tcprouter.netfilter import Flavour, Iptables
+from tcprouter.providers.docker_api import connect
+from tcprouter.providers.engine import list_labelled
 
 from .support import (
     BACKEND_IMAGE,
@@ -38,8 +40,7 @@ TEST_DOCKERD = str(REPO / "scripts" / "test-dockerd")
 
 def kernel_matches_docker(flavour: str) -> bool:
     """The owned rules in the kernel are exactly those compiled from Docker's current containers."""
-    api = discovery.connect(None, timeout=10)
-    state = desired_state(discovery.list_labelled(api, "tcp"), "tcp", discovery.host_tcp_listeners())
+    state = desired_state(list_labelled(connect(None, timeout=10), "tcp"), "tcp", hostports.host_tcp_listeners())
     expected = believed_tables(compile_rules(state, Options(forward_parent="DOCKER-USER")))
     tables, _ = Iptables(Flavour(flavour)).read()
     return owned_only(tables) == expected
@@ -79,7 +80,11 @@ def test_docker_connection_loss_and_return(backends, start_router, client_host, 
     try:
         router = start_router("--docker-url", proxy.url)
         proxy.cut()
-        wait_until(lambda: "tcprouter_docker_connected 0.0" in router.metrics_text(), 10, what="the router to notice")
+        wait_until(
+            lambda: 'tcprouter_docker_connected{source="local"} 0.0' in router.metrics_text(),
+            10,
+            what="the router to notice",
+        )
         newcomer = backends.start({"tcp.port": str(FRONT)})  # started while the router cannot see Docker
         backends.remove(doomed)  # died meanwhile
         proxy.start()
@@ -92,7 +97,7 @@ def test_docker_connection_loss_and_return(backends, start_router, client_host, 
             what="the pool as Docker has it now",
         )
         assert time.monotonic() - back <= 5.0
-        assert "tcprouter_docker_reconnects_total 1.0" in router.metrics_text()
+        assert 'tcprouter_docker_reconnects_total{source="local"} 1.0' in router.metrics_text()
         assert kernel_matches_docker(host_tables)
     finally:
         proxy.cut()
@@ -111,7 +116,11 @@ def test_docker_daemon_restart(backends, start_router, client_host, host_tables)
     assert answering(ns, host, 2) == {backends.ip(keeper), goner_ip}
     try:
         sh(TEST_DOCKERD, "stop")
-        wait_until(lambda: "tcprouter_docker_connected 0.0" in router.metrics_text(), 10, what="the router to notice")
+        wait_until(
+            lambda: 'tcprouter_docker_connected{source="local"} 0.0' in router.metrics_text(),
+            10,
+            what="the router to notice",
+        )
     finally:
         sh(TEST_DOCKERD, "start")
     back = time.monotonic()

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tcprouter.compiler import compile_rules
-from tcprouter.labels import LabelError, desired_state, parse_backend
+from tcprouter.labels import LabelError, desired_state, parse_backend, reachable_only
 from tcprouter.model import Balance, ContainerSnapshot
 
 from .strategies import containers
@@ -125,6 +125,7 @@ def test_pool_setting_conflict_oldest_wins_and_is_reported():
     assert len(state.warnings) == 1 and "c2" in state.warnings[0] and "c1" in state.warnings[0]
 
 
+@settings(deadline=None)  # the first example pays for imports: a per-example deadline would flake on a busy host
 @given(
     st.lists(st.integers(min_value=0, max_value=59), max_size=6, unique=True).flatmap(
         lambda indexes: st.tuples(*(containers(i) for i in indexes))
@@ -146,3 +147,39 @@ def test_any_labels_never_raise_and_every_running_container_is_placed_or_rejecte
             assert reason.reason and reason.detail
         else:
             assert container.id not in routed
+
+
+def remote(labels: dict[str, str], published: dict[int, int], index: int = 1) -> ContainerSnapshot:
+    """A container of another host (engines mode, a Swarm task): reached at its node's address."""
+    return snapshot(
+        labels, index, networks={}, node="node2", host_address="198.18.99.12", published_tcp_ports=published
+    )
+
+
+def test_a_remote_container_is_reached_at_its_host_address_and_published_port():
+    spec = parse_backend(remote({"tcp.port": "27017"}, {1234: 32769}))
+    backend = spec.backend
+    assert (backend.ip, backend.port, backend.node, backend.subnet) == ("198.18.99.12", 32769, "node2", None)
+    chosen = parse_backend(remote({"tcp.port": "27017", "tcp.backend_port": "8080"}, {1234: 32769, 8080: 32770}))
+    assert chosen.backend.port == 32770
+
+
+@pytest.mark.parametrize(
+    ("labels", "published", "reason"),
+    [
+        ({"tcp.port": "80"}, {}, "not_published"),
+        ({"tcp.port": "80", "tcp.backend_port": "9090"}, {1234: 32769}, "not_published"),
+        ({"tcp.port": "80"}, {1234: 32769, 8080: 32770}, "ambiguous_backend_port"),
+    ],
+)
+def test_a_remote_container_must_publish_the_port_it_is_reached_on(labels, published, reason):
+    with pytest.raises(LabelError) as error:
+        parse_backend(remote(labels, published))
+    assert error.value.reason == reason
+    assert "publish" in error.value.detail
+
+
+def test_unreachable_backends_leave_the_rotation_and_the_frontend_stays():
+    state = desired_state([remote({"tcp.port": "80"}, {1234: 32769}, 1), snapshot({"tcp.port": "80"}, 2)])
+    assert [b.name for b in reachable_only(state, {("198.18.99.12", 32769)}).frontends[80].backends] == ["c2"]
+    assert reachable_only(state, set()) is state

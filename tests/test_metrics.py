@@ -17,6 +17,7 @@ from tcprouter.diff import SavedRule, parse_save
 from tcprouter.metrics import Metrics, StateCollector, backend_connections, kernel_reader
 from tcprouter.model import Backend, Balance, DesiredState, Frontend, Rejection
 from tcprouter.netfilter import Flavour
+from tcprouter.providers.engine import EngineProvider
 
 A = Backend("a" * 64, "web-a", "172.17.0.2", 1234)
 B = Backend("b" * 64, "web-b", "172.17.0.3", 1234, weight=2)
@@ -112,7 +113,7 @@ def test_scrape_shows_the_published_state_and_the_kernel():
     metrics.state.publish(state)
     seen = scrape(metrics)
     assert seen["tcprouter_frontends"] == [({}, 2)]
-    assert seen["tcprouter_backends"] == [({"frontend": "1883"}, 0), ({"frontend": "27017"}, 2)]
+    assert seen["tcprouter_backends"] == [({"frontend": "1883", "node": ""}, 0), ({"frontend": "27017", "node": ""}, 2)]
     assert seen["tcprouter_rejected_containers"] == [
         ({"reason": "invalid_port"}, 2),
         ({"reason": "unknown_network"}, 1),
@@ -129,13 +130,15 @@ def test_scrape_shows_the_published_state_and_the_kernel():
 
 
 def test_labelled_series_exist_before_anything_happened():
-    seen = scrape(Metrics(lambda: ({}, [])))
+    metrics = Metrics(lambda: ({}, []))
+    EngineProvider(None, "tcp", metrics)  # the local provider declares its series
+    seen = scrape(metrics)
     kinds = {labels["kind"] for labels, _ in seen["tcprouter_sync_duration_seconds"]}
     assert kinds == {"full", "partial"}
     actions = {labels["action"] for labels, _ in seen["tcprouter_docker_events"]}
     assert {"start", "die", "stop", "kill", "destroy", "health_status", "connect", "disconnect"} <= actions
     assert seen["tcprouter_sync_failures"] == [({}, 0)]
-    assert seen["tcprouter_docker_connected"] == [({}, 0)]
+    assert seen["tcprouter_docker_connected"] == [({"source": "local"}, 0)]
     assert [labels.keys() for labels, _ in seen["tcprouter_build_info"]] == [{"version"}]
 
 
@@ -146,7 +149,7 @@ def test_a_scrape_answers_when_iptables_fails():
     metrics = Metrics(broken)
     metrics.state.publish(pool(A))
     seen = scrape(metrics)
-    assert seen["tcprouter_backends"] == [({"frontend": "27017"}, 1)]
+    assert seen["tcprouter_backends"] == [({"frontend": "27017", "node": ""}, 1)]
     assert "tcprouter_rules" not in seen and "tcprouter_backend_connections" not in seen
 
 
@@ -185,7 +188,9 @@ def test_a_slow_scrape_blocks_no_sync_and_shows_one_whole_state():
     release.set()
     scraper.join(5)
     assert seen["tcprouter_frontends"] == [({}, 1)]
-    assert seen["tcprouter_backends"] == [({"frontend": "27017"}, 2)]  # the state the scrape began with, whole
+    assert seen["tcprouter_backends"] == [
+        ({"frontend": "27017", "node": ""}, 2)
+    ]  # the state the scrape began with, whole
 
 
 def test_connections_of_backends_whose_names_iptables_save_quotes():

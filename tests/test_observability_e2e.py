@@ -50,7 +50,7 @@ def test_metrics_every_family_with_its_labels_and_exact_connection_counts(backen
     rejected = backends.start({"tcp.port": "not-a-port"}, wait=False)
     router = start_router()
     third = backends.start({"tcp.port": str(FRONT)})  # after the start: a Docker event, measured to the kernel
-    wait_until(lambda: values(scrape(router)["tcprouter_backends"]) == {(("frontend", str(FRONT)),): 3}, 5)
+    wait_until(lambda: values(scrape(router)["tcprouter_backends"]) == {(("frontend", str(FRONT)), ("node", "")): 3}, 5)
 
     answers = greetings(client_host.name, client_host.host_ip, FRONT, 9)
     ips = [backends.ip(c) for c in [*first, third]]
@@ -79,8 +79,8 @@ def test_metrics_every_family_with_its_labels_and_exact_connection_counts(backen
     assert values(metrics["tcprouter_docker_events"], "_total")[(("action", "start"),)] >= 1
     assert values(metrics["tcprouter_sync_failures"], "_total") == {(): 0}
     assert abs(values(metrics["tcprouter_last_sync_timestamp_seconds"])[()] - time.time()) < 120
-    assert values(metrics["tcprouter_docker_connected"]) == {(): 1}
-    assert values(metrics["tcprouter_docker_reconnects"], "_total") == {(): 0}
+    assert values(metrics["tcprouter_docker_connected"]) == {(("source", "local"),): 1}
+    assert values(metrics["tcprouter_docker_reconnects"], "_total") == {(("source", "local"),): 0}
     [(labels, one)] = values(metrics["tcprouter_build_info"]).items()
     assert one == 1 and [key for key, _ in labels] == ["version"]
 

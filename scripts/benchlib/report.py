@@ -219,7 +219,7 @@ def _scale(sc: dict) -> tuple[list[str], dict]:
                 "owned rules",
                 "full sync ms",
                 "read / compile / diff / restore ms",
-                "daemon Reconciler.sync(full) ms",
+                "daemon Syncer.sync(full) ms",
                 "resync, nothing changed, ms",
                 "drift check (every 1 s) ms",
                 "labels -> state ms",
@@ -234,7 +234,7 @@ def _scale(sc: dict) -> tuple[list[str], dict]:
             [
                 "size",
                 "written",
-                "daemon Reconciler.sync(partial) ms",
+                "daemon Syncer.sync(partial) ms",
                 "labels / compile / diff / restore ms",
                 "same change by a full sync ms",
                 "kernel == desired after",

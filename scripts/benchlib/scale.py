@@ -28,7 +28,7 @@ from tcprouter.labels import desired_state
 from tcprouter.metrics import Metrics
 from tcprouter.model import ContainerSnapshot, DesiredState
 from tcprouter.netfilter import Iptables, detect_flavour
-from tcprouter.reconciler import Reconciler, Settings
+from tcprouter.sync import Syncer
 from tests.support import in_netns
 
 from .common import CLIENT_SUBNET, log, median, netns_add, percentile, sh, tune_client, veth
@@ -163,26 +163,23 @@ def sync_figures(frontends: int, repeats: int) -> dict:
 
 
 def _daemon_syncs(iptables: Iptables, containers: list[ContainerSnapshot], victim, repeats: int) -> dict:
-    """The daemon's own Reconciler.sync on this state: a full sync from empty tables, then partial syncs
+    """The daemon's own Syncer.sync on this state: a full sync from empty tables, then partial syncs
     of one backend leaving and coming back (what a `docker kill` / `docker start` event costs it)."""
     fulls, partials, drift_checks = [], [], []
     for _ in range(repeats):
         _empty(iptables)
-        reconciler = Reconciler(Settings(options=OPTIONS), iptables, Metrics(lambda: []))
-        reconciler.containers = {c.id: c for c in containers}
-        reconciler.listed = True
-        ok, took = _timed(reconciler.sync, True)
+        syncer = Syncer(iptables, OPTIONS, "tcp", Metrics(lambda: []))
+        without_victim = [c for c in containers if c.id != victim.id]
+        ok, took = _timed(syncer.sync, containers, (), True)
         assert ok, "full sync failed"
         fulls.append(took)
-        drifted, took = _timed(reconciler._drifted)  # the once-a-second check, run in the same thread
+        drifted, took = _timed(syncer.drifted)  # the once-a-second check, run in the same thread
         assert not drifted, "drift reported on tables just written"
         drift_checks.append(took)
         for _ in range(2):
-            reconciler.containers.pop(victim.id)
-            ok, took = _timed(reconciler.sync, False)
+            ok, took = _timed(syncer.sync, without_victim, (), False)
             partials.append(took)
-            reconciler.containers[victim.id] = victim
-            ok, took2 = _timed(reconciler.sync, False)
+            ok, took2 = _timed(syncer.sync, containers, (), False)
             partials.append(took2)
     return {
         "daemon_full_sync_s": {"p50": median(fulls), "max": max(fulls)},
@@ -260,10 +257,10 @@ def rss_figures(sizes: list[int]) -> list[dict[str, int]]:
 
 def listener_probe(sockets: int, reads: int = 20) -> dict[str, float]:
     """Runs inside a private namespace: leave `sockets` TIME_WAIT sockets behind, then time the scan of the
-    namespace's TCP listeners that the daemon does before every sync (discovery.host_tcp_listeners)."""
-    from tcprouter import discovery
+    namespace's TCP listeners that the daemon does before every sync (hostports.host_tcp_listeners)."""
+    from tcprouter import hostports
 
-    scan = getattr(discovery, "host_tcp_listeners", None)
+    scan = getattr(hostports, "host_tcp_listeners", None)
     if scan is None:
         return {"sockets": sockets, "missing": 1}
     with socket.socket() as listener:

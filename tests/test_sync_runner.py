@@ -1,5 +1,5 @@
-"""The reconciler's loop logic against a real kernel (private network namespace), with Docker's changes
-fed in directly: coalescing, draining, failed writes that leave the rules in force, restarts without a flush."""
+"""The sync runner, change tracker and sync against a real kernel (private network namespace), with the providers'
+changes fed in directly: coalescing, draining, failed writes that leave the rules in force, restarts without a flush."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import pytest
 
 from tcprouter.compiler import Options, compile_rules
 from tcprouter.diff import believed_tables, owned_only
-from tcprouter.discovery import Change, Relist
 from tcprouter.labels import desired_state
 from tcprouter.metrics import Metrics, kernel_reader
 from tcprouter.model import ContainerSnapshot
 from tcprouter.netfilter import Flavour, Iptables, NetfilterError
-from tcprouter.reconciler import Reconciler, Settings
+from tcprouter.runner import SyncRunner, Timing
+from tcprouter.sync import Syncer
+from tcprouter.tracker import Change, ChangeTracker, Relist
 
 from .support import private_netns, wait_until
 
@@ -64,10 +65,16 @@ def namespace():
         yield ns
 
 
-def make(ns: str) -> tuple[Reconciler, FlakyWriter]:
+def make(ns: str) -> tuple[SyncRunner, FlakyWriter]:
     writer = FlakyWriter(Iptables(Flavour.NFT, netns=ns))
-    settings = Settings(settle=0.01, max_delay=0.1, resync_interval=3600, check_interval=0.2)
-    return Reconciler(settings, writer, Metrics(kernel_reader(Flavour.NFT, ns))), writer
+    metrics = Metrics(kernel_reader(Flavour.NFT, ns))
+    timing = Timing(settle=0.01, max_delay=0.1, resync_interval=3600, check_interval=0.2)
+    return SyncRunner(ChangeTracker("tcp"), Syncer(writer, Options(), "tcp", metrics), metrics, timing), writer
+
+
+def sync(runner: SyncRunner, full: bool) -> bool:
+    """One sync of the tracker's current view, as the runner's loop does it."""
+    return runner.syncer.sync(runner.tracker.view(), runner.tracker.unreachable, full=full)
 
 
 def kernel_routes(ns: str) -> list[str]:
@@ -80,43 +87,43 @@ def expected(containers: list[ContainerSnapshot]) -> dict:
 
 
 def test_failed_write_is_retried_counted_and_leaves_the_rules_in_force(namespace):
-    reconciler, writer = make(namespace)
-    reconciler._apply(Relist((container(1), container(2))))
-    assert reconciler.sync(full=True)
+    runner, writer = make(namespace)
+    runner.tracker.apply(Relist((container(1), container(2))))
+    assert sync(runner, full=True)
     assert kernel_routes(namespace) == ["10.9.0.2:80", "10.9.0.3:80"]
 
     writer.failures = 10
-    reconciler._apply(Change(container(2).id, "die", 0, snapshot=container(2, running=False)))
-    assert reconciler.sync(full=False) is False  # no exception escapes
+    runner.tracker.apply(Change(container(2).id, "die", 0, snapshot=container(2, running=False)))
+    assert sync(runner, full=False) is False  # no exception escapes
     assert writer.writes == 1 + 3  # retried twice, from a fresh read of the kernel
-    assert reconciler.metrics.sync_failures._value.get() == 1
+    assert runner.metrics.sync_failures._value.get() == 1
     assert kernel_routes(namespace) == ["10.9.0.2:80", "10.9.0.3:80"]  # the previous rules stay in force
 
     writer.failures = 0
-    assert reconciler.sync(full=True)
+    assert sync(runner, full=True)
     assert kernel_routes(namespace) == ["10.9.0.2:80"]
 
 
 def test_loop_coalesces_a_burst_drains_on_kill_and_repairs_drift(namespace):
-    reconciler, writer = make(namespace)
-    loop = threading.Thread(target=reconciler.run, daemon=True)
+    runner, writer = make(namespace)
+    loop = threading.Thread(target=runner.run, daemon=True)
     loop.start()
     try:
-        reconciler.changes.put(Relist(()))
-        wait_until(reconciler.ready.is_set, 5, what="the first sync")
+        runner.submit(Relist(()))
+        wait_until(runner.ready.is_set, 5, what="the first sync")
         writes = writer.writes
         burst = [container(i) for i in range(1, 51)]
         for c in burst:
-            reconciler.changes.put(Change(c.id, "start", 0, snapshot=c))
+            runner.submit(Change(c.id, "start", 0, snapshot=c))
         wait_until(lambda: len(kernel_routes(namespace)) == 50, 5, what="the whole burst in the kernel")
         assert writer.writes - writes <= 3  # 50 starts, a handful of writes at most
 
-        reconciler.changes.put(Change(burst[0].id, "kill", 0, drain=True))
+        runner.submit(Change(burst[0].id, "kill", 0, drain=True))
         wait_until(lambda: "10.9.0.2:80" not in kernel_routes(namespace), 5, what="the killed backend to go")
         # Docker's later events about the dying container (health, die) must not bring it back.
-        reconciler.changes.put(Change(burst[0].id, "health_status", 0, snapshot=burst[0]))
+        runner.submit(Change(burst[0].id, "health_status", 0, snapshot=burst[0]))
         marker = container(60)  # processed after the health event: once it shows, that event was handled
-        reconciler.changes.put(Change(marker.id, "start", 0, snapshot=marker))
+        runner.submit(Change(marker.id, "start", 0, snapshot=marker))
         wait_until(lambda: "10.9.0.61:80" in kernel_routes(namespace), 5, what="the marker backend")
         assert "10.9.0.2:80" not in kernel_routes(namespace)
 
@@ -128,30 +135,30 @@ def test_loop_coalesces_a_burst_drains_on_kill_and_repairs_drift(namespace):
             what="the flushed dispatch chain to be repaired",
         )
     finally:
-        reconciler.stop()
+        runner.stop()
         loop.join(5)
 
 
 def test_restart_reconciles_without_rewriting_what_is_in_place(namespace):
     first, _ = make(namespace)
-    first._apply(Relist((container(1), container(2))))
-    assert first.sync(full=True)
+    first.tracker.apply(Relist((container(1), container(2))))
+    assert sync(first, full=True)
     second, writer = make(namespace)  # a new process: no belief, reads the kernel
-    second._apply(Relist((container(1), container(2))))
-    assert second.sync(full=True)
+    second.tracker.apply(Relist((container(1), container(2))))
+    assert sync(second, full=True)
     assert writer.writes == 0  # nothing differed: no flush, no rewrite, counters and rotation untouched
 
 
 def test_draining_ends_with_the_run_it_belongs_to(namespace):
     """A kill drains that run of the container; a restart Docker did while tcprouter was away (seen only in a
     relist, with a new start time) brings it back, while a relist of the same run keeps it out."""
-    reconciler, _ = make(namespace)
+    runner, _ = make(namespace)
     first_run = container(1, started_at="2026-01-01T00:00:01Z")
-    reconciler._apply(Relist((first_run, container(2))))
-    reconciler._apply(Change(first_run.id, "kill", 0, drain=True))
-    serving = lambda: [b.name for b in reconciler._desired(full=False).frontends[80].backends]  # noqa: E731
+    runner.tracker.apply(Relist((first_run, container(2))))
+    runner.tracker.apply(Change(first_run.id, "kill", 0, drain=True))
+    serving = lambda: [b.name for b in runner.syncer.desired(runner.tracker.view(), full=False).frontends[80].backends]  # noqa: E731
     assert serving() == ["c2"]
-    reconciler._apply(Relist((first_run, container(2))))
+    runner.tracker.apply(Relist((first_run, container(2))))
     assert serving() == ["c2"]
-    reconciler._apply(Relist((container(1, started_at="2026-01-01T00:05:00Z"), container(2))))
+    runner.tracker.apply(Relist((container(1, started_at="2026-01-01T00:05:00Z"), container(2))))
     assert serving() == ["c1", "c2"]

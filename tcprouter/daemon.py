@@ -1,0 +1,98 @@
+"""`tcprouter run`: the pipeline wired together.
+
+providers (one thread each) -> runner queue -> change tracker -> sync (desired state, compiler, diff,
+writer) -> kernel; the prober (remote providers only) watches what the last sync routed and feeds its
+verdicts into the same queue. The runner's loop runs in the main thread until SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Sequence
+from enum import StrEnum
+
+from .compiler import Options
+from .metrics import Metrics
+from .netfilter import Writer
+from .probe import ProbePolicy, Prober
+from .providers import Provider
+from .providers.engine import EngineProvider
+from .providers.swarm import SwarmProvider
+from .runner import SyncRunner, Timing
+from .sync import Syncer
+from .tracker import ChangeTracker
+
+log = logging.getLogger("tcprouter")
+
+
+class Mode(StrEnum):
+    LOCAL = "local"  # this host's engine
+    ENGINES = "engines"  # plain engines on other hosts (--docker-url once per engine)
+    SWARM = "swarm"  # a Swarm manager
+
+
+def resolve_mode(asked: str | None, urls: Sequence[str]) -> Mode:
+    """The provider to use: as asked, else `engines` when several Docker URLs are given, else `local`."""
+    if asked:
+        return Mode(asked)
+    return Mode.ENGINES if len(urls) > 1 else Mode.LOCAL
+
+
+def build_providers(
+    mode: Mode, urls: Sequence[str], prefix: str, metrics: Metrics, timeout: float = 10.0, poll_interval: float = 0.5
+) -> list[Provider]:
+    """The providers of a mode; ValueError with an operator's sentence for a combination that cannot work."""
+    if mode is Mode.SWARM:
+        if len(urls) > 1:
+            raise ValueError("--swarm follows one manager: give --docker-url once (a manager's API)")
+        return [SwarmProvider(urls[0] if urls else None, prefix, metrics, timeout, poll_interval)]
+    if mode is Mode.ENGINES:
+        if not urls:
+            raise ValueError("--engines needs --docker-url once per engine (tcp://HOST:2376, ssh://user@HOST)")
+        return [EngineProvider(url, prefix, metrics, timeout, remote=True) for url in urls]
+    if len(urls) > 1:
+        raise ValueError("several --docker-url given: use --engines (other hosts' engines) or --swarm")
+    return [EngineProvider(urls[0] if urls else None, prefix, metrics, timeout)]
+
+
+def serve(
+    providers: Sequence[Provider],
+    writer: Writer,
+    metrics: Metrics,
+    options: Options,
+    prefix: str,
+    timing: Timing,
+    probing: ProbePolicy,
+) -> int:
+    """Follow the providers and keep the kernel in step until a stop signal; the rules stay when it returns."""
+    syncer = Syncer(writer, options, prefix, metrics)
+    runner = SyncRunner(ChangeTracker(prefix, [p.source for p in providers]), syncer, metrics, timing)
+    threads = [
+        threading.Thread(
+            target=p.follow, args=(runner.submit, runner.stopping), name=f"provider {p.source}", daemon=True
+        )
+        for p in providers
+    ]
+    if any(p.remote for p in providers):
+        prober = Prober(runner.submit, metrics, probing)
+        runner.on_synced = lambda synced: prober.watch(synced.remote_endpoints())
+        threads.append(threading.Thread(target=prober.run, args=(runner.stopping,), name="prober", daemon=True))
+        log.info(
+            "probing remote backends every %.1fs (out after %d failures, back after %d successes)",
+            probing.interval,
+            probing.fall,
+            probing.rise,
+        )
+
+    def stop(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping; the rules stay in the kernel (use `tcprouter cleanup` to remove them)", signum)
+        runner.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for thread in threads:
+        thread.start()
+    runner.run()
+    return 0

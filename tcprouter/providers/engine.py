@@ -1,0 +1,237 @@
+"""A Docker engine as a source of backends: this host's (`local`) or another host's (`engines` mode).
+
+The event stream is opened before the first full list (as registrator does), so a container that starts
+in between is seen by one or the other. A liveness ping reopens a stream that a hung daemon keeps silent.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import docker
+import docker.errors
+from docker.types import CancellableStream
+
+from ..metrics import Metrics
+from ..model import ContainerSnapshot
+from ..tracker import LOCAL, Change, Relist
+from . import Sink
+from .docker_api import DOCKER_ERRORS, connect, follow_forever, url_host
+
+log = logging.getLogger(__name__)
+
+# The actions that can change whether or where a container is a backend.
+CONTAINER_ACTIONS = frozenset(
+    {"start", "restart", "die", "stop", "kill", "destroy", "pause", "unpause", "rename", "health_status", "update"}
+)
+NETWORK_ACTIONS = frozenset({"connect", "disconnect"})
+# A kill with one of these signals ends the container: take it out of the rotation before it dies.
+LETHAL_SIGNALS = frozenset({"9", "15", "SIGKILL", "SIGTERM", "KILL", "TERM"})
+
+
+@dataclass(frozen=True)
+class Host:
+    """Where a remote engine's published ports are reached: its node name and address."""
+
+    node: str
+    address: str
+
+
+def snapshot_from_inspect(info: dict, host: Host | None = None) -> ContainerSnapshot:
+    """Build a snapshot from `docker inspect` output (a pure function). With `host`, the container is remote:
+    reached at that host's address and the ports it publishes there."""
+    state = info.get("State") or {}
+    config = info.get("Config") or {}
+    settings = info.get("NetworkSettings") or {}
+    networks = settings.get("Networks") or {}
+    addresses: dict[str, str] = {}
+    subnets: dict[str, str] = {}
+    for name, net in networks.items():
+        net = net or {}
+        addresses[name] = net.get("IPAddress") or ""
+        if net.get("IPAddress") and net.get("IPPrefixLen"):
+            subnets[name] = _subnet(net["IPAddress"], int(net["IPPrefixLen"]))
+    exposed = sorted(
+        int(spec.split("/")[0])
+        for spec in (config.get("ExposedPorts") or {})
+        if spec.endswith("/tcp") and spec.split("/")[0].isdigit()
+    )
+    health = (state.get("Health") or {}).get("Status")
+    return ContainerSnapshot(
+        id=info["Id"],
+        name=(info.get("Name") or info["Id"][:12]).lstrip("/"),
+        created=info.get("Created") or "",
+        labels=dict(config.get("Labels") or {}),
+        running=bool(state.get("Running")) and not state.get("Paused") and not state.get("Restarting"),
+        health=health or None,
+        started_at=state.get("StartedAt") or "",
+        networks=addresses,
+        subnets=subnets,
+        exposed_tcp_ports=tuple(exposed),
+        node=host.node if host else "",
+        host_address=host.address if host else "",
+        published_tcp_ports=published_tcp_ports(settings.get("Ports") or {}) if host else {},
+    )
+
+
+def published_tcp_ports(ports: dict) -> dict[int, int]:
+    """Container port -> host port, from inspect's NetworkSettings.Ports; bindings to loopback are left out
+    (another host cannot reach them)."""
+    published: dict[int, int] = {}
+    for spec, bindings in ports.items():
+        port, _, protocol = spec.partition("/")
+        for binding in bindings or ():
+            host_ip = binding.get("HostIp") or "0.0.0.0"
+            if protocol == "tcp" and port.isdigit() and not ipaddress.ip_address(host_ip).is_loopback:
+                published.setdefault(int(port), int(binding["HostPort"]))
+    return published
+
+
+def _subnet(address: str, prefix_len: int) -> str:
+    return str(ipaddress.ip_interface(f"{address}/{prefix_len}").network)
+
+
+def inspect(api: docker.APIClient, container_id: str, host: Host | None = None) -> ContainerSnapshot | None:
+    """The container's snapshot, or None if it no longer exists."""
+    try:
+        return snapshot_from_inspect(api.inspect_container(container_id), host)
+    except docker.errors.NotFound:
+        return None
+
+
+def list_labelled(api: docker.APIClient, prefix: str, host: Host | None = None) -> list[ContainerSnapshot]:
+    found = []
+    for summary in api.containers(filters={"label": f"{prefix}.port"}):
+        snapshot = inspect(api, summary["Id"], host)
+        if snapshot is not None:
+            found.append(snapshot)
+    return found
+
+
+def open_events(api: docker.APIClient) -> Iterator[dict]:
+    """Subscribe to the container and network events (the request is sent before this returns)."""
+    return api.events(decode=True, filters={"type": ["container", "network"]})
+
+
+def to_change(
+    api: docker.APIClient, event: dict, prefix: str, known: set[str], host: Host | None = None, source: str = LOCAL
+) -> Change | None:
+    """Turn one Docker event into a Change, inspecting the container when its state matters.
+
+    `known` holds the ids of the labelled containers seen so far: network events carry no labels.
+    """
+    kind, action = event.get("Type"), (event.get("Action") or event.get("status") or "").split(":")[0]
+    actor = event.get("Actor") or {}
+    attributes = actor.get("Attributes") or {}
+    if kind == "network" and action in NETWORK_ACTIONS:
+        container_id = attributes.get("container", "")
+        if container_id not in known:
+            return None
+    elif kind == "container" and action in CONTAINER_ACTIONS:
+        container_id = actor.get("ID") or event.get("id") or ""
+        if f"{prefix}.port" not in attributes and container_id not in known:
+            return None
+    else:
+        return None
+    time_ns = int(event.get("timeNano") or int(event.get("time", 0)) * 1_000_000_000)
+    if action == "stop" or (action == "kill" and attributes.get("signal", "") in LETHAL_SIGNALS):
+        return Change(container_id, action, time_ns, drain=True, source=source)
+    snapshot = inspect(api, container_id, host)
+    return Change(container_id, action, time_ns, snapshot=snapshot, gone=snapshot is None, source=source)
+
+
+@dataclass
+class _Session:
+    api: docker.APIClient
+    stream: CancellableStream
+    host: Host | None
+    known: set[str]
+    done: threading.Event
+
+
+class EngineProvider:
+    """One Docker engine. `url` None: this host's engine (`local`); else a remote engine (`remote=True`)."""
+
+    def __init__(
+        self, url: str | None, prefix: str, metrics: Metrics, timeout: float = 10.0, remote: bool = False
+    ) -> None:
+        if remote and not (url and url_host(url)):
+            raise ValueError(
+                f"engines mode needs a tcp://, https:// or ssh:// Docker URL naming the engine's host "
+                f"(its published ports are reached at that address), not {url!r}"
+            )
+        self.url = url
+        self.prefix = prefix
+        self.metrics = metrics
+        self.timeout = timeout
+        self.remote = remote
+        self.source = url if remote and url else LOCAL
+        for action in sorted(CONTAINER_ACTIONS | NETWORK_ACTIONS):
+            metrics.docker_events.labels(action)  # series exist at 0, so rate() and alerts see the first event
+        metrics.docker_connected.labels(self.source)
+        metrics.docker_reconnects.labels(self.source)
+
+    def _host(self, api: docker.APIClient) -> Host | None:
+        """The node name and address of a remote engine (its host name resolved: DNAT needs an address)."""
+        if not self.remote:
+            return None
+        assert self.url is not None
+        address = socket.gethostbyname(url_host(self.url))
+        return Host(node=api.info().get("Name") or address, address=address)
+
+    def list(self) -> list[ContainerSnapshot]:
+        api = connect(self.url, self.timeout)
+        return list_labelled(api, self.prefix, self._host(api))
+
+    def follow(self, sink: Sink, stopping: threading.Event) -> None:
+        def start() -> _Session:
+            api = connect(self.url, self.timeout)
+            host = self._host(api)
+            stream = open_events(api)  # subscribe first: nothing falls between list and stream
+            try:
+                labelled = list_labelled(api, self.prefix, host)
+            except BaseException:
+                stream.close()
+                raise
+            sink(Relist(tuple(labelled), source=self.source))
+            log.info("%s: Docker connected: %d labelled containers", self.source, len(labelled))
+            session = _Session(api, stream, host, {s.id for s in labelled}, threading.Event())
+            threading.Thread(target=self._ping, args=(session,), name=f"ping {self.source}", daemon=True).start()
+            return session
+
+        def follow(session: _Session) -> None:
+            for event in session.stream:
+                if stopping.is_set():
+                    return
+                change = to_change(session.api, event, self.prefix, session.known, session.host, self.source)
+                if change is None:
+                    continue
+                if change.gone:
+                    session.known.discard(change.container_id)
+                else:
+                    session.known.add(change.container_id)
+                self.metrics.docker_events.labels(change.action).inc()
+                sink(change)
+            raise ConnectionError("the Docker event stream ended")
+
+        def close(session: _Session) -> None:
+            session.done.set()
+            session.stream.close()
+
+        follow_forever(self.source, stopping, self.metrics, start, follow, close)
+
+    def _ping(self, session: _Session) -> None:
+        """Liveness: a daemon that hangs keeps the stream open but silent. If it stops answering pings, close
+        the stream so that the session ends and the provider reconnects (and relists) instead of waiting forever."""
+        while not session.done.wait(self.timeout):
+            try:
+                session.api.ping()
+            except DOCKER_ERRORS as error:
+                log.warning("%s: Docker does not answer pings (%s): reopening the connection", self.source, error)
+                session.stream.close()
+                return

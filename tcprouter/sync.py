@@ -1,0 +1,150 @@
+"""One sync: the tracker's view -> desired state -> rules -> the smallest write that makes the kernel hold them.
+
+Partial syncs diff against what was last written; full syncs (at start, periodically, on drift, after a
+failure) diff against what the kernel really holds. Rules are never flushed first and stay in place when
+tcprouter stops. A failed write is retried from a fresh read; if it still fails, the rules in force stay.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Collection, Mapping, Sequence
+
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from . import hostports
+from .compiler import FRONTEND_CHAIN_PREFIX, Options, RuleSet, Tables, compile_rules
+from .diff import believed_tables, hook_in_place, owned, restore_script
+from .labels import desired_state, reachable_only
+from .metrics import Metrics
+from .model import ContainerSnapshot, DesiredState
+from .netfilter import NetfilterError, Writer
+from .tracker import Endpoint
+
+log = logging.getLogger(__name__)
+
+
+class Syncer:
+    def __init__(self, writer: Writer, options: Options, prefix: str, metrics: Metrics) -> None:
+        self.writer = writer
+        self.options = options
+        self.prefix = prefix
+        self.metrics = metrics
+        self.applied: Tables | None = None  # what we believe the kernel holds; None: read it first
+        self.candidates = DesiredState(frontends={})  # the last desired state, before reachability was applied
+        self.state = DesiredState(frontends={})  # the last state written
+        self.listeners: dict[int, str] = {}  # host TCP listeners (port -> address), as last scanned
+
+    def desired(self, view: Sequence[ContainerSnapshot], full: bool) -> DesiredState:
+        state = desired_state(view, self.prefix, self.listeners)
+        if full or set(state.frontends) - set(self.state.frontends):
+            # The listener scan reads every socket of the host (TIME_WAIT included): only at full syncs
+            # and when a frontend port appears, not on every event.
+            self.listeners = hostports.host_tcp_listeners()
+            state = desired_state(view, self.prefix, self.listeners)
+        return state
+
+    def sync(
+        self,
+        view: Sequence[ContainerSnapshot],
+        unreachable: Collection[Endpoint] = (),
+        full: bool = False,
+        causes: Mapping[str | Endpoint, str] | None = None,
+    ) -> bool:
+        """Write the difference between the desired rules and the kernel (full) or our last write."""
+        kind = "full" if full else "partial"
+        candidates = self.desired(view, full)
+        state = reachable_only(candidates, unreachable)
+        started = time.perf_counter()
+        try:
+            for attempt in Retrying(
+                stop=stop_after_attempt(3),
+                wait=wait_exponential(multiplier=0.05, max=1),
+                retry=retry_if_exception_type(NetfilterError),
+                before_sleep=_log_retry,
+                reraise=True,
+            ):
+                with attempt:
+                    rules = self._write(state, full=full or attempt.retry_state.attempt_number > 1)
+        except NetfilterError as error:
+            self.metrics.sync_failures.inc()
+            self.applied = None
+            log.error("sync failed, the rules in force stay as they were: %s", error)
+            return False
+        self.metrics.sync_duration.labels(kind).observe(time.perf_counter() - started)
+        self.metrics.last_sync.set_to_current_time()
+        log_changes(self.state, state, causes or {})
+        self.state, self.candidates = state, candidates
+        self.metrics.state.publish(state)
+        log.debug("%s sync: %d owned rules", kind, rules.rule_count())
+        return True
+
+    def _write(self, state: DesiredState, full: bool) -> RuleSet:
+        current = self.writer.read()[0] if full or self.applied is None else self.applied
+        parent = "DOCKER-USER" if "DOCKER-USER" in current.get("filter", {}) else "FORWARD"
+        rules = compile_rules(state, dataclasses.replace(self.options, forward_parent=parent))
+        script = restore_script(current, rules)
+        if script:
+            self.writer.restore(script)
+        self.applied = believed_tables(rules)
+        return rules
+
+    def drifted(self) -> bool:
+        """Cheap check of the chains every flow crosses; a per-frontend edit waits for the full resync."""
+        if self.applied is None:
+            return True
+        try:
+            for table, chains in self.applied.items():
+                for chain, rules in chains.items():
+                    if chain.startswith(FRONTEND_CHAIN_PREFIX):
+                        continue
+                    found = self.writer.list_chain(table, chain)
+                    in_place = found == rules if owned(chain) else found is not None and hook_in_place(found, rules[0])
+                    if not in_place:
+                        log.warning("drift: %s chain %s was changed by someone else; resyncing", table, chain)
+                        self.metrics.drift_repairs.inc()
+                        return True
+        except NetfilterError as error:
+            log.warning("drift check failed: %s", error)
+            return True
+        return False
+
+    def remote_endpoints(self) -> dict[Endpoint, str]:
+        """Every remote backend that should be serving (reachable or not): endpoint -> node, for the prober."""
+        return {b.endpoint: b.node for f in self.candidates.frontends.values() for b in f.backends if b.node}
+
+
+def _log_retry(retry_state: RetryCallState) -> None:
+    log.warning(
+        "rule write failed (attempt %d), retrying from the kernel's state: %s",
+        retry_state.attempt_number,
+        retry_state.outcome.exception() if retry_state.outcome else "",
+    )
+
+
+def log_changes(before: DesiredState, after: DesiredState, causes: Mapping[str | Endpoint, str]) -> None:
+    """One line per backend that joined or left, with what caused it (a Docker event, a task, a probe, resync)."""
+    for port in sorted(set(before.frontends) | set(after.frontends)):
+        old = set(before.frontends[port].backends) if port in before.frontends else set()
+        new = set(after.frontends[port].backends) if port in after.frontends else set()
+        for sign, moved in (("+", new - old), ("-", old - new)):
+            for b in sorted(moved, key=lambda b: b.name):
+                cause = causes.get(b.container_id) or causes.get(b.endpoint) or "resync"
+                where = f" on {b.node}" if b.node else ""
+                log.info(
+                    "frontend %d: %sbackend %s %s:%d%s (%s)",
+                    port,
+                    sign,
+                    b.name,
+                    b.ip,
+                    b.port,
+                    where,
+                    cause,
+                    extra={"frontend": port, "backend": b.name, "node": b.node, "change": sign, "cause": cause},
+                )
+    for rejection in set(after.rejections) - set(before.rejections):
+        log.warning("%s", rejection, extra={"container": rejection.name, "reason": rejection.reason})
+    for warning in set(after.warnings) - set(before.warnings):
+        log.warning("%s", warning)

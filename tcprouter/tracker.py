@@ -1,0 +1,148 @@
+"""The change tracker: what the providers reported, folded into one view of every backend candidate.
+
+Providers send three kinds of item: a Change (one container or task), a Relist (everything one source
+holds, after it (re)connected) and a Reachability verdict (from the prober). The tracker keeps the
+latest snapshot of each container per source, which runs of which containers are draining, and which
+remote endpoints failed their probes; the sync reads its view.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from .model import ContainerSnapshot
+
+Endpoint = tuple[str, int]  # (address, port) as the DNAT rule sends to it
+LOCAL = "local"  # the source name of this host's engine
+
+
+@dataclass(frozen=True)
+class Change:
+    """Something happened to one container or task. `snapshot` is its fresh state (None: not inspected, or gone)."""
+
+    container_id: str
+    action: str  # the Docker event ("start", "kill"...) or the Swarm task transition ("task running"...)
+    time_ns: int  # when it happened (the event's or the task state's own timestamp), for event-to-rules latency
+    snapshot: ContainerSnapshot | None = None
+    gone: bool = False  # the container no longer exists (or the task is no longer meant to run)
+    drain: bool = False  # leave the rotation now, before the process exits
+    source: str = LOCAL
+
+    @property
+    def urgent(self) -> bool:
+        """Written at once, without waiting for more events to batch with."""
+        return self.drain
+
+
+@dataclass(frozen=True)
+class Relist:
+    """The full list of one source's labelled containers, after (re)connecting to it."""
+
+    snapshots: tuple[ContainerSnapshot, ...]
+    source: str = LOCAL
+    urgent = False
+
+
+@dataclass(frozen=True)
+class Reachability:
+    """The prober's verdict: the remote endpoints that are out of the rotation, and what just changed."""
+
+    down: frozenset[Endpoint]
+    flipped: tuple[Endpoint, ...]  # endpoints whose state changed with this verdict
+    time_ns: int
+    urgent = True
+
+
+Item = Change | Relist | Reachability
+
+
+class ChangeTracker:
+    """Folds items into the current view. Not thread-safe: the sync runner's thread owns it."""
+
+    def __init__(self, prefix: str, sources: Iterable[str] = (LOCAL,), clock=time.monotonic) -> None:
+        self.prefix = prefix
+        self.expected = frozenset(sources)
+        self.containers: dict[str, ContainerSnapshot] = {}
+        self.source_of: dict[str, str] = {}
+        self.draining: dict[str, str] = {}  # container id -> start time of the run being drained
+        self.unreachable: frozenset[Endpoint] = frozenset()
+        self.listed: set[str] = set()
+        self._clock = clock
+        self._first_listed: float | None = None
+
+    def apply(self, item: Item) -> int:
+        """Fold one item in; returns the time it happened (ns since the epoch; 0 if not an event).
+
+        Draining is tied to the run of the container that was stopped (its start time): a fresh snapshot of
+        the same run keeps it out of the rotation, a snapshot of a later run (restarted, perhaps while
+        tcprouter could not see Docker) brings it back.
+        """
+        stamp = 0
+        if isinstance(item, Relist):
+            for cid in [cid for cid, source in self.source_of.items() if source == item.source]:
+                self._forget(cid)
+            for snapshot in item.snapshots:
+                self._remember(snapshot, item.source)
+            self.listed.add(item.source)
+            if self._first_listed is None:
+                self._first_listed = self._clock()
+        elif isinstance(item, Reachability):
+            self.unreachable = item.down
+            stamp = item.time_ns
+        else:
+            if item.drain:
+                known = self.containers.get(item.container_id)
+                self.draining[item.container_id] = known.started_at if known else ""
+            if item.gone:
+                self._forget(item.container_id)
+            elif item.snapshot is not None:
+                if f"{self.prefix}.port" in item.snapshot.labels:
+                    self._remember(item.snapshot, item.source)
+                else:
+                    self._forget(item.container_id)
+            stamp = item.time_ns
+        self.draining = {
+            cid: run
+            for cid, run in self.draining.items()
+            if cid in self.containers and self.containers[cid].started_at in (run, "")
+        }
+        return stamp
+
+    def _remember(self, snapshot: ContainerSnapshot, source: str) -> None:
+        self.containers[snapshot.id] = snapshot
+        self.source_of[snapshot.id] = source
+
+    def _forget(self, container_id: str) -> None:
+        self.containers.pop(container_id, None)
+        self.source_of.pop(container_id, None)
+
+    def ready(self, grace: float = 10.0) -> bool:
+        """Whether the view may be written: every source listed, or `grace` seconds since the first was.
+
+        Never before any list: an empty view would wipe the rules in force. A source that stays away past the
+        grace period must not hold back the others; its backends in the kernel are then dropped until it lists.
+        """
+        if self.listed >= self.expected:
+            return True
+        return self._first_listed is not None and self._clock() - self._first_listed >= grace
+
+    def missing(self) -> list[str]:
+        return sorted(self.expected - self.listed)
+
+    def view(self) -> list[ContainerSnapshot]:
+        """Every known container, the draining ones marked so."""
+        return [dataclasses.replace(c, draining=True) if c.id in self.draining else c for c in self.containers.values()]
+
+
+def causes(batch: Iterable[Item]) -> Mapping[str | Endpoint, str]:
+    """What each backend change in a batch is due to, keyed by container id or, for probes, by endpoint."""
+    found: dict[str | Endpoint, str] = {}
+    for item in batch:
+        if isinstance(item, Change):
+            found[item.container_id] = item.action
+        elif isinstance(item, Reachability):
+            found.update((endpoint, "probe") for endpoint in item.flipped)
+    return found
