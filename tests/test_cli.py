@@ -99,7 +99,18 @@ def test_status_table_for_humans():
         "FRONTEND", "BALANCE", "CONTAINER", "NODE", "ADDRESS", "HEALTH", "WEIGHT", "IN", "ROTATION", "IN", "KERNEL",
         "CONNECTIONS",
     ]  # fmt: skip
-    assert lines[1].split() == [":27017", "roundrobin", "web-a", "-", "172.17.0.2:27017", "none", "1", "yes", "yes", "6"]
+    assert lines[1].split() == [
+        ":27017",
+        "roundrobin",
+        "web-a",
+        "-",
+        "172.17.0.2:27017",
+        "none",
+        "1",
+        "yes",
+        "yes",
+        "6",
+    ]
     assert lines[3].split() == ["web-c", "-", "172.17.0.4:27017", "unhealthy", "1", "no", "no", "0"]
     assert lines[5].split()[:3] == ["REJECTED", "CONTAINER", "REASON"]
     assert lines[6].split()[:2] == ["bad", "invalid_port"]

@@ -142,8 +142,8 @@ def test_status_json_matches_the_kernel_and_docker(backends, start_router, clien
     ]
 
     table = tcprouter("status").stdout
-    assert re.search(rf"{name(pool[0])}\s+\S+:1234\s+none\s+1\s+yes\s+yes\s+3\n", table), table
-    assert re.search(rf"{name(starting)}\s+\S+:1234\s+starting\s+1\s+no\s+no\s+0\n", table), table
+    assert re.search(rf"{name(pool[0])}\s+-\s+\S+:1234\s+none\s+1\s+yes\s+yes\s+3\n", table), table
+    assert re.search(rf"{name(starting)}\s+-\s+\S+:1234\s+starting\s+1\s+no\s+no\s+0\n", table), table
     assert re.search(rf"{name(bad)}\s+invalid_weight\s+label tcp.weight='heavy'", table), table
 
 

@@ -1,0 +1,132 @@
+"""Providers' pure parts: Docker's and Swarm's API data -> container snapshots and changes (fast, no Docker)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tcprouter.daemon import Mode, build_providers, resolve_mode
+from tcprouter.labels import desired_state
+from tcprouter.metrics import Metrics
+from tcprouter.providers.docker_api import timestamp_ns, url_host
+from tcprouter.providers.engine import Host, published_tcp_ports, snapshot_from_inspect
+from tcprouter.providers.swarm import node_address, task_changes, task_snapshot
+
+SERVICE = {"ID": "svc1", "Spec": {"Name": "web", "Labels": {"tcp.port": "27017"}}}
+NODE = {
+    "ID": "n2",
+    "Description": {"Hostname": "node2"},
+    "Status": {"State": "ready", "Addr": "198.18.99.12"},
+}
+
+
+def task(task_id: str = "t1", state: str = "running", desired: str = "running", slot: int = 1, **extra) -> dict:
+    ports = [
+        {"Protocol": "tcp", "TargetPort": 1234, "PublishedPort": 30001, "PublishMode": "host"},
+        {"Protocol": "tcp", "TargetPort": 1234, "PublishedPort": 30001, "PublishMode": "host"},  # once per family
+        {"Protocol": "udp", "TargetPort": 53, "PublishedPort": 30053, "PublishMode": "host"},
+        {"Protocol": "tcp", "TargetPort": 80, "PublishedPort": 8080, "PublishMode": "ingress"},
+    ]
+    return {
+        "ID": task_id,
+        "ServiceID": "svc1",
+        "NodeID": "n2",
+        "Slot": slot,
+        "CreatedAt": "2026-11-27T10:00:00.123456789Z",
+        "DesiredState": desired,
+        "Status": {"State": state, "Timestamp": "2026-11-27T10:00:01.5Z", "PortStatus": {"Ports": ports}},
+        **extra,
+    }
+
+
+def test_a_running_task_is_a_backend_at_its_node_address_and_host_mode_port():
+    snapshot = task_snapshot(task(), SERVICE, NODE)
+    assert (snapshot.name, snapshot.node, snapshot.host_address) == ("web.1", "node2", "198.18.99.12")
+    assert snapshot.published_tcp_ports == {1234: 30001}  # not the UDP one, not the ingress one
+    [backend] = desired_state([snapshot]).frontends[27017].backends
+    assert (backend.ip, backend.port, backend.node) == ("198.18.99.12", 30001, "node2")
+
+
+@pytest.mark.parametrize(
+    ("state", "desired", "node_state"),
+    [("starting", "running", "ready"), ("running", "shutdown", "ready"), ("running", "running", "down")],
+)
+def test_a_task_serves_only_while_running_meant_to_run_on_a_ready_node(state, desired, node_state):
+    node = {**NODE, "Status": {**NODE["Status"], "State": node_state}}
+    assert not task_snapshot(task(state=state, desired=desired), SERVICE, node).running
+
+
+def test_a_manager_reporting_0_0_0_0_is_reached_at_its_raft_address():
+    manager = {"Status": {"Addr": "0.0.0.0"}, "ManagerStatus": {"Addr": "198.18.99.11:2377"}}
+    assert node_address(manager) == "198.18.99.11"
+    assert node_address(NODE) == "198.18.99.12"
+
+
+def test_task_changes_drain_what_leaves_and_stamp_what_runs_with_its_state_time():
+    one = task_snapshot(task("t1"), SERVICE, NODE)
+    two = task_snapshot(task("t2", slot=2), SERVICE, NODE)
+    pending = task_snapshot(task("t3", state="preparing", slot=3), SERVICE, NODE)
+
+    appeared = task_changes({}, {"t1": one, "t3": pending}, now_ns=7)
+    assert {(c.container_id, c.action, c.drain) for c in appeared} == {
+        ("t1", "task running", False),
+        ("t3", "task pending", False),
+    }
+    assert next(c for c in appeared if c.container_id == "t1").time_ns == timestamp_ns("2026-11-27T10:00:01.5Z")
+    assert task_changes({"t1": one}, {"t1": one}, now_ns=7) == []  # nothing changed: nothing to write
+
+    [left] = task_changes({"t1": one, "t2": two}, {"t2": two}, now_ns=9)  # scaled down: desired state shutdown
+    assert (left.container_id, left.gone, left.drain, left.urgent, left.time_ns) == ("t1", True, True, True, 9)
+
+    stopped = task_snapshot(task("t2", state="failed", slot=2), SERVICE, NODE)
+    [failed] = task_changes({"t2": two}, {"t2": stopped}, now_ns=9)
+    assert (failed.action, failed.drain) == ("task stopped", True)
+
+
+def test_docker_timestamps_keep_nanoseconds_and_offsets():
+    assert timestamp_ns("2026-11-27T10:00:00.123456789Z") == 1795773600_123456789
+    assert timestamp_ns("2026-11-27T11:00:00.5+01:00") == 1795773600_500000000
+    assert timestamp_ns("2026-11-27T10:00:00Z") == 1795773600_000000000
+    assert timestamp_ns("sixteen") == 0
+
+
+def test_a_remote_engine_container_is_reached_at_the_engine_host():
+    info = {
+        "Id": "c" * 64,
+        "Name": "/db",
+        "Created": "2026-11-27T10:00:00Z",
+        "Config": {"Labels": {"tcp.port": "5432"}, "ExposedPorts": {"5432/tcp": {}}},
+        "State": {"Running": True, "StartedAt": "2026-11-27T10:00:01Z"},
+        "NetworkSettings": {
+            "Networks": {"bridge": {"IPAddress": "172.17.0.2", "IPPrefixLen": 16}},
+            "Ports": {
+                "5432/tcp": [{"HostIp": "0.0.0.0", "HostPort": "49153"}, {"HostIp": "::", "HostPort": "49153"}],
+                "9000/tcp": [{"HostIp": "127.0.0.1", "HostPort": "9000"}],  # loopback: not reachable from away
+                "8125/udp": [{"HostIp": "0.0.0.0", "HostPort": "8125"}],
+                "6000/tcp": None,  # exposed, not published
+            },
+        },
+    }
+    remote = snapshot_from_inspect(info, Host(node="engine2", address="198.18.99.12"))
+    [backend] = desired_state([remote]).frontends[5432].backends
+    assert (backend.ip, backend.port, backend.node) == ("198.18.99.12", 49153, "engine2")
+    local = snapshot_from_inspect(info)
+    [backend] = desired_state([local]).frontends[5432].backends
+    assert (backend.ip, backend.port, backend.node) == ("172.17.0.2", 5432, "")
+    assert published_tcp_ports({}) == {}
+
+
+def test_modes_and_the_flag_combinations_that_cannot_work():
+    assert resolve_mode(None, []) is Mode.LOCAL
+    assert resolve_mode(None, ["tcp://a:2376", "tcp://b:2376"]) is Mode.ENGINES
+    assert resolve_mode("swarm", ["tcp://m:2376"]) is Mode.SWARM
+    metrics = Metrics(lambda: ({}, []))
+    engines = build_providers(Mode.ENGINES, ["tcp://198.18.99.11:2375", "ssh://ops@edge2"], "tcp", metrics)
+    assert [p.source for p in engines] == ["tcp://198.18.99.11:2375", "ssh://ops@edge2"]
+    assert all(p.remote for p in engines)
+    with pytest.raises(ValueError, match="tcp://"):
+        build_providers(Mode.ENGINES, ["unix:///run/node1/docker.sock"], "tcp", metrics)
+    with pytest.raises(ValueError, match="one manager"):
+        build_providers(Mode.SWARM, ["tcp://a:1", "tcp://b:1"], "tcp", metrics)
+    with pytest.raises(ValueError, match="--engines"):
+        build_providers(Mode.LOCAL, ["tcp://a:1", "tcp://b:1"], "tcp", metrics)
+    assert url_host("ssh://ops@edge2:22") == "edge2" and url_host("unix:///var/run/docker.sock") == ""
