@@ -9,7 +9,7 @@ from tcprouter.labels import desired_state
 from tcprouter.metrics import Metrics
 from tcprouter.providers.docker_api import timestamp_ns, url_host
 from tcprouter.providers.engine import Host, published_tcp_ports, snapshot_from_inspect
-from tcprouter.providers.swarm import node_address, task_changes, task_snapshot
+from tcprouter.providers.swarm import node_address, node_names, task_changes, task_snapshot
 
 SERVICE = {"ID": "svc1", "Spec": {"Name": "web", "Labels": {"tcp.port": "27017"}}}
 NODE = {
@@ -130,3 +130,9 @@ def test_modes_and_the_flag_combinations_that_cannot_work():
     with pytest.raises(ValueError, match="--engines"):
         build_providers(Mode.LOCAL, ["tcp://a:1", "tcp://b:1"], "tcp", metrics)
     assert url_host("ssh://ops@edge2:22") == "edge2" and url_host("unix:///var/run/docker.sock") == ""
+
+
+def test_nodes_are_named_by_host_name_or_by_address_where_host_names_repeat():
+    twin = {**NODE, "ID": "n3", "Status": {"State": "ready", "Addr": "198.18.99.13"}}
+    assert node_names([NODE]) == {"n2": "node2"}
+    assert node_names([NODE, twin]) == {"n2": "198.18.99.12", "n3": "198.18.99.13"}

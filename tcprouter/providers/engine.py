@@ -176,22 +176,21 @@ class EngineProvider:
         metrics.docker_connected.labels(self.source)
         metrics.docker_reconnects.labels(self.source)
 
-    def _host(self, api: docker.APIClient) -> Host | None:
-        """The node name and address of a remote engine (its host name resolved: DNAT needs an address)."""
+    def _host(self) -> Host | None:
+        """A remote engine's node: named as its URL names it, at that host's address (DNAT needs an address)."""
         if not self.remote:
             return None
         assert self.url is not None
-        address = socket.gethostbyname(url_host(self.url))
-        return Host(node=api.info().get("Name") or address, address=address)
+        name = url_host(self.url)
+        return Host(node=name, address=socket.gethostbyname(name))
 
     def list(self) -> list[ContainerSnapshot]:
-        api = connect(self.url, self.timeout)
-        return list_labelled(api, self.prefix, self._host(api))
+        return list_labelled(connect(self.url, self.timeout), self.prefix, self._host())
 
     def follow(self, sink: Sink, stopping: threading.Event) -> None:
         def start() -> _Session:
             api = connect(self.url, self.timeout)
-            host = self._host(api)
+            host = self._host()
             stream = open_events(api)  # subscribe first: nothing falls between list and stream
             try:
                 labelled = list_labelled(api, self.prefix, host)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import docker
@@ -49,13 +50,25 @@ def published_ports(task: dict) -> dict[int, int]:
     }
 
 
-def task_snapshot(task: dict, service: dict, node: dict | None) -> ContainerSnapshot:
+def node_names(nodes: Iterable[dict]) -> dict[str, str]:
+    """Node ID -> the name status, logs and metrics use: its host name, or its address where several nodes
+    share one host name (engines in network namespaces of one machine, cloned VMs)."""
+    nodes = list(nodes)
+    hostnames = Counter(_hostname(n) for n in nodes)
+    return {n["ID"]: _hostname(n) if hostnames[_hostname(n)] == 1 else node_address(n) for n in nodes}
+
+
+def _hostname(node: dict) -> str:
+    return (node.get("Description") or {}).get("Hostname") or node.get("ID", "")[:12]
+
+
+def task_snapshot(task: dict, service: dict, node: dict | None, node_name: str = "") -> ContainerSnapshot:
     """A pure function: one task of a labelled service as a backend candidate. It serves while its state is
     `running`, it is meant to run, and its node is up."""
     spec = service.get("Spec") or {}
     status = task.get("Status") or {}
     node = node or {}
-    node_name = (node.get("Description") or {}).get("Hostname") or task.get("NodeID", "")[:12]
+    node_name = node_name or _hostname(node) or task.get("NodeID", "")[:12]
     slot = task.get("Slot") or task.get("NodeID", "")[:12]  # global services have no slot
     node_ready = (node.get("Status") or {}).get("State") == "ready"
     return ContainerSnapshot(
@@ -77,8 +90,11 @@ def swarm_snapshots(api: docker.APIClient, prefix: str) -> list[ContainerSnapsho
     if not services:
         return []
     nodes = {n["ID"]: n for n in api.nodes()}
+    names = node_names(nodes.values())
     return [
-        task_snapshot(task, services[task["ServiceID"]], nodes.get(task.get("NodeID", "")))
+        task_snapshot(
+            task, services[task["ServiceID"]], nodes.get(task.get("NodeID", "")), names.get(task.get("NodeID", ""), "")
+        )
         for task in api.tasks(filters={"desired-state": "running"})
         if task.get("ServiceID") in services
     ]
