@@ -16,7 +16,7 @@ from testcontainers.core.container import DockerContainer
 
 from tcprouter.netfilter import detect_flavour
 
-from .cluster import engines_lab, swarm_lab  # noqa: F401  (session fixtures of the gateway tests)
+from .cluster import engines_lab, swarm_lab  # noqa: F401  (the gateway tests' labs)
 from .support import (
     BACKEND_IMAGE,
     BACKEND_PORT,
