@@ -4,6 +4,7 @@ connect from their own namespace on the public side. Real connections, real engi
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import time
@@ -33,6 +34,7 @@ from .support import (
     greetings,
     in_netns,
     peers_of,
+    tcprouter,
     unique,
     wait_until,
 )
@@ -94,11 +96,20 @@ def gateway(start_router: Callable[..., Router], lab: DockerLab, *args: str) -> 
 def test_three_replicas_on_three_nodes_rotate_exactly(swarm_lab, service, start_router, client_host):
     tasks = wait_tasks_running(swarm_lab, service(3), 3)
     assert len({t["node_id"] for t in tasks}) == 3, "Swarm spreads the replicas over the 3 nodes"
-    gateway(start_router, swarm_lab)
+    router = gateway(start_router, swarm_lab)
     expected = {greeting_of(t) for t in tasks}
     routes_exactly(client_host, expected)
     answers = greetings(client_host.name, client_host.host_ip, FRONT, 6)
     assert is_rotation(answers, 3) and set(answers) == expected  # 1,2,3,1,2,3
+
+    nodes = {swarm_lab.node_ns(i) for i in (1, 2, 3)}  # each lab engine's host name
+    report = json.loads(tcprouter("status", "--swarm", "--docker-url", swarm_lab.manager_url, "--json").stdout)
+    [frontend] = report["frontends"]
+    assert {b["node"] for b in frontend["backends"]} == nodes
+    assert all(b["in_rotation"] and b["in_kernel"] and b["connections"] >= 2 for b in frontend["backends"])
+    assert {f'tcprouter_backends{{frontend="{FRONT}",node="{node}"}} 1.0' for node in nodes} <= set(
+        router.metrics_text().splitlines()
+    )
 
 
 def node_of(lab: DockerLab, task: dict) -> int:
