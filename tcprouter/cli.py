@@ -64,12 +64,21 @@ def _env(flag: str, default: str | None) -> str | None:
     return os.environ.get("TCPROUTER_" + flag.upper().replace("-", "_"), default)
 
 
+class _UrlList(argparse.Action):
+    """A repeatable flag whose first use on the command line replaces the list its variable gave, rather than
+    adding to it (argparse's "append" would keep TCPROUTER_DOCKER_URL's URL and add the same one again)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values, option=None) -> None:
+        current = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, [*([] if current is self.default else current), values])
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--label-prefix", default=_env("label-prefix", "tcp"), help="label namespace (default tcp)")
     common.add_argument(
         "--docker-url",
-        action="append",
+        action=_UrlList,
         default=(_env("docker-url", "") or "").replace(",", " ").split(),
         help="Docker API address (default: DOCKER_HOST or the local socket); once per engine with --engines; "
         "TLS from DOCKER_TLS_VERIFY and DOCKER_CERT_PATH as the Docker CLI reads them; ssh://user@host works too",

@@ -7,6 +7,7 @@ affects another container or another frontend.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Mapping
@@ -90,6 +91,12 @@ def _local_endpoint(
 
 def _remote_endpoint(container: ContainerSnapshot, prefix: str, wanted: int | None) -> tuple[str, int]:
     """A container of another host: that host's address, the host port its container port is published on."""
+    try:
+        ipaddress.IPv4Address(container.host_address)
+    except ValueError:
+        raise LabelError(
+            "no_address", f"its host's address {container.host_address!r} is not an IPv4 address"
+        ) from None
     published = container.published_tcp_ports
     target = _container_port(sorted(published), wanted, None, prefix, "publishes")
     if target not in published:

@@ -302,3 +302,10 @@ def test_status_reports_a_frontend_refused_for_a_host_listener():
     report = cli.status_report(CONTAINERS[:1], [], "tcp", busy_ports={27017: "0.0.0.0"})
     assert report["frontends"] == []
     assert [(r["container"], r["reason"]) for r in report["rejected"]] == [("web-a", "port_in_use")]
+
+
+def test_docker_urls_on_the_command_line_replace_the_variables_list(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("TCPROUTER_DOCKER_URL", "tcp://a:2376, tcp://b:2376")
+    assert cli._parser().parse_args(["run"]).docker_url == ["tcp://a:2376", "tcp://b:2376"]
+    flags = ["run", "--docker-url", "tcp://a:2376", "--docker-url", "tcp://c:2376"]
+    assert cli._parser().parse_args(flags).docker_url == ["tcp://a:2376", "tcp://c:2376"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -183,3 +185,11 @@ def test_unreachable_backends_leave_the_rotation_and_the_frontend_stays():
     state = desired_state([remote({"tcp.port": "80"}, {1234: 32769}, 1), snapshot({"tcp.port": "80"}, 2)])
     assert [b.name for b in reachable_only(state, {("198.18.99.12", 32769)}).frontends[80].backends] == ["c2"]
     assert reachable_only(state, set()) is state
+
+
+def test_a_remote_host_without_an_ipv4_address_is_rejected_not_written():
+    for address in ("fd00::12", "node2.example", "0.0.0.0x"):
+        container = remote({"tcp.port": "80"}, {1234: 32769})
+        with pytest.raises(LabelError) as error:
+            parse_backend(dataclasses.replace(container, host_address=address))
+        assert error.value.reason == "no_address"
