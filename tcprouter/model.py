@@ -34,6 +34,7 @@ class ContainerSnapshot:
     networks: dict[str, str] = field(default_factory=dict)  # network name -> IPv4 address ("" if none)
     subnets: dict[str, str] = field(default_factory=dict)  # network name -> IPv4 subnet (CIDR), if known
     exposed_tcp_ports: tuple[int, ...] = ()
+    stop_signal: str = "SIGTERM"  # what `docker stop` sends it (Config.StopSignal): its kill event means it is ending
     node: str = ""  # the host it runs on, for status, logs and metrics ("": this host)
     host_address: str = ""  # remote only: the address of that host, where its published ports are reached
     published_tcp_ports: dict[int, int] = field(default_factory=dict)  # remote only: container port -> host port

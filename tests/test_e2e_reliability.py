@@ -227,6 +227,30 @@ def test_stop_drains_new_connections_while_established_ones_continue(backends, s
         stopping.join(10)
 
 
+def test_stop_drains_a_backend_whose_stop_signal_is_sigquit(backends, start_router, client_host, host_tables):
+    """nginx's image stops on SIGQUIT: `docker stop` sends it (the kill event carries 3), and the backend takes 3 s
+    to exit. It must leave the rotation when the signal is sent, not when the process is gone."""
+    quitting = backends.start(
+        {"tcp.port": str(FRONT)},
+        command=["sh", "-c", "trap 'sleep 3; exit 0' QUIT; nc -ll -p 1234 -e /bin/hi & wait"],
+        stop_signal="SIGQUIT",
+    )
+    other = backends.start({"tcp.port": str(FRONT)})
+    start_router()
+    ns, host = client_host.name, client_host.host_ip
+    quitting_ip, other_ip = backends.ip(quitting), backends.ip(other)
+    assert set(greetings(ns, host, FRONT, 2)) == {quitting_ip, other_ip}
+    stopping = threading.Thread(target=quitting.get_wrapped_container().stop, kwargs={"timeout": 10})
+    called = time.monotonic()
+    stopping.start()
+    wait_until(lambda: not names_in_rules(host_tables, quitting_ip), 1, 0.01, what="the quitting backend out")
+    print(f"SIGQUIT backend out of the rotation {time.monotonic() - called:.3f} s after docker stop was called")
+    assert greetings(ns, host, FRONT, 6) == [other_ip] * 6
+    quitting.get_wrapped_container().reload()
+    assert quitting.get_wrapped_container().status == "running"  # still shutting down: drained, not gone
+    stopping.join(15)
+
+
 def test_bad_labels_and_port_conflicts_leave_the_rest_working(backends, start_router, client_host, host_tables):
     good = backends.start({"tcp.port": str(FRONT)})
     backends.start({"tcp.port": "not-a-port"}, wait=False)

@@ -8,7 +8,7 @@ from tcprouter.daemon import Mode, build_providers, resolve_mode
 from tcprouter.labels import desired_state
 from tcprouter.metrics import Metrics
 from tcprouter.providers.docker_api import timestamp_ns, url_host
-from tcprouter.providers.engine import Host, published_tcp_ports, snapshot_from_inspect
+from tcprouter.providers.engine import Host, ends_container, published_tcp_ports, snapshot_from_inspect
 from tcprouter.providers.swarm import node_address, node_names, task_changes, task_snapshot
 
 SERVICE = {"ID": "svc1", "Spec": {"Name": "web", "Labels": {"tcp.port": "27017"}}}
@@ -136,3 +136,21 @@ def test_nodes_are_named_by_host_name_or_by_address_where_host_names_repeat():
     twin = {**NODE, "ID": "n3", "Status": {"State": "ready", "Addr": "198.18.99.13"}}
     assert node_names([NODE]) == {"n2": "node2"}
     assert node_names([NODE, twin]) == {"n2": "198.18.99.12", "n3": "198.18.99.13"}
+
+
+@pytest.mark.parametrize(
+    ("sent", "stop_signal", "ends"),
+    [
+        ("15", "", True),
+        ("9", "SIGQUIT", True),
+        ("3", "SIGQUIT", True),  # nginx's image: docker stop sends SIGQUIT
+        ("SIGINT", "SIGINT", True),  # postgres's
+        ("2", "", True),  # docker stop -s SIGINT, docker kill -s INT
+        ("1", "", False),  # SIGHUP: a reload
+        ("10", "SIGUSR1", True),  # an image whose stop signal is SIGUSR1
+        ("28", "", False),  # SIGWINCH
+        ("bogus", "", False),
+    ],
+)
+def test_a_kill_drains_when_its_signal_ends_the_container(sent, stop_signal, ends):
+    assert ends_container(sent, stop_signal) is ends

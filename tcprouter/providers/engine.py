@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import signal
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import docker
@@ -30,8 +31,27 @@ CONTAINER_ACTIONS = frozenset(
     {"start", "restart", "die", "stop", "kill", "destroy", "pause", "unpause", "rename", "health_status", "update"}
 )
 NETWORK_ACTIONS = frozenset({"connect", "disconnect"})
-# A kill with one of these signals ends the container: take it out of the rotation before it dies.
-LETHAL_SIGNALS = frozenset({"9", "15", "SIGKILL", "SIGTERM", "KILL", "TERM"})
+# A kill with one of these signals (or with the container's own stop signal) ends it: take it out of the rotation
+# before it dies. `docker stop` sends the stop signal (SIGQUIT for nginx's image, SIGINT for postgres's), `docker
+# stop -s` and `docker kill` the one given; SIGHUP, SIGUSR1... ask for a reload or a log rotation, not an end.
+ENDING_SIGNALS = frozenset({signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT})
+
+
+def signal_number(text: str) -> int | None:
+    """A signal as Docker writes it ("15", "SIGTERM", "TERM", "sigquit"); None if it names no signal."""
+    text = text.strip().upper()
+    if text.isdigit():
+        return int(text)
+    try:
+        return signal.Signals[text if text.startswith("SIG") else f"SIG{text}"].value
+    except KeyError:
+        return None
+
+
+def ends_container(sent: str, stop_signal: str) -> bool:
+    """Whether a kill with signal `sent` ends a container whose stop signal is `stop_signal`."""
+    number = signal_number(sent)
+    return number is not None and (number in ENDING_SIGNALS or number == signal_number(stop_signal or "SIGTERM"))
 
 
 @dataclass(frozen=True)
@@ -70,6 +90,7 @@ def snapshot_from_inspect(info: dict, host: Host | None = None) -> ContainerSnap
         running=bool(state.get("Running")) and not state.get("Paused") and not state.get("Restarting"),
         health=health or None,
         started_at=state.get("StartedAt") or "",
+        stop_signal=config.get("StopSignal") or "SIGTERM",
         networks=addresses,
         subnets=subnets,
         exposed_tcp_ports=tuple(exposed),
@@ -119,11 +140,17 @@ def open_events(api: docker.APIClient) -> Iterator[dict]:
 
 
 def to_change(
-    api: docker.APIClient, event: dict, prefix: str, known: set[str], host: Host | None = None, source: str = LOCAL
+    api: docker.APIClient,
+    event: dict,
+    prefix: str,
+    known: Mapping[str, str],
+    host: Host | None = None,
+    source: str = LOCAL,
 ) -> Change | None:
     """Turn one Docker event into a Change, inspecting the container when its state matters.
 
-    `known` holds the ids of the labelled containers seen so far: network events carry no labels.
+    `known` maps the labelled containers seen so far to their stop signals: network events carry no labels, and a
+    kill event tells the signal, not whether it is the one that stops the container.
     """
     kind, action = event.get("Type"), (event.get("Action") or event.get("status") or "").split(":")[0]
     actor = event.get("Actor") or {}
@@ -139,7 +166,8 @@ def to_change(
     else:
         return None
     time_ns = int(event.get("timeNano") or int(event.get("time", 0)) * 1_000_000_000)
-    if action == "stop" or (action == "kill" and attributes.get("signal", "") in LETHAL_SIGNALS):
+    stop_signal = known.get(container_id) or "SIGTERM"
+    if action == "stop" or (action == "kill" and ends_container(attributes.get("signal", ""), stop_signal)):
         return Change(container_id, action, time_ns, drain=True, source=source)
     snapshot = inspect(api, container_id, host)
     return Change(container_id, action, time_ns, snapshot=snapshot, gone=snapshot is None, source=source)
@@ -150,7 +178,7 @@ class _Session:
     api: docker.APIClient
     stream: CancellableStream
     host: Host | None
-    known: set[str]
+    known: dict[str, str]  # labelled container id -> its stop signal
     done: threading.Event
 
 
@@ -199,7 +227,7 @@ class EngineProvider:
                 raise
             sink(Relist(tuple(labelled), source=self.source))
             log.info("%s: Docker connected: %d labelled containers", self.source, len(labelled))
-            session = _Session(api, stream, host, {s.id for s in labelled}, threading.Event())
+            session = _Session(api, stream, host, {s.id: s.stop_signal for s in labelled}, threading.Event())
             threading.Thread(target=self._ping, args=(session,), name=f"ping {self.source}", daemon=True).start()
             return session
 
@@ -211,9 +239,9 @@ class EngineProvider:
                 if change is None:
                     continue
                 if change.gone:
-                    session.known.discard(change.container_id)
-                else:
-                    session.known.add(change.container_id)
+                    session.known.pop(change.container_id, None)
+                elif change.snapshot is not None:
+                    session.known[change.container_id] = change.snapshot.stop_signal
                 self.metrics.docker_events.labels(change.action).inc()
                 sink(change)
             raise ConnectionError("the Docker event stream ended")
