@@ -316,7 +316,7 @@ def status_report(
     says whether it should receive connections now (running, not unhealthy or starting), `in_kernel` whether
     a DNAT rule sends connections to it, `connections` what that rule counted since the pool last changed.
     """
-    containers = sorted(containers, key=lambda c: (c.created, c.id))
+    containers = sorted(containers, key=lambda c: c.age_order)
     state = desired_state(containers, prefix, busy_ports)
     rejected = {r.container_id for r in state.rejections}
     connections = backend_connections(kernel)

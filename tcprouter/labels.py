@@ -162,7 +162,7 @@ def desired_state(
     pools: dict[int, list[BackendSpec]] = defaultdict(list)
     # Frontends are keyed by the label even when no container serves: status shows them empty.
     declared_ports: set[int] = set()
-    for container in sorted(containers, key=lambda c: (c.created, c.id)):
+    for container in sorted(containers, key=lambda c: c.age_order):
         if not container.running:
             continue  # a stopped container has no address to validate: it is simply not a backend
         try:

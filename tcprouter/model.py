@@ -5,8 +5,12 @@ Everything here is immutable and free of I/O, so each stage can be tested on its
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
+
+_FRACTION = re.compile(r"\.(\d+)")
 
 
 class Balance(StrEnum):
@@ -25,7 +29,7 @@ class ContainerSnapshot:
 
     id: str
     name: str
-    created: str  # RFC 3339 timestamp from Docker; sorts chronologically as a string
+    created: str  # RFC 3339 timestamp from Docker (fractions of any length, `Z` or an offset)
     labels: dict[str, str]
     running: bool
     health: str | None = None  # None: no HEALTHCHECK; else "starting" | "healthy" | "unhealthy"
@@ -38,6 +42,11 @@ class ContainerSnapshot:
     node: str = ""  # the host it runs on, for status, logs and metrics ("": this host)
     host_address: str = ""  # remote only: the address of that host, where its published ports are reached
     published_tcp_ports: dict[int, int] = field(default_factory=dict)  # remote only: container port -> host port
+
+    @property
+    def age_order(self) -> tuple[int, str]:
+        """Oldest first, by creation time as a time (not as a string: "10:00:00.5Z" is after "10:00:00.123Z")."""
+        return timestamp_ns(self.created), self.id
 
     @property
     def serving(self) -> bool:
@@ -83,3 +92,16 @@ class DesiredState:
     frontends: dict[int, Frontend]
     rejections: tuple[Rejection, ...] = ()
     warnings: tuple[str, ...] = ()  # pool-level conflicts resolved by the oldest container's value
+
+
+def timestamp_ns(text: str) -> int:
+    """A Docker RFC 3339 timestamp (nanosecond fraction, `Z` or an offset) as ns since the epoch; 0 if unreadable."""
+    if not isinstance(text, str):
+        return 0
+    match = _FRACTION.search(text)
+    nanos = int((match.group(1) + "000000000")[:9]) if match else 0
+    try:
+        whole = datetime.fromisoformat(_FRACTION.sub("", text, count=1).replace("Z", "+00:00"))
+    except ValueError:
+        return 0
+    return int(whole.timestamp()) * 1_000_000_000 + nanos

@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from tcprouter.model import timestamp_ns
 from tcprouter.netfilter import Flavour, Iptables
-from tcprouter.providers.docker_api import timestamp_ns
 
 from .cluster import (
     DockerLab,

@@ -193,3 +193,11 @@ def test_a_remote_host_without_an_ipv4_address_is_rejected_not_written():
         with pytest.raises(LabelError) as error:
             parse_backend(dataclasses.replace(container, host_address=address))
         assert error.value.reason == "no_address"
+
+
+def test_the_rotation_is_ordered_by_creation_time_not_by_its_text():
+    """Docker trims trailing zeros of the fraction: as strings "10:00:00.5Z" sorts before "10:00:00.123Z"."""
+    later = snapshot({"tcp.port": "80"}, 1, created="2026-11-27T10:00:00.5Z")
+    earlier = snapshot({"tcp.port": "80"}, 2, created="2026-11-27T10:00:00.123456789Z")
+    elsewhere = snapshot({"tcp.port": "80"}, 3, created="2026-11-27T11:00:00.3+01:00")  # 10:00:00.3 UTC
+    assert [b.name for b in desired_state([later, earlier, elsewhere]).frontends[80].backends] == ["c2", "c3", "c1"]

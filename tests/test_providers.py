@@ -7,7 +7,8 @@ import pytest
 from tcprouter.daemon import Mode, build_providers, resolve_mode
 from tcprouter.labels import desired_state
 from tcprouter.metrics import Metrics
-from tcprouter.providers.docker_api import timestamp_ns, url_host
+from tcprouter.model import timestamp_ns
+from tcprouter.providers.docker_api import url_host
 from tcprouter.providers.engine import Host, ends_container, published_tcp_ports, snapshot_from_inspect
 from tcprouter.providers.swarm import node_address, node_names, task_changes, task_snapshot
 

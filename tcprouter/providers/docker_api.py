@@ -4,10 +4,8 @@ through disconnections (subscribe, list, follow; on loss reconnect with a short,
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from collections.abc import Callable
-from datetime import datetime
 from typing import TypeVar
 from urllib.parse import urlsplit
 
@@ -23,7 +21,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # What a lost, refused, hung or broken connection to a Docker API raises.
 DOCKER_ERRORS = (docker.errors.DockerException, requests.RequestException, OSError)
-_FRACTION = re.compile(r"\.(\d+)")
 
 
 def connect(base_url: str | None, timeout: float) -> docker.APIClient:
@@ -48,17 +45,6 @@ def url_host(url: str) -> str:
     """The host part of a tcp://, https:// or ssh:// Docker URL ("" for a Unix socket)."""
     parts = urlsplit(url)
     return "" if parts.scheme in ("unix", "npipe", "") else parts.hostname or ""
-
-
-def timestamp_ns(text: str) -> int:
-    """A Docker RFC 3339 timestamp (nanosecond fraction, `Z` or an offset) as ns since the epoch; 0 if unreadable."""
-    match = _FRACTION.search(text)
-    nanos = int((match.group(1) + "000000000")[:9]) if match else 0
-    try:
-        whole = datetime.fromisoformat(_FRACTION.sub("", text, count=1).replace("Z", "+00:00"))
-    except ValueError:
-        return 0
-    return int(whole.timestamp()) * 1_000_000_000 + nanos
 
 
 class Stopping(Exception):

@@ -22,10 +22,10 @@ import docker
 from docker.types import CancellableStream
 
 from ..metrics import Metrics
-from ..model import ContainerSnapshot
+from ..model import ContainerSnapshot, timestamp_ns
 from ..tracker import Change, Relist
 from . import Sink
-from .docker_api import DOCKER_ERRORS, connect, follow_forever, timestamp_ns
+from .docker_api import DOCKER_ERRORS, connect, follow_forever
 
 log = logging.getLogger(__name__)
 SOURCE = "swarm"
