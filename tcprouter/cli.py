@@ -1,4 +1,4 @@
-"""Command line: `tcprouter run | status | render | cleanup | check`.
+"""Command line: `tcprouter run | status | render | cleanup | check | health`.
 
 Every flag can also be given as an environment variable TCPROUTER_<FLAG> (dashes as underscores),
 which is how the sidecar container is configured.
@@ -14,6 +14,8 @@ import os
 import re
 import shutil
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 
 import docker.errors
@@ -144,11 +146,14 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="tcprouter", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", parents=[common], help="the daemon: follow Docker, keep the rules in step")
-    run.add_argument(
+    metrics = argparse.ArgumentParser(add_help=False)
+    metrics.add_argument(
         "--metrics-address",
         default=_env("metrics-address", ":9105"),
-        help="host:port of the Prometheus endpoint ('' to disable)",
+        help="host:port of the Prometheus endpoint, /metrics and /healthz ('' to disable)",
+    )
+    run = commands.add_parser(
+        "run", parents=[common, metrics], help="the daemon: follow Docker, keep the rules in step"
     )
     run.add_argument(
         "--resync-interval",
@@ -197,6 +202,11 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("render", parents=[common], help="print the rules for Docker's current state, write nothing")
     commands.add_parser("cleanup", parents=[common], help="remove every rule and chain tcprouter owns")
     commands.add_parser("check", parents=[common], help="preflight: privileges, forwarding, iptables, Docker")
+    commands.add_parser(
+        "health",
+        parents=[common, metrics],
+        help="ask the daemon's /healthz (the image's HEALTHCHECK): exit 0 while it works, 1 otherwise",
+    )
     return parser
 
 
@@ -264,14 +274,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         mode, args.docker_url, args.label_prefix, metrics, poll_interval=args.swarm_poll_interval
     )
     log.info("backends from %s: %s", mode, ", ".join(p.source for p in providers))
-    if args.metrics_address:
-        metrics.serve(args.metrics_address)
     options = _options(args)
     if options.route_localhost and not enable_route_localnet():
         options = dataclasses.replace(options, route_localhost=False)
     timing = Timing(resync_interval=args.resync_interval, check_interval=args.check_interval)
     probing = ProbePolicy(args.probe_interval, args.probe_timeout, args.probe_fall, args.probe_rise)
-    return serve(providers, iptables, metrics, options, args.label_prefix, timing, probing)
+    return serve(providers, iptables, metrics, options, args.label_prefix, timing, probing, args.metrics_address)
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -547,7 +555,32 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
-COMMANDS = {"run": cmd_run, "status": cmd_status, "render": cmd_render, "cleanup": cmd_cleanup, "check": cmd_check}
+def cmd_health(args: argparse.Namespace) -> int:
+    """The daemon's own verdict from /healthz on its metrics address (a wildcard host is asked on loopback)."""
+    if not args.metrics_address:
+        print("no metrics endpoint (--metrics-address ''): nothing to ask")
+        return 0
+    host, _, port = args.metrics_address.rpartition(":")
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=5) as reply:
+            print(reply.read().decode().strip())
+            return 0
+    except urllib.error.HTTPError as error:
+        print(f"unhealthy: {error.read().decode().strip()}")
+    except OSError as error:
+        print(f"no answer from http://{host}:{port}/healthz: {error}")
+    return 1
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "status": cmd_status,
+    "render": cmd_render,
+    "cleanup": cmd_cleanup,
+    "check": cmd_check,
+    "health": cmd_health,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 
 from .compiler import Options
@@ -65,26 +67,28 @@ def serve(
     prefix: str,
     timing: Timing,
     probing: ProbePolicy,
+    metrics_address: str = "",
 ) -> int:
-    """Follow the providers and keep the kernel in step until a stop signal; the rules stay when it returns."""
+    """Follow the providers and keep the kernel in step until a stop signal; the rules stay when it returns.
+
+    Returns 0 after a stop signal, 1 if the daemon could not go on (a thread died, the sync loop kept failing):
+    a live process that has stopped working is worse than an exit its restart policy answers.
+    """
     syncer = Syncer(writer, options, prefix, metrics)
     runner = SyncRunner(ChangeTracker(prefix, [p.source for p in providers]), syncer, metrics, timing)
-    threads = [
-        threading.Thread(
-            target=p.follow, args=(runner.submit, runner.stopping), name=f"provider {p.source}", daemon=True
-        )
-        for p in providers
-    ]
+    threads = [_guarded(runner, f"provider {p.source}", p.follow, runner.submit, runner.stopping) for p in providers]
     if any(p.remote for p in providers):
         prober = Prober(runner.submit, metrics, probing)
         runner.on_synced = lambda synced: prober.watch(synced.remote_endpoints())
-        threads.append(threading.Thread(target=prober.run, args=(runner.stopping,), name="prober", daemon=True))
+        threads.append(_guarded(runner, "prober", prober.run, runner.stopping))
         log.info(
             "probing remote backends every %.1fs (out after %d failures, back after %d successes)",
             probing.interval,
             probing.fall,
             probing.rise,
         )
+    if metrics_address:
+        metrics.serve(metrics_address, Liveness(runner, threads, timing))
 
     def stop(signum: int, _frame: object) -> None:
         log.info("signal %d: stopping; the rules stay in the kernel (use `tcprouter cleanup` to remove them)", signum)
@@ -95,4 +99,43 @@ def serve(
     for thread in threads:
         thread.start()
     runner.run()
-    return 0
+    return 1 if runner.failed else 0
+
+
+def _guarded(runner: SyncRunner, name: str, target: Callable[..., None], *args: object) -> threading.Thread:
+    """A daemon thread that, should it ever end before the daemon stops, ends the daemon with an error."""
+
+    def run() -> None:
+        try:
+            target(*args)
+        except BaseException:
+            runner.metrics.internal_errors.labels(name).inc()
+            log.exception("thread %s stopped on an unexpected error", name)
+        if not runner.stopping.is_set():
+            runner.fail(f"thread {name} stopped")
+
+    return threading.Thread(target=run, name=name, daemon=True)
+
+
+@dataclass
+class Liveness:
+    """/healthz: healthy while every thread runs, the sync loop turns, and the rules were written or verified
+    recently (a full resync verifies them every --resync-interval)."""
+
+    runner: SyncRunner
+    threads: Sequence[threading.Thread]
+    timing: Timing
+
+    def __call__(self) -> tuple[bool, str]:
+        stopped = [t.name for t in self.threads if not t.is_alive()]
+        if stopped:
+            return False, f"stopped: {', '.join(stopped)}"
+        stalled = self.runner.clock() - self.runner.heartbeat
+        if stalled > max(10.0, 5 * self.timing.check_interval):
+            return False, f"the sync loop has not turned for {stalled:.0f}s"
+        if not self.runner.ready.is_set():
+            return False, "no successful sync yet"
+        since = time.time() - self.runner.last_synced
+        if since > 2 * self.timing.resync_interval + 30:
+            return False, f"no successful sync for {since:.0f}s"
+        return True, "ok"

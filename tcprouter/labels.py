@@ -163,6 +163,9 @@ def desired_state(
     # Frontends are keyed by the label even when no container serves: status shows them empty.
     declared_ports: set[int] = set()
     for container in sorted(containers, key=lambda c: c.age_order):
+        if container.malformed:
+            rejections.append(Rejection(container.id, container.name, "malformed", container.malformed))
+            continue
         if not container.running:
             continue  # a stopped container has no address to validate: it is simply not a backend
         try:

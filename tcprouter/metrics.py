@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 import threading
 from collections import Counter as Tally
 from collections.abc import Callable, Iterator
 from importlib.metadata import PackageNotFoundError, version
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from .compiler import FRONTEND_CHAIN_PREFIX, Tables
@@ -192,16 +195,41 @@ class Metrics:
         self.drift_repairs = Counter(
             "tcprouter_drift_repairs", "Full resyncs triggered by rules changed behind tcprouter's back", registry=r
         )
+        self.internal_errors = Counter(
+            "tcprouter_internal_errors",
+            "Unexpected errors caught in a thread and logged with their traceback (a bug, or data no one expected)",
+            ["thread"],
+            registry=r,
+        )
         build = Gauge("tcprouter_build_info", "tcprouter version", ["version"], registry=r)
         build.labels(package_version()).set(1)
         # Labelled series exist from the start at 0, so that rate() and alerts see the first increment.
         for kind in ("full", "partial"):
             self.sync_duration.labels(kind)
 
-    def serve(self, address: str) -> None:
-        """Serve /metrics on `host:port` (`:port` or `[::]:port` too) in a daemon thread."""
+    def serve(self, address: str, health: Callable[[], tuple[bool, str]] | None = None) -> None:
+        """Serve /metrics, and /healthz (200 while `health()` says so, else 503), on `host:port` (`:port` or
+        `[::]:port` too) in a daemon thread."""
         host, _, port = address.rpartition(":")
-        start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=self.registry)
+        host = host.strip("[]") or "0.0.0.0"
+        metrics_app = make_wsgi_app(self.registry)
+
+        def app(environ: dict, start_response: Callable) -> list[bytes]:
+            if environ.get("PATH_INFO") != "/healthz":
+                return metrics_app(environ, start_response)
+            ok, detail = health() if health else (True, "ok")
+            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [f"{detail}\n".encode()]
+
+        family = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0][0]
+        server_class = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
+        server = make_server(host, int(port), app, server_class, handler_class=_QuietHandler)
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        """Scrapes and health checks are not worth a log line each."""
 
 
 def package_version() -> str:

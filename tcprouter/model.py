@@ -42,6 +42,7 @@ class ContainerSnapshot:
     node: str = ""  # the host it runs on, for status, logs and metrics ("": this host)
     host_address: str = ""  # remote only: the address of that host, where its published ports are reached
     published_tcp_ports: dict[int, int] = field(default_factory=dict)  # remote only: container port -> host port
+    malformed: str = ""  # why Docker's data for it could not be read: it is rejected, nothing else is affected
 
     @property
     def age_order(self) -> tuple[int, str]:

@@ -22,6 +22,7 @@ from .tracker import ChangeTracker, Item, Relist, causes
 
 log = logging.getLogger(__name__)
 Clock = Callable[[], float]
+MAX_ERRORS = 10  # unexpected errors in a row after which the sync loop gives up
 
 
 @dataclass(frozen=True)
@@ -78,44 +79,67 @@ class SyncRunner:
         self.queue: queue.Queue[Item] = queue.Queue()
         self.stopping = threading.Event()
         self.ready = threading.Event()  # set after the first successful sync
+        self.failed: str | None = None  # why the daemon cannot go on (it then exits non-zero)
+        self.heartbeat = clock()  # when the loop last turned (for /healthz)
+        self.last_synced = 0.0  # wall time of the last successful sync (for /healthz)
 
     def submit(self, item: Item) -> None:
         """The sink every provider and the prober write to (thread-safe)."""
         self.queue.put(item)
 
     def run(self) -> None:
-        """Sync until `stop()`. Never raises for Docker or iptables failures."""
-        need_full = True
+        """Sync until `stop()`. Never raises for Docker or iptables failures. An unexpected error is logged with
+        its traceback, counted, and followed by a full resync; after `MAX_ERRORS` in a row the loop gives up and
+        sets `failed`, so that the process exits non-zero and its restart policy restarts it."""
+        need_full, errors = True, 0
         while not self.stopping.is_set():
-            ready = self.tracker.ready(self.timing.sources_grace)
-            batch = self._next_batch(self.schedule.timeout(self.clock()) if ready else self.timing.check_interval)
-            if self.stopping.is_set():
-                break  # after SIGTERM nothing more is written: the rules in force stay as they are
-            event_times = [self.tracker.apply(item) for item in batch]
-            if not self.tracker.ready(self.timing.sources_grace):
-                continue  # never write before the sources' state is known: an empty state would wipe live rules
-            if not ready and self.tracker.missing():
-                log.warning("writing without %s, which could not be listed yet", ", ".join(self.tracker.missing()))
-            now = self.clock()
-            if self.schedule.resync_due(now):
+            self.heartbeat = self.clock()
+            try:
+                need_full = self._step(need_full)
+                errors = 0
+            except Exception:
+                errors += 1
+                self.metrics.internal_errors.labels("sync").inc()
+                log.exception("sync loop: unexpected error (%d in a row); the rules in force stay", errors)
+                if errors >= MAX_ERRORS:
+                    self.fail(f"the sync loop failed {errors} times in a row")
+                    return
                 need_full = True
-            elif self.schedule.check_due(now) and not need_full:
-                need_full = self.syncer.drifted()
-            if self.schedule.check_due(now):
-                self.schedule.checked(now)
-            if not (batch or need_full):
-                continue
-            ok = self.syncer.sync(self.tracker.view(), self.tracker.unreachable, full=need_full, causes=causes(batch))
-            if need_full:
-                self.schedule.resynced(now, ok)
-            need_full = not ok
-            if ok:
-                written = time.time_ns()
-                for stamp in filter(None, event_times):
-                    self.metrics.event_to_rules.observe(max(0, written - stamp) / 1e9)
-                self.ready.set()
-                if self.on_synced:
-                    self.on_synced(self.syncer)
+                self.stopping.wait(self.timing.retry_after)
+
+    def _step(self, need_full: bool) -> bool:
+        """One turn of the loop: wait for items or a timer, fold them in, sync if needed; whether a full sync is
+        still owed."""
+        ready = self.tracker.ready(self.timing.sources_grace)
+        batch = self._next_batch(self.schedule.timeout(self.clock()) if ready else self.timing.check_interval)
+        if self.stopping.is_set():
+            return need_full  # after SIGTERM nothing more is written: the rules in force stay as they are
+        event_times = [self.tracker.apply(item) for item in batch]
+        if not self.tracker.ready(self.timing.sources_grace):
+            return need_full  # never write before the sources' state is known: an empty state would wipe live rules
+        if not ready and self.tracker.missing():
+            log.warning("writing without %s, which could not be listed yet", ", ".join(self.tracker.missing()))
+        now = self.clock()
+        if self.schedule.resync_due(now):
+            need_full = True
+        elif self.schedule.check_due(now) and not need_full:
+            need_full = self.syncer.drifted()
+        if self.schedule.check_due(now):
+            self.schedule.checked(now)
+        if not (batch or need_full):
+            return need_full
+        ok = self.syncer.sync(self.tracker.view(), self.tracker.unreachable, full=need_full, causes=causes(batch))
+        if need_full:
+            self.schedule.resynced(now, ok)
+        if ok:
+            written = time.time_ns()
+            for stamp in filter(None, event_times):
+                self.metrics.event_to_rules.observe(max(0, written - stamp) / 1e9)
+            self.last_synced = time.time()
+            self.ready.set()
+            if self.on_synced:
+                self.on_synced(self.syncer)
+        return not ok
 
     def _next_batch(self, timeout: float) -> list[Item]:
         """One item, then whatever follows within `settle` of the last one, up to `max_delay`; an urgent item
@@ -131,6 +155,12 @@ class SyncRunner:
             except queue.Empty:
                 break
         return batch
+
+    def fail(self, reason: str) -> None:
+        """Stop with an error: the process exits non-zero rather than live on without working."""
+        log.critical("%s: exiting so that the restart policy restarts tcprouter", reason)
+        self.failed = reason
+        self.stop()
 
     def stop(self) -> None:
         self.stopping.set()

@@ -175,6 +175,12 @@ def test_compose_demo_rotates_then_cleanup_from_the_image_leaves_nothing(
 
         scraped = exported_sample_names(project.metrics())
         assert referenced_metrics() <= scraped, "referenced in deploy/ but not in the router's /metrics"
+
+        [router] = docker_api.containers.list(
+            filters={"label": [f"com.docker.compose.project={project.name}", "com.docker.compose.service=tcprouter"]}
+        )
+        health = lambda: router.reload() or router.attrs["State"]["Health"]["Status"]  # noqa: E731
+        assert wait_until(lambda: health() != "starting" and health(), 60, 0.5, "the image's HEALTHCHECK") == "healthy"
     finally:
         logs = project.compose("logs", "--no-color", "tcprouter", check=False)
         project.compose("down", "--volumes", "--remove-orphans", "--timeout", "10", check=False)

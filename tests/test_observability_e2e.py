@@ -83,6 +83,13 @@ def test_metrics_every_family_with_its_labels_and_exact_connection_counts(backen
     assert values(metrics["tcprouter_docker_reconnects"], "_total") == {(("source", "local"),): 0}
     [(labels, one)] = values(metrics["tcprouter_build_info"]).items()
     assert one == 1 and [key for key, _ in labels] == ["version"]
+    assert values(metrics["tcprouter_internal_errors"], "_total") == {}  # no thread met an unexpected error
+
+    health = tcprouter("health", "--metrics-address", f"127.0.0.1:{router.metrics_port}", check=False)
+    assert (health.returncode, health.stdout.strip()) == (0, "ok")  # the image's HEALTHCHECK
+    router.stop()
+    health = tcprouter("health", "--metrics-address", f"127.0.0.1:{router.metrics_port}", check=False)
+    assert health.returncode == 1 and "no answer" in health.stdout
 
 
 def test_rule_counts_equal_iptables_save(backends, start_router, flavour):

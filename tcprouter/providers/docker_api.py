@@ -13,7 +13,7 @@ import docker
 import docker.errors
 import requests
 from docker.utils import kwargs_from_env
-from tenacity import Retrying, retry_if_exception_type, wait_exponential
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, retry_if_not_exception_type, wait_exponential
 
 from ..metrics import Metrics
 
@@ -68,7 +68,7 @@ def follow_forever(
     connected = metrics.docker_connected.labels(source)
     while not stopping.is_set():
         try:
-            session = _start_with_backoff(source, stopping, start)
+            session = _start_with_backoff(source, stopping, metrics, start)
         except Stopping:
             return
         connected.set(1)
@@ -76,6 +76,10 @@ def follow_forever(
             follow(session)
         except DOCKER_ERRORS as error:
             log.warning("%s: Docker connection lost: %s", source, error)
+        except Exception:  # a bug or data no one expected: never a provider that silently stops following
+            metrics.internal_errors.labels(source).inc()
+            log.exception("%s: unexpected error while following Docker; reconnecting to list everything again", source)
+            stopping.wait(1.0)
         finally:
             connected.set(0)
             close(session)
@@ -83,16 +87,21 @@ def follow_forever(
             metrics.docker_reconnects.labels(source).inc()
 
 
-def _start_with_backoff(source: str, stopping: threading.Event, start: Callable[[], T]) -> T:
+def _start_with_backoff(source: str, stopping: threading.Event, metrics: Metrics, start: Callable[[], T]) -> T:
+    def before_sleep(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        if isinstance(error, DOCKER_ERRORS):
+            log.warning("%s: Docker unreachable (%s); retrying in %.1fs", source, error, state.upcoming_sleep)
+        else:
+            metrics.internal_errors.labels(source).inc()
+            log.error(
+                "%s: unexpected error while listing; retrying in %.1fs", source, state.upcoming_sleep, exc_info=error
+            )
+
     for attempt in Retrying(
         wait=wait_exponential(multiplier=0.2, max=3),
-        retry=retry_if_exception_type(DOCKER_ERRORS),
-        before_sleep=lambda s: log.warning(
-            "%s: Docker unreachable (%s); retrying in %.1fs",
-            source,
-            s.outcome.exception() if s.outcome else "",
-            s.upcoming_sleep,
-        ),
+        retry=retry_if_exception_type(Exception) & retry_if_not_exception_type(Stopping),
+        before_sleep=before_sleep,
     ):
         with attempt:
             if stopping.is_set():

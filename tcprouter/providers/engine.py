@@ -65,6 +65,8 @@ class Host:
 def snapshot_from_inspect(info: dict, host: Host | None = None) -> ContainerSnapshot:
     """Build a snapshot from `docker inspect` output (a pure function). With `host`, the container is remote:
     reached at that host's address and the ports it publishes there."""
+    if not isinstance(info.get("Id"), str) or not isinstance(info.get("Created", ""), str):
+        raise TypeError("Id and Created must be strings")
     state = info.get("State") or {}
     config = info.get("Config") or {}
     settings = info.get("NetworkSettings") or {}
@@ -120,9 +122,27 @@ def _subnet(address: str, prefix_len: int) -> str:
 def inspect(api: docker.APIClient, container_id: str, host: Host | None = None) -> ContainerSnapshot | None:
     """The container's snapshot, or None if it no longer exists."""
     try:
-        return snapshot_from_inspect(api.inspect_container(container_id), host)
+        info = api.inspect_container(container_id)
     except docker.errors.NotFound:
         return None
+    return read_inspect(info, container_id, host)
+
+
+def read_inspect(info: object, container_id: str, host: Host | None = None) -> ContainerSnapshot:
+    """snapshot_from_inspect, or, for data of an unexpected shape, a snapshot that says why it is rejected."""
+    try:
+        return snapshot_from_inspect(info, host)  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        config = info.get("Config") if isinstance(info, dict) else None
+        labels = config.get("Labels") if isinstance(config, dict) else None
+        return ContainerSnapshot(
+            id=container_id,
+            name=container_id[:12],
+            created="",
+            labels=dict(labels) if isinstance(labels, dict) else {},
+            running=True,
+            malformed=f"Docker's inspect data has an unexpected shape ({type(error).__name__}: {error})",
+        )
 
 
 def list_labelled(api: docker.APIClient, prefix: str, host: Host | None = None) -> list[ContainerSnapshot]:

@@ -92,12 +92,27 @@ def swarm_snapshots(api: docker.APIClient, prefix: str) -> list[ContainerSnapsho
     nodes = {n["ID"]: n for n in api.nodes()}
     names = node_names(nodes.values())
     return [
-        task_snapshot(
+        read_task(
             task, services[task["ServiceID"]], nodes.get(task.get("NodeID", "")), names.get(task.get("NodeID", ""), "")
         )
         for task in api.tasks(filters={"desired-state": "running"})
         if task.get("ServiceID") in services
     ]
+
+
+def read_task(task: dict, service: dict, node: dict | None, node_name: str) -> ContainerSnapshot:
+    """task_snapshot, or, for data of an unexpected shape, a snapshot that says why it is rejected."""
+    try:
+        return task_snapshot(task, service, node, node_name)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        return ContainerSnapshot(
+            id=str(task.get("ID", "")),
+            name=str(task.get("ID", ""))[:12],
+            created="",
+            labels=dict((service.get("Spec") or {}).get("Labels") or {}),
+            running=True,
+            malformed=f"the manager's task data has an unexpected shape ({type(error).__name__}: {error})",
+        )
 
 
 def task_changes(
