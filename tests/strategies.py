@@ -1,4 +1,4 @@
-"""Hypothesis strategies for containers and desired states."""
+"""Containers and desired states for tests: a plain factory, and hypothesis strategies."""
 
 from __future__ import annotations
 
@@ -64,3 +64,18 @@ def containers(draw: st.DrawFn, index: int = 0) -> ContainerSnapshot:
         host_address=f"198.18.99.{index % 3 + 11}" if remote else "",
         published_tcp_ports=draw(st.dictionaries(ports, ports, max_size=2)) if remote else {},
     )
+
+
+def container(i: int, **fields: object) -> ContainerSnapshot:
+    """Running container c<i> labelled tcp.port=80 at 10.9.0.<i+1>, created <i> s into 2026; `fields` override."""
+    values: dict[str, object] = {
+        "id": f"{i:064x}",
+        "name": f"c{i}",
+        "created": f"2026-01-01T00:00:{i:02d}Z",
+        "labels": {"tcp.port": "80"},
+        "running": True,
+        "networks": {"bridge": f"10.9.0.{i + 1}"},
+        "subnets": {"bridge": "10.9.0.0/24"},
+    }
+    values.update(fields)
+    return ContainerSnapshot(**values)  # type: ignore[arg-type]

@@ -17,23 +17,10 @@ from tcprouter.runner import SyncRunner, Timing
 from tcprouter.sync import Syncer
 from tcprouter.tracker import Change, ChangeTracker, Relist
 
+from .strategies import container
 from .support import private_netns, wait_until
 
 pytestmark = pytest.mark.kernel
-
-
-def container(i: int, **fields: object) -> ContainerSnapshot:
-    values: dict[str, object] = {
-        "id": f"{i:064x}",
-        "name": f"c{i}",
-        "created": f"2026-01-01T00:00:{i:02d}Z",
-        "labels": {"tcp.port": "80"},
-        "running": True,
-        "networks": {"bridge": f"10.9.0.{i + 1}"},
-        "subnets": {"bridge": "10.9.0.0/24"},
-    }
-    values.update(fields)
-    return ContainerSnapshot(**values)  # type: ignore[arg-type]
 
 
 class FlakyWriter:

@@ -2,22 +2,10 @@
 
 from __future__ import annotations
 
-from tcprouter.model import ContainerSnapshot
 from tcprouter.runner import Schedule, Timing
 from tcprouter.tracker import Change, ChangeTracker, Reachability, Relist, causes
 
-
-def snap(i: int, **fields: object) -> ContainerSnapshot:
-    values: dict[str, object] = {
-        "id": f"{i:064x}",
-        "name": f"c{i}",
-        "created": f"2026-01-01T00:00:{i:02d}Z",
-        "labels": {"tcp.port": "80"},
-        "running": True,
-        "networks": {"bridge": f"10.9.0.{i + 1}"},
-    }
-    values.update(fields)
-    return ContainerSnapshot(**values)  # type: ignore[arg-type]
+from .strategies import container
 
 
 class FakeClock:
@@ -30,9 +18,9 @@ class FakeClock:
 
 def test_a_relist_replaces_only_its_own_source():
     tracker = ChangeTracker("tcp", sources=["tcp://a:2375", "tcp://b:2375"])
-    tracker.apply(Relist((snap(1), snap(2)), source="tcp://a:2375"))
-    tracker.apply(Relist((snap(3),), source="tcp://b:2375"))
-    tracker.apply(Relist((snap(2),), source="tcp://a:2375"))  # a reconnected: c1 is gone there
+    tracker.apply(Relist((container(1), container(2)), source="tcp://a:2375"))
+    tracker.apply(Relist((container(3),), source="tcp://b:2375"))
+    tracker.apply(Relist((container(2),), source="tcp://a:2375"))  # a reconnected: c1 is gone there
     assert sorted(c.name for c in tracker.view()) == ["c2", "c3"]
 
 
@@ -40,7 +28,7 @@ def test_the_first_write_waits_for_every_source_or_the_grace_period():
     clock = FakeClock()
     tracker = ChangeTracker("tcp", sources=["a", "b"], clock=clock)
     assert not tracker.ready(grace=10)  # nothing listed: an empty view would wipe the rules in force
-    tracker.apply(Relist((snap(1),), source="a"))
+    tracker.apply(Relist((container(1),), source="a"))
     assert not tracker.ready(grace=10) and tracker.missing() == ["b"]
     clock.now += 10
     assert tracker.ready(grace=10)  # b stays away: it must not hold back a's changes forever
@@ -52,15 +40,15 @@ def test_reachability_verdicts_are_kept_and_name_their_cause():
     tracker = ChangeTracker("tcp")
     verdict = Reachability(frozenset({("198.18.99.12", 30001)}), (("198.18.99.12", 30001),), 5)
     assert tracker.apply(verdict) == 5 and tracker.unreachable == verdict.down
-    kill = Change(snap(1).id, "kill", 6, drain=True)
-    assert causes([verdict, kill]) == {("198.18.99.12", 30001): "probe", snap(1).id: "kill"}
+    kill = Change(container(1).id, "kill", 6, drain=True)
+    assert causes([verdict, kill]) == {("198.18.99.12", 30001): "probe", container(1).id: "kill"}
     assert verdict.urgent and kill.urgent and not Relist(()).urgent
 
 
 def test_draining_a_task_that_left_forgets_it():
     tracker = ChangeTracker("tcp", sources=["swarm"])
-    tracker.apply(Relist((snap(1), snap(2)), source="swarm"))
-    tracker.apply(Change(snap(1).id, "task shutdown", 0, gone=True, drain=True, source="swarm"))
+    tracker.apply(Relist((container(1), container(2)), source="swarm"))
+    tracker.apply(Change(container(1).id, "task shutdown", 0, gone=True, drain=True, source="swarm"))
     assert [c.name for c in tracker.view()] == ["c2"] and tracker.draining == {}
 
 
