@@ -1,6 +1,7 @@
 """scripts/bench: tcprouter side by side with direct access, HAProxy and Docker's -p; control plane; scale.
 
 Usage: scripts/bench [--phases data,control,scale] [--rounds 3] [--duration 5] [--trials 50] ...
+       scripts/bench --phases gateway [--rounds 3] [--duration 5] [--gateway-trials 30]   (Swarm gateway mode)
        scripts/bench --report bench-results/FILE.json     (print the tables of an earlier run)
 Writes bench-results/bench-<time>.json and prints Markdown tables with the ratios of this run.
 """
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         "--phases",
         default="control,data,scale",
         help="comma-separated, run in this order: control (first, on a host without the data plane's "
-        "leftover sockets), data, scale",
+        "leftover sockets), data, scale, gateway (not in the default: a 3-node Swarm lab, about 6 more minutes)",
     )
     parser.add_argument(
         "--figures", default="new_connections,keepalive,bulk", help="data-plane figures (one locked phase each)"
@@ -42,6 +43,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="10,100,1000", help="scale: numbers of frontends (x10 backends)")
     parser.add_argument("--repeats", type=int, default=5, help="scale: repetitions of each sync")
     parser.add_argument("--samples", type=int, default=5000, help="scale: first-packet samples per case")
+    parser.add_argument(
+        "--gateway-figures",
+        default="new_connections,keepalive",
+        help="gateway: data-plane figures through the Swarm gateway (also uses --rounds, --duration, --probes)",
+    )
+    parser.add_argument(
+        "--gateway-trials", type=int, default=30, help="gateway: scale-up/scale-down trials (task running -> routed)"
+    )
+    parser.add_argument(
+        "--gateway-router-args",
+        default="",
+        help="gateway: extra `tcprouter run` arguments, e.g. '--swarm-poll-interval 0.1' (default: none)",
+    )
     parser.add_argument("--output", type=Path, help="JSON result (default bench-results/bench-<time>.json)")
     parser.add_argument("--report", type=Path, help="only print the tables of this earlier JSON result")
     args = parser.parse_args(argv)
@@ -57,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output or REPO / "bench-results" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     result: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "args": {k: str(v) for k, v in vars(args).items()}}
-    if "data" in phases or "control" in phases:
+    if {"data", "control", "gateway"} & set(phases):
         ensure_packages()
         ensure_images()
     result["machine"] = machine()
@@ -89,6 +103,18 @@ def main(argv: list[str] | None = None) -> int:
 
             sizes = [int(x) for x in args.sizes.split(",")]
             result["scale"] = scale.run(sizes, args.repeats, args.samples)
+            save()
+        if "gateway" in phases:
+            from . import gateway
+
+            result["gateway"] = gateway.run(
+                args.rounds,
+                args.duration,
+                args.probes,
+                args.gateway_trials,
+                [f.strip() for f in args.gateway_figures.split(",") if f.strip()],
+                gateway.parse_router_args(args.gateway_router_args),
+            )
             save()
     finally:
         result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -330,8 +330,13 @@ def render(result: dict) -> str:
         out.append("## Scale\n")
         text, checks["scale"] = _scale(result["scale"])
         out += text
-    out.append("## Targets\n")
-    out.append(_table(["target", "measured", "met"], _targets(checks)) + "\n")
+    if "gateway" in result:
+        out.append("## Gateway mode (Swarm)\n")
+        out += _gateway(result["gateway"])
+    targets = _targets(checks)
+    if targets:
+        out.append("## Targets\n")
+        out.append(_table(["target", "measured", "met"], targets) + "\n")
     return "\n".join(out)
 
 
@@ -386,3 +391,143 @@ def _targets(checks: dict) -> list[list[str]]:
             ]
         )
     return rows
+
+
+GATEWAY_PATHS = {
+    "direct": "client -> host forwards -> node 2:published port",
+    "tcprouter": "client -> host:8501, tcprouter DNAT + MASQUERADE",
+    "haproxy": "client -> HAProxy on the host (TCP mode)",
+    "direct-3": "no proxy: wrk thread i -> node i:published port",
+}
+
+
+def _gateway(gw: dict) -> list[str]:
+    out: list[str] = []
+    tasks = ", ".join(f"node {t['node']} {t['address']}:{t['port']}" for t in gw.get("web_tasks", []))
+    out.append(
+        f"A {gw['nodes']}-node Swarm lab on {gw['subnet']} (engines in network namespaces of this host), 3 nginx "
+        f"tasks, one per node, each publishing port 80 in host mode ({tasks}); the client in its own namespace"
+        + (f"; tcprouter run with {' '.join(gw['router_args'])}" if gw.get("router_args") else "")
+        + ".\n"
+    )
+    ms = lambda s: f"{s * 1000:.1f}"  # noqa: E731
+    for figure, fig in gw.get("figures", {}).items():
+        runs, med = fig["runs"], fig["median"]
+        key = "bytes_per_s" if figure == "bulk" else "rps"
+        unit = "MiB/s" if figure == "bulk" else ("new conn/s" if figure == "new_connections" else "req/s")
+        scale = 2**20 if figure == "bulk" else 1
+        out.append(f"### Gateway: {fig['what']}\n")
+        out.append(
+            f"{fig['rounds']} rounds of {fig['duration_s']:g} s per path, order rotated each round; median of the "
+            "rounds; ratios taken within each round, then their median (and range).\n"
+        )
+        rows = []
+        for path in runs:
+            counted = [r.get("new_connections_counted") for r in runs[path]]
+            requests = sum(r["requests"] for r in runs[path])
+            rows.append(
+                [
+                    f"**{path}**" if path == "tcprouter" else path,
+                    GATEWAY_PATHS.get(path, "?"),
+                    "1" if path == "direct" else "3",
+                    f"{med[path][key] / scale:,.0f}",
+                    _ratio_text(_per_round_ratio(runs, path, "direct", key)) if "direct" in runs else "-",
+                    _ratio_text(_per_round_ratio(runs, path, "direct-3", key)) if "direct-3" in runs else "-",
+                    _ratio_text(_per_round_ratio(runs, path, "haproxy", key)) if path == "tcprouter" else "",
+                    f"{med[path]['lat_p50_us'] / 1000:.2f}",
+                    f"{med[path]['lat_p99_us'] / 1000:.2f}",
+                    str(sum(r["errors"] for r in runs[path])),
+                    str(sum(r["syn_retransmits"] for r in runs[path])),
+                    f"{med[path]['cpu_busy_fraction']:.2f}",
+                    f"{sum(counted):,} / {requests:,}"
+                    if figure == "new_connections" and counted and all(c is not None for c in counted)
+                    else "",
+                ]
+            )
+        header = [
+            "path", "route", "nodes", unit, "x direct", "x direct-3", "x HAProxy", "wrk p50 ms", "wrk p99 ms",
+            "socket errors", "SYN retransmits", "host CPU busy", "DNAT/NEW rule count / wrk requests",
+        ]  # fmt: skip
+        out.append(_table(header, rows) + "\n")
+        if fig.get("probe"):
+            prow = [
+                [path, f"{p['connect_us']['p50']:.0f}", f"{p['connect_us']['p99']:.0f}",
+                 f"{p['first_byte_us']['p50']:.0f}", f"{p['first_byte_us']['p99']:.0f}"]
+                for path, p in fig["probe"].items()
+            ]  # fmt: skip
+            n = next(iter(fig["probe"].values()))["connect_us"]["n"]
+            out.append(
+                f"Unloaded latency, {n} sequential new connections per path (Python client in the client namespace, "
+                "interleaved blocks), microseconds:\n"
+            )
+            out.append(_table(["path", "connect p50", "connect p99", "connect+first byte p50", "p99"], prow) + "\n")
+        router_cpu = [r["router_cpu_s"] for rs in runs.values() for r in rs]
+        drops = sum(
+            r["conntrack_drops"] + sum(r.get("node_conntrack", {}).values()) for rs in runs.values() for r in rs
+        )
+        out.append(
+            f"tcprouter daemon: {statistics.median(router_cpu):.2f} s CPU per run (median, following the manager and "
+            f"probing, whatever the path), RSS {fig.get('router_rss_kb', 0) / 1024:.1f} MiB; conntrack drops and "
+            f"insert failures, host and nodes, all runs: {drops}.\n"
+        )
+        if fig.get("router_warnings"):
+            out.append(f"tcprouter logged {len(fig['router_warnings'])} warnings: {fig['router_warnings'][:3]}\n")
+    tr = gw.get("trials")
+    if tr:
+        out.append("### Gateway: a task joins or leaves (scale 1 -> 2 -> 1)\n")
+        names = [
+            ("join", "scale_call_s", "`docker service scale` call (+1)"),
+            ("join", "call_to_running_s", "scale call -> task `running` (manager's Status.Timestamp): Swarm's share"),
+            (
+                "join",
+                "running_to_listed_s",
+                "task running -> the manager's task list shows it running (polled every 20 ms)",
+            ),
+            ("join", "running_to_rule_s", "**task running -> its DNAT rule in the host's kernel**"),
+            (
+                "join",
+                "running_to_answered_s",
+                "**task running -> first connection through the gateway answered by it**",
+            ),
+            ("leave", "scale_call_s", "`docker service scale` call (-1)"),
+            ("leave", "call_to_desired_s", "scale call -> task's desired state changed (its UpdatedAt)"),
+            ("leave", "desired_to_rule_gone_s", "**desired state changed -> its DNAT rule gone**"),
+            ("leave", "call_to_rule_gone_s", "scale call -> its DNAT rule gone"),
+        ]
+        rows = []
+        for part, key, label in names:
+            s = tr[part].get(key, {})
+            if s.get("n"):
+                rows.append([label, str(s["n"]), ms(s["p50"]), ms(s["p99"]), ms(s["max"])])
+        out.append(_table(["interval", "n", "p50 ms", "p99 ms", "max ms"], rows) + "\n")
+        poll = tr["rule_poll_s"]
+        out.append(
+            f"The chain `TCPR-FE-8502` was listed (`iptables -t nat -S`) in a loop, {poll['n']} polls taking "
+            f"{ms(poll['p50'])} ms p50 / {ms(poll['p99'])} ms p99 each: the rule times are the end of the first poll "
+            "that saw the change (upper bounds by up to one poll). Connections through the gateway were opened from "
+            "the client namespace every ~2 ms, each answered with the container's host name.\n"
+        )
+        out.append(
+            f"While tasks left: {tr['leave_failed_connections']} of {tr['leave_connections']} connections through the "
+            f"gateway failed (from the scale call to 1 s after the rule was gone), in "
+            f"{tr['leave_trials_with_failures']} of {tr['leave']['call_to_rule_gone_s']['n']} trials.\n"
+        )
+        if tr.get("router_cpu"):
+            cpu = tr["router_cpu"]
+            out.append(
+                f"The tcprouter daemon used {cpu['cpu_s']:.1f} s of CPU over the {cpu['wall_s']:.0f} s of trials "
+                f"({100 * cpu['cpu_s'] / cpu['wall_s']:.1f} % of one core: task listings, probes, syncs).\n"
+            )
+        metric = tr["event_to_rules_metric"]
+        if metric["count"]:
+            out.append(
+                f"The daemon's tcprouter_event_to_rules_seconds over the trials ({metric['count']:.0f} observations: "
+                f"from a task's running timestamp, or the listing that saw it leave, to its rules written): mean "
+                f"{metric['mean_s'] * 1000:.1f} ms, p50 <= {metric['p50_at_most_s'] * 1000:g} ms, p99 <= "
+                f"{metric['p99_at_most_s'] * 1000:g} ms (bucket bounds).\n"
+            )
+        if tr.get("failures"):
+            out.append("Failures: " + "; ".join(tr["failures"]) + "\n")
+        if tr.get("router_warnings"):
+            out.append(f"tcprouter logged {len(tr['router_warnings'])} warnings: {tr['router_warnings'][:3]}\n")
+    return out
