@@ -28,11 +28,13 @@ import json
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from datetime import datetime
 from pathlib import Path
 
@@ -264,8 +266,6 @@ backend swarm
         wait_for(lambda: in_netns(client.name, lambda: who(client.host_ip, HAPROXY_PORT)), 10, "HAProxy")
 
     def _start_router(self) -> None:
-        import socket
-
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.metrics_port = s.getsockname()[1]
@@ -287,8 +287,6 @@ backend swarm
         self._check_router()
 
     def _synced(self) -> bool:
-        import urllib.request
-
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as reply:
             text = reply.read().decode()
         return any(
@@ -427,8 +425,6 @@ backend swarm
 
     def probe(self, path: str, count: int) -> dict[str, list[float]]:
         """Unloaded latency: `count` sequential new connections, one request each; connect and first byte (us)."""
-        import socket
-
         address, port = self.url(path)
         request = b"GET / HTTP/1.0\r\nHost: bench\r\n\r\n"
 
