@@ -287,13 +287,7 @@ defaults
     def wrk(self, path: str, duration: float, connections: int, close: bool, resource: str = "/") -> dict[str, float]:
         address, port = self.url(path)
         targets = ",".join(f"{self.ips[i]}:{BACKEND_PORT}" for i in PATHS[path][1]) if path == "direct-3" else ""
-        command = [
-            "env", f"BENCH_TARGETS={targets}",
-            "ip", "netns", "exec", self.clients[path].name, "wrk", f"-t{THREADS}", f"-c{connections}",
-            f"-d{duration:g}s",
-            "--latency", "-s", str(LUA), *(["-H", "Connection: close"] if close else []),
-            f"http://{address}:{port}{resource}",
-        ]  # fmt: skip
+        command = wrk_command(self.clients[path].name, address, port, targets, duration, connections, close, resource)
         self.forget_connections()
         before_syn = _syn_retransmits(self.clients[path].name)
         before_stats = _conntrack_stats()
@@ -301,10 +295,7 @@ defaults
         before_counters = self.new_connection_counters()
         before_cpu = _cpu_times()
         before_proc = {name: _proc_cpu(p) for name, p in (("haproxy", self.haproxy), ("tcprouter", self.router))}
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=duration + 30, check=False)
-        except subprocess.TimeoutExpired as error:
-            raise RuntimeError(f"wrk on {path} did not finish within {duration + 30:g}s") from error
+        done = run_wrk(command, path, duration)
         cpu = _cpu_busy(before_cpu, _cpu_times())
         proc = {
             name: _proc_cpu(p) - before_proc[name]
@@ -315,14 +306,7 @@ defaults
         after_stats = _conntrack_stats()
         syn_retransmits = _syn_retransmits(self.clients[path].name) - before_syn
         peak_entries = _conntrack_count()
-        line = next((x for x in done.stdout.splitlines() if x.startswith("WRKJSON ")), None)
-        if done.returncode != 0 or line is None:
-            raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout[-1500:]} {done.stderr[-1500:]}")
-        result = json.loads(line.removeprefix("WRKJSON "))
-        seconds = result["duration_us"] / 1e6
-        result["rps"] = result["requests"] / seconds
-        result["bytes_per_s"] = result["bytes"] / seconds
-        result["errors"] = sum(result[k] for k in ("connect_errors", "read_errors", "write_errors", "timeouts"))
+        result = wrk_result(done)
         result["cpu_busy_fraction"] = cpu
         result["proxy_cpu_s"] = proc["haproxy"] if path.startswith("haproxy") else 0.0
         result["router_cpu_s"] = proc["tcprouter"]
@@ -344,41 +328,100 @@ defaults
             subprocess.run(["conntrack", "-D", "-s", client.client_ip], capture_output=True, check=False, timeout=60)
 
     def probe(self, path: str, count: int) -> dict[str, list[float]]:
-        """Unloaded latency: `count` sequential new connections, each one request; connect and first byte."""
-        address, port = self.url(path)
-        request = b"GET / HTTP/1.0\r\nHost: bench\r\n\r\n"
-
-        def run() -> dict[str, list[float]]:
-            connect, first = [], []
-            for _ in range(count):
-                s = socket.socket()
-                s.settimeout(2)
-                t0 = time.perf_counter_ns()
-                s.connect((address, port))
-                t1 = time.perf_counter_ns()
-                s.sendall(request)
-                s.recv(1)
-                t2 = time.perf_counter_ns()
-                while s.recv(65536):
-                    pass
-                s.close()
-                connect.append((t1 - t0) / 1e3)
-                first.append((t2 - t0) / 1e3)
-            return {"connect_us": connect, "first_byte_us": first}
-
-        return in_netns(self.clients[path].name, run)
+        return latency_probe(self.clients[path].name, *self.url(path), count)
 
     def router_warnings(self) -> list[str]:
-        """The daemon's warnings and errors so far (retries, drift, failures), for the result file."""
-        text = self.router_log.read_text() if self.router_log.exists() else ""
-        return [line for line in text.splitlines() if " WARNING " in line or " ERROR " in line][-50:]
+        return log_problems(self.router_log)
 
     def router_rss_kb(self) -> int:
-        assert self.router is not None
-        for line in Path(f"/proc/{self.router.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
+        return rss_kb(self.router)
+
+
+def wrk_command(
+    ns: str, address: str, port: int, targets: str, duration: float, connections: int, close: bool, resource: str
+) -> list[str]:
+    """wrk from namespace `ns` with the report script; `targets` ("ip:port,..."): one per thread, not the URL."""
+    return [
+        "env", f"BENCH_TARGETS={targets}",
+        "ip", "netns", "exec", ns, "wrk", f"-t{THREADS}", f"-c{connections}", f"-d{duration:g}s",
+        "--latency", "-s", str(LUA), *(["-H", "Connection: close"] if close else []),
+        f"http://{address}:{port}{resource}",
+    ]  # fmt: skip
+
+
+def run_wrk(command: list[str], path: str, duration: float) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=duration + 30, check=False)
+    except subprocess.TimeoutExpired as error:
+        raise RuntimeError(f"wrk on {path} did not finish within {duration + 30:g}s") from error
+
+
+def wrk_result(done: subprocess.CompletedProcess) -> dict:
+    """wrk's report (the WRKJSON line of the report script) with rates and the error total."""
+    line = next((x for x in done.stdout.splitlines() if x.startswith("WRKJSON ")), None)
+    if done.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout[-1500:]} {done.stderr[-1500:]}")
+    result = json.loads(line.removeprefix("WRKJSON "))
+    seconds = result["duration_us"] / 1e6
+    result["rps"] = result["requests"] / seconds
+    result["bytes_per_s"] = result["bytes"] / seconds
+    result["errors"] = sum(result[k] for k in ("connect_errors", "read_errors", "write_errors", "timeouts"))
+    return result
+
+
+def latency_probe(ns: str, address: str, port: int, count: int) -> dict[str, list[float]]:
+    """Unloaded latency from namespace `ns`: `count` sequential new connections, one request each; microseconds to
+    connect and to the first byte of the answer."""
+    request = b"GET / HTTP/1.0\r\nHost: bench\r\n\r\n"
+
+    def run() -> dict[str, list[float]]:
+        connect, first = [], []
+        for _ in range(count):
+            s = socket.socket()
+            s.settimeout(2)
+            t0 = time.perf_counter_ns()
+            s.connect((address, port))
+            t1 = time.perf_counter_ns()
+            s.sendall(request)
+            s.recv(1)
+            t2 = time.perf_counter_ns()
+            while s.recv(65536):
+                pass
+            s.close()
+            connect.append((t1 - t0) / 1e3)
+            first.append((t2 - t0) / 1e3)
+        return {"connect_us": connect, "first_byte_us": first}
+
+    return in_netns(ns, run)
+
+
+def probe_samples(rig, paths: tuple[str, ...], probes: int) -> dict[str, dict[str, dict[str, float]]]:
+    """`probes` latency samples per path, in 4 interleaved blocks (so that drifts hit every path): n, p50, p99."""
+    samples: dict[str, dict[str, list[float]]] = {p: {"connect_us": [], "first_byte_us": []} for p in paths}
+    for _block in range(4):
+        for path in paths:
+            for key, values in rig.probe(path, probes // 4).items():
+                samples[path][key] += values
+    return {
+        path: {key: {"n": len(v), "p50": percentile(v, 50), "p99": percentile(v, 99)} for key, v in got.items()}
+        for path, got in samples.items()
+    }
+
+
+def log_problems(path: Path) -> list[str]:
+    """The daemon's warnings and errors so far (retries, drift, failures), for the result file."""
+    text = path.read_text() if path.exists() else ""
+    return [line for line in text.splitlines() if " WARNING " in line or " ERROR " in line][-50:]
+
+
+def rss_kb(process: subprocess.Popen | None) -> int:
+    """A running child's resident memory (0 once it has exited)."""
+    if process is None or process.poll() is not None:
         return 0
+    for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -474,16 +517,7 @@ def run_figure(figure: str, rounds: int, duration: float, probes: int) -> dict:
                     f"{ {k: v for k, v in result['conntrack_stats'].items() if v and k not in ('found', 'searched')} }"
                 )
         if probes:
-            samples: dict[str, dict[str, list[float]]] = {p: {"connect_us": [], "first_byte_us": []} for p in paths}
-            for _block in range(4):  # interleaved blocks, again so that drifts hit every path
-                for path in paths:
-                    got = rig.probe(path, probes // 4)
-                    for key, values in got.items():
-                        samples[path][key] += values
-            extra["probe"] = {
-                path: {key: {"n": len(v), "p50": percentile(v, 50), "p99": percentile(v, 99)} for key, v in got.items()}
-                for path, got in samples.items()
-            }
+            extra["probe"] = probe_samples(rig, paths, probes)
         extra["router_rss_kb"] = rig.router_rss_kb()
         extra["router_warnings"] = rig.router_warnings()
         extra["flavour"] = rig.flavour

@@ -24,7 +24,6 @@ and the trials then hold the host lock with their own tcprouter, HAProxy, client
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shlex
@@ -35,20 +34,18 @@ import tempfile
 import threading
 import time
 import urllib.request
-from datetime import datetime
 from pathlib import Path
 
 from tcprouter.metrics import backend_connections
+from tcprouter.model import timestamp_ns
 from tcprouter.netfilter import Iptables, detect_flavour
 from tests.cluster import DockerLab, node_addresses, scale_service
 from tests.support import BACKEND_IMAGE, in_netns, join_netns
 
-from .common import LABEL_PREFIX, NGINX_IMAGE, REPO, ClientHost, host_lock, log, percentile, sh, summary, unique
+from .common import LABEL_PREFIX, NGINX_IMAGE, REPO, ClientHost, host_lock, log, sh, summary, unique
 from .controlplane import METRIC, _histogram, _histogram_delta
 from .dataplane import (
     FIGURES,
-    LUA,
-    THREADS,
     _conntrack_count,
     _conntrack_drops,
     _conntrack_stats,
@@ -58,8 +55,15 @@ from .dataplane import (
     _proc_cpu,
     _stop,
     _syn_retransmits,
+    latency_probe,
+    log_problems,
+    probe_samples,
+    rss_kb,
+    run_wrk,
     wait_for,
     who,
+    wrk_command,
+    wrk_result,
 )
 
 SUBNET = "198.18.97"  # the e2e tests' labs use .99 and .98
@@ -79,12 +83,8 @@ TERMINAL = {"shutdown", "complete", "failed", "rejected", "orphaned", "remove"}
 
 
 def timestamp_s(text: str) -> float:
-    """A Docker RFC 3339 timestamp (nanosecond fraction, `Z`) as seconds since the epoch; nan if unreadable."""
-    match = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)", text or "")
-    if not match:
-        return float("nan")
-    whole = datetime.fromisoformat(match.group(1) + match.group(3).replace("Z", "+00:00")).timestamp()
-    return whole + int((match.group(2) or "0")[:9].ljust(9, "0")) / 1e9
+    """A Docker timestamp as seconds since the epoch; nan if unreadable (never a bogus 0 in a latency)."""
+    return timestamp_ns(text) / 1e9 or float("nan")
 
 
 def docker_flavour() -> str:
@@ -378,12 +378,7 @@ backend swarm
     def wrk(self, path: str, duration: float, connections: int, close: bool, resource: str = "/") -> dict:
         address, port = self.url(path)
         targets = ",".join(f"{t['address']}:{t['port']}" for t in self.web) if path == "direct-3" else ""
-        command = [
-            "env", f"BENCH_TARGETS={targets}",
-            "ip", "netns", "exec", self.clients[path].name, "wrk", f"-t{THREADS}", f"-c{connections}",
-            f"-d{duration:g}s", "--latency", "-s", str(LUA), *(["-H", "Connection: close"] if close else []),
-            f"http://{address}:{port}{resource}",
-        ]  # fmt: skip
+        command = wrk_command(self.clients[path].name, address, port, targets, duration, connections, close, resource)
         self.forget_connections()
         procs = (("haproxy", self.haproxy), ("tcprouter", self.router))
         before_syn = _syn_retransmits(self.clients[path].name)
@@ -392,22 +387,12 @@ backend swarm
         before_counters = self.new_connection_counters()
         before_cpu = _cpu_times()
         before_proc = {name: _proc_cpu(p) for name, p in procs}
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=duration + 30, check=False)
-        except subprocess.TimeoutExpired as error:
-            raise RuntimeError(f"wrk on {path} did not finish within {duration + 30:g}s") from error
+        done = run_wrk(command, path, duration)
         cpu = _cpu_busy(before_cpu, _cpu_times())
         proc = {name: _proc_cpu(p) - before_proc[name] for name, p in procs}
         after_counters = self.new_connection_counters()
         after_stats, after_nodes, after_tasks = _conntrack_stats(), self.node_conntrack(), self.task_tcp_counters()
-        line = next((x for x in done.stdout.splitlines() if x.startswith("WRKJSON ")), None)
-        if done.returncode != 0 or line is None:
-            raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout[-1500:]} {done.stderr[-1500:]}")
-        result = json.loads(line.removeprefix("WRKJSON "))
-        seconds = result["duration_us"] / 1e6
-        result["rps"] = result["requests"] / seconds
-        result["bytes_per_s"] = result["bytes"] / seconds
-        result["errors"] = sum(result[k] for k in ("connect_errors", "read_errors", "write_errors", "timeouts"))
+        result = wrk_result(done)
         result["cpu_busy_fraction"] = cpu
         result["proxy_cpu_s"] = proc["haproxy"] if path == "haproxy" else 0.0
         result["router_cpu_s"] = proc["tcprouter"]
@@ -424,41 +409,13 @@ backend swarm
         return result
 
     def probe(self, path: str, count: int) -> dict[str, list[float]]:
-        """Unloaded latency: `count` sequential new connections, one request each; connect and first byte (us)."""
-        address, port = self.url(path)
-        request = b"GET / HTTP/1.0\r\nHost: bench\r\n\r\n"
-
-        def run() -> dict[str, list[float]]:
-            connect, first = [], []
-            for _ in range(count):
-                s = socket.socket()
-                s.settimeout(2)
-                t0 = time.perf_counter_ns()
-                s.connect((address, port))
-                t1 = time.perf_counter_ns()
-                s.sendall(request)
-                s.recv(1)
-                t2 = time.perf_counter_ns()
-                while s.recv(65536):
-                    pass
-                s.close()
-                connect.append((t1 - t0) / 1e3)
-                first.append((t2 - t0) / 1e3)
-            return {"connect_us": connect, "first_byte_us": first}
-
-        return in_netns(self.clients[path].name, run)
+        return latency_probe(self.clients[path].name, *self.url(path), count)
 
     def router_warnings(self) -> list[str]:
-        text = self.router_log.read_text() if self.router_log.exists() else ""
-        return [line for line in text.splitlines() if " WARNING " in line or " ERROR " in line][-50:]
+        return log_problems(self.router_log)
 
     def router_rss_kb(self) -> int:
-        if self.router is None or self.router.poll() is not None:
-            return 0
-        for line in Path(f"/proc/{self.router.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        return 0
+        return rss_kb(self.router)
 
 
 def _brief(tcp: dict[str, int]) -> dict[str, int]:
@@ -500,15 +457,7 @@ def run_figure(
                     f"SYN retransmits {result['syn_retransmits']}"
                 )
         if probes:
-            samples: dict[str, dict[str, list[float]]] = {p: {"connect_us": [], "first_byte_us": []} for p in PATHS}
-            for _block in range(4):  # interleaved blocks, so that drifts hit every path
-                for path in PATHS:
-                    for key, values in rig.probe(path, probes // 4).items():
-                        samples[path][key] += values
-            extra["probe"] = {
-                path: {key: {"n": len(v), "p50": percentile(v, 50), "p99": percentile(v, 99)} for key, v in got.items()}
-                for path, got in samples.items()
-            }
+            extra["probe"] = probe_samples(rig, PATHS, probes)
         extra["router_rss_kb"] = rig.router_rss_kb()
         extra["router_warnings"] = rig.router_warnings()
         rig.forget_connections()
