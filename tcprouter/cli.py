@@ -259,9 +259,9 @@ def _options(args: argparse.Namespace) -> Options:
     )
 
 
-def _listed(args: argparse.Namespace, metrics: Metrics | None = None) -> list[ContainerSnapshot]:
+def _listed(args: argparse.Namespace) -> list[ContainerSnapshot]:
     """One listing of every source's labelled containers (or tasks)."""
-    providers = build_providers(_mode(args), args.docker_url, args.label_prefix, metrics or Metrics(lambda: ({}, [])))
+    providers = build_providers(_mode(args), args.docker_url, args.label_prefix, Metrics(lambda: ({}, [])))
     return [snapshot for provider in providers for snapshot in provider.list()]
 
 

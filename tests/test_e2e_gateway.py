@@ -18,8 +18,8 @@ from tcprouter.netfilter import Flavour, Iptables
 from .cluster import (
     DockerLab,
     create_service,
+    node_addresses,
     remove_service,
-    running_tasks,
     scale_service,
     wait_tasks_running,
 )
@@ -146,11 +146,11 @@ def new_task_latencies(lab: DockerLab, name: str, before: set[str], flavour: str
 
     wait_until(all_new_routed, 30, 0.02, f"{count} new tasks in the kernel")
     latencies = []
+    addresses = node_addresses(lab)
     for task in lab.api(1).tasks(filters={"service": name, "desired-state": "running"}):
         status = task["Status"]
         ports = (status.get("PortStatus") or {}).get("Ports") or []
-        address = next(t["address"] for t in running_tasks(lab, name) if t["id"] == task["ID"])
-        target = f"{address}:{ports[0]['PublishedPort']}" if ports else ""
+        target = f"{addresses.get(task.get('NodeID', ''))}:{ports[0]['PublishedPort']}" if ports else ""
         if target in seen:
             latencies.append((seen[target] - timestamp_ns(status["Timestamp"])) / 1e9)
     return latencies
