@@ -41,11 +41,18 @@ def docker_api() -> docker.DockerClient:
 
 
 @pytest.fixture(scope="session")
-def client_host(host_tables: str) -> Iterator[ClientHost]:
+def client_namespace(host_tables: str) -> Iterator[ClientHost]:
     """An external client on 198.51.100.0/24 (one per host at a time: it holds the host lock)."""
     host = ClientHost().create()
     yield host
     host.destroy()
+
+
+@pytest.fixture
+def client_host(client_namespace: ClientHost) -> ClientHost:
+    """The external client, with no flow of an earlier test left in the host's conntrack table."""
+    client_namespace.forget_flows()
+    return client_namespace
 
 
 @pytest.fixture(scope="session")

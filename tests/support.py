@@ -149,6 +149,12 @@ class ClientHost:
             raise
         return self
 
+    def forget_flows(self) -> None:
+        """Delete the host's conntrack entries of this client's connections. The client reuses its source
+        ports within a minute under load, and an entry that an earlier test left half-open (say, a SYN to a
+        node it cut off) would carry a reused port's new SYN to that test's long-gone backend."""
+        sh("conntrack", "-D", "-s", self.client_ip, check=False)
+
     def destroy(self) -> None:
         sh("ip", "link", "del", self.host_if, check=False)
         sh("ip", "netns", "del", self.name, check=False)
