@@ -22,7 +22,7 @@ import docker.errors
 
 from . import hostports
 from .compiler import DEFAULT_MARK_BIT, FRONTEND_CHAIN_PREFIX, Options, RuleSet, compile_rules
-from .daemon import Mode, build_providers, resolve_mode, serve
+from .daemon import EXIT_TABLES_OWNED, Mode, build_providers, claim_tables, resolve_mode, serve
 from .diff import SavedRule, restore_script
 from .labels import desired_state, parse_backend
 from .metrics import Metrics, backend_connections, kernel_reader
@@ -36,6 +36,7 @@ from .netfilter import (
     enable_route_localnet,
     holds_docker_chains,
 )
+from .ownership import TablesLock
 from .probe import ProbePolicy
 from .providers.docker_api import connect
 from .runner import Timing
@@ -156,6 +157,13 @@ def _parser() -> argparse.ArgumentParser:
         "run", parents=[common, metrics], help="the daemon: follow Docker, keep the rules in step"
     )
     run.add_argument(
+        "--standby",
+        action="store_true",
+        default=_env("standby", "") in ("1", "true", "yes"),
+        help="when another tcprouter owns this host's tables, wait as a hot standby and take over when it stops "
+        f"(without it, exit with status {EXIT_TABLES_OWNED})",
+    )
+    run.add_argument(
         "--resync-interval",
         type=float,
         default=float(_env("resync-interval", "60")),
@@ -266,6 +274,9 @@ def _listed(args: argparse.Namespace) -> list[ContainerSnapshot]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    lock = TablesLock()
+    if not claim_tables(lock, args.standby):
+        return EXIT_TABLES_OWNED
     iptables = _iptables(args)
     log.info("tcprouter starting: writing the %s tables with %r", iptables.flavour, iptables)
     metrics = Metrics(kernel_reader(iptables.flavour))
@@ -279,7 +290,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         options = dataclasses.replace(options, route_localhost=False)
     timing = Timing(resync_interval=args.resync_interval, check_interval=args.check_interval)
     probing = ProbePolicy(args.probe_interval, args.probe_timeout, args.probe_fall, args.probe_rise)
-    return serve(providers, iptables, metrics, options, args.label_prefix, timing, probing, args.metrics_address)
+    return serve(providers, iptables, metrics, options, args.label_prefix, timing, probing, lock, args.metrics_address)
 
 
 def cmd_render(args: argparse.Namespace) -> int:

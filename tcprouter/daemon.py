@@ -2,7 +2,9 @@
 
 providers (one thread each) -> runner queue -> change tracker -> sync (desired state, compiler, diff,
 writer) -> kernel; the prober (remote providers only) watches what the last sync routed and feeds its
-verdicts into the same queue. The runner's loop runs in the main thread until SIGTERM or SIGINT.
+verdicts into the same queue. The runner's loop runs in the main thread until SIGTERM or SIGINT, once
+this process owns the tables (ownership.py); a hot standby follows its providers meanwhile and takes over
+when the owner dies.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from enum import StrEnum
 from .compiler import Options
 from .metrics import Metrics
 from .netfilter import Writer
+from .ownership import TablesLock
 from .probe import ProbePolicy, Prober
 from .providers import Provider
 from .providers.engine import EngineProvider
@@ -27,6 +30,21 @@ from .sync import Syncer
 from .tracker import ChangeTracker
 
 log = logging.getLogger("tcprouter")
+EXIT_TABLES_OWNED = 3  # another instance owns the tables and --standby was not given
+
+
+def claim_tables(lock: TablesLock, standby: bool) -> bool:
+    """Whether this process may go on: it owns the tables, or it is to wait as their standby. Called before
+    anything touches the host, so that a second instance started by mistake changes nothing."""
+    if lock.acquire() or standby:
+        return True
+    log.error(
+        "another tcprouter owns this host's tables (it holds the abstract socket @%s: `ss -xlp | grep %s` names "
+        "it); exiting without touching them. Use --standby to wait as a hot standby instead",
+        lock.name,
+        lock.name,
+    )
+    return False
 
 
 class Mode(StrEnum):
@@ -67,12 +85,14 @@ def serve(
     prefix: str,
     timing: Timing,
     probing: ProbePolicy,
+    lock: TablesLock,
     metrics_address: str = "",
 ) -> int:
     """Follow the providers and keep the kernel in step until a stop signal; the rules stay when it returns.
 
     Returns 0 after a stop signal, 1 if the daemon could not go on (a thread died, the sync loop kept failing):
-    a live process that has stopped working is worse than an exit its restart policy answers.
+    a live process that has stopped working is worse than an exit its restart policy answers. Until `lock` is
+    held, this is a hot standby: the providers are followed, nothing is written.
     """
     syncer = Syncer(writer, options, prefix, metrics)
     runner = SyncRunner(ChangeTracker(prefix, [p.source for p in providers]), syncer, metrics, timing)
@@ -88,7 +108,7 @@ def serve(
             probing.rise,
         )
     if metrics_address:
-        metrics.serve(metrics_address, Liveness(runner, threads, timing))
+        metrics.serve(metrics_address, Liveness(runner, threads, timing, lock))
 
     def stop(signum: int, _frame: object) -> None:
         log.info("signal %d: stopping; the rules stay in the kernel (use `tcprouter cleanup` to remove them)", signum)
@@ -98,8 +118,27 @@ def serve(
     signal.signal(signal.SIGINT, stop)
     for thread in threads:
         thread.start()
-    runner.run()
+    try:
+        if not _own_tables(lock, runner.stopping, metrics):
+            return 0
+        runner.run()
+    finally:
+        lock.release()
     return 1 if runner.failed else 0
+
+
+def _own_tables(lock: TablesLock, stopping: threading.Event, metrics: Metrics) -> bool:
+    """Wait for the lock while the providers fill the runner's queue; False if stopped first. A standby writes
+    nothing: its first sync, once it owns the tables, reads them and writes only what differs (nothing, when it
+    takes over from an owner that saw the same Docker)."""
+    if not lock.held:
+        metrics.leader.set(0)
+        log.info("standby: another tcprouter owns this host's tables; following Docker, taking over when it stops")
+        if not lock.wait(stopping):
+            return False
+        log.warning("standby: the owner is gone; this instance owns the tables now")
+    metrics.leader.set(1)
+    return True
 
 
 def _guarded(runner: SyncRunner, name: str, target: Callable[..., None], *args: object) -> threading.Thread:
@@ -125,11 +164,14 @@ class Liveness:
     runner: SyncRunner
     threads: Sequence[threading.Thread]
     timing: Timing
+    lock: TablesLock
 
     def __call__(self) -> tuple[bool, str]:
         stopped = [t.name for t in self.threads if not t.is_alive()]
         if stopped:
             return False, f"stopped: {', '.join(stopped)}"
+        if not self.lock.held:
+            return True, "standby: another tcprouter owns the tables"
         stalled = self.runner.clock() - self.runner.heartbeat
         if stalled > max(10.0, 5 * self.timing.check_interval):
             return False, f"the sync loop has not turned for {stalled:.0f}s"

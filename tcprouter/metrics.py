@@ -192,6 +192,11 @@ class Metrics:
         self.probe_failures = Counter(
             "tcprouter_backend_probe_failures", "Failed TCP probes of a remote backend", ["node", "address"], registry=r
         )
+        self.leader = Gauge(
+            "tcprouter_leader",
+            "1 while this instance owns the host's tables and keeps them; 0 while it waits as a hot standby",
+            registry=r,
+        )
         self.drift_repairs = Counter(
             "tcprouter_drift_repairs", "Full resyncs triggered by rules changed behind tcprouter's back", registry=r
         )

@@ -210,12 +210,16 @@ class Router:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tcprouter", *self.args], stdout=log, stderr=subprocess.STDOUT, cwd=REPO
         )
-        wait_until(lambda: self.synced() or self.exited(), 20, 0.05, "tcprouter's first sync")
+        wait_until(lambda: self.synced() or self.standing_by() or self.exited(), 20, 0.05, "tcprouter's first sync")
         assert not self.exited(), self.log()
         return self
 
     def synced(self) -> bool:
         return "tcprouter_last_sync_timestamp_seconds" in self.metrics_text() and self.last_sync() > 0
+
+    def standing_by(self) -> bool:
+        """Waiting as a hot standby (--standby) while another instance owns the tables."""
+        return "tcprouter_leader 0.0" in self.metrics_text().splitlines()
 
     def exited(self) -> bool:
         return self.process is not None and self.process.poll() is not None

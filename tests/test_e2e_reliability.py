@@ -30,6 +30,7 @@ from .support import (
     in_netns,
     owned_rules_in_host,
     sh,
+    tcprouter,
     wait_until,
 )
 
@@ -249,6 +250,57 @@ def test_stop_drains_a_backend_whose_stop_signal_is_sigquit(backends, start_rout
     quitting.get_wrapped_container().reload()
     assert quitting.get_wrapped_container().status == "running"  # still shutting down: drained, not gone
     stopping.join(15)
+
+
+def dnat_packets(flavour: str) -> int:
+    """Connections counted by the frontend's DNAT rules: a chain rewritten by iptables-restore starts again at 0."""
+    saved = sh(f"iptables-{flavour}-save", "-c", "-t", "nat")
+    rules = [line for line in saved.splitlines() if f"TCPR-FE-{FRONT} " in line and "DNAT" in line]
+    return sum(int(line[1:].split(":")[0]) for line in rules)
+
+
+def test_a_second_instance_exits_with_status_3_and_touches_nothing(backends, start_router, client_host, host_tables):
+    pool = [backends.start({"tcp.port": str(FRONT)}) for _ in range(2)]
+    start_router()
+    before = owned_rules_in_host(host_tables)
+    second = tcprouter("run", "--metrics-address", "", check=False)
+    assert second.returncode == 3, second.stdout + second.stderr
+    said = second.stdout + second.stderr
+    assert "another tcprouter owns this host's tables" in said and "--standby" in said
+    assert owned_rules_in_host(host_tables) == before
+    answers = greetings(client_host.name, client_host.host_ip, FRONT, 4)
+    assert sorted(answers) == sorted([backends.ip(c) for c in pool] * 2)
+
+
+def test_a_standby_follows_docker_and_takes_over_within_2_s_without_rewriting_the_rules(
+    backends, start_router, client_host, host_tables
+):
+    pool = [backends.start({"tcp.port": str(FRONT)}) for _ in range(2)]
+    owner = start_router()
+    standby = start_router("--standby")
+    assert standby.standing_by() and "standby" in standby.log()
+    pool.append(backends.start({"tcp.port": str(FRONT)}))  # the owner routes it; the standby only follows
+    ips = {backends.ip(c) for c in pool}
+    wait_until(lambda: set(greetings(client_host.name, client_host.host_ip, FRONT, 3)) == ips, 10, what="3 backends")
+    load = Load(client_host.name, client_host.host_ip, FRONT, interval=0.01, limit=100_000).start()
+    try:
+        wait_until(lambda: len(load.outcomes) >= 200, 30, what="load to run")
+        counted = dnat_packets(host_tables)
+        assert not standby.synced(), "a standby writes nothing"
+        owner.stop(signal.SIGKILL)
+        killed = time.monotonic()
+        wait_until(lambda: "tcprouter_leader 1.0" in standby.metrics_text().splitlines(), 2, 0.01, "the takeover")
+        wait_until(standby.synced, 2, 0.01, "the standby's first sync")
+        took_over = time.monotonic() - killed
+        assert dnat_packets(host_tables) >= counted > 0, "the rules in force were rewritten (counters restarted)"
+        pool.pop().stop()  # the new owner follows Docker
+        wait_until(lambda: len(ips - set(greetings(client_host.name, client_host.host_ip, FRONT, 2))) == 1, 5)
+        wait_until(lambda: len(load.outcomes) >= 600, 30, what="load after the takeover")
+    finally:
+        load.stop()
+    print(f"standby took over and synced {took_over:.3f} s after the owner was killed")
+    assert load.failures == []
+    assert took_over < 2.0
 
 
 def test_bad_labels_and_port_conflicts_leave_the_rest_working(backends, start_router, client_host, host_tables):

@@ -5,6 +5,9 @@ about the control loop itself."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -16,6 +19,7 @@ from tcprouter.compiler import Options
 from tcprouter.daemon import Liveness, _guarded
 from tcprouter.labels import desired_state
 from tcprouter.metrics import Metrics
+from tcprouter.ownership import TablesLock
 from tcprouter.providers.docker_api import follow_forever
 from tcprouter.providers.engine import read_inspect
 from tcprouter.providers.swarm import read_task
@@ -23,7 +27,7 @@ from tcprouter.runner import MAX_ERRORS, SyncRunner, Timing
 from tcprouter.sync import Syncer
 from tcprouter.tracker import ChangeTracker, Relist
 
-from .support import free_port, wait_until
+from .support import free_port, unique, wait_until
 
 GOOD = {
     "Id": "a" * 64,
@@ -127,8 +131,14 @@ def test_healthz_is_200_only_while_the_threads_run_and_the_loop_syncs():
     worker = threading.Thread(target=stop_worker.wait, name="provider local", daemon=True)
     worker.start()
     port = free_port()
-    metrics.serve(f"127.0.0.1:{port}", Liveness(runner, [worker], Timing()))
-    assert wait_until(lambda: healthz(port), 5) == (503, "no successful sync yet")
+    lock = TablesLock(unique("tcpr-test-"))
+    other = TablesLock(lock.name)
+    assert other.acquire()
+    metrics.serve(f"127.0.0.1:{port}", Liveness(runner, [worker], Timing(), lock))
+    assert wait_until(lambda: healthz(port), 5) == (200, "standby: another tcprouter owns the tables")
+    other.release()
+    assert lock.acquire()
+    assert healthz(port) == (503, "no successful sync yet")
     runner.ready.set()
     runner.last_synced = time.time()
     assert healthz(port) == (200, "ok")
@@ -136,3 +146,26 @@ def test_healthz_is_200_only_while_the_threads_run_and_the_loop_syncs():
     worker.join(5)
     assert healthz(port) == (503, "stopped: provider local")
     assert b"tcprouter_internal_errors_total" in urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read()
+
+
+def test_the_tables_lock_is_held_by_one_process_of_a_network_namespace_and_freed_when_it_dies():
+    name = unique("tcpr-test-")
+    script = f"from tcprouter.ownership import TablesLock; import time; lock = TablesLock({name!r}); "
+    holder = subprocess.Popen([sys.executable, "-c", script + "print(lock.acquire(), flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "True\n"
+        mine = TablesLock(name)
+        assert not mine.acquire()
+        stopping = threading.Event()
+        threading.Timer(5, stopping.set).start()  # a bound on the wait, should the takeover never come
+        holder.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        assert mine.wait(stopping), "the lock was never freed"
+        assert time.monotonic() - killed < 1.0
+        assert not TablesLock(name).acquire(), "held by this process now"
+        mine.release()
+        assert TablesLock(name).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
