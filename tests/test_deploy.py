@@ -4,6 +4,7 @@ Grafana and systemd files in deploy/."""
 from __future__ import annotations
 
 import configparser
+import fcntl
 import json
 import os
 import re
@@ -154,6 +155,19 @@ def backends_in_rotation(metrics_text: str) -> float:
     return 0
 
 
+def assert_shares_the_hosts_xtables_lock(container) -> None:
+    """While this host's /run/xtables.lock is held, the container's iptables-legacy cannot take its lock: they are
+    one lock (what keeps a legacy host's dockerd and the router from committing over each other)."""
+    lock_check = ["iptables-legacy", "-w", "1", "-t", "nat", "-S", "POSTROUTING"]
+    with open("/run/xtables.lock", "a") as lock:  # created as iptables-legacy itself would
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        held = container.exec_run(lock_check)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    assert held.exit_code == 4 and b"holding the xtables lock" in held.output, held.output
+    free = container.exec_run(lock_check)
+    assert free.exit_code == 0, free.output
+
+
 @pytest.mark.e2e
 def test_compose_demo_rotates_then_cleanup_from_the_image_leaves_nothing(
     router_image, client_host, host_tables, docker_api
@@ -181,6 +195,7 @@ def test_compose_demo_rotates_then_cleanup_from_the_image_leaves_nothing(
         )
         health = lambda: router.reload() or router.attrs["State"]["Health"]["Status"]  # noqa: E731
         assert wait_until(lambda: health() != "starting" and health(), 60, 0.5, "the image's HEALTHCHECK") == "healthy"
+        assert_shares_the_hosts_xtables_lock(router)
     finally:
         logs = project.compose("logs", "--no-color", "tcprouter", check=False)
         project.compose("down", "--volumes", "--remove-orphans", "--timeout", "10", check=False)
