@@ -42,20 +42,28 @@ def resolve_mode(asked: str | None, urls: Sequence[str]) -> Mode:
     return Mode.ENGINES if len(urls) > 1 else Mode.LOCAL
 
 
+def sources_problem(mode: Mode, urls: Sequence[str]) -> str | None:
+    """Why these Docker URLs cannot work in this mode, in an operator's words; None if they can."""
+    if mode is Mode.SWARM and len(urls) > 1:
+        return "--swarm follows one manager: give --docker-url once (a manager's API)"
+    if mode is Mode.ENGINES and not urls:
+        return "--engines needs --docker-url once per engine (tcp://HOST:2376, ssh://user@HOST)"
+    if mode is Mode.LOCAL and len(urls) > 1:
+        return "several --docker-url given: use --engines (other hosts' engines) or --swarm"
+    return None
+
+
 def build_providers(
     mode: Mode, urls: Sequence[str], prefix: str, metrics: Metrics, timeout: float = 10.0, poll_interval: float = 0.5
 ) -> list[Provider]:
     """The providers of a mode; ValueError with an operator's sentence for a combination that cannot work."""
+    problem = sources_problem(mode, urls)
+    if problem:
+        raise ValueError(problem)
     if mode is Mode.SWARM:
-        if len(urls) > 1:
-            raise ValueError("--swarm follows one manager: give --docker-url once (a manager's API)")
         return [SwarmProvider(urls[0] if urls else None, prefix, metrics, timeout, poll_interval)]
     if mode is Mode.ENGINES:
-        if not urls:
-            raise ValueError("--engines needs --docker-url once per engine (tcp://HOST:2376, ssh://user@HOST)")
         return [EngineProvider(url, prefix, metrics, timeout, remote=True) for url in urls]
-    if len(urls) > 1:
-        raise ValueError("several --docker-url given: use --engines (other hosts' engines) or --swarm")
     return [EngineProvider(urls[0] if urls else None, prefix, metrics, timeout)]
 
 
