@@ -275,7 +275,8 @@ def env_name(dest: str) -> str:
     return ENV_PREFIX + dest.upper()
 
 
-def _options_by_dest(command: argparse.ArgumentParser) -> dict[str, list[argparse.Action]]:
+def options_by_dest(command: argparse.ArgumentParser) -> dict[str, list[argparse.Action]]:
+    """A command's options, grouped by the setting they set (--swarm and --engines both set `provider`)."""
     by_dest: dict[str, list[argparse.Action]] = {}
     for action in command._actions:  # argparse has no public list of a parser's options
         if action.option_strings and action.dest != "help":
@@ -309,7 +310,7 @@ def _from_environment(command: argparse.ArgumentParser, environ: Mapping[str, st
     settings = argparse.Namespace()
     command.exit_on_error = False  # raise ArgumentError, so that the message can name the variable
     try:
-        for dest, actions in _options_by_dest(command).items():
+        for dest, actions in options_by_dest(command).items():
             name = env_name(dest)
             if name not in environ:
                 continue
@@ -383,9 +384,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except docker.errors.DockerException as error:
         log.error("%s", check.docker_problem(" or ".join(check.docker_urls(args)), error))
         return 1
-    except ValueError as error:  # a combination of flags that cannot work, in an operator's words
-        log.error("%s", error)
-        return 2
 
 
 if __name__ == "__main__":

@@ -31,14 +31,11 @@ SAMPLES: dict[str, tuple[str, str | None, list[str]]] = {
 def _options() -> list[tuple[str, str, list[argparse.Action]]]:
     """(command, variable, the actions that share its dest) for every option of every command."""
     _, commands = cli.parsers()
-    found = []
-    for name, command in commands.items():
-        by_dest: dict[str, list[argparse.Action]] = {}
-        for action in command._actions:
-            if action.option_strings and action.dest != "help":
-                by_dest.setdefault(action.dest, []).append(action)
-        found += [(name, dest, actions) for dest, actions in by_dest.items()]
-    return found
+    return [
+        (name, dest, actions)
+        for name, command in commands.items()
+        for dest, actions in cli.options_by_dest(command).items()
+    ]
 
 
 OPTIONS = _options()
