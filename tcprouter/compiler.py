@@ -26,6 +26,7 @@ INPUT_CHAIN = "TCPR-INPUT"
 CANARY_CHAIN = "TCPR-CANARY"
 FRONTEND_CHAIN_PREFIX = "TCPR-FE-"
 DEFAULT_MARK_BIT = 0x100000
+LOCALNET_RECORD = "route_localnet-before-"  # + the value, in the comment of TCPR-INPUT's rule
 _COMMENT_MAX = 64
 
 # table -> chain -> rule specs (the text after "-A <chain> ", as iptables-save prints it)
@@ -38,6 +39,7 @@ class Options:
     listen_address: str | None = None  # match only this destination instead of every local address
     snat_always: bool = False  # masquerade every routed flow (backends behind another router)
     route_localhost: bool = False  # route 127.0.0.1:<port> from the host too (needs route_localnet=1)
+    route_localnet_before: int = 0  # the value of route_localnet before tcprouter set it to 1 (localnet.py)
     forward_parent: str = "DOCKER-USER"  # where the filter hook goes: DOCKER-USER if it exists, else FORWARD
 
 
@@ -179,8 +181,11 @@ def compile_rules(state: DesiredState, options: Options = Options()) -> RuleSet:
     if options.route_localhost:
         # route_localnet also lets other machines reach 127.0.0.1 services (CVE-2020-8558): drop
         # martian packets to 127.0.0.0/8 that come from anywhere but loopback and were not DNATed.
+        # The comment keeps the value route_localnet had before, for `cleanup` (it lives as long as the rule).
+        record = f"{LOCALNET_RECORD}{options.route_localnet_before}"
         filter_chains[INPUT_CHAIN] = (
-            "! -s 127.0.0.0/8 -d 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP",
+            "! -s 127.0.0.0/8 -d 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT "
+            f"-m comment --comment {record} -j DROP",
         )
         filter_hooks.append(("INPUT", f"-j {INPUT_CHAIN}"))
     hooks = {

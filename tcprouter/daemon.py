@@ -60,20 +60,28 @@ def resolve_mode(asked: str | None, urls: Sequence[str]) -> Mode:
     return Mode.ENGINES if len(urls) > 1 else Mode.LOCAL
 
 
+def sources_problem(mode: Mode, urls: Sequence[str]) -> str | None:
+    """Why these Docker URLs cannot work in this mode, in an operator's words; None if they can."""
+    if mode is Mode.SWARM and len(urls) > 1:
+        return "--swarm follows one manager: give --docker-url once (a manager's API)"
+    if mode is Mode.ENGINES and not urls:
+        return "--engines needs --docker-url once per engine (tcp://HOST:2376, ssh://user@HOST)"
+    if mode is Mode.LOCAL and len(urls) > 1:
+        return "several --docker-url given: use --engines (other hosts' engines) or --swarm"
+    return None
+
+
 def build_providers(
     mode: Mode, urls: Sequence[str], prefix: str, metrics: Metrics, timeout: float = 10.0, poll_interval: float = 0.5
 ) -> list[Provider]:
     """The providers of a mode; ValueError with an operator's sentence for a combination that cannot work."""
+    problem = sources_problem(mode, urls)
+    if problem:
+        raise ValueError(problem)
     if mode is Mode.SWARM:
-        if len(urls) > 1:
-            raise ValueError("--swarm follows one manager: give --docker-url once (a manager's API)")
         return [SwarmProvider(urls[0] if urls else None, prefix, metrics, timeout, poll_interval)]
     if mode is Mode.ENGINES:
-        if not urls:
-            raise ValueError("--engines needs --docker-url once per engine (tcp://HOST:2376, ssh://user@HOST)")
         return [EngineProvider(url, prefix, metrics, timeout, remote=True) for url in urls]
-    if len(urls) > 1:
-        raise ValueError("several --docker-url given: use --engines (other hosts' engines) or --swarm")
     return [EngineProvider(urls[0] if urls else None, prefix, metrics, timeout)]
 
 
@@ -81,7 +89,7 @@ def serve(
     providers: Sequence[Provider],
     writer: Writer,
     metrics: Metrics,
-    options: Options,
+    owner_options: Callable[[], Options],
     prefix: str,
     timing: Timing,
     probing: ProbePolicy,
@@ -92,9 +100,10 @@ def serve(
 
     Returns 0 after a stop signal, 1 if the daemon could not go on (a thread died, the sync loop kept failing):
     a live process that has stopped working is worse than an exit its restart policy answers. Until `lock` is
-    held, this is a hot standby: the providers are followed, nothing is written.
+    held, this is a hot standby: the providers are followed, nothing is written, and `owner_options()`, which may
+    change the host (route_localnet), is called only once the tables are ours.
     """
-    syncer = Syncer(writer, options, prefix, metrics)
+    syncer = Syncer(writer, Options(), prefix, metrics)  # given the owner's options before its first sync
     runner = SyncRunner(ChangeTracker(prefix, [p.source for p in providers]), syncer, metrics, timing)
     threads = [_guarded(runner, f"provider {p.source}", p.follow, runner.submit, runner.stopping) for p in providers]
     if any(p.remote for p in providers):
@@ -121,6 +130,7 @@ def serve(
     try:
         if not _own_tables(lock, runner.stopping, metrics):
             return 0
+        syncer.options = owner_options()
         runner.run()
     finally:
         lock.release()

@@ -102,21 +102,23 @@ def holds_docker_chains(tables: Tables) -> bool:
     return any(chain.startswith("DOCKER") for chains in tables.values() for chain in chains)
 
 
-def _has_docker_chains(flavour: Flavour) -> bool:
-    try:
-        tables, _ = Iptables(flavour, timeout=10).read()
-    except NetfilterError:
-        return False
-    return holds_docker_chains(tables)
-
-
-def _default_flavour(available: list[Flavour]) -> Flavour:
-    """The flavour the `iptables` command points to."""
+def flavours_on_path() -> list[Flavour]:
+    """The flavours whose restore and save binaries are on PATH, the one `iptables` points to first."""
+    available = [f for f in Flavour if shutil.which(f"iptables-{f}-restore") and shutil.which(f"iptables-{f}-save")]
+    if not available:
+        return []
     try:
         version = subprocess.run(["iptables", "-V"], capture_output=True, text=True, check=False).stdout
     except OSError:
         version = ""
-    return Flavour.LEGACY if "legacy" in version and Flavour.LEGACY in available else available[0]
+    default = Flavour.LEGACY if "legacy" in version and Flavour.LEGACY in available else available[0]
+    return sorted(available, key=lambda f: f != default)
+
+
+def docker_chains_in(flavour: Flavour) -> bool:
+    """Whether this flavour's tables hold Docker's chains; NetfilterError if they cannot be read."""
+    tables, _ = Iptables(flavour, timeout=10).read()
+    return holds_docker_chains(tables)
 
 
 def detect_flavour() -> Flavour:
@@ -124,35 +126,38 @@ def detect_flavour() -> Flavour:
     left chains in the other flavour's tables when a host was switched); without any, where it points.
 
     The other flavour is read only when needed: reading the legacy tables creates them."""
-    available = [f for f in Flavour if shutil.which(f"iptables-{f}-restore")]
+    available = flavours_on_path()
     if not available:
         raise NetfilterError("no iptables-nft-restore or iptables-legacy-restore on PATH")
-    default = _default_flavour(available)
-    for flavour in sorted(available, key=lambda f: f != default):
-        if _has_docker_chains(flavour):
-            log.info("Docker's chains are in the %s tables: writing there", flavour)
-            return flavour
-    log.warning("no Docker chains found in any iptables flavour; using %s", default)
-    return default
+    for flavour in available:
+        try:
+            if docker_chains_in(flavour):
+                log.info("Docker's chains are in the %s tables: writing there", flavour)
+                return flavour
+        except NetfilterError as error:
+            log.warning("cannot read the %s tables: %s", flavour, error)
+    log.warning("no Docker chains found in any iptables flavour; using %s", available[0])
+    return available[0]
 
 
-ROUTE_LOCALNET = "/proc/sys/net/ipv4/conf/all/route_localnet"
+WRITERS = ("auto", "restore", "iptc")
 
 
-def enable_route_localnet() -> bool:
-    """Let DNATed packets with a loopback source leave the host (needed to route 127.0.0.1:<port>)."""
-    try:
-        with open(ROUTE_LOCALNET) as f:
-            if f.read().strip() == "1":
-                return True
-        with open(ROUTE_LOCALNET, "w") as f:
-            f.write("1")
-        log.info("set net.ipv4.conf.all.route_localnet=1 to route connections to 127.0.0.1")
-        return True
-    except OSError as error:
-        log.error(
-            "cannot set net.ipv4.conf.all.route_localnet=1 (%s): connections to 127.0.0.1 are not routed; "
-            "set it on the host (sysctl -w net.ipv4.conf.all.route_localnet=1) and restart tcprouter",
-            error,
-        )
-        return False
+def open_writer(kind: str, flavour: Flavour) -> Writer:
+    """The writer asked for: iptables-restore of the flavour, or libiptc on a legacy host."""
+    if kind not in WRITERS:
+        raise NetfilterError(f"unknown writer {kind!r}: choose one of {', '.join(WRITERS)}")
+    if kind == "iptc":
+        if flavour is not Flavour.LEGACY:
+            raise NetfilterError(
+                f"--writer iptc cannot be used here: python-iptables (libiptc) writes only the legacy tables, "
+                f"but this host's rules go to the {flavour} tables (Docker's chains are there, or --flavour says "
+                "so); rules written to the other flavour would not route anything. Use --writer restore or auto."
+            )
+        from .iptc_writer import IptcWriter
+
+        log.info("writer: python-iptables (libiptc) into the legacy tables, one atomic commit per table")
+        return IptcWriter()
+    if kind == "auto":
+        log.info("writer auto: iptables-%s-restore (on a legacy host --writer iptc also works, but is slower)", flavour)
+    return Iptables(flavour)

@@ -17,9 +17,12 @@ import urllib3.exceptions
 from docker.errors import DockerException
 
 from tcprouter import cli
+from tcprouter.commands import check as preflight
+from tcprouter.commands import status
 from tcprouter.compiler import compile_rules
 from tcprouter.diff import parse_save
 from tcprouter.labels import desired_state
+from tcprouter.logs import JsonFormatter
 from tcprouter.model import ContainerSnapshot
 from tcprouter.netfilter import Flavour
 
@@ -59,7 +62,7 @@ def kernel_for(containers: list[ContainerSnapshot], packets: list[int]) -> list:
 
 
 def test_status_lists_every_valid_container_with_health_rotation_kernel_and_connections():
-    report = cli.status_report(CONTAINERS, kernel_for(CONTAINERS, [5, 4, 1]), "tcp")  # a, b, fallback (-s b -> a)
+    report = status.status_report(CONTAINERS, kernel_for(CONTAINERS, [5, 4, 1]), "tcp")  # a, b, fallback (-s b -> a)
     [frontend] = report["frontends"]
     assert (frontend["port"], frontend["balance"]) == (27017, "roundrobin")
     rows = {b["container"]: b for b in frontend["backends"]}
@@ -87,13 +90,13 @@ def test_status_lists_every_valid_container_with_health_rotation_kernel_and_conn
 
 
 def test_status_tells_a_backend_that_docker_runs_but_the_kernel_does_not_route():
-    report = cli.status_report(CONTAINERS, kernel_for(CONTAINERS[:1], [2]), "tcp")  # rules from before web-b started
+    report = status.status_report(CONTAINERS, kernel_for(CONTAINERS[:1], [2]), "tcp")  # rules from before web-b started
     rows = {b["container"]: (b["in_rotation"], b["in_kernel"]) for b in report["frontends"][0]["backends"]}
     assert rows == {"web-a": (True, True), "web-b": (True, False), "web-c": (False, False)}
 
 
 def test_status_table_for_humans():
-    text = cli.render_status(cli.status_report(CONTAINERS, kernel_for(CONTAINERS, [5, 4, 1]), "tcp"))
+    text = status.render_status(status.status_report(CONTAINERS, kernel_for(CONTAINERS, [5, 4, 1]), "tcp"))
     lines = text.splitlines()
     assert lines[0].split() == [
         "FRONTEND", "BALANCE", "CONTAINER", "NODE", "ADDRESS", "HEALTH", "WEIGHT", "IN", "ROTATION", "IN", "KERNEL",
@@ -114,28 +117,28 @@ def test_status_table_for_humans():
     assert lines[3].split() == ["web-c", "-", "172.17.0.4:27017", "unhealthy", "1", "no", "no", "0"]
     assert lines[5].split()[:3] == ["REJECTED", "CONTAINER", "REASON"]
     assert lines[6].split()[:2] == ["bad", "invalid_port"]
-    assert cli.render_status(cli.status_report([], [], "tcp")).startswith("no frontends")
+    assert status.render_status(status.status_report([], [], "tcp")).startswith("no frontends")
 
 
 def test_net_admin_is_bit_12_of_the_effective_set():
-    assert cli.has_net_admin("Name:\tx\nCapEff:\t000001ffffffffff\n")
-    assert not cli.has_net_admin("CapEff:\t000001ffffffefff\n")
-    assert cli.has_net_admin("CapEff:\t0000000000001000\n")
-    assert not cli.has_net_admin("CapEff:\t0000000000000000\n")
+    assert preflight.has_net_admin("Name:\tx\nCapEff:\t000001ffffffffff\n")
+    assert not preflight.has_net_admin("CapEff:\t000001ffffffefff\n")
+    assert preflight.has_net_admin("CapEff:\t0000000000001000\n")
+    assert not preflight.has_net_admin("CapEff:\t0000000000000000\n")
 
 
 def test_privilege_findings():
-    assert cli.privilege_finding(0, True)[0]
-    assert cli.privilege_finding(1000, True)[0]  # a non-root user with NET_ADMIN may write rules
-    ok, text = cli.privilege_finding(0, False)
+    assert preflight.privilege_finding(0, True)[0]
+    assert preflight.privilege_finding(1000, True)[0]  # a non-root user with NET_ADMIN may write rules
+    ok, text = preflight.privilege_finding(0, False)
     assert not ok and "without the CAP_NET_ADMIN capability" in text
-    ok, text = cli.privilege_finding(65534, False)
+    ok, text = preflight.privilege_finding(65534, False)
     assert not ok and text.startswith("not root (uid 65534)")
 
 
 def test_forwarding_finding():
-    assert cli.forwarding_finding("1\n")[0]
-    ok, text = cli.forwarding_finding("0\n")
+    assert preflight.forwarding_finding("1\n")[0]
+    ok, text = preflight.forwarding_finding("0\n")
     assert not ok and "IP forwarding is off" in text
 
 
@@ -155,7 +158,7 @@ def test_docker_problem_names_the_cause_under_the_client_wrappers(cause: OSError
             except requests.ConnectionError as error:
                 raise DockerException(f"Error while fetching server API version: {error}") from error
         except DockerException as error:
-            return cli.docker_problem("unix:///x.sock", error)
+            return preflight.docker_problem("unix:///x.sock", error)
 
     assert wrapped().startswith(f"Docker is unreachable at unix:///x.sock: {words}")
 
@@ -172,26 +175,26 @@ def test_docker_problem_names_the_cause_under_the_client_wrappers(cause: OSError
     ],
 )
 def test_iptables_findings(available, docker_in, forced, ok: bool, words: str):
-    [(found_ok, text)] = cli.iptables_findings(available, docker_in, {}, forced, docker_reachable=True)
+    [(found_ok, text)] = preflight.iptables_findings(available, docker_in, {}, forced, docker_reachable=True)
     assert found_ok == ok and words in text
 
 
 def test_unreadable_tables_are_a_problem():
-    findings = cli.iptables_findings([NFT], [], {NFT: "Permission denied (you must be root)"}, None, True)
+    findings = preflight.iptables_findings([NFT], [], {NFT: "Permission denied (you must be root)"}, None, True)
     assert findings == [(False, "cannot read the nft tables: Permission denied (you must be root)")]
 
 
 def test_json_log_lines_carry_level_message_and_extra_fields():
     record = logging.LogRecord("tcprouter.sync", logging.INFO, __file__, 1, "frontend %d: +backend %s", (80, "a"), None)
     record.frontend = 80
-    entry = json.loads(cli.JsonFormatter().format(record))
+    entry = json.loads(JsonFormatter().format(record))
     assert entry["level"] == "info" and entry["message"] == "frontend 80: +backend a" and entry["frontend"] == 80
 
 
 def test_log_level_must_be_a_known_level(capsys: pytest.CaptureFixture[str]):
-    assert cli._parser().parse_args(["status", "--log-level", "WARNING"]).log_level == "warning"
+    assert cli.parse_args(["status", "--log-level", "WARNING"], {}).log_level == "warning"
     with pytest.raises(SystemExit):
-        cli._parser().parse_args(["status", "--log-level", "verbose"])
+        cli.parse_args(["status", "--log-level", "verbose"], {})
     assert "invalid choice" in capsys.readouterr().err
 
 
@@ -299,13 +302,13 @@ def test_check_root_without_net_admin():
 
 
 def test_status_reports_a_frontend_refused_for_a_host_listener():
-    report = cli.status_report(CONTAINERS[:1], [], "tcp", busy_ports={27017: "0.0.0.0"})
+    report = status.status_report(CONTAINERS[:1], [], "tcp", busy_ports={27017: "0.0.0.0"})
     assert report["frontends"] == []
     assert [(r["container"], r["reason"]) for r in report["rejected"]] == [("web-a", "port_in_use")]
 
 
-def test_docker_urls_on_the_command_line_replace_the_variables_list(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("TCPROUTER_DOCKER_URL", "tcp://a:2376, tcp://b:2376")
-    assert cli._parser().parse_args(["run"]).docker_url == ["tcp://a:2376", "tcp://b:2376"]
+def test_docker_urls_on_the_command_line_replace_the_variables_list():
+    environ = {"TCPROUTER_DOCKER_URL": "tcp://a:2376, tcp://b:2376"}
+    assert cli.parse_args(["run"], environ).docker_url == ["tcp://a:2376", "tcp://b:2376"]
     flags = ["run", "--docker-url", "tcp://a:2376", "--docker-url", "tcp://c:2376"]
-    assert cli._parser().parse_args(flags).docker_url == ["tcp://a:2376", "tcp://c:2376"]
+    assert cli.parse_args(flags, environ).docker_url == ["tcp://a:2376", "tcp://c:2376"]

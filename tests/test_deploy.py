@@ -277,15 +277,15 @@ def test_the_deploy_files_configure_the_gateway_the_cli_expects(monkeypatch: pyt
     """The stack's command and the gateway files' TCPROUTER_* variables, through the real argument parser."""
     for name in [k for k in os.environ if k.startswith("TCPROUTER_")]:
         monkeypatch.delenv(name)
-    args = cli._parser().parse_args(["run", "--swarm"])
+    args = cli.parse_args(["run", "--swarm"])
     assert resolve_mode(args.provider, args.docker_url) is Mode.SWARM and args.docker_url == []
     monkeypatch.setenv("TCPROUTER_PROVIDER", "swarm")
     monkeypatch.setenv("TCPROUTER_DOCKER_URL", "tcp://manager:2376")
-    args = cli._parser().parse_args(["run"])
+    args = cli.parse_args(["run"])
     assert (resolve_mode(args.provider, args.docker_url), args.docker_url) == (Mode.SWARM, ["tcp://manager:2376"])
     monkeypatch.setenv("TCPROUTER_PROVIDER", "engines")  # the alternative the gateway files document
     monkeypatch.setenv("TCPROUTER_DOCKER_URL", "tcp://node1:2376 tcp://node2:2376")
-    args = cli._parser().parse_args(["run"])
+    args = cli.parse_args(["run"])
     assert resolve_mode(args.provider, args.docker_url) is Mode.ENGINES
     assert args.docker_url == ["tcp://node1:2376", "tcp://node2:2376"]
 
@@ -504,6 +504,6 @@ def test_gateway_unit_runs_the_swarm_provider_from_its_environment(monkeypatch: 
         monkeypatch.delenv(name)
     for name, value in {**environment, "TCPROUTER_DOCKER_URL": "tcp://manager:2376"}.items():
         monkeypatch.setenv(name, value)
-    args = cli._parser().parse_args(argv)
+    args = cli.parse_args(argv)
     assert resolve_mode(args.provider, args.docker_url) is Mode.SWARM
     assert args.docker_url == ["tcp://manager:2376"] and args.metrics_address == "127.0.0.1:9105"

@@ -259,7 +259,7 @@ def dnat_packets(flavour: str) -> int:
     return sum(int(line[1:].split(":")[0]) for line in rules)
 
 
-def test_a_second_instance_exits_with_status_3_and_touches_nothing(backends, start_router, client_host, host_tables):
+def test_a_second_instance_and_cleanup_refuse_while_the_owner_runs_and_touch_nothing(backends, start_router, client_host, host_tables):
     pool = [backends.start({"tcp.port": str(FRONT)}) for _ in range(2)]
     start_router()
     before = owned_rules_in_host(host_tables)
@@ -267,6 +267,8 @@ def test_a_second_instance_exits_with_status_3_and_touches_nothing(backends, sta
     assert second.returncode == 3, second.stdout + second.stderr
     said = second.stdout + second.stderr
     assert "another tcprouter owns this host's tables" in said and "--standby" in said
+    cleanup = tcprouter("cleanup", check=False)
+    assert cleanup.returncode == 1 and "stop it first" in cleanup.stderr, cleanup.stderr
     assert owned_rules_in_host(host_tables) == before
     answers = greetings(client_host.name, client_host.host_ip, FRONT, 4)
     assert sorted(answers) == sorted([backends.ip(c) for c in pool] * 2)

@@ -9,7 +9,6 @@ calling thread, so its calls run in a thread that joined the namespace (support.
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import time
@@ -18,11 +17,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tcprouter import cli
 from tcprouter.compiler import Options, RuleSet, compile_rules
 from tcprouter.diff import believed_tables, owned_only, parse_save, restore_script
 from tcprouter.iptc_writer import IptcWriter, Operation, ScriptError, parse_script
-from tcprouter.netfilter import Flavour, Iptables, NetfilterError
+from tcprouter.netfilter import Flavour, Iptables, NetfilterError, open_writer
 
 from .strategies import desired_states
 from .support import REPO, in_netns, private_netns, sh
@@ -159,27 +157,23 @@ def test_parse_script_refuses_unterminated_tables():
 # ---- the --writer option -------------------------------------------------------------------------
 
 
-def _args(writer: str, flavour: str) -> argparse.Namespace:
-    return argparse.Namespace(writer=writer, flavour=flavour)
-
-
 def test_writer_auto_and_restore_pick_iptables_restore_of_the_flavour():
     for writer in ("auto", "restore"):
         for flavour in Flavour:
-            chosen = cli._iptables(_args(writer, flavour))
+            chosen = open_writer(writer, flavour)
             assert isinstance(chosen, Iptables) and chosen.flavour is flavour
 
 
 def test_writer_iptc_on_a_legacy_host_is_the_libiptc_writer():
-    chosen = cli._iptables(_args("iptc", "legacy"))
+    chosen = open_writer("iptc", Flavour.LEGACY)
     assert isinstance(chosen, IptcWriter) and chosen.flavour is Flavour.LEGACY
 
 
 def test_writer_iptc_on_an_nft_host_is_a_startup_error():
     with pytest.raises(NetfilterError, match="only the legacy tables"):
-        cli._iptables(_args("iptc", "nft"))
+        open_writer("iptc", Flavour.NFT)
     with pytest.raises(NetfilterError, match="unknown writer"):
-        cli._iptables(_args("fast", "legacy"))
+        open_writer("fast", Flavour.LEGACY)
     done = subprocess.run(
         [sys.executable, "-m", "tcprouter", "cleanup", "--writer", "iptc", "--flavour", "nft"],
         capture_output=True,
@@ -201,6 +195,7 @@ options = st.builds(
     listen_address=listen_addresses,
     snat_always=st.booleans(),
     route_localhost=st.booleans(),
+    route_localnet_before=st.sampled_from([0, 1]),
     forward_parent=st.just("DOCKER-USER"),
 )
 

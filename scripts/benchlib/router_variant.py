@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 from tcprouter import cli
+from tcprouter.commands import run
 from tcprouter.runner import Timing
 
 
@@ -18,7 +19,7 @@ def main() -> int:
     def timing(*args: object, **kwargs: object) -> Timing:
         return Timing(*args, **{"max_delay": max_delay, "settle": settle, **kwargs})  # type: ignore[arg-type]
 
-    cli.Timing = timing  # type: ignore[assignment,misc]
+    run.Timing = timing  # type: ignore[assignment,misc]
     return cli.main(sys.argv[3:])
 
 

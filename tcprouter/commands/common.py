@@ -1,0 +1,39 @@
+"""What several commands derive from the flags: the flavour, the writer, the mode, the compiler options."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..compiler import Options
+from ..daemon import Mode, build_providers, resolve_mode
+from ..metrics import Metrics
+from ..model import ContainerSnapshot
+from ..netfilter import Flavour, Writer, detect_flavour, open_writer
+
+
+def flavour(args: argparse.Namespace) -> Flavour:
+    return detect_flavour() if args.flavour == "auto" else Flavour(args.flavour)
+
+
+def writer(args: argparse.Namespace) -> Writer:
+    return open_writer(args.writer, flavour(args))
+
+
+def mode(args: argparse.Namespace) -> Mode:
+    return resolve_mode(args.provider, args.docker_url)
+
+
+def options(args: argparse.Namespace) -> Options:
+    snat_always = args.snat == "always" or (args.snat == "auto" and mode(args) is not Mode.LOCAL)
+    return Options(
+        mark_bit=args.mark_bit,
+        listen_address=args.listen_address,
+        snat_always=snat_always,
+        route_localhost=args.route_localhost,
+    )
+
+
+def listed(args: argparse.Namespace) -> list[ContainerSnapshot]:
+    """One listing of every source's labelled containers (or tasks)."""
+    providers = build_providers(mode(args), args.docker_url, args.label_prefix, Metrics(lambda: ({}, [])))
+    return [snapshot for provider in providers for snapshot in provider.list()]

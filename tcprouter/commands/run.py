@@ -1,0 +1,49 @@
+"""`tcprouter run`: the daemon, wired from the flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+
+from .. import localnet
+from ..compiler import Options
+from ..daemon import EXIT_TABLES_OWNED, build_providers, claim_tables, serve
+from ..metrics import Metrics, kernel_reader
+from ..ownership import TablesLock
+from ..probe import ProbePolicy
+from ..runner import Timing
+from . import common
+
+log = logging.getLogger("tcprouter")
+
+
+def command(args: argparse.Namespace) -> int:
+    lock = TablesLock()
+    if not claim_tables(lock, args.standby):
+        return EXIT_TABLES_OWNED
+    writer = common.writer(args)
+    log.info("tcprouter starting: writing the %s tables with %r", writer.flavour, writer)
+    metrics = Metrics(kernel_reader(writer.flavour))
+    mode = common.mode(args)
+    providers = build_providers(
+        mode, args.docker_url, args.label_prefix, metrics, poll_interval=args.swarm_poll_interval
+    )
+    log.info("backends from %s: %s", mode, ", ".join(p.source for p in providers))
+    options = common.options(args)
+
+    def owner_options() -> Options:
+        """route_localnet is set, or given back after an earlier --route-localhost run, by the owner only: a
+        standby must not change what the owner's rules rely on."""
+        tables, _ = writer.read()
+        if not options.route_localhost:
+            localnet.give_back(tables)  # an earlier --route-localhost run's rules go at the first sync
+            return options
+        before = localnet.take(tables)
+        return dataclasses.replace(options, route_localhost=before is not None, route_localnet_before=before or 0)
+
+    timing = Timing(resync_interval=args.resync_interval, check_interval=args.check_interval)
+    probing = ProbePolicy(args.probe_interval, args.probe_timeout, args.probe_fall, args.probe_rise)
+    return serve(
+        providers, writer, metrics, owner_options, args.label_prefix, timing, probing, lock, args.metrics_address
+    )
