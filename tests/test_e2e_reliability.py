@@ -259,7 +259,9 @@ def dnat_packets(flavour: str) -> int:
     return sum(int(line[1:].split(":")[0]) for line in rules)
 
 
-def test_a_second_instance_and_cleanup_refuse_while_the_owner_runs_and_touch_nothing(backends, start_router, client_host, host_tables):
+def test_a_second_instance_and_cleanup_refuse_while_the_owner_runs_and_touch_nothing(
+    backends, start_router, client_host, host_tables
+):
     pool = [backends.start({"tcp.port": str(FRONT)}) for _ in range(2)]
     start_router()
     before = owned_rules_in_host(host_tables)
