@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import socket
 import time
@@ -110,14 +111,32 @@ def test_host_itself_reaches_the_frontend(backends, start_router, client_host):
     assert greetings(None, client_host.host_ip, FRONT, 4) == ips * 2
 
 
-def test_random_balance_is_uniform(backends, start_router, client_host):
+def binomial_acceptance(trials: int, p: float, alpha: float) -> range:
+    """The counts k whose lower and upper binomial tails both exceed `alpha`: a two-sided test whose false
+    failure probability is at most 2 * alpha."""
+    pmf = [math.comb(trials, k) * p**k * (1 - p) ** (trials - k) for k in range(trials + 1)]
+    low = next(k for k in range(trials + 1) if sum(pmf[: k + 1]) > alpha)
+    high = next(k for k in range(trials, -1, -1) if sum(pmf[k:]) > alpha)
+    return range(low, high + 1)
+
+
+def test_random_balance_is_uniform_and_unordered(backends, start_router, client_host):
+    """Under `random`, 600 connections spread evenly *and* in no set order. Round-robin also spreads them
+    evenly (200/200/200) but never sends two connections in a row to one backend: with independent uniform
+    picks among 3, each of the 599 successive pairs repeats a backend with probability 1/3, independently (the
+    differences of successive picks mod 3 are i.i.d. uniform), so the repeats are Binomial(599, 1/3) and fall in
+    141..261 but with probability < 1.4e-7; strict rotation gives 0. The chi-square test has a false failure
+    probability of 1e-7: this test fails by chance with probability < 3e-7."""
     _, ips = pool(backends, 3, **{"tcp.balance": "random"})
     start_router()
-    counts = Counter(greetings(client_host.name, client_host.host_ip, FRONT, 600))
+    order = greetings(client_host.name, client_host.host_ip, FRONT, 600)
+    counts = Counter(order)
     assert set(counts) == set(ips)
     chi_square = sum((counts[ip] - 200) ** 2 / 200 for ip in ips)
-    # With 2 degrees of freedom the chi-square tail is exp(-x/2): p > 0.001 <=> x < 2 ln 1000.
-    assert chi_square < 2 * math.log(1000), counts
+    # With 2 degrees of freedom the chi-square tail is exp(-x/2): p > 1e-7 <=> x < 2 ln 1e7.
+    assert chi_square < 2 * math.log(1e7), counts
+    repeats = sum(a == b for a, b in itertools.pairwise(order))
+    assert repeats in binomial_acceptance(599, 1 / 3, 1e-7), f"{repeats} repeats in {order[:30]}..."
 
 
 def test_weights_in_nth_mode_are_exact(backends, start_router, client_host):
