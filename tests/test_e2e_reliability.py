@@ -152,6 +152,25 @@ def test_rules_changed_behind_our_back_are_restored(backends, start_router, clie
     assert kernel_matches_docker(host_tables)
 
 
+@pytest.mark.parametrize("table", ["nat", "filter"])
+def test_a_deleted_canary_makes_the_daemon_repair_everything(backends, start_router, client_host, host_tables, table):
+    """A frontend chain is not looked at by the drift check (only at the full resync, here an hour away); the
+    disappearance of either table's TCPR-CANARY (what a table flush or a firewall reload leaves) triggers a
+    full resync at the next check, which repairs the frontend chain too."""
+    backends.start({"tcp.port": str(FRONT)})
+    router = start_router("--resync-interval", "3600")
+    ns, host = client_host.name, client_host.host_ip
+    assert connect_outcome(ns, host, FRONT) == "answered"
+    sh(f"iptables-{host_tables}", "-t", "nat", "-F", f"TCPR-FE-{FRONT}")
+    assert connect_outcome(ns, host, FRONT, 0.3) == "refused"  # nothing DNATs: the host itself refuses
+    sh(f"iptables-{host_tables}", "-t", table, "-X", "TCPR-CANARY")
+    broken = time.monotonic()
+    wait_until(lambda: connect_outcome(ns, host, FRONT, 0.3) == "answered", 10, 0.05, what="routing to come back")
+    assert time.monotonic() - broken <= 2.0
+    assert f"drift: {table} chain TCPR-CANARY was changed" in router.log()
+    assert kernel_matches_docker(host_tables)
+
+
 def test_churn_never_routes_to_a_removed_backend_and_leaks_nothing(
     backends, start_router, client_host, host_tables, docker_api
 ):
