@@ -5,11 +5,14 @@ from __future__ import annotations
 import itertools
 import math
 import socket
+import struct
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
+
+from tcprouter.diff import parse_save
 
 from .support import (
     BACKEND_PORT,
@@ -82,6 +85,46 @@ def test_only_routed_flows_are_open(backends, start_router, client_host, docker_
     assert connect_outcome(ns, ips[0], UNEXPOSED_PORT, 1) == "timeout"
     assert connect_outcome(ns, ips[0], BACKEND_PORT, 1) == "timeout"  # the pool only through the frontend
     assert connect_outcome(ns, client_host.host_ip, UNEXPOSED_PORT, 1) == "refused"
+
+
+def stray_segment(source: str, destination: str, port: int, flags: int) -> bytes:
+    """A bare TCP header (no options, no data) with a valid checksum, for a raw IPPROTO_TCP socket: the kernel
+    adds the IP header. The Python standard library builds no TCP segments and none of the test dependencies
+    does either, so it is packed here (RFC 793 header and pseudo-header)."""
+
+    def checksum(data: bytes) -> int:
+        total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+        while total >> 16:
+            total = (total & 0xFFFF) + (total >> 16)
+        return ~total & 0xFFFF
+
+    header = struct.pack("!HHIIBBHHH", 40000, port, 1, 1, 5 << 4, flags, 64240, 0, 0)
+    pseudo = socket.inet_aton(source) + socket.inet_aton(destination) + struct.pack("!BBH", 0, 6, len(header))
+    return header[:16] + struct.pack("!H", checksum(pseudo + header)) + header[18:]
+
+
+def invalid_drops(flavour: str) -> int:
+    """Packets counted by TCPR-FORWARD's ctstate INVALID drop."""
+    _, counted = parse_save(sh(f"iptables-{flavour}-save", "-c", "-t", "filter"))
+    return next(r.packets for _, r in counted if r.chain == "TCPR-FORWARD" and "INVALID -j DROP" in r.spec)
+
+
+def test_invalid_packets_are_dropped_and_counted(backends, start_router, client_host, host_tables):
+    """A SYN-ACK out of nowhere belongs to no connection: conntrack calls it INVALID, and TCPR-FORWARD drops
+    it before any accept (the ctstate INVALID rule's counter rises by each one sent)."""
+    _, ips = pool(backends, 1)
+    start_router()
+    before = invalid_drops(host_tables)
+    syn_ack = stray_segment(client_host.client_ip, ips[0], BACKEND_PORT, 0x12)
+
+    def send() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP) as raw:
+            for _ in range(5):
+                raw.sendto(syn_ack, (ips[0], 0))
+
+    in_netns(client_host.name, send)
+    wait_until(lambda: invalid_drops(host_tables) - before >= 5, 5, what="the 5 stray segments counted")
+    assert greetings(client_host.name, client_host.host_ip, FRONT, 1) == ips  # real connections pass
 
 
 def test_foreign_rules_untouched_by_run_and_cleanup(backends, start_router, client_host, foreign_rules):
