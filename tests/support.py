@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import re
 import secrets
 import signal
 import socket
@@ -278,7 +279,9 @@ def peers_of(pid: int, local_port: int) -> list[str]:
 
 class DockerSocketProxy:
     """A relay to the Docker API socket that a test can cut and restore: it takes Docker away from
-    tcprouter (as a daemon restart would) without touching the daemon other tests use."""
+    tcprouter (as a daemon restart would) without touching the daemon other tests use. It can also hang
+    (keep every connection open but forward nothing, as a wedged daemon does) and run a test's hook just
+    before the response to one request is relayed."""
 
     def __init__(self, upstream: str = "/var/run/docker.sock") -> None:
         self.upstream = upstream
@@ -287,6 +290,9 @@ class DockerSocketProxy:
         self._listener: socket.socket | None = None
         self._open: list[socket.socket] = []
         self._lock = threading.Lock()
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._interposed: tuple[bytes, Callable[[], None]] | None = None
 
     def start(self) -> DockerSocketProxy:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -295,6 +301,18 @@ class DockerSocketProxy:
         self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
         return self
+
+    def interpose(self, path: str, hook: Callable[[], None]) -> None:
+        """Run `hook` once, when the first response to a request for an API path containing `path` arrives
+        from Docker, before it is relayed: the client's request has been answered, the client has not seen it."""
+        self._interposed = (path.encode(), hook)
+
+    def hang(self) -> None:
+        """Forward nothing more, in either direction, on open or new connections; keep them all open."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -306,13 +324,20 @@ class DockerSocketProxy:
             server.connect(self.upstream)
             with self._lock:
                 self._open += [client, server]
+            requests: list[bytes] = []  # the request lines sent on this connection so far
             for source, sink in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+                threading.Thread(
+                    target=self._pump, args=(source, sink, requests, source is client), daemon=True
+                ).start()
 
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, requests: list[bytes], upstream: bool) -> None:
         try:
             while data := source.recv(65536):
+                if upstream and re.match(rb"[A-Z]+ /", data):
+                    requests.append(data.split(b"\r\n", 1)[0])
+                elif not upstream and requests:
+                    self._before_response(requests[-1])
+                self._flowing.wait()
                 sink.sendall(data)
         except OSError:
             pass
@@ -320,6 +345,14 @@ class DockerSocketProxy:
             for s in (source, sink):
                 with suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
+
+    def _before_response(self, request_line: bytes) -> None:
+        with self._lock:
+            interposed = self._interposed
+            if interposed is None or interposed[0] not in request_line:
+                return
+            self._interposed = None
+        interposed[1]()
 
     def cut(self) -> None:
         """Refuse new connections and break the open ones, as a stopped daemon would."""
@@ -332,6 +365,7 @@ class DockerSocketProxy:
                     s.shutdown(socket.SHUT_RDWR)
                 s.close()
             self._open.clear()
+        self._flowing.set()  # a hung relay's pumps wake up to find their sockets closed
         Path(self.path).unlink(missing_ok=True)
 
 

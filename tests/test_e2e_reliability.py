@@ -103,6 +103,55 @@ def test_docker_connection_loss_and_return(backends, start_router, client_host, 
         proxy.cut()
 
 
+def test_a_container_started_between_subscribe_and_list_is_routed(backends, start_router, client_host):
+    """The provider subscribes to events before it lists. A container that starts after Docker has answered
+    the list (so the list lacks it) but before the provider has read that answer must come in by its start
+    event: with list-then-subscribe it would be lost until the next reconnect."""
+    first = backends.start({"tcp.port": str(FRONT)})
+    newcomers = []
+    proxy = DockerSocketProxy()
+    proxy.interpose("/containers/json", lambda: newcomers.append(backends.start({"tcp.port": str(FRONT)}, wait=False)))
+    proxy.start()
+    try:
+        router = start_router("--docker-url", proxy.url)
+        assert len(newcomers) == 1
+        assert "Docker connected: 1 labelled containers" in router.log()  # the list did not have it
+        ips = {backends.ip(first), backends.ip(newcomers[0])}
+        ns, host = client_host.name, client_host.host_ip
+        wait_until(lambda: answering(ns, host, 2) == ips, 5, 0.05, what="the newcomer in the rotation")
+        assert 'tcprouter_docker_reconnects_total{source="local"} 0.0' in router.metrics_text()
+    finally:
+        proxy.cut()
+
+
+def test_a_hung_docker_daemon_is_detected_and_the_stream_reopened(backends, start_router, client_host, host_tables):
+    """A daemon that keeps its connections open but answers nothing: the pings notice (within two API
+    timeouts, 10 s each), the stream is closed and reopened, and once the daemon answers again what changed
+    meanwhile is routed."""
+    survivor = backends.start({"tcp.port": str(FRONT)})
+    proxy = DockerSocketProxy().start()
+    try:
+        router = start_router("--docker-url", proxy.url)
+        proxy.hang()
+        wait_until(
+            lambda: 'tcprouter_docker_connected{source="local"} 0.0' in router.metrics_text(),
+            25,
+            0.2,
+            what="the router to notice the silence",
+        )
+        assert "Docker does not answer pings" in router.log()
+        newcomer = backends.start({"tcp.port": str(FRONT)})  # while the daemon is hung for tcprouter
+        proxy.resume()
+        ips = {backends.ip(survivor), backends.ip(newcomer)}
+        ns, host = client_host.name, client_host.host_ip
+        wait_until(lambda: answering(ns, host, 2) == ips, 15, 0.1, what="the newcomer in the rotation")
+        assert 'tcprouter_docker_connected{source="local"} 1.0' in router.metrics_text()
+        assert 'tcprouter_docker_reconnects_total{source="local"} 1.0' in router.metrics_text()
+        assert kernel_matches_docker(host_tables)
+    finally:
+        proxy.cut()
+
+
 def test_docker_daemon_restart(backends, start_router, client_host, host_tables):
     """A real restart of the engine (only one that scripts/test-dockerd started, as in CI): the containers
     stop with it; the one with a restart policy comes back, the other stays dead."""
