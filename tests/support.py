@@ -198,9 +198,11 @@ def foreign_rules_in_host(flavour: str) -> list[str]:
 
 
 class Router:
-    """`tcprouter run` as a child process; stopped by its own PID."""
+    """`tcprouter run` as a child process (in network namespace `netns`, else the host's); stopped by its own
+    PID (`ip netns exec` execs the daemon in its place)."""
 
-    def __init__(self, *args: str, metrics_port: int | None = None) -> None:
+    def __init__(self, *args: str, metrics_port: int | None = None, netns: str | None = None) -> None:
+        self.netns = netns
         self.metrics_port = metrics_port or free_port()
         self.args = ["run", "--metrics-address", f"127.0.0.1:{self.metrics_port}", "--log-level", "debug", *args]
         self.log_path = Path(f"/tmp/{unique('tcprouter-test-')}.log")
@@ -209,7 +211,16 @@ class Router:
     def start(self) -> Router:
         log = self.log_path.open("w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tcprouter", *self.args], stdout=log, stderr=subprocess.STDOUT, cwd=REPO
+            [
+                *(("ip", "netns", "exec", self.netns) if self.netns else ()),
+                sys.executable,
+                "-m",
+                "tcprouter",
+                *self.args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
         )
         wait_until(lambda: self.synced() or self.exited(), 20, 0.05, "tcprouter's first sync")
         assert not self.exited(), self.log()
@@ -222,7 +233,7 @@ class Router:
         return self.process is not None and self.process.poll() is not None
 
     def metrics_text(self) -> str:
-        return scrape(self.metrics_port)
+        return in_netns(self.netns, lambda: scrape(self.metrics_port))
 
     def last_sync(self) -> float:
         for line in self.metrics_text().splitlines():

@@ -25,11 +25,14 @@ from .support import (
     REPO,
     DockerSocketProxy,
     Load,
+    Router,
     connect_outcome,
     greetings,
     in_netns,
     owned_rules_in_host,
+    private_netns,
     sh,
+    unique,
     wait_until,
 )
 
@@ -218,6 +221,32 @@ def test_a_deleted_canary_makes_the_daemon_repair_everything(backends, start_rou
     assert time.monotonic() - broken <= 2.0
     assert f"drift: {table} chain TCPR-CANARY was changed" in router.log()
     assert kernel_matches_docker(host_tables)
+
+
+@pytest.mark.parametrize("table", ["nat", "filter"])
+def test_a_whole_table_replaced_is_rebuilt(backends, flavour, table):
+    """A firewall reload that replaces a whole table (iptables-restore without --noflush) takes every owned
+    chain and hook with it: the daemon rebuilds them all at the next drift check. Run in a private namespace
+    (the host's tables hold Docker's rules), on this test's own label prefix."""
+    prefix = unique("tcpr")
+    for _ in range(2):
+        backends.start({f"{prefix}.port": str(FRONT)}, wait=False)
+    with private_netns() as ns:
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        iptables = Iptables(Flavour(flavour), netns=ns)
+        router = Router("--label-prefix", prefix, "--flavour", flavour, "--resync-interval", "3600", netns=ns)
+        try:
+            router.start()
+            written = owned_only(iptables.read()[0])
+            assert len(written["nat"][f"TCPR-FE-{FRONT}"]) == 4  # mark, two slots, a backend's own connection
+            sh("ip", "netns", "exec", ns, f"iptables-{flavour}-restore", input=f"*{table}\nCOMMIT\n")
+            assert owned_only(iptables.read()[0])[table] == {}
+            replaced = time.monotonic()
+            wait_until(lambda: owned_only(iptables.read()[0]) == written, 10, 0.05, what="the owned rules rebuilt")
+            assert time.monotonic() - replaced <= 2.0
+            assert "drift:" in router.log()
+        finally:
+            router.stop()
 
 
 def test_churn_never_routes_to_a_removed_backend_and_leaks_nothing(
