@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import re
 import secrets
 import signal
 import socket
@@ -197,9 +198,11 @@ def foreign_rules_in_host(flavour: str) -> list[str]:
 
 
 class Router:
-    """`tcprouter run` as a child process; stopped by its own PID."""
+    """`tcprouter run` as a child process (in network namespace `netns`, else the host's); stopped by its own
+    PID (`ip netns exec` execs the daemon in its place)."""
 
-    def __init__(self, *args: str, metrics_port: int | None = None) -> None:
+    def __init__(self, *args: str, metrics_port: int | None = None, netns: str | None = None) -> None:
+        self.netns = netns
         self.metrics_port = metrics_port or free_port()
         self.args = ["run", "--metrics-address", f"127.0.0.1:{self.metrics_port}", "--log-level", "debug", *args]
         self.log_path = Path(f"/tmp/{unique('tcprouter-test-')}.log")
@@ -208,7 +211,16 @@ class Router:
     def start(self) -> Router:
         log = self.log_path.open("w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tcprouter", *self.args], stdout=log, stderr=subprocess.STDOUT, cwd=REPO
+            [
+                *(("ip", "netns", "exec", self.netns) if self.netns else ()),
+                sys.executable,
+                "-m",
+                "tcprouter",
+                *self.args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
         )
         wait_until(lambda: self.synced() or self.standing_by() or self.exited(), 20, 0.05, "tcprouter's first sync")
         assert not self.exited(), self.log()
@@ -225,7 +237,7 @@ class Router:
         return self.process is not None and self.process.poll() is not None
 
     def metrics_text(self) -> str:
-        return scrape(self.metrics_port)
+        return in_netns(self.netns, lambda: scrape(self.metrics_port))
 
     def last_sync(self) -> float:
         for line in self.metrics_text().splitlines():
@@ -282,7 +294,9 @@ def peers_of(pid: int, local_port: int) -> list[str]:
 
 class DockerSocketProxy:
     """A relay to the Docker API socket that a test can cut and restore: it takes Docker away from
-    tcprouter (as a daemon restart would) without touching the daemon other tests use."""
+    tcprouter (as a daemon restart would) without touching the daemon other tests use. It can also hang
+    (keep every connection open but forward nothing, as a wedged daemon does) and run a test's hook just
+    before the response to one request is relayed."""
 
     def __init__(self, upstream: str = "/var/run/docker.sock") -> None:
         self.upstream = upstream
@@ -291,6 +305,9 @@ class DockerSocketProxy:
         self._listener: socket.socket | None = None
         self._open: list[socket.socket] = []
         self._lock = threading.Lock()
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._interposed: tuple[bytes, Callable[[], None]] | None = None
 
     def start(self) -> DockerSocketProxy:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -299,6 +316,18 @@ class DockerSocketProxy:
         self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
         return self
+
+    def interpose(self, path: str, hook: Callable[[], None]) -> None:
+        """Run `hook` once, when the first response to a request for an API path containing `path` arrives
+        from Docker, before it is relayed: the client's request has been answered, the client has not seen it."""
+        self._interposed = (path.encode(), hook)
+
+    def hang(self) -> None:
+        """Forward nothing more, in either direction, on open or new connections; keep them all open."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -310,13 +339,20 @@ class DockerSocketProxy:
             server.connect(self.upstream)
             with self._lock:
                 self._open += [client, server]
+            requests: list[bytes] = []  # the request lines sent on this connection so far
             for source, sink in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+                threading.Thread(
+                    target=self._pump, args=(source, sink, requests, source is client), daemon=True
+                ).start()
 
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, requests: list[bytes], upstream: bool) -> None:
         try:
             while data := source.recv(65536):
+                if upstream and re.match(rb"[A-Z]+ /", data):
+                    requests.append(data.split(b"\r\n", 1)[0])
+                elif not upstream and requests:
+                    self._before_response(requests[-1])
+                self._flowing.wait()
                 sink.sendall(data)
         except OSError:
             pass
@@ -324,6 +360,14 @@ class DockerSocketProxy:
             for s in (source, sink):
                 with suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
+
+    def _before_response(self, request_line: bytes) -> None:
+        with self._lock:
+            interposed = self._interposed
+            if interposed is None or interposed[0] not in request_line:
+                return
+            self._interposed = None
+        interposed[1]()
 
     def cut(self) -> None:
         """Refuse new connections and break the open ones, as a stopped daemon would."""
@@ -336,6 +380,7 @@ class DockerSocketProxy:
                     s.shutdown(socket.SHUT_RDWR)
                 s.close()
             self._open.clear()
+        self._flowing.set()  # a hung relay's pumps wake up to find their sockets closed
         Path(self.path).unlink(missing_ok=True)
 
 

@@ -25,12 +25,15 @@ from .support import (
     REPO,
     DockerSocketProxy,
     Load,
+    Router,
     connect_outcome,
     greetings,
     in_netns,
     owned_rules_in_host,
+    private_netns,
     sh,
     tcprouter,
+    unique,
     wait_until,
 )
 
@@ -104,6 +107,55 @@ def test_docker_connection_loss_and_return(backends, start_router, client_host, 
         proxy.cut()
 
 
+def test_a_container_started_between_subscribe_and_list_is_routed(backends, start_router, client_host):
+    """The provider subscribes to events before it lists. A container that starts after Docker has answered
+    the list (so the list lacks it) but before the provider has read that answer must come in by its start
+    event: with list-then-subscribe it would be lost until the next reconnect."""
+    first = backends.start({"tcp.port": str(FRONT)})
+    newcomers = []
+    proxy = DockerSocketProxy()
+    proxy.interpose("/containers/json", lambda: newcomers.append(backends.start({"tcp.port": str(FRONT)}, wait=False)))
+    proxy.start()
+    try:
+        router = start_router("--docker-url", proxy.url)
+        assert len(newcomers) == 1
+        assert "Docker connected: 1 labelled containers" in router.log()  # the list did not have it
+        ips = {backends.ip(first), backends.ip(newcomers[0])}
+        ns, host = client_host.name, client_host.host_ip
+        wait_until(lambda: answering(ns, host, 2) == ips, 5, 0.05, what="the newcomer in the rotation")
+        assert 'tcprouter_docker_reconnects_total{source="local"} 0.0' in router.metrics_text()
+    finally:
+        proxy.cut()
+
+
+def test_a_hung_docker_daemon_is_detected_and_the_stream_reopened(backends, start_router, client_host, host_tables):
+    """A daemon that keeps its connections open but answers nothing: the pings notice (within two API
+    timeouts, 10 s each), the stream is closed and reopened, and once the daemon answers again what changed
+    meanwhile is routed."""
+    survivor = backends.start({"tcp.port": str(FRONT)})
+    proxy = DockerSocketProxy().start()
+    try:
+        router = start_router("--docker-url", proxy.url)
+        proxy.hang()
+        wait_until(
+            lambda: 'tcprouter_docker_connected{source="local"} 0.0' in router.metrics_text(),
+            25,
+            0.2,
+            what="the router to notice the silence",
+        )
+        assert "Docker does not answer pings" in router.log()
+        newcomer = backends.start({"tcp.port": str(FRONT)})  # while the daemon is hung for tcprouter
+        proxy.resume()
+        ips = {backends.ip(survivor), backends.ip(newcomer)}
+        ns, host = client_host.name, client_host.host_ip
+        wait_until(lambda: answering(ns, host, 2) == ips, 15, 0.1, what="the newcomer in the rotation")
+        assert 'tcprouter_docker_connected{source="local"} 1.0' in router.metrics_text()
+        assert 'tcprouter_docker_reconnects_total{source="local"} 1.0' in router.metrics_text()
+        assert kernel_matches_docker(host_tables)
+    finally:
+        proxy.cut()
+
+
 def test_docker_daemon_restart(backends, start_router, client_host, host_tables):
     """A real restart of the engine (only one that scripts/test-dockerd started, as in CI): the containers
     stop with it; the one with a restart policy comes back, the other stays dead."""
@@ -151,6 +203,51 @@ def test_rules_changed_behind_our_back_are_restored(backends, start_router, clie
     wait_until(lambda: connect_outcome(ns, host, FRONT, 0.3) == "answered", 10, 0.05, what="routing to come back")
     assert time.monotonic() - broken <= 2.0
     assert kernel_matches_docker(host_tables)
+
+
+@pytest.mark.parametrize("table", ["nat", "filter"])
+def test_a_deleted_canary_makes_the_daemon_repair_everything(backends, start_router, client_host, host_tables, table):
+    """A frontend chain is not looked at by the drift check (only at the full resync, here an hour away); the
+    disappearance of either table's TCPR-CANARY (what a table flush or a firewall reload leaves) triggers a
+    full resync at the next check, which repairs the frontend chain too."""
+    backends.start({"tcp.port": str(FRONT)})
+    router = start_router("--resync-interval", "3600")
+    ns, host = client_host.name, client_host.host_ip
+    assert connect_outcome(ns, host, FRONT) == "answered"
+    sh(f"iptables-{host_tables}", "-t", "nat", "-F", f"TCPR-FE-{FRONT}")
+    assert connect_outcome(ns, host, FRONT, 0.3) == "refused"  # nothing DNATs: the host itself refuses
+    sh(f"iptables-{host_tables}", "-t", table, "-X", "TCPR-CANARY")
+    broken = time.monotonic()
+    wait_until(lambda: connect_outcome(ns, host, FRONT, 0.3) == "answered", 10, 0.05, what="routing to come back")
+    assert time.monotonic() - broken <= 2.0
+    assert f"drift: {table} chain TCPR-CANARY was changed" in router.log()
+    assert kernel_matches_docker(host_tables)
+
+
+@pytest.mark.parametrize("table", ["nat", "filter"])
+def test_a_whole_table_replaced_is_rebuilt(backends, flavour, table):
+    """A firewall reload that replaces a whole table (iptables-restore without --noflush) takes every owned
+    chain and hook with it: the daemon rebuilds them all at the next drift check. Run in a private namespace
+    (the host's tables hold Docker's rules), on this test's own label prefix."""
+    prefix = unique("tcpr")
+    for _ in range(2):
+        backends.start({f"{prefix}.port": str(FRONT)}, wait=False)
+    with private_netns() as ns:
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        iptables = Iptables(Flavour(flavour), netns=ns)
+        router = Router("--label-prefix", prefix, "--flavour", flavour, "--resync-interval", "3600", netns=ns)
+        try:
+            router.start()
+            written = owned_only(iptables.read()[0])
+            assert len(written["nat"][f"TCPR-FE-{FRONT}"]) == 4  # mark, two slots, a backend's own connection
+            sh("ip", "netns", "exec", ns, f"iptables-{flavour}-restore", input=f"*{table}\nCOMMIT\n")
+            assert owned_only(iptables.read()[0])[table] == {}
+            replaced = time.monotonic()
+            wait_until(lambda: owned_only(iptables.read()[0]) == written, 10, 0.05, what="the owned rules rebuilt")
+            assert time.monotonic() - replaced <= 2.0
+            assert "drift:" in router.log()
+        finally:
+            router.stop()
 
 
 def test_churn_never_routes_to_a_removed_backend_and_leaks_nothing(

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import socket
+import struct
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
+
+from tcprouter.diff import parse_save
 
 from .support import (
     BACKEND_PORT,
@@ -83,6 +87,46 @@ def test_only_routed_flows_are_open(backends, start_router, client_host, docker_
     assert connect_outcome(ns, client_host.host_ip, UNEXPOSED_PORT, 1) == "refused"
 
 
+def stray_segment(source: str, destination: str, port: int, flags: int) -> bytes:
+    """A bare TCP header (no options, no data) with a valid checksum, for a raw IPPROTO_TCP socket: the kernel
+    adds the IP header. The Python standard library builds no TCP segments and none of the test dependencies
+    does either, so it is packed here (RFC 793 header and pseudo-header)."""
+
+    def checksum(data: bytes) -> int:
+        total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+        while total >> 16:
+            total = (total & 0xFFFF) + (total >> 16)
+        return ~total & 0xFFFF
+
+    header = struct.pack("!HHIIBBHHH", 40000, port, 1, 1, 5 << 4, flags, 64240, 0, 0)
+    pseudo = socket.inet_aton(source) + socket.inet_aton(destination) + struct.pack("!BBH", 0, 6, len(header))
+    return header[:16] + struct.pack("!H", checksum(pseudo + header)) + header[18:]
+
+
+def invalid_drops(flavour: str) -> int:
+    """Packets counted by TCPR-FORWARD's ctstate INVALID drop."""
+    _, counted = parse_save(sh(f"iptables-{flavour}-save", "-c", "-t", "filter"))
+    return next(r.packets for _, r in counted if r.chain == "TCPR-FORWARD" and "INVALID -j DROP" in r.spec)
+
+
+def test_invalid_packets_are_dropped_and_counted(backends, start_router, client_host, host_tables):
+    """A SYN-ACK out of nowhere belongs to no connection: conntrack calls it INVALID, and TCPR-FORWARD drops
+    it before any accept (the ctstate INVALID rule's counter rises by each one sent)."""
+    _, ips = pool(backends, 1)
+    start_router()
+    before = invalid_drops(host_tables)
+    syn_ack = stray_segment(client_host.client_ip, ips[0], BACKEND_PORT, 0x12)
+
+    def send() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP) as raw:
+            for _ in range(5):
+                raw.sendto(syn_ack, (ips[0], 0))
+
+    in_netns(client_host.name, send)
+    wait_until(lambda: invalid_drops(host_tables) - before >= 5, 5, what="the 5 stray segments counted")
+    assert greetings(client_host.name, client_host.host_ip, FRONT, 1) == ips  # real connections pass
+
+
 def test_foreign_rules_untouched_by_run_and_cleanup(backends, start_router, client_host, foreign_rules):
     pool(backends, 2)
     before = foreign_rules()
@@ -110,14 +154,32 @@ def test_host_itself_reaches_the_frontend(backends, start_router, client_host):
     assert greetings(None, client_host.host_ip, FRONT, 4) == ips * 2
 
 
-def test_random_balance_is_uniform(backends, start_router, client_host):
+def binomial_acceptance(trials: int, p: float, alpha: float) -> range:
+    """The counts k whose lower and upper binomial tails both exceed `alpha`: a two-sided test whose false
+    failure probability is at most 2 * alpha."""
+    pmf = [math.comb(trials, k) * p**k * (1 - p) ** (trials - k) for k in range(trials + 1)]
+    low = next(k for k in range(trials + 1) if sum(pmf[: k + 1]) > alpha)
+    high = next(k for k in range(trials, -1, -1) if sum(pmf[k:]) > alpha)
+    return range(low, high + 1)
+
+
+def test_random_balance_is_uniform_and_unordered(backends, start_router, client_host):
+    """Under `random`, 600 connections spread evenly *and* in no set order. Round-robin also spreads them
+    evenly (200/200/200) but never sends two connections in a row to one backend: with independent uniform
+    picks among 3, each of the 599 successive pairs repeats a backend with probability 1/3, independently (the
+    differences of successive picks mod 3 are i.i.d. uniform), so the repeats are Binomial(599, 1/3) and fall in
+    141..261 but with probability < 1.4e-7; strict rotation gives 0. The chi-square test has a false failure
+    probability of 1e-7: this test fails by chance with probability < 3e-7."""
     _, ips = pool(backends, 3, **{"tcp.balance": "random"})
     start_router()
-    counts = Counter(greetings(client_host.name, client_host.host_ip, FRONT, 600))
+    order = greetings(client_host.name, client_host.host_ip, FRONT, 600)
+    counts = Counter(order)
     assert set(counts) == set(ips)
     chi_square = sum((counts[ip] - 200) ** 2 / 200 for ip in ips)
-    # With 2 degrees of freedom the chi-square tail is exp(-x/2): p > 0.001 <=> x < 2 ln 1000.
-    assert chi_square < 2 * math.log(1000), counts
+    # With 2 degrees of freedom the chi-square tail is exp(-x/2): p > 1e-7 <=> x < 2 ln 1e7.
+    assert chi_square < 2 * math.log(1e7), counts
+    repeats = sum(a == b for a, b in itertools.pairwise(order))
+    assert repeats in binomial_acceptance(599, 1 / 3, 1e-7), f"{repeats} repeats in {order[:30]}..."
 
 
 def test_weights_in_nth_mode_are_exact(backends, start_router, client_host):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -14,7 +15,7 @@ from tcprouter.model import Backend, Balance, DesiredState, Frontend
 from tcprouter.netfilter import Flavour, Iptables
 
 from .strategies import desired_states
-from .support import private_netns, sh
+from .support import in_netns, private_netns, sh, unique
 
 pytestmark = pytest.mark.kernel
 FOREIGN = """*nat
@@ -89,3 +90,62 @@ def test_hooks_are_moved_back_on_top_and_duplicates_removed(flavour):
             "-p tcp -m tcp --dport 22 -j RETURN",
             "-p udp -m udp --dport 53 -j FOREIGN",
         )
+
+
+def _answers(ns: str, address: str, port: int) -> bool:
+    """Whether a TCP connect from namespace `ns` completes (a silent drop times out)."""
+
+    def attempt() -> bool:
+        try:
+            socket.create_connection((address, port), timeout=1).close()
+            return True
+        except TimeoutError:
+            return False
+
+    return in_netns(ns, attempt)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_route_localhost_drops_packets_to_loopback_from_another_interface(flavour):
+    """CVE-2020-8558: with route_localnet=1 a neighbour can reach the router's 127.0.0.1 services by sending
+    to 127.0.0.1 through a real interface. A neighbour namespace does exactly that (its 127.0.0.1 routed out
+    of its veth): it gets an answer until the --route-localhost rules are loaded, then its SYN is dropped by
+    TCPR-INPUT, whose counter shows it."""
+    with private_netns() as router, private_netns() as neighbour:
+        here, there = unique("tcpr"), unique("tcpr")
+        sh("ip", "link", "add", here, "netns", router, "type", "veth", "peer", "name", there, "netns", neighbour)
+        for ns, dev, address in ((router, here, "10.99.0.1/24"), (neighbour, there, "10.99.0.2/24")):
+            sh("ip", "-n", ns, "addr", "add", address, "dev", dev)
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+            sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.conf.all.route_localnet=1")
+        # The neighbour's 127.0.0.1 is the router: a rule ahead of the local table sends it out of the veth.
+        sh(
+            "ip",
+            "-n",
+            neighbour,
+            "route",
+            "add",
+            "127.0.0.1/32",
+            "via",
+            "10.99.0.1",
+            "src",
+            "10.99.0.2",
+            "table",
+            "100",
+        )
+        sh("ip", "-n", neighbour, "rule", "add", "pref", "10", "to", "127.0.0.1", "lookup", "100")
+        sh("ip", "-n", neighbour, "rule", "del", "pref", "0")
+        sh("ip", "-n", neighbour, "rule", "add", "pref", "100", "lookup", "local")
+        listener = in_netns(router, lambda: socket.create_server(("127.0.0.1", 0)))
+        with listener:
+            port = listener.getsockname()[1]
+            assert _answers(neighbour, "127.0.0.1", port)  # the hole the rules must close
+
+            iptables = Iptables(Flavour(flavour), netns=router)
+            apply(iptables, compile_rules(DesiredState({}), Options(forward_parent="FORWARD", route_localhost=True)))
+            assert not _answers(neighbour, "127.0.0.1", port)
+            assert _answers(router, "127.0.0.1", port)  # loopback itself still works
+        _, counted = iptables.read(counters=True)
+        drops = [rule.packets for table, rule in counted if rule.chain == "TCPR-INPUT" and rule.spec.endswith("DROP")]
+        assert drops and drops[0] >= 1

@@ -11,7 +11,10 @@ from collections import Counter
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .support import greetings, sh, tcprouter, wait_until
+from tcprouter.diff import owned_only
+from tcprouter.netfilter import Flavour, Iptables
+
+from .support import greetings, private_netns, sh, tcprouter, wait_until
 
 pytestmark = pytest.mark.e2e
 FRONT = 27017
@@ -108,6 +111,26 @@ def test_rule_counts_equal_iptables_save(backends, start_router, flavour):
     metric = {(dict(k)["table"], dict(k)["chain"]): v for k, v in values(scrape(router)["tcprouter_rules"]).items()}
     assert metric == dict(saved)
     assert metric[("nat", "TCPR-FE-1883")] == 4 and metric[("nat", "TCPR-FRONTENDS")] == 2
+
+
+@pytest.mark.parametrize("flags", [(), ("--snat", "always")], ids=["default", "snat-always"])
+def test_render_loads_with_restore_and_equals_what_run_writes(backends, start_router, flavour, flags):
+    """`tcprouter render` prints a script that iptables-restore (of Docker's flavour) accepts, and that, loaded
+    into an empty namespace with Docker's DOCKER-USER chain, gives exactly the owned rules `run` wrote here."""
+    backends.start({"tcp.port": str(FRONT)})
+    backends.start({"tcp.port": str(FRONT), "tcp.weight": "2"})
+    backends.start({"tcp.port": "1883", "tcp.balance": "random"})
+    start_router(*flags)
+    script = tcprouter("render", *flags).stdout
+    written, _ = Iptables(Flavour(flavour)).read()
+    with private_netns() as ns:
+        rendered = Iptables(Flavour(flavour), netns=ns)
+        rendered.restore("*filter\n:DOCKER-USER - [0:0]\nCOMMIT\n")
+        rendered.restore(script, test=True)
+        rendered.restore(script)
+        loaded, _ = rendered.read()
+    assert owned_only(loaded) == owned_only(written)
+    assert "TCPR-FE-1883" in owned_only(written)["nat"]
 
 
 def test_status_json_matches_the_kernel_and_docker(backends, start_router, client_host, docker_api, flavour):
