@@ -30,7 +30,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import shlex
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -41,7 +40,7 @@ from typing import Any
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from . import iptc_adapter
-from .compiler import Tables
+from .compiler import Tables, split_words
 from .diff import SavedRule, owned
 from .netfilter import Flavour, Iptables, NetfilterError
 
@@ -49,7 +48,6 @@ log = logging.getLogger(__name__)
 
 XTABLES_LOCK = os.environ.get("XTABLES_LOCKFILE", "/run/xtables.lock")
 VERDICTS = frozenset({"ACCEPT", "DROP", "RETURN", "QUEUE"})
-_QUOTES = frozenset("\"'\\")
 _iptc_lock = threading.Lock()  # python-iptables' Table cache and extension state are process-wide
 
 
@@ -144,7 +142,7 @@ def build_rule(iptc: ModuleType, spec: str, is_chain: Callable[[str], bool]) -> 
     options. A target is a jump when it names a verdict or a chain of the table, as in iptables.
     """
     try:
-        words = shlex.split(spec) if _QUOTES.intersection(spec) else spec.split()
+        words = split_words(spec)
     except ValueError as error:
         raise ScriptError(f"cannot split rule {spec!r}: {error}") from error
     rule = iptc_adapter.rule_class(iptc)()
