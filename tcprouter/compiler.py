@@ -98,7 +98,7 @@ def _probability_text(probability: float) -> str:
 
 def save_string(value: str) -> str:
     """A match argument as iptables-save prints it (xtables_save_string): bare if it is only
-    [A-Za-z0-9_-], else double-quoted with quotes and backslashes escaped."""
+    [A-Za-z0-9_-], else double-quoted with quotes and backslashes escaped. split_words reads it back."""
     if value and all(c.isascii() and (c.isalnum() or c in "_-") for c in value):
         return value
     return '"' + "".join("\\" + c if c in "\"\\'" else c for c in value) + '"'
