@@ -13,6 +13,7 @@ Both tables also hold an empty TCPR-CANARY chain: if it vanishes, someone flushe
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -28,6 +29,10 @@ FRONTEND_CHAIN_PREFIX = "TCPR-FE-"
 DEFAULT_MARK_BIT = 0x100000
 LOCALNET_RECORD = "route_localnet-before-"  # + the value, in the comment of TCPR-INPUT's rule
 _COMMENT_MAX = 64
+# A rule's text as iptables-restore splits it: double-quoted parts (a backslash escapes any character in
+# them), other characters but whitespace, whitespace between words; anything else is an unclosed quote.
+_SEGMENT = re.compile(r'"((?:[^"\\]|\\.)*)"|([^\s"]+)|(\s+)|(")', re.DOTALL)
+_ESCAPED = re.compile(r"\\(.)", re.DOTALL)
 
 # table -> chain -> rule specs (the text after "-A <chain> ", as iptables-save prints it)
 Tables = dict[str, dict[str, tuple[str, ...]]]
@@ -58,7 +63,16 @@ class RuleSet:
 
 
 def frontend_chain(port: int) -> str:
+    """The nat chain of the frontend on `port`; frontend_port reads the port back."""
     return f"{FRONTEND_CHAIN_PREFIX}{port}"
+
+
+def frontend_port(chain: str) -> int | None:
+    """The port of a frontend chain (frontend_chain's inverse); None for any other chain."""
+    digits = chain.removeprefix(FRONTEND_CHAIN_PREFIX)
+    if chain.startswith(FRONTEND_CHAIN_PREFIX) and digits.isdecimal() and str(int(digits)) == digits:
+        return int(digits)
+    return None
 
 
 def rotation(backends: Sequence[Backend]) -> list[Backend]:
@@ -86,10 +100,39 @@ def _probability_text(probability: float) -> str:
 
 def save_string(value: str) -> str:
     """A match argument as iptables-save prints it (xtables_save_string): bare if it is only
-    [A-Za-z0-9_-], else double-quoted with quotes and backslashes escaped."""
+    [A-Za-z0-9_-], else double-quoted with quotes and backslashes escaped. split_words reads it back."""
     if value and all(c.isascii() and (c.isalnum() or c in "_-") for c in value):
         return value
     return '"' + "".join("\\" + c if c in "\"\\'" else c for c in value) + '"'
+
+
+def split_words(spec: str) -> list[str]:
+    """A rule spec -> its words, as iptables-restore splits it (so save_string's output is one word again).
+
+    Not shlex: inside double quotes it keeps the backslash of an escaped single quote, and it treats
+    single quotes as quotes, where iptables-restore takes them literally.
+    """
+    words: list[str] = []
+    word: str | None = None
+    for quoted, bare, space, unclosed in _SEGMENT.findall(spec):
+        if unclosed:
+            raise ValueError(f"unclosed quote in {spec!r}")
+        if space:
+            if word is not None:
+                words.append(word)
+            word = None
+        else:
+            word = (word or "") + (bare or _ESCAPED.sub(r"\1", quoted))
+    return words if word is None else [*words, word]
+
+
+def rule_comment(spec: str) -> str | None:
+    """The text of a rule's comment match (the backend's name in a DNAT rule), None if it has none."""
+    words = split_words(spec)
+    for i in range(len(words) - 3):
+        if words[i : i + 3] == ["-m", "comment", "--comment"]:
+            return words[i + 3]
+    return None
 
 
 def _dnat(backend: Backend, condition: str = "", skip_self: bool = True) -> str:

@@ -19,20 +19,17 @@ rules through python-iptables (chains, rules, each match's and target's paramete
 text is even assembled.
 
 Legacy tables only: libiptc cannot reach nf_tables. python-iptables keeps process-wide state (each
-extension's parse state lives in the shared extension structure), so every use of it here holds one
-module lock, and each write opens its own table handle rather than python-iptables' cached singleton.
+extension's parse state lives in the shared extension structure, each table is a cached singleton), so
+every use of it here holds one module lock, and each write re-reads its table and closes the handle
+after the commit. What this needs beyond python-iptables' public API is in iptc_adapter.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
-import glob
-import importlib
 import logging
 import os
-import shlex
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -42,7 +39,8 @@ from typing import Any
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
-from .compiler import Tables
+from . import iptc_adapter
+from .compiler import Tables, split_words
 from .diff import SavedRule, owned
 from .netfilter import Flavour, Iptables, NetfilterError
 
@@ -50,32 +48,7 @@ log = logging.getLogger(__name__)
 
 XTABLES_LOCK = os.environ.get("XTABLES_LOCKFILE", "/run/xtables.lock")
 VERDICTS = frozenset({"ACCEPT", "DROP", "RETURN", "QUEUE"})
-_QUOTES = frozenset("\"'\\")
-_XTABLES_DIRS = ("/usr/lib/*/xtables", "/usr/lib64/xtables", "/usr/lib/xtables", "/usr/local/lib/xtables")
 _iptc_lock = threading.Lock()  # python-iptables' Table cache and extension state are process-wide
-_iptc_module: ModuleType | None = None
-
-
-def load_iptc() -> ModuleType:
-    """Import python-iptables once, telling it where the xtables extensions are if nobody did.
-
-    python-iptables locates libxtables and the extension directory at import time; without
-    XTABLES_LIBDIR it runs `ldconfig -v` to guess, which fails in some minimal images.
-    """
-    global _iptc_module
-    if _iptc_module is None:
-        if "XTABLES_LIBDIR" not in os.environ:
-            found = sorted(d for pattern in _XTABLES_DIRS for d in glob.glob(pattern) if os.path.isdir(d))
-            if found:
-                os.environ["XTABLES_LIBDIR"] = found[0]
-        try:
-            _iptc_module = importlib.import_module("iptc")
-        except Exception as error:  # ImportError, OSError from ctypes, iptc.errors.XTablesError
-            raise NetfilterError(
-                f"python-iptables (libiptc) cannot be loaded: {error}; it needs libip4tc and libxtables "
-                "(the Debian package iptables) and XTABLES_LIBDIR pointing to the extensions"
-            ) from error
-    return _iptc_module
 
 
 class ScriptError(NetfilterError):
@@ -169,10 +142,10 @@ def build_rule(iptc: ModuleType, spec: str, is_chain: Callable[[str], bool]) -> 
     options. A target is a jump when it names a verdict or a chain of the table, as in iptables.
     """
     try:
-        words = shlex.split(spec) if _QUOTES.intersection(spec) else spec.split()
+        words = split_words(spec)
     except ValueError as error:
         raise ScriptError(f"cannot split rule {spec!r}: {error}") from error
-    rule = _rule_class(iptc)()
+    rule = iptc_adapter.rule_class(iptc)()
     module: Any = None  # the match or target the following --options belong to
     negate = False
     i = 0
@@ -187,12 +160,12 @@ def build_rule(iptc: ModuleType, spec: str, is_chain: Callable[[str], bool]) -> 
                 setattr(rule, _ADDRESS_FLAGS[word], ("!" if negate else "") + _value(words, i, spec))
                 i += 2
             elif word in ("-m", "--match"):
-                _final_check(module)
+                iptc_adapter.final_check(module)
                 module = iptc.Match(rule, _value(words, i, spec))
                 rule.add_match(module)
                 i += 2
             elif word in ("-j", "--jump", "-g", "--goto"):
-                _final_check(module)
+                iptc_adapter.final_check(module)
                 name = _value(words, i, spec)
                 goto = word in ("-g", "--goto")
                 if name in VERDICTS or is_chain(name):
@@ -211,11 +184,11 @@ def build_rule(iptc: ModuleType, spec: str, is_chain: Callable[[str], bool]) -> 
                 while i < len(words) and not (words[i].startswith("-") or words[i] == "!"):
                     values.append(words[i])
                     i += 1
-                module.parse(word[2:], ["!", *values] if negate else values)
+                module.set_parameter(word[2:], ["!", *values] if negate else values)
             else:
                 raise ScriptError(f"unsupported word {word!r} in rule {spec!r}")
             negate = False
-        _final_check(module)
+        iptc_adapter.final_check(module)
         if rule.target is None:  # a rule without -j only counts
             rule.target = iptc.Target(rule, "")
     except ScriptError:
@@ -223,34 +196,6 @@ def build_rule(iptc: ModuleType, spec: str, is_chain: Callable[[str], bool]) -> 
     except Exception as error:  # iptc.IPTCError, XTablesError, ValueError from python-iptables
         raise ScriptError(f"python-iptables cannot build rule {spec!r}: {error}") from error
     return rule
-
-
-def _final_check(module: Any) -> None:
-    """The extension's own final check (mandatory options, derived fields), right after its options.
-
-    Not Rule.final_check(): that re-runs every extension's save function through a pipe on stdout and
-    parses the text back, for each match of each rule (most of python-iptables' time on large writes),
-    and checks the matches only at the end, when python-iptables' per-extension state (shared by all
-    instances of one extension) may belong to a later match of the same extension.
-    """
-    if module is not None and module._module is not None:
-        module._final_check()
-
-
-_rule_classes: dict[str, type] = {}  # one subclass, made when python-iptables is first loaded
-
-
-def _rule_class(iptc: ModuleType) -> type:
-    """iptc.Rule without its `tables` property, which opens every table of python-iptables' process-wide cache.
-
-    Before loading a target extension, python-iptables asks each cached table whether the name is a
-    chain: that creates the legacy raw, mangle and security tables as a side effect and consults
-    handles of whatever network namespace they were opened in. build_rule decides jump or extension
-    itself, on the handle being written, so no other table needs to be consulted.
-    """
-    if "rule" not in _rule_classes:
-        _rule_classes["rule"] = type("Rule", (iptc.Rule,), {"tables": property(lambda self: [])})
-    return _rule_classes["rule"]
 
 
 def _value(words: list[str], i: int, spec: str) -> str:
@@ -276,7 +221,7 @@ class IptcWriter:
         self.timeout = timeout
         self.attempts = attempts
         self.reader = Iptables(Flavour.LEGACY, timeout=timeout)
-        self._iptc = load_iptc()  # fail at start, not at the first write
+        self._iptc = iptc_adapter.load()  # fail at start, not at the first write
 
     def __repr__(self) -> str:
         return "IptcWriter(legacy, python-iptables)"
@@ -330,15 +275,17 @@ class IptcWriter:
                 handle.close()
 
     def _open(self, table: str) -> Any:
-        """A private libiptc handle on `table`, read now, in the calling thread's network namespace.
+        """python-iptables' handle on `table`, read now, in the calling thread's network namespace.
 
-        Not iptc.Table(name): that is a process-wide singleton whose handle may belong to another
-        namespace or thread.
+        iptc.Table(name) is a process-wide singleton: refresh() (re)reads the table through a new
+        libiptc handle in this thread's namespace, and _attempt closes it after the commit, so no
+        handle (nor the namespace its socket pins) outlives a write. The module lock keeps other
+        threads off the singleton meanwhile.
         """
         iptc = self._iptc
         try:
-            handle = object.__new__(iptc.Table)
-            handle._init(table, False)  # iptc_init: reads the table; autocommit off
+            handle = iptc.Table(table, autocommit=False)
+            handle.refresh()
         except iptc.IPTCError as error:
             raise NetfilterError(f"libiptc cannot read the legacy {table} table: {error}") from error
         return handle
@@ -371,7 +318,7 @@ class IptcWriter:
         try:
             handle.commit()
         except self._iptc.IPTCError as error:
-            if _errno() == errno.EAGAIN or os.strerror(errno.EAGAIN) in str(error):
+            if iptc_adapter.is_conflict(error):
                 raise _Conflict(str(error)) from error
             raise NetfilterError(f"libiptc commit of the {handle.name} table failed: {error}") from error
 
@@ -397,12 +344,3 @@ class IptcWriter:
             yield
         finally:
             os.close(fd)  # releases the lock
-
-
-def _errno() -> int:
-    """errno as libiptc left it (python-iptables does not load libiptc with use_errno)."""
-    import ctypes
-
-    location = ctypes.CDLL(None).__errno_location
-    location.restype = ctypes.POINTER(ctypes.c_int)
-    return location()[0]

@@ -7,7 +7,6 @@ state and never holds a lock a sync needs.
 from __future__ import annotations
 
 import logging
-import re
 import socket
 import threading
 from collections import Counter as Tally
@@ -20,13 +19,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
-from .compiler import FRONTEND_CHAIN_PREFIX, Tables
+from .compiler import Tables, frontend_port, rule_comment
 from .diff import SavedRule, owned
 from .model import DesiredState
 from .netfilter import Flavour, Iptables
 
 log = logging.getLogger(__name__)
-_COMMENT = re.compile(r'--comment ("(?:[^"\\]|\\.)*"|\S+)')  # bare, or double-quoted with \-escapes
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # A scrape gives up on iptables-save after this long (Prometheus' own default scrape timeout is 10 s).
 KERNEL_READ_TIMEOUT = 5.0
@@ -49,25 +47,20 @@ def backend_connections(rules: list[tuple[str, SavedRule]]) -> dict[tuple[str, s
     """
     totals: Tally[tuple[str, str]] = Tally()
     for table, rule in rules:
-        if table == "nat" and rule.chain.startswith(FRONTEND_CHAIN_PREFIX) and "-j DNAT" in rule.spec:
-            match = _COMMENT.search(rule.spec)
-            if match:
-                totals[(rule.chain.removeprefix(FRONTEND_CHAIN_PREFIX), _unquote(match.group(1)))] += rule.packets
+        port = frontend_port(rule.chain) if table == "nat" else None
+        name = rule_comment(rule.spec) if port is not None and "-j DNAT" in rule.spec else None
+        if name is not None:
+            totals[(str(port), name)] += rule.packets
     return dict(totals)
-
-
-def _unquote(word: str) -> str:
-    """A match argument as iptables-save prints it (see compiler.save_string) -> its value."""
-    return re.sub(r"\\(.)", r"\1", word[1:-1]) if word.startswith('"') else word
 
 
 def _frontend_chains(rules: list[tuple[str, SavedRule]]) -> dict[str, tuple[str, ...]]:
     """frontend port -> the rule texts of its chain (counters excluded)."""
     chains: dict[str, tuple[str, ...]] = {}
     for table, rule in rules:
-        if table == "nat" and rule.chain.startswith(FRONTEND_CHAIN_PREFIX):
-            port = rule.chain.removeprefix(FRONTEND_CHAIN_PREFIX)
-            chains[port] = (*chains.get(port, ()), rule.spec)
+        port = frontend_port(rule.chain) if table == "nat" else None
+        if port is not None:
+            chains[str(port)] = (*chains.get(str(port), ()), rule.spec)
     return chains
 
 

@@ -15,7 +15,7 @@ from collections.abc import Collection, Mapping, Sequence
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from . import hostports
-from .compiler import FRONTEND_CHAIN_PREFIX, Options, RuleSet, Tables, compile_rules
+from .compiler import Options, RuleSet, Tables, compile_rules, frontend_port
 from .diff import believed_tables, hook_in_place, owned, restore_script
 from .labels import desired_state, reachable_only
 from .metrics import Metrics
@@ -98,7 +98,7 @@ class Syncer:
         try:
             for table, chains in self.applied.items():
                 for chain, rules in chains.items():
-                    if chain.startswith(FRONTEND_CHAIN_PREFIX):
+                    if frontend_port(chain) is not None:
                         continue
                     found = self.writer.list_chain(table, chain)
                     in_place = found == rules if owned(chain) else found is not None and hook_in_place(found, rules[0])

@@ -5,14 +5,26 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tcprouter.compiler import Options, RuleSet, compile_rules, pool_rules, rotation
+from tcprouter.compiler import (
+    Options,
+    RuleSet,
+    compile_rules,
+    frontend_chain,
+    frontend_port,
+    pool_rules,
+    rotation,
+    rule_comment,
+    save_string,
+    split_words,
+)
 from tcprouter.diff import believed_tables, parse_save, restore_script
 from tcprouter.model import Backend, Balance, DesiredState, Frontend
 
-from .strategies import backends, desired_states
+from .strategies import backends, desired_states, ports
 
 MARK = "0x100000/0x100000"
 
@@ -216,3 +228,52 @@ def test_cleanup_script_touches_only_owned_objects():
     assert "DOCKER " not in script.replace("PREROUTING", "")
     assert "-D PREROUTING -m addrtype --dst-type LOCAL -j TCPR-FRONTENDS" in script
     assert {line for line in script.splitlines() if line.startswith("-X")} == {"-X TCPR-FRONTENDS", "-X TCPR-FE-80"}
+
+
+@given(ports)
+def test_a_frontend_chain_gives_back_its_port(port: int):
+    assert frontend_port(frontend_chain(port)) == port
+
+
+@pytest.mark.parametrize(
+    "chain", ["TCPR-FRONTENDS", "TCPR-FE-", "TCPR-FE-080", "TCPR-FE-+80", "TCPR-FE-8 0", "TCPR-FE-\u0663", "FE-80"]
+)
+def test_other_chains_have_no_frontend_port(chain: str):
+    assert frontend_port(chain) is None
+
+
+@given(st.text())
+def test_a_comment_reads_back_as_written(name: str):
+    """Any backend name survives save_string's quoting (iptables-save's) and reading it back out of a rule,
+    whatever follows it; the kernel side is test_writers' test_backend_names_survive_iptables_save."""
+    assert split_words(f"-m comment --comment {save_string(name)}") == ["-m", "comment", "--comment", name]
+    spec = f"! -s 172.17.0.2/32 -p tcp -m comment --comment {save_string(name)} -m statistic --mode nth"
+    assert rule_comment(spec + " --every 2 --packet 0 -j DNAT --to-destination 172.17.0.2:1234") == name
+
+
+@given(backends(1))
+def test_each_dnat_rule_names_its_backend(member: Backend):
+    for rule in pool_rules(Frontend(80, Balance.ROUNDROBIN, (member, backend(2))), MARK):
+        if "-j DNAT" in rule:
+            assert rule_comment(rule) in (member.name, "b2")
+        else:
+            assert rule_comment(rule) is None
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        ("-j  ACCEPT ", ["-j", "ACCEPT"]),
+        ('--comment "a \\"b\\" \\\\ \\\'c"', ["--comment", 'a "b" \\ \'c']),  # as save_string escapes
+        ("--log-prefix it's", ["--log-prefix", "it's"]),  # single quotes are plain characters
+        ('--comment "" -j X', ["--comment", "", "-j", "X"]),
+        ('a"b c"d', ["ab cd"]),  # a quote opens and closes anywhere in a word
+    ],
+)
+def test_rules_split_into_words_as_iptables_restore_splits_them(spec: str, words: list[str]):
+    assert split_words(spec) == words
+
+
+def test_an_unclosed_quote_is_an_error():
+    with pytest.raises(ValueError, match="unclosed quote"):
+        split_words('--comment "abc')

@@ -14,12 +14,13 @@ import sys
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tcprouter.compiler import Options, RuleSet, compile_rules
+from tcprouter.compiler import Options, RuleSet, compile_rules, frontend_chain, rule_comment
 from tcprouter.diff import believed_tables, owned_only, parse_save, restore_script
 from tcprouter.iptc_writer import IptcWriter, Operation, ScriptError, parse_script
+from tcprouter.model import Backend, Balance, DesiredState, Frontend
 from tcprouter.netfilter import Flavour, Iptables, NetfilterError, open_writer
 
 from .strategies import desired_states
@@ -261,6 +262,25 @@ def test_generic_rules_round_trip_through_both_writers():
         assert parse_save(saved(ns_iptc))[0]["filter"]["TCPR-GENERIC"] == GENERIC_RULES[:3] + GENERIC_RULES[4:]
 
 
+@pytest.mark.kernel
+@settings(max_examples=20, deadline=None)
+@given(name=st.from_regex(r"[A-Za-z0-9][ -~]{0,63}", fullmatch=True))
+@example(name='it\'s "web" \\ 1')
+def test_backend_names_survive_iptables_save(name: str):
+    """A DNAT rule's comment, as compiler.save_string writes it, is what iptables-save prints for it (either
+    writer), and compiler.rule_comment reads the backend's name back out of that text. Names start as
+    Docker's do (a letter or digit), then hold any printable character: spaces, quotes, backslashes."""
+    member = Backend("1" * 64, name, "172.17.0.2", 1234)
+    state = DesiredState(frontends={80: Frontend(80, Balance.ROUNDROBIN, (member,))})
+    rules = compile_rules(state, Options(forward_parent="FORWARD"))
+    with private_netns() as ns_restore, private_netns() as ns_iptc:
+        for writer, ns in ((Restore(ns_restore), ns_restore), (Iptc(ns_iptc), ns_iptc)):
+            sync(writer, rules)
+            chain = parse_save(saved(ns))[0]["nat"][frontend_chain(80)]
+            assert chain == rules.chains["nat"][frontend_chain(80)]
+            assert [rule_comment(rule) for rule in chain if "-j DNAT" in rule] == [name]
+
+
 # ---- kernel: ownership -----------------------------------------------------------------------------
 
 
@@ -304,8 +324,6 @@ def test_iptc_writer_leaves_foreign_objects_alone_through_apply_repair_and_clean
 
 
 def _fixed_state():
-    from tcprouter.model import Backend, Balance, DesiredState, Frontend
-
     def pool(port: int, count: int, balance: Balance) -> Frontend:
         members = tuple(
             Backend(

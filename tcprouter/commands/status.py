@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 
 from .. import hostports
-from ..compiler import FRONTEND_CHAIN_PREFIX
+from ..compiler import frontend_port
 from ..diff import SavedRule
 from ..labels import desired_state, parse_backend
 from ..metrics import backend_connections, kernel_reader
@@ -24,8 +24,9 @@ def _kernel_targets(kernel: list[tuple[str, SavedRule]]) -> set[tuple[int, str]]
     targets = set()
     for table, rule in kernel:
         match = _DNAT_TARGET.search(rule.spec)
-        if table == "nat" and rule.chain.startswith(FRONTEND_CHAIN_PREFIX) and match:
-            targets.add((int(rule.chain.removeprefix(FRONTEND_CHAIN_PREFIX)), match.group(1)))
+        port = frontend_port(rule.chain) if table == "nat" else None
+        if port is not None and match:
+            targets.add((port, match.group(1)))
     return targets
 
 
