@@ -1,8 +1,8 @@
 """`tcprouter run`: the pipeline wired together.
 
-providers (one thread each) -> runner queue -> change tracker -> sync (desired state, compiler, diff,
+providers (one thread each) -> runner inbox (folds into the change tracker) -> sync (desired state, compiler, diff,
 writer) -> kernel; the prober (remote providers only) watches what the last sync routed and feeds its
-verdicts into the same queue. The runner's loop runs in the main thread until SIGTERM or SIGINT.
+verdicts into the same inbox. The runner's loop runs in the main thread until SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
