@@ -1,6 +1,7 @@
-"""An in-memory kernel for fast tests of the reconciler: the Writer protocol of netfilter.Iptables over plain
-tables, applying the scripts of diff.restore_script as `iptables-restore --noflush` does. Kernel tests (private
-network namespaces) stay the judge of what the kernel itself does; this fake is for the reconciler's logic."""
+"""A fake clock, and an in-memory kernel for fast tests of the reconciler: the Writer protocol of
+netfilter.Iptables over plain tables, applying the scripts of diff.restore_script as `iptables-restore --noflush`
+does. Kernel tests (private network namespaces) stay the judge of what the kernel itself does; this fake is for
+the reconciler's logic."""
 
 from __future__ import annotations
 
@@ -15,6 +16,16 @@ BUILTIN: dict[str, tuple[str, ...]] = {
     "nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
     "filter": ("INPUT", "FORWARD", "OUTPUT"),
 }
+
+
+class FakeClock:
+    """A clock that moves only when a test sets `now`."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 class FakeKernel:

@@ -15,7 +15,7 @@ from tcprouter.runner import SyncRunner, Timing
 from tcprouter.sync import Syncer
 from tcprouter.tracker import Change, ChangeTracker, Relist
 
-from .fakes import FakeKernel
+from .fakes import FakeClock, FakeKernel
 from .strategies import container
 
 # Foreign chains and rules as Docker leaves them on an nft host.
@@ -31,14 +31,6 @@ COMMIT
 -A DOCKER-USER -j RETURN
 COMMIT
 """
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def owned(kernel: FakeKernel) -> dict:
