@@ -32,8 +32,9 @@ _COMMENT = re.compile(r'--comment ("(?:[^"\\]|\\.)*"|\S+)')  # bare, or double-q
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # A scrape gives up on iptables-save after this long (Prometheus' own default scrape timeout is 10 s).
 KERNEL_READ_TIMEOUT = 5.0
-# The series of a backend that left stay this long (scrapes still see its final values; a backend back within
-# it continues its counts), then leave the exposition, so that the label sets do not pile up over the months.
+# The counters of a backend that left (connections, probe failures) stay this long, so that scrapes still see
+# their final values (and one back within it continues its count), then leave the exposition: label sets of
+# backends long gone do not pile up. Gauges describe the present: a backend's leave with it.
 SERIES_GRACE = 300.0
 K = TypeVar("K", bound=Hashable)
 
@@ -197,7 +198,7 @@ class Metrics:
     ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.grace, self.clock = grace, clock  # how long the series of a backend that left stay
+        self.grace, self.clock = grace, clock  # how long the counters of a backend that left stay
         self.state = StateCollector(read_kernel, Lingering(grace, clock))
         r.register(self.state)
         self.sync_duration = Histogram(

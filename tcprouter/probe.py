@@ -86,15 +86,16 @@ class Prober:
         self.probe = probe
         self.book = ProbeBook(policy)
         self._nodes: dict[Endpoint, str] = {}
-        self._gone: Lingering[tuple[str, str]] = Lingering(
-            metrics.grace, metrics.clock
-        )  # series of endpoints that left
+        self._gone: Lingering[tuple[str, str]] = Lingering(metrics.grace, metrics.clock)  # counters that left
         self._lock = threading.Lock()
 
     def watch(self, endpoints: Mapping[Endpoint, str]) -> None:
-        """The remote endpoints to probe (endpoint -> node name), after each sync. The series of one no longer
-        routed stay for the metrics' grace period, with their final values."""
+        """The remote endpoints to probe (endpoint -> node name), after each sync. The up gauge of an endpoint no
+        longer routed goes at once (it describes the present); its failure counter stays for the metrics' grace
+        period, so that a scrape still sees its final value."""
         with self._lock:
+            for labels in set(_labels(self._nodes)) - set(_labels(endpoints)):
+                self.metrics.probe_up.remove(*labels)
             self._gone.update(_labels(self._nodes), _labels(endpoints))
             self._nodes = dict(endpoints)
             self.book.watch(set(endpoints))
@@ -104,7 +105,6 @@ class Prober:
 
     def _expire(self) -> None:
         for labels in self._gone.expired():
-            self.metrics.probe_up.remove(*labels)
             self.metrics.probe_failures.remove(*labels)
 
     def run(self, stopping: threading.Event) -> None:
