@@ -1,10 +1,10 @@
 """`tcprouter run`: the pipeline wired together.
 
-providers (one thread each) -> runner queue -> change tracker -> sync (desired state, compiler, diff,
-writer) -> kernel; the prober (remote providers only) watches what the last sync routed and feeds its
-verdicts into the same queue. The runner's loop runs in the main thread until SIGTERM or SIGINT, once
-this process owns the tables (ownership.py); a hot standby follows its providers meanwhile and takes over
-when the owner dies.
+providers (one thread each) -> runner inbox (folds into the change tracker) -> sync (desired state, compiler,
+diff, writer) -> kernel; the prober (remote providers only) watches what the last sync routed and feeds its
+verdicts into the same inbox. The runner's loop runs in the main thread until SIGTERM or SIGINT, once
+this process owns the tables (ownership.py); a hot standby follows its providers meanwhile (the inbox keeps
+the tracker current at one record per container) and takes over when the owner dies.
 """
 
 from __future__ import annotations

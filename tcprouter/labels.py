@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from .model import Backend, Balance, ContainerSnapshot, DesiredState, Frontend, Rejection
 
 DEFAULT_PREFIX = "tcp"
+# Network drivers whose container addresses this host cannot route to: an overlay lives in its own namespace
+# (reached through VXLAN, not from the host), and a macvlan or ipvlan parent cannot talk to its own children.
+UNROUTABLE_DRIVERS = frozenset({"overlay", "macvlan", "ipvlan"})
 _DECIMAL = re.compile(r"[0-9]{1,6}")
 
 
@@ -48,7 +51,10 @@ def _integer(labels: dict[str, str], key: str, low: int, high: int) -> int | Non
 
 
 def _choose_network(container: ContainerSnapshot, key: str) -> str:
+    """The label's network, else the first (by name) this host can route to. A network of an unknown driver
+    counts as routable."""
     wanted = container.labels.get(key)
+    unroutable = {n for n in container.networks if container.network_drivers.get(n) in UNROUTABLE_DRIVERS}
     if wanted is not None:
         if wanted not in container.networks:
             raise LabelError(
@@ -56,10 +62,24 @@ def _choose_network(container: ContainerSnapshot, key: str) -> str:
                 f"label {key}={wanted!r} names a network the container is not attached to "
                 f"(attached: {', '.join(sorted(container.networks)) or 'none'})",
             )
+        if wanted in unroutable:
+            raise LabelError(
+                "network_unroutable",
+                f"label {key}={wanted!r} names a {container.network_drivers[wanted]} network, which this host "
+                "cannot route to; attach the container to a bridge network and name that one",
+            )
         return wanted
     if not container.networks:
         raise LabelError("no_address", "the container is attached to no network with an address")
-    return sorted(container.networks)[0]
+    routable = sorted(set(container.networks) - unroutable)
+    if not routable:
+        drivers = ", ".join(f"{n} ({container.network_drivers[n]})" for n in sorted(unroutable))
+        raise LabelError(
+            "network_unroutable",
+            f"the container's only networks are ones this host cannot route to: {drivers}; "
+            "attach it to a bridge network as well",
+        )
+    return routable[0]
 
 
 def _container_port(candidates: list[int], wanted: int | None, fallback: int | None, prefix: str, what: str) -> int:

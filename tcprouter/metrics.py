@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections import Counter as Tally
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from importlib.metadata import PackageNotFoundError, version
+from typing import Generic, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
@@ -28,6 +30,11 @@ log = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # A scrape gives up on iptables-save after this long (Prometheus' own default scrape timeout is 10 s).
 KERNEL_READ_TIMEOUT = 5.0
+# The counters of a backend that left (connections, probe failures) stay this long, so that scrapes still see
+# their final values (and one back within it continues its count), then leave the exposition: label sets of
+# backends long gone do not pile up. Gauges describe the present: a backend's leave with it.
+SERIES_GRACE = 300.0
+K = TypeVar("K", bound=Hashable)
 
 # The nat and filter tables (chains and rules) and their rules with packet counters, as Iptables.read returns them.
 KernelReader = Callable[[], tuple[Tables, list[tuple[str, SavedRule]]]]
@@ -64,15 +71,44 @@ def _frontend_chains(rules: list[tuple[str, SavedRule]]) -> dict[str, tuple[str,
     return chains
 
 
+class Lingering(Generic[K]):
+    """Label sets that left, each kept `grace` seconds from when it left (on an injectable clock)."""
+
+    def __init__(self, grace: float = SERIES_GRACE, clock: Callable[[], float] = time.monotonic) -> None:
+        self.grace = grace
+        self.clock = clock
+        self._left: dict[K, float] = {}
+
+    def update(self, before: Iterable[K], now_present: Iterable[K]) -> None:
+        """Note what left between two sightings; what is present again no longer lingers."""
+        present = set(now_present)
+        for key in present:
+            self._left.pop(key, None)
+        for key in set(before) - present:
+            self._left.setdefault(key, self.clock())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._left
+
+    def expired(self) -> list[K]:
+        """The label sets whose grace is over; they are forgotten."""
+        now = self.clock()
+        gone = [key for key, since in self._left.items() if now - since >= self.grace]
+        for key in gone:
+            del self._left[key]
+        return gone
+
+
 class StateCollector(Collector):
     """Reads the published desired state and the kernel's owned rules when Prometheus scrapes."""
 
-    def __init__(self, read_kernel: KernelReader) -> None:
+    def __init__(self, read_kernel: KernelReader, lingering: Lingering[tuple[str, str]] | None = None) -> None:
         self._read_kernel = read_kernel
         self._state = DesiredState(frontends={})
         # The kernel's counters restart at 0 whenever a frontend chain is rewritten (a backend joins or
         # leaves); what had been counted before is carried here, so the exported counters stay monotonic.
         self._carried: Tally[tuple[str, str]] = Tally()
+        self._gone = lingering or Lingering()  # backends whose rules left: their totals are still exported
         self._last: dict[tuple[str, str], int] = {}
         self._chains: dict[str, tuple[str, ...]] = {}
         # Serialises scrapes (read and fold together: a stale read folded after a newer one would look like
@@ -86,8 +122,9 @@ class StateCollector(Collector):
         """Monotonic connection counts per (frontend, backend) from successive reads of the kernel.
 
         A backend's kernel count was reset since the last read when its frontend chain's rules changed
-        (restore rewrites a chain only when its content changes) or when the count went down; a backend
-        whose rules are gone keeps its total for when it comes back.
+        (restore rewrites a chain only when its content changes) or when the count went down. A backend
+        whose rules are gone keeps its total, exported as it was, for the grace period: back within it, it
+        continues from there; after it, its series leaves.
         """
         current = backend_connections(rules)
         chains = _frontend_chains(rules)
@@ -96,8 +133,13 @@ class StateCollector(Collector):
             for key, last in self._last.items():
                 if key not in current or current[key] < last or key[0] in rewritten:
                     self._carried[key] += last
+            self._gone.update(self._last, current)
+            for key in self._gone.expired():
+                del self._carried[key]
             self._last, self._chains = current, chains
-            return {key: self._carried[key] + value for key, value in current.items()}
+            totals = {key: total for key, total in self._carried.items() if key in self._gone}
+            totals.update((key, self._carried[key] + value) for key, value in current.items())
+            return totals
 
     def collect(self) -> Iterator[Metric]:
         state = self._state
@@ -144,10 +186,13 @@ class StateCollector(Collector):
 class Metrics:
     """Every metric tcprouter exports, in a registry of its own."""
 
-    def __init__(self, read_kernel: KernelReader) -> None:
+    def __init__(
+        self, read_kernel: KernelReader, grace: float = SERIES_GRACE, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.state = StateCollector(read_kernel)
+        self.grace, self.clock = grace, clock  # how long the counters of a backend that left stay
+        self.state = StateCollector(read_kernel, Lingering(grace, clock))
         r.register(self.state)
         self.sync_duration = Histogram(
             "tcprouter_sync_duration_seconds",

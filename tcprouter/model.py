@@ -37,6 +37,7 @@ class ContainerSnapshot:
     started_at: str = ""  # Docker's State.StartedAt: tells one run of the container from the next
     networks: dict[str, str] = field(default_factory=dict)  # network name -> IPv4 address ("" if none)
     subnets: dict[str, str] = field(default_factory=dict)  # network name -> IPv4 subnet (CIDR), if known
+    network_drivers: dict[str, str] = field(default_factory=dict)  # network name -> its driver, if known
     exposed_tcp_ports: tuple[int, ...] = ()
     stop_signal: str = "SIGTERM"  # what `docker stop` sends it (Config.StopSignal): its kill event means it is ending
     node: str = ""  # the host it runs on, for status, logs and metrics ("": this host)

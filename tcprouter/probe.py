@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from .metrics import Metrics
+from .metrics import Lingering, Metrics
 from .tracker import Endpoint, Reachability
 
 log = logging.getLogger(__name__)
@@ -86,19 +86,26 @@ class Prober:
         self.probe = probe
         self.book = ProbeBook(policy)
         self._nodes: dict[Endpoint, str] = {}
+        self._gone: Lingering[tuple[str, str]] = Lingering(metrics.grace, metrics.clock)  # counters that left
         self._lock = threading.Lock()
 
     def watch(self, endpoints: Mapping[Endpoint, str]) -> None:
-        """The remote endpoints to probe (endpoint -> node name), after each sync."""
+        """The remote endpoints to probe (endpoint -> node name), after each sync. The up gauge of an endpoint no
+        longer routed goes at once (it describes the present); its failure counter stays for the metrics' grace
+        period, so that a scrape still sees its final value."""
         with self._lock:
-            for gone in self._nodes.keys() - endpoints.keys():
-                labels = (self._nodes[gone], _address(gone))
+            for labels in set(_labels(self._nodes)) - set(_labels(endpoints)):
                 self.metrics.probe_up.remove(*labels)
-                self.metrics.probe_failures.remove(*labels)
+            self._gone.update(_labels(self._nodes), _labels(endpoints))
             self._nodes = dict(endpoints)
             self.book.watch(set(endpoints))
             for endpoint, node in self._nodes.items():
                 self.metrics.probe_up.labels(node, _address(endpoint)).set(endpoint not in self.book.down)
+            self._expire()
+
+    def _expire(self) -> None:
+        for labels in self._gone.expired():
+            self.metrics.probe_failures.remove(*labels)
 
     def run(self, stopping: threading.Event) -> None:
         with ThreadPoolExecutor(max_workers=64, thread_name_prefix="probe") as pool:
@@ -121,6 +128,7 @@ class Prober:
                     self.metrics.probe_failures.labels(node, _address(endpoint)).inc()
             flipped = self.book.record(results)
             down = self.book.down
+            self._expire()
             for endpoint in flipped:
                 node = self._nodes.get(endpoint, "")
                 self.metrics.probe_up.labels(node, _address(endpoint)).set(endpoint not in down)
@@ -141,6 +149,11 @@ class Prober:
                     )
         if flipped:
             self.sink(Reachability(down, tuple(flipped), time.time_ns()))
+
+
+def _labels(endpoints: Mapping[Endpoint, str]) -> list[tuple[str, str]]:
+    """The (node, address) label values of each endpoint's series."""
+    return [(node, _address(endpoint)) for endpoint, node in endpoints.items()]
 
 
 def _address(endpoint: Endpoint) -> str:

@@ -1,24 +1,27 @@
 """The sync runner: when to sync, and how much. It owns the queue the providers and the prober feed.
 
-A change is batched with whatever follows within `settle` of the last one, up to `max_delay` (docker-gen's
-min/max wait), so a burst of 50 starts is one write; an urgent item (a stop, a kill, a task leaving, a
-probe verdict) ends the batch at once, so a dying backend leaves the rotation without waiting. Timers, on
-an injectable clock: a cheap drift check every `check_interval`, a full resync every `resync_interval`
-and one second after a failed write (kube-proxy's bounded-frequency runner plays the same part).
+Items are folded into the change tracker as they arrive (kube-proxy's change tracker merges pending changes per
+key the same way): what waits for the next sync is one record per container, task or probed endpoint, never one
+per event, so a storm of events costs memory in proportion to the containers it is about. A change is batched
+with whatever follows within `settle` of the last one, up to `max_delay` (docker-gen's min/max wait), so a burst
+of 50 starts is one write; an urgent item (a stop, a kill, a task leaving, a probe verdict) ends the batch at
+once, so a dying backend leaves the rotation without waiting. Timers, on an injectable clock: a cheap drift check
+every `check_interval`, a full resync every `resync_interval` and one second after a failed write (kube-proxy's
+bounded-frequency runner plays the same part).
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from .metrics import Metrics
+from .model import ContainerSnapshot
 from .sync import Syncer
-from .tracker import ChangeTracker, Item, Relist, causes
+from .tracker import Change, ChangeTracker, Endpoint, Item, causes
 
 log = logging.getLogger(__name__)
 Clock = Callable[[], float]
@@ -59,6 +62,95 @@ class Schedule:
         self.next_resync = now + (self.timing.resync_interval if ok else self.timing.retry_after)
 
 
+@dataclass(frozen=True)
+class Batch:
+    """What one turn of the loop takes from the inbox: the tracker's view at that moment and what the items folded
+    in since the last turn were about."""
+
+    items: int  # how many items were folded in (0: a timer woke the loop)
+    view: Sequence[ContainerSnapshot] = ()
+    unreachable: frozenset[Endpoint] = frozenset()
+    causes: Mapping[str | Endpoint, str] = field(default_factory=dict)  # key -> its latest cause
+    stamps: Sequence[int] = ()  # per key, the time of its earliest event not yet written (ns since the epoch)
+    ready: bool = False  # whether the view may be written (tracker.ready)
+    missing: Sequence[str] = ()  # the sources not listed yet
+
+
+class Inbox:
+    """The thread-safe sink of the providers and the prober, in front of the tracker.
+
+    An item is folded into the tracker as soon as it arrives, in arrival order, so the view is exactly what
+    applying every item in order gives (a stop followed by a health event of the same run stays drained); what
+    the next sync still owes is kept per key (container, task or endpoint): its latest cause and its earliest
+    event time. Memory is bounded by the number of distinct keys, however many events arrive.
+    """
+
+    def __init__(self, tracker: ChangeTracker, grace: float) -> None:
+        self.tracker = tracker
+        self.grace = grace
+        self._lock = threading.Condition()
+        self._causes: dict[str | Endpoint, str] = {}
+        self._stamps: dict[str | Endpoint, int] = {}
+        self._items = 0  # folded in since the last take
+        self._urgent = False
+        self._woken = False
+
+    def put(self, item: Item) -> None:
+        with self._lock:
+            stamp = self.tracker.apply(item)
+            self._causes.update(causes([item]))
+            if stamp:
+                self._stamps.setdefault(_key(item), stamp)
+            self._items += 1
+            self._urgent = self._urgent or item.urgent
+            self._lock.notify_all()
+
+    def pending(self) -> int:
+        """How many records wait for the next sync (one per key)."""
+        with self._lock:
+            return len(self._causes.keys() | self._stamps.keys())
+
+    def ready(self) -> bool:
+        with self._lock:
+            return self.tracker.ready(self.grace)
+
+    def wake(self) -> None:
+        """End a wait at once (to stop)."""
+        with self._lock:
+            self._woken = True
+            self._lock.notify_all()
+
+    def take(self, timeout: float, settle: float, max_delay: float) -> Batch:
+        """Wait up to `timeout` for an item; then for more, until `settle` passes without one or `max_delay` since
+        the first; an urgent item ends the wait at once. Returns the view and what the items were about."""
+        with self._lock:
+            self._lock.wait_for(lambda: self._items or self._woken, timeout)
+            deadline = time.monotonic() + max_delay
+            while self._items and not (self._urgent or self._woken):
+                seen, left = self._items, deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._lock.wait(min(settle, left))  # put() and wake() notify
+                if self._items == seen:
+                    break  # `settle` passed without a new item
+            batch = Batch(
+                items=self._items,
+                view=self.tracker.view(),
+                unreachable=self.tracker.unreachable,
+                causes=self._causes,
+                stamps=tuple(self._stamps.values()),
+                ready=self.tracker.ready(self.grace),
+                missing=self.tracker.missing(),
+            )
+            self._causes, self._stamps, self._items, self._urgent = {}, {}, 0, False
+            return batch
+
+
+def _key(item: Item) -> str:
+    """What an item with an event time is about: a container or task, or the prober's verdicts."""
+    return item.container_id if isinstance(item, Change) else "reachability"
+
+
 class SyncRunner:
     def __init__(
         self,
@@ -76,7 +168,7 @@ class SyncRunner:
         self.clock = clock
         self.on_synced = on_synced
         self.schedule = Schedule(timing)
-        self.queue: queue.Queue[Item] = queue.Queue()
+        self.inbox = Inbox(tracker, timing.sources_grace)
         self.stopping = threading.Event()
         self.ready = threading.Event()  # set after the first successful sync
         self.failed: str | None = None  # why the daemon cannot go on (it then exits non-zero)
@@ -85,7 +177,7 @@ class SyncRunner:
 
     def submit(self, item: Item) -> None:
         """The sink every provider and the prober write to (thread-safe)."""
-        self.queue.put(item)
+        self.inbox.put(item)
 
     def run(self) -> None:
         """Sync until `stop()`. Never raises for Docker or iptables failures. An unexpected error is logged with
@@ -108,17 +200,16 @@ class SyncRunner:
                 self.stopping.wait(self.timing.retry_after)
 
     def _step(self, need_full: bool) -> bool:
-        """One turn of the loop: wait for items or a timer, fold them in, sync if needed; whether a full sync is
-        still owed."""
-        ready = self.tracker.ready(self.timing.sources_grace)
-        batch = self._next_batch(self.schedule.timeout(self.clock()) if ready else self.timing.check_interval)
+        """One turn of the loop: wait for items or a timer, sync if needed; whether a full sync is still owed."""
+        ready = self.inbox.ready()
+        timeout = self.schedule.timeout(self.clock()) if ready else self.timing.check_interval
+        batch = self.inbox.take(timeout, self.timing.settle, self.timing.max_delay)
         if self.stopping.is_set():
             return need_full  # after SIGTERM nothing more is written: the rules in force stay as they are
-        event_times = [self.tracker.apply(item) for item in batch]
-        if not self.tracker.ready(self.timing.sources_grace):
+        if not batch.ready:
             return need_full  # never write before the sources' state is known: an empty state would wipe live rules
-        if not ready and self.tracker.missing():
-            log.warning("writing without %s, which could not be listed yet", ", ".join(self.tracker.missing()))
+        if not ready and batch.missing:
+            log.warning("writing without %s, which could not be listed yet", ", ".join(batch.missing))
         now = self.clock()
         if self.schedule.resync_due(now):
             need_full = True
@@ -126,35 +217,20 @@ class SyncRunner:
             need_full = self.syncer.drifted()
         if self.schedule.check_due(now):
             self.schedule.checked(now)
-        if not (batch or need_full):
+        if not (batch.items or need_full):
             return need_full
-        ok = self.syncer.sync(self.tracker.view(), self.tracker.unreachable, full=need_full, causes=causes(batch))
+        ok = self.syncer.sync(batch.view, batch.unreachable, full=need_full, causes=batch.causes)
         if need_full:
             self.schedule.resynced(now, ok)
         if ok:
             written = time.time_ns()
-            for stamp in filter(None, event_times):
+            for stamp in batch.stamps:
                 self.metrics.event_to_rules.observe(max(0, written - stamp) / 1e9)
             self.last_synced = time.time()
             self.ready.set()
             if self.on_synced:
                 self.on_synced(self.syncer)
         return not ok
-
-    def _next_batch(self, timeout: float) -> list[Item]:
-        """One item, then whatever follows within `settle` of the last one, up to `max_delay`; an urgent item
-        ends the batch at once."""
-        try:
-            batch = [self.queue.get(timeout=timeout)]
-        except queue.Empty:
-            return []
-        deadline = self.clock() + self.timing.max_delay
-        while not batch[-1].urgent and (left := deadline - self.clock()) > 0:
-            try:
-                batch.append(self.queue.get(timeout=min(self.timing.settle, left)))
-            except queue.Empty:
-                break
-        return batch
 
     def fail(self, reason: str) -> None:
         """Stop with an error: the process exits non-zero rather than live on without working."""
@@ -164,4 +240,4 @@ class SyncRunner:
 
     def stop(self) -> None:
         self.stopping.set()
-        self.queue.put(Relist((), source=""))  # wake the loop; it stops before applying anything
+        self.inbox.wake()

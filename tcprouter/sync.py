@@ -67,10 +67,13 @@ class Syncer:
                 reraise=True,
             ):
                 with attempt:
-                    rules = self._write(state, full=full or attempt.retry_state.attempt_number > 1)
+                    try:
+                        rules = self._write(state, full=full or attempt.retry_state.attempt_number > 1)
+                    except NetfilterError:
+                        self.applied = None  # what a failed write left is unknown: the retry reads it
+                        raise
         except NetfilterError as error:
             self.metrics.sync_failures.inc()
-            self.applied = None
             log.error("sync failed, the rules in force stay as they were: %s", error)
             return False
         self.metrics.sync_duration.labels(kind).observe(time.perf_counter() - started)
@@ -86,6 +89,11 @@ class Syncer:
         parent = "DOCKER-USER" if "DOCKER-USER" in current.get("filter", {}) else "FORWARD"
         rules = compile_rules(state, dataclasses.replace(self.options, forward_parent=parent))
         script = restore_script(current, rules)
+        if full and self.applied is not None and script != restore_script(self.applied, rules):
+            # The kernel's owned rules are not what the last write left: someone changed them. Counted here,
+            # where the repair is written, whichever check or timer found it.
+            log.warning("drift: rules changed by someone else are repaired")
+            self.metrics.drift_repairs.inc()
         if script:
             self.writer.restore(script)
         self.applied = believed_tables(rules)
@@ -104,7 +112,6 @@ class Syncer:
                     in_place = found == rules if owned(chain) else found is not None and hook_in_place(found, rules[0])
                     if not in_place:
                         log.warning("drift: %s chain %s was changed by someone else; resyncing", table, chain)
-                        self.metrics.drift_repairs.inc()
                         return True
         except NetfilterError as error:
             log.warning("drift check failed: %s", error)

@@ -60,7 +60,7 @@ Item = Change | Relist | Reachability
 
 
 class ChangeTracker:
-    """Folds items into the current view. Not thread-safe: the sync runner's thread owns it."""
+    """Folds items into the current view. Not thread-safe: the runner's Inbox calls it under its lock."""
 
     def __init__(self, prefix: str, sources: Iterable[str] = (LOCAL,), clock=time.monotonic) -> None:
         self.prefix = prefix

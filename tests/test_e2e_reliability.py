@@ -11,6 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tcprouter import hostports
 from tcprouter.compiler import Options, compile_rules
@@ -195,13 +196,34 @@ def test_docker_daemon_restart(backends, start_router, client_host, host_tables)
 )
 def test_rules_changed_behind_our_back_are_restored(backends, start_router, client_host, host_tables, vandalism):
     backends.start({"tcp.port": str(FRONT)})
-    start_router()
+    router = start_router()
     ns, host = client_host.name, client_host.host_ip
     assert connect_outcome(ns, host, FRONT) == "answered"
+    assert drift_repairs(router) == 0
     sh(f"iptables-{host_tables}", *vandalism)
     broken = time.monotonic()
     wait_until(lambda: connect_outcome(ns, host, FRONT, 0.3) == "answered", 10, 0.05, what="routing to come back")
     assert time.monotonic() - broken <= 2.0
+    assert kernel_matches_docker(host_tables)
+    assert drift_repairs(router) == 1  # counted with the write that repaired it, once
+
+
+def drift_repairs(router) -> float:
+    families = text_string_to_metric_families(router.metrics_text())
+    return next(s.value for f in families for s in f.samples if s.name == "tcprouter_drift_repairs_total")
+
+
+def test_an_edit_inside_a_frontend_chain_is_repaired_by_the_periodic_resync(backends, start_router, host_tables):
+    """The cheap drift check skips the frontend chains (tests/test_sync.py): the full resync every
+    --resync-interval is what repairs them."""
+    for _ in range(2):
+        backends.start({"tcp.port": str(FRONT)})
+    router = start_router("--resync-interval", "1")
+    wait_until(lambda: kernel_matches_docker(host_tables), 5, what="the pool in the kernel")
+    assert drift_repairs(router) == 0
+    sh(f"iptables-{host_tables}", "-t", "nat", "-D", f"TCPR-FE-{FRONT}", "2")  # the first backend's slot
+    # Counted only by a full sync that found the edit (nothing else changes here): a resync repaired it.
+    wait_until(lambda: drift_repairs(router) == 1, 10, 0.05, what="the next full resync to repair the edit")
     assert kernel_matches_docker(host_tables)
 
 

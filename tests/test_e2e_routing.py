@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import re
 import socket
 import struct
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
+import docker
 import pytest
 
 from tcprouter.diff import parse_save
@@ -23,6 +27,8 @@ from .support import (
     owned_rules_in_host,
     peers_of,
     sh,
+    tcprouter,
+    unique,
     wait_until,
 )
 
@@ -245,3 +251,47 @@ def test_localhost_is_routed_only_when_asked(backends, start_router, client_host
         assert greetings(client_host.name, client_host.host_ip, FRONT, 2) == ips
     finally:
         route_localnet.write_text(saved)
+
+
+@pytest.fixture
+def macvlan_network(docker_api, backends) -> Iterator[docker.models.networks.Network]:
+    """A macvlan Docker network on a link made for the test (one end of a veth pair: this kernel has no dummy
+    links), with TEST-NET-1 addresses; removed, with its containers and the link, after the test."""
+    parent = unique("tcprmv")
+    sh("ip", "link", "add", parent, "type", "veth", "peer", "name", f"{parent}p")
+    network = None
+    try:
+        sh("ip", "link", "set", parent, "up")
+        ipam = docker.types.IPAMConfig(pool_configs=[docker.types.IPAMPool(subnet="192.0.2.0/24")])
+        network = docker_api.networks.create(
+            unique("tcpr-macvlan-"), driver="macvlan", options={"parent": parent}, ipam=ipam
+        )
+        yield network
+    finally:
+        backends.remove_all()
+        if network is not None:
+            network.remove()
+        sh("ip", "link", "del", parent)
+
+
+def test_a_backend_only_on_a_macvlan_network_is_rejected_and_the_others_route(
+    backends, start_router, client_host, docker_api, macvlan_network
+):
+    """The host cannot reach its own macvlan children: such a backend would hang every connection sent to it."""
+    stranded = backends.start({"tcp.port": str(FRONT)}, wait=False, network=macvlan_network)
+    both = backends.start({"tcp.port": str(FRONT)})  # on the default bridge, and on the macvlan network too
+    macvlan_network.connect(both.get_wrapped_container().id)
+    plain = backends.start({"tcp.port": str(FRONT)})
+    router = start_router()
+
+    answers = greetings(client_host.name, client_host.host_ip, FRONT, 4)  # none hangs: none goes to `stranded`
+    assert sorted(Counter(answers).values()) == [2, 2] and backends.ip(plain) in answers
+    report = json.loads(tcprouter("status", "--json").stdout)
+    [frontend] = report["frontends"]
+    bridge = [f"{backends.ip(c)}:{BACKEND_PORT}" for c in (both, plain)]  # the bridge is each one's first network
+    assert [b["address"] for b in frontend["backends"]] == bridge  # `both` is routed through its bridge address
+    name = stranded.get_wrapped_container().name
+    assert [(r["container"], r["reason"]) for r in report["rejected"]] == [(name, "network_unroutable")]
+    assert "macvlan" in report["rejected"][0]["detail"]
+    assert 'tcprouter_rejected_containers{reason="network_unroutable"} 1.0' in router.metrics_text()
+    assert re.search(rf"container {name} \(\w+\) rejected: .*cannot route to", router.log())

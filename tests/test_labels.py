@@ -201,3 +201,46 @@ def test_the_rotation_is_ordered_by_creation_time_not_by_its_text():
     earlier = snapshot({"tcp.port": "80"}, 2, created="2026-11-27T10:00:00.123456789Z")
     elsewhere = snapshot({"tcp.port": "80"}, 3, created="2026-11-27T11:00:00.3+01:00")  # 10:00:00.3 UTC
     assert [b.name for b in desired_state([later, earlier, elsewhere]).frontends[80].backends] == ["c2", "c3", "c1"]
+
+
+ATTACHED = {"front": "172.18.0.2", "lan": "192.168.77.2", "mesh": "10.0.1.2"}
+
+
+@pytest.mark.parametrize("driver", ["overlay", "macvlan", "ipvlan"])
+def test_a_container_only_on_networks_the_host_cannot_route_to_is_rejected(driver: str):
+    only = snapshot({"tcp.port": "80"}, networks={"lan": "192.168.77.2"}, network_drivers={"lan": driver})
+    state = desired_state([only, snapshot({"tcp.port": "80"}, 2)])
+    assert [(r.name, r.reason) for r in state.rejections] == [("c1", "network_unroutable")]
+    assert f"lan ({driver})" in state.rejections[0].detail
+    assert [b.name for b in state.frontends[80].backends] == ["c2"]  # the other backend still routes
+
+
+def test_a_host_routable_network_is_chosen_over_unroutable_ones():
+    drivers = {"front": "bridge", "lan": "macvlan", "mesh": "overlay"}
+    spec = parse_backend(snapshot({"tcp.port": "80"}, networks=ATTACHED, network_drivers=drivers))
+    assert spec.backend.ip == "172.18.0.2"
+    networks = {"a-lan": "192.168.77.2", "b-front": "172.18.0.2"}  # the unroutable one sorts first
+    drivers = {"a-lan": "macvlan", "b-front": "bridge"}
+    assert parse_backend(snapshot({"tcp.port": "80"}, networks=networks, network_drivers=drivers)).backend.ip == (
+        "172.18.0.2"
+    )
+
+
+def test_a_network_label_naming_an_unroutable_network_is_rejected():
+    drivers = {"front": "bridge", "lan": "macvlan", "mesh": "overlay"}
+    with pytest.raises(LabelError) as error:
+        parse_backend(snapshot({"tcp.port": "80", "tcp.network": "lan"}, networks=ATTACHED, network_drivers=drivers))
+    assert error.value.reason == "network_unroutable" and "macvlan" in error.value.detail
+
+
+def test_a_network_of_an_unknown_driver_is_routed():
+    spec = parse_backend(snapshot({"tcp.port": "80"}, networks={"x": "10.1.0.2"}, network_drivers={"x": "weave"}))
+    assert spec.backend.ip == "10.1.0.2"
+    assert parse_backend(snapshot({"tcp.port": "80"}, networks={"x": "10.1.0.2"})).backend.ip == "10.1.0.2"
+
+
+def test_gateway_mode_ignores_the_drivers_of_a_remote_containers_networks():
+    container = dataclasses.replace(
+        remote({"tcp.port": "80"}, {1234: 32769}), networks={"mesh": "10.0.1.2"}, network_drivers={"mesh": "overlay"}
+    )
+    assert parse_backend(container).backend.endpoint == ("198.18.99.12", 32769)

@@ -14,10 +14,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tcprouter.compiler import Tables, compile_rules
 from tcprouter.diff import SavedRule, parse_save
-from tcprouter.metrics import Metrics, StateCollector, backend_connections, kernel_reader
+from tcprouter.metrics import Lingering, Metrics, StateCollector, backend_connections, kernel_reader
 from tcprouter.model import Backend, Balance, DesiredState, Frontend, Rejection
 from tcprouter.netfilter import Flavour
 from tcprouter.providers.engine import EngineProvider
+
+from .fakes import FakeClock
 
 A = Backend("a" * 64, "web-a", "172.17.0.2", 1234)
 B = Backend("b" * 64, "web-b", "172.17.0.3", 1234, weight=2)
@@ -78,12 +80,35 @@ def test_counters_stay_monotonic_across_chain_rewrites():
     assert totals(collector, three, p27017=[0, 6, 1, 2]) == {"web-a": 10, "web-c": 5, "web-d": 2}
 
 
-def test_a_backend_that_leaves_and_returns_continues_its_total():
-    collector = StateCollector(lambda: ({}, []))
+def test_a_backend_that_leaves_and_returns_within_the_grace_continues_its_total():
+    collector = StateCollector(lambda: ({}, []), Lingering(300, FakeClock()))
     assert totals(collector, pool(A, C), p27017=[0, 3, 3]) == {"web-a": 3, "web-c": 3}
-    assert totals(collector, pool(C), p27017=[0, 1]) == {"web-c": 4}
-    assert totals(collector, DesiredState(frontends={})) == {}  # the pool emptied: its chain is gone
+    assert totals(collector, pool(C), p27017=[0, 1]) == {"web-a": 3, "web-c": 4}  # A left: its final count shows
+    assert totals(collector, DesiredState(frontends={})) == {"web-a": 3, "web-c": 4}  # the pool emptied
     assert totals(collector, pool(A, C), p27017=[0, 1, 0]) == {"web-a": 4, "web-c": 4}
+
+
+def test_the_totals_of_backends_gone_past_the_grace_leave_the_exposition():
+    clock = FakeClock()
+    collector = StateCollector(lambda: ({}, []), Lingering(300, clock))
+    assert totals(collector, pool(A, C), p27017=[0, 3, 3]) == {"web-a": 3, "web-c": 3}
+    assert totals(collector, pool(C), p27017=[0, 1]) == {"web-a": 3, "web-c": 4}
+    clock.now += 299
+    assert totals(collector, pool(C), p27017=[0, 1]) == {"web-a": 3, "web-c": 4}  # still inside the grace
+    clock.now += 1
+    assert totals(collector, pool(C), p27017=[0, 1]) == {"web-c": 4}
+    assert dict(collector._carried) == {("27017", "web-c"): 3}  # nothing of A is kept
+    assert totals(collector, pool(A, C), p27017=[0, 2, 1]) == {"web-a": 2, "web-c": 5}  # back later: counts anew
+
+
+def test_a_storm_of_short_lived_backends_keeps_only_the_recent_ones():
+    clock = FakeClock()
+    collector = StateCollector(lambda: ({}, []), Lingering(300, clock))
+    for i in range(1000):  # a new backend every minute, each replacing the last
+        backend = Backend(f"{i:064x}", f"job-{i}", "172.17.0.2", 1234)
+        seen = totals(collector, pool(backend), p27017=[0, 1])
+        clock.now += 60
+    assert len(seen) <= 300 / 60 + 1 and len(collector._carried) <= 300 / 60 + 1
 
 
 def test_a_count_that_drops_is_a_reset_even_if_the_chain_text_is_unchanged():

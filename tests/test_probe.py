@@ -10,6 +10,7 @@ from tcprouter.metrics import Metrics
 from tcprouter.probe import ProbeBook, ProbePolicy, Prober, tcp_connect
 from tcprouter.tracker import Reachability
 
+from .fakes import FakeClock
 from .support import wait_until
 
 A, B = ("198.18.99.11", 30001), ("198.18.99.12", 30002)
@@ -43,7 +44,8 @@ def test_prober_reports_a_closed_port_and_its_recovery_with_metrics():
     port = listener.getsockname()[1]
     endpoint = ("127.0.0.1", port)
     verdicts: list[Reachability] = []
-    metrics = Metrics(lambda: ({}, []))
+    clock = FakeClock()
+    metrics = Metrics(lambda: ({}, []), grace=300, clock=clock)
     prober = Prober(verdicts.append, metrics, ProbePolicy(interval=0.05, timeout=0.5, fall=2, rise=1))
     prober.watch({endpoint: "node1"})
     stopping = threading.Event()
@@ -64,13 +66,16 @@ def test_prober_reports_a_closed_port_and_its_recovery_with_metrics():
         listener.listen(16)
         wait_until(lambda: len(verdicts) == 2, 5, what="the endpoint to come back")
         assert verdicts[1].down == frozenset()
-        prober.watch({})  # no longer routed: its series go
-        assert (
-            metrics.registry.get_sample_value(
-                "tcprouter_backend_probe_up", {"node": "node1", "address": f"127.0.0.1:{port}"}
-            )
-            is None
-        )
+        labels = {"node": "node1", "address": f"127.0.0.1:{port}"}
+        prober.watch({})  # no longer routed: its up gauge goes, its failure counter stays for the grace period
+        assert metrics.registry.get_sample_value("tcprouter_backend_probe_up", labels) is None
+        assert metrics.registry.get_sample_value("tcprouter_backend_probe_failures_total", labels) >= 2
+        clock.now += 299
+        prober.watch({})
+        assert metrics.registry.get_sample_value("tcprouter_backend_probe_failures_total", labels) >= 2
+        clock.now += 1
+        prober.watch({})
+        assert metrics.registry.get_sample_value("tcprouter_backend_probe_failures_total", labels) is None
     finally:
         stopping.set()
         thread.join(5)

@@ -9,7 +9,13 @@ from tcprouter.labels import desired_state
 from tcprouter.metrics import Metrics
 from tcprouter.model import timestamp_ns
 from tcprouter.providers.docker_api import url_host
-from tcprouter.providers.engine import Host, ends_container, published_tcp_ports, snapshot_from_inspect
+from tcprouter.providers.engine import (
+    Host,
+    NetworkDrivers,
+    ends_container,
+    published_tcp_ports,
+    snapshot_from_inspect,
+)
 from tcprouter.providers.swarm import node_address, node_names, task_changes, task_snapshot
 
 SERVICE = {"ID": "svc1", "Spec": {"Name": "web", "Labels": {"tcp.port": "27017"}}}
@@ -114,6 +120,48 @@ def test_a_remote_engine_container_is_reached_at_the_engine_host():
     [backend] = desired_state([local]).frontends[5432].backends
     assert (backend.ip, backend.port, backend.node) == ("172.17.0.2", 5432, "")
     assert published_tcp_ports({}) == {}
+
+
+def test_a_local_container_learns_its_networks_drivers_by_network_id():
+    info = {
+        "Id": "d" * 64,
+        "Created": "2026-11-27T10:00:00Z",
+        "Config": {"Labels": {"tcp.port": "80"}},
+        "State": {"Running": True},
+        "NetworkSettings": {
+            "Networks": {
+                "lan": {"NetworkID": "n1", "IPAddress": "192.168.77.2", "IPPrefixLen": 24},
+                "old": {"IPAddress": "10.1.0.2", "IPPrefixLen": 24},  # an engine that does not say the ID
+            }
+        },
+    }
+    drivers = {"n1": "macvlan"}
+    snapshot = snapshot_from_inspect(info, driver_of=drivers.__getitem__)
+    assert snapshot.network_drivers == {"lan": "macvlan", "old": ""}
+    assert snapshot_from_inspect(info).network_drivers == {"lan": "", "old": ""}
+
+
+class NetworksApi:
+    """The one call NetworkDrivers makes, counted."""
+
+    def __init__(self) -> None:
+        self.listed = [{"Id": "n1", "Driver": "bridge"}]
+        self.calls = 0
+
+    def networks(self) -> list[dict]:
+        self.calls += 1
+        return list(self.listed)
+
+
+def test_network_drivers_are_listed_again_only_for_an_unknown_id_or_after_a_removal():
+    api = NetworksApi()
+    drivers = NetworkDrivers(api)  # type: ignore[arg-type]
+    assert (drivers("n1"), drivers("n1"), api.calls) == ("bridge", "bridge", 1)
+    api.listed.append({"Id": "n2", "Driver": "ipvlan"})  # created since the last list
+    assert (drivers("n2"), api.calls) == ("ipvlan", 2)
+    assert (drivers("gone"), drivers("gone"), api.calls) == ("", "", 3)  # an ID no list has: asked once
+    drivers.forget()  # a network was removed
+    assert (drivers("n1"), api.calls) == ("bridge", 4)
 
 
 def test_modes_and_the_flag_combinations_that_cannot_work():

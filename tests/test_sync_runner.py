@@ -121,6 +121,7 @@ def test_loop_coalesces_a_burst_drains_on_kill_and_repairs_drift(namespace):
             5,
             what="the flushed dispatch chain to be repaired",
         )
+        assert runner.metrics.registry.get_sample_value("tcprouter_drift_repairs_total") == 1
     finally:
         runner.stop()
         loop.join(5)

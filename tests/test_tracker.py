@@ -5,15 +5,8 @@ from __future__ import annotations
 from tcprouter.runner import Schedule, Timing
 from tcprouter.tracker import Change, ChangeTracker, Reachability, Relist, causes
 
+from .fakes import FakeClock
 from .strategies import container
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_a_relist_replaces_only_its_own_source():

@@ -11,7 +11,7 @@ import logging
 import signal
 import socket
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import docker
@@ -62,9 +62,34 @@ class Host:
     address: str
 
 
-def snapshot_from_inspect(info: dict, host: Host | None = None) -> ContainerSnapshot:
-    """Build a snapshot from `docker inspect` output (a pure function). With `host`, the container is remote:
-    reached at that host's address and the ports it publishes there."""
+class NetworkDrivers:
+    """Network ID -> driver, for one engine: a container's inspect names its networks but not their drivers.
+    Listed on the first lookup, again when an ID is not known (a network created since), and forgotten when a
+    network is removed."""
+
+    def __init__(self, api: docker.APIClient) -> None:
+        self.api = api
+        self._drivers: dict[str, str] = {}
+
+    def __call__(self, network_id: str) -> str:
+        if network_id not in self._drivers:
+            self._drivers = {n["Id"]: n.get("Driver") or "" for n in self.api.networks()}
+            self._drivers.setdefault(network_id, "")  # gone already: do not list again for it
+        return self._drivers[network_id]
+
+    def forget(self) -> None:
+        self._drivers = {}
+
+
+def _unknown_driver(network_id: str) -> str:
+    return ""
+
+
+def snapshot_from_inspect(
+    info: dict, host: Host | None = None, driver_of: Callable[[str], str] = _unknown_driver
+) -> ContainerSnapshot:
+    """Build a snapshot from `docker inspect` output (a pure function, given `driver_of`: network ID -> driver).
+    With `host`, the container is remote: reached at that host's address and the ports it publishes there."""
     if not isinstance(info.get("Id"), str) or not isinstance(info.get("Created", ""), str):
         raise TypeError("Id and Created must be strings")
     state = info.get("State") or {}
@@ -73,9 +98,11 @@ def snapshot_from_inspect(info: dict, host: Host | None = None) -> ContainerSnap
     networks = settings.get("Networks") or {}
     addresses: dict[str, str] = {}
     subnets: dict[str, str] = {}
+    drivers: dict[str, str] = {}
     for name, net in networks.items():
         net = net or {}
         addresses[name] = net.get("IPAddress") or ""
+        drivers[name] = driver_of(net["NetworkID"]) if net.get("NetworkID") else ""
         if net.get("IPAddress") and net.get("IPPrefixLen"):
             subnets[name] = _subnet(net["IPAddress"], int(net["IPPrefixLen"]))
     exposed = sorted(
@@ -95,6 +122,7 @@ def snapshot_from_inspect(info: dict, host: Host | None = None) -> ContainerSnap
         stop_signal=config.get("StopSignal") or "SIGTERM",
         networks=addresses,
         subnets=subnets,
+        network_drivers=drivers,
         exposed_tcp_ports=tuple(exposed),
         node=host.node if host else "",
         host_address=host.address if host else "",
@@ -119,19 +147,26 @@ def _subnet(address: str, prefix_len: int) -> str:
     return str(ipaddress.ip_interface(f"{address}/{prefix_len}").network)
 
 
-def inspect(api: docker.APIClient, container_id: str, host: Host | None = None) -> ContainerSnapshot | None:
+def inspect(
+    api: docker.APIClient,
+    container_id: str,
+    host: Host | None = None,
+    driver_of: Callable[[str], str] = _unknown_driver,
+) -> ContainerSnapshot | None:
     """The container's snapshot, or None if it no longer exists."""
     try:
         info = api.inspect_container(container_id)
     except docker.errors.NotFound:
         return None
-    return read_inspect(info, container_id, host)
+    return read_inspect(info, container_id, host, driver_of)
 
 
-def read_inspect(info: object, container_id: str, host: Host | None = None) -> ContainerSnapshot:
+def read_inspect(
+    info: object, container_id: str, host: Host | None = None, driver_of: Callable[[str], str] = _unknown_driver
+) -> ContainerSnapshot:
     """snapshot_from_inspect, or, for data of an unexpected shape, a snapshot that says why it is rejected."""
     try:
-        return snapshot_from_inspect(info, host)  # type: ignore[arg-type]
+        return snapshot_from_inspect(info, host, driver_of)  # type: ignore[arg-type]
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         config = info.get("Config") if isinstance(info, dict) else None
         labels = config.get("Labels") if isinstance(config, dict) else None
@@ -145,10 +180,15 @@ def read_inspect(info: object, container_id: str, host: Host | None = None) -> C
         )
 
 
-def list_labelled(api: docker.APIClient, prefix: str, host: Host | None = None) -> list[ContainerSnapshot]:
+def list_labelled(
+    api: docker.APIClient, prefix: str, host: Host | None = None, driver_of: Callable[[str], str] | None = None
+) -> list[ContainerSnapshot]:
+    """The labelled containers. Local ones (no `host`) with their networks' drivers (listed if none is given)."""
+    if driver_of is None:
+        driver_of = _unknown_driver if host else NetworkDrivers(api)
     found = []
     for summary in api.containers(filters={"label": f"{prefix}.port"}):
-        snapshot = inspect(api, summary["Id"], host)
+        snapshot = inspect(api, summary["Id"], host, driver_of)
         if snapshot is not None:
             found.append(snapshot)
     return found
@@ -166,6 +206,7 @@ def to_change(
     known: Mapping[str, str],
     host: Host | None = None,
     source: str = LOCAL,
+    driver_of: Callable[[str], str] = _unknown_driver,
 ) -> Change | None:
     """Turn one Docker event into a Change, inspecting the container when its state matters.
 
@@ -189,7 +230,7 @@ def to_change(
     stop_signal = known.get(container_id) or "SIGTERM"
     if action == "stop" or (action == "kill" and ends_container(attributes.get("signal", ""), stop_signal)):
         return Change(container_id, action, time_ns, drain=True, source=source)
-    snapshot = inspect(api, container_id, host)
+    snapshot = inspect(api, container_id, host, driver_of)
     return Change(container_id, action, time_ns, snapshot=snapshot, gone=snapshot is None, source=source)
 
 
@@ -200,6 +241,7 @@ class _Session:
     host: Host | None
     known: dict[str, str]  # labelled container id -> its stop signal
     done: threading.Event
+    drivers: NetworkDrivers | None  # local engine only: gateway mode reaches published ports, not networks
 
 
 class EngineProvider:
@@ -240,14 +282,16 @@ class EngineProvider:
             api = connect(self.url, self.timeout)
             host = self._host()
             stream = open_events(api)  # subscribe first: nothing falls between list and stream
+            drivers = None if host else NetworkDrivers(api)
             try:
-                labelled = list_labelled(api, self.prefix, host)
+                labelled = list_labelled(api, self.prefix, host, drivers)
             except BaseException:
                 stream.close()
                 raise
             sink(Relist(tuple(labelled), source=self.source))
             log.info("%s: Docker connected: %d labelled containers", self.source, len(labelled))
-            session = _Session(api, stream, host, {s.id: s.stop_signal for s in labelled}, threading.Event())
+            known = {s.id: s.stop_signal for s in labelled}
+            session = _Session(api, stream, host, known, threading.Event(), drivers)
             threading.Thread(target=self._ping, args=(session,), name=f"ping {self.source}", daemon=True).start()
             return session
 
@@ -255,7 +299,10 @@ class EngineProvider:
             for event in session.stream:
                 if stopping.is_set():
                     return
-                change = to_change(session.api, event, self.prefix, session.known, session.host, self.source)
+                if session.drivers and event.get("Type") == "network" and event.get("Action") == "destroy":
+                    session.drivers.forget()
+                driver_of = session.drivers or _unknown_driver
+                change = to_change(session.api, event, self.prefix, session.known, session.host, self.source, driver_of)
                 if change is None:
                     continue
                 if change.gone:

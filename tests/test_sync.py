@@ -1,0 +1,184 @@
+"""The reconciler's logic on an in-memory kernel (tests/fakes.py), without root: partial and full syncs, drift
+repairs and what they count, the periodic full resync, and that nothing it does not own is touched."""
+
+from __future__ import annotations
+
+import pytest
+
+from tcprouter.compiler import Options, compile_rules
+from tcprouter.diff import believed_tables, owned_only
+from tcprouter.labels import desired_state
+from tcprouter.metrics import Metrics
+from tcprouter.model import ContainerSnapshot
+from tcprouter.netfilter import NetfilterError
+from tcprouter.runner import SyncRunner, Timing
+from tcprouter.sync import Syncer
+from tcprouter.tracker import Change, ChangeTracker, Relist
+
+from .fakes import FakeClock, FakeKernel
+from .strategies import container
+
+# Foreign chains and rules as Docker leaves them on an nft host.
+DOCKER = """*nat
+:DOCKER - [0:0]
+-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER
+-A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE
+-A DOCKER -i docker0 -j RETURN
+COMMIT
+*filter
+:DOCKER-USER - [0:0]
+-A FORWARD -j DOCKER-USER
+-A DOCKER-USER -j RETURN
+COMMIT
+"""
+
+
+def owned(kernel: FakeKernel) -> dict:
+    return owned_only(kernel.read()[0])
+
+
+def expected(containers: list[ContainerSnapshot]) -> dict:
+    return believed_tables(compile_rules(desired_state(containers), Options(forward_parent="DOCKER-USER")))
+
+
+def drift_repairs(metrics: Metrics) -> float:
+    return metrics.registry.get_sample_value("tcprouter_drift_repairs_total") or 0.0
+
+
+def full_syncs(metrics: Metrics) -> float:
+    return metrics.registry.get_sample_value("tcprouter_sync_duration_seconds_count", {"kind": "full"}) or 0.0
+
+
+@pytest.fixture
+def kernel() -> FakeKernel:
+    return FakeKernel(DOCKER)
+
+
+@pytest.fixture
+def syncer(kernel: FakeKernel) -> Syncer:
+    return Syncer(kernel, Options(), "tcp", Metrics(lambda: ({}, [])))
+
+
+def test_the_fake_kernel_refuses_what_iptables_restore_refuses(kernel: FakeKernel):
+    before = owned(kernel), kernel.foreign()
+    with pytest.raises(NetfilterError):
+        kernel.restore("*nat\n:TCPR-X - [0:0]\n-D PREROUTING -j TCPR-NOWHERE\nCOMMIT\n")
+    with pytest.raises(NetfilterError):
+        kernel.restore("*filter\n-A TCPR-MISSING -j ACCEPT\nCOMMIT\n")
+    assert (owned(kernel), kernel.foreign()) == before  # a table is committed whole or not at all
+
+
+def test_a_full_sync_writes_everything_and_touches_nothing_foreign(kernel: FakeKernel, syncer: Syncer):
+    foreign = kernel.foreign()
+    assert syncer.sync([container(1), container(2)], full=True)
+    assert owned(kernel) == expected([container(1), container(2)])
+    assert kernel.foreign() == foreign
+    assert syncer.sync([], full=True)  # every backend gone: the frontend goes, the foreign rules stay
+    assert kernel.foreign() == foreign
+
+
+def test_a_partial_sync_writes_only_what_changed_from_its_belief(kernel: FakeKernel, syncer: Syncer):
+    assert syncer.sync([container(1)], full=True)
+    reads, writes = kernel.reads, len(kernel.scripts)
+    assert syncer.sync([container(1)])  # nothing changed: no read, no write
+    assert (kernel.reads, len(kernel.scripts)) == (reads, writes)
+    assert syncer.sync([container(1), container(2)])
+    assert kernel.reads == reads  # partial: diffed against the last write, not the kernel
+    declared = [line for line in kernel.scripts[-1].splitlines() if line.startswith(":")]
+    assert declared == [":TCPR-FE-80 - [0:0]"]  # only the frontend whose pool changed is rewritten
+    assert owned(kernel) == expected([container(1), container(2)])
+
+
+def test_a_partial_sync_does_not_see_drift_and_a_full_one_repairs_and_counts_it(kernel: FakeKernel, syncer: Syncer):
+    view = [container(1), container(2)]
+    assert syncer.sync(view, full=True)
+    assert drift_repairs(syncer.metrics) == 0  # the first write repairs nothing: there was no belief to differ from
+    kernel.delete_rule("nat", "TCPR-FE-80", 1)  # a backend's slot, inside a frontend chain
+    assert not syncer.drifted()  # the cheap check looks at hooks and top-level chains only
+    assert syncer.sync(view)
+    assert owned(kernel) != expected(view)
+    assert syncer.sync(view, full=True)
+    assert owned(kernel) == expected(view) and drift_repairs(syncer.metrics) == 1
+    assert syncer.sync(view, full=True)  # nothing drifted since: nothing counted
+    assert drift_repairs(syncer.metrics) == 1
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda k: k.flush("nat", "TCPR-FRONTENDS"),
+        lambda k: k.delete_rule("nat", "PREROUTING", 0),  # our hook
+        lambda k: k.insert_rule("filter", "DOCKER-USER", "-j ACCEPT"),  # something put ahead of our hook
+        lambda k: k.flush("filter", "TCPR-FORWARD"),
+    ],
+    ids=["flushed-dispatch", "hook-deleted", "hook-displaced", "flushed-forward"],
+)
+def test_each_drift_is_found_by_the_check_repaired_and_counted_once(kernel: FakeKernel, syncer: Syncer, tamper):
+    view = [container(1)]
+    assert syncer.sync(view, full=True)
+    assert not syncer.drifted()
+    tamper(kernel)
+    assert syncer.drifted()
+    assert drift_repairs(syncer.metrics) == 0  # found, not yet repaired
+    assert syncer.sync(view, full=True)
+    assert owned(kernel) == expected(view) and not syncer.drifted()
+    assert drift_repairs(syncer.metrics) == 1
+
+
+def make_runner(kernel: FakeKernel, clock: FakeClock, resync: float = 60) -> SyncRunner:
+    metrics = Metrics(lambda: ({}, []))
+    # No waiting: the batch window is 0 and a drift check is due at every turn the tests make (one per second).
+    timing = Timing(resync_interval=resync, check_interval=1, settle=0, max_delay=0)
+    return SyncRunner(ChangeTracker("tcp"), Syncer(kernel, Options(), "tcp", metrics), metrics, timing, clock)
+
+
+def test_the_loop_repairs_each_drift_and_counts_exactly_the_repairs(kernel: FakeKernel):
+    clock = FakeClock()
+    runner = make_runner(kernel, clock)
+    runner.submit(Relist((container(1), container(2))))
+    need_full = runner._step(True)
+    tampering = [
+        lambda: kernel.flush("nat", "TCPR-FRONTENDS"),
+        lambda: kernel.delete_rule("nat", "PREROUTING", 0),
+        lambda: kernel.flush("filter", "TCPR-FORWARD"),
+    ]
+    for done, tamper in enumerate(tampering, 1):
+        clock.now += 1
+        tamper()
+        need_full = runner._step(need_full)  # the check finds it...
+        if need_full:
+            clock.now += 1
+            need_full = runner._step(need_full)  # ...and the next turn repairs it, if this one did not
+        assert owned(kernel) == expected([container(1), container(2)])
+        assert drift_repairs(runner.metrics) == done
+    for _ in range(5):  # quiet turns: nothing to repair, nothing counted
+        clock.now += 1
+        need_full = runner._step(need_full)
+    assert drift_repairs(runner.metrics) == len(tampering)
+
+
+def test_a_full_resync_runs_at_the_interval_and_not_before(kernel: FakeKernel):
+    """An edit inside a frontend chain escapes the cheap check: only the periodic full resync repairs it."""
+    clock = FakeClock()
+    runner = make_runner(kernel, clock, resync=60)
+    runner.submit(Relist((container(1), container(2))))
+    need_full = runner._step(True)
+    assert full_syncs(runner.metrics) == 1 and not need_full
+    kernel.delete_rule("nat", "TCPR-FE-80", 1)
+    reads = kernel.reads
+    other = container(3, labels={"tcp.port": "81"})  # another frontend: its write leaves TCPR-FE-80 alone
+    for second in range(1, 60):
+        clock.now = 100 + second
+        if second == 30:  # an event in between: a partial sync, which does not reset the resync timer
+            runner.submit(Change(other.id, "start", 0, snapshot=other))
+        need_full = runner._step(need_full)
+        assert full_syncs(runner.metrics) == 1, f"a full resync {second} s after the last one"
+    assert kernel.reads == reads  # no full read of the kernel before the interval
+    assert "TCPR-FE-81" in owned(kernel)["nat"]
+    assert owned(kernel) != expected([container(1), container(2), other])
+    clock.now = 160
+    runner._step(need_full)
+    assert full_syncs(runner.metrics) == 2
+    assert owned(kernel) == expected([container(1), container(2), other])
+    assert drift_repairs(runner.metrics) == 1
+    assert runner.schedule.next_resync == 220
