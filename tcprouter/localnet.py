@@ -10,22 +10,21 @@ it back. /proc/sys/net is per network namespace: these functions act on the call
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
-from .compiler import INPUT_CHAIN, LOCALNET_RECORD, Tables
+from .compiler import INPUT_CHAIN, LOCALNET_RECORD, Tables, rule_comment
 
 log = logging.getLogger(__name__)
 ROUTE_LOCALNET = Path("/proc/sys/net/ipv4/conf/all/route_localnet")
-_RECORD = re.compile(rf"--comment \"?{re.escape(LOCALNET_RECORD)}(\d+)")
 
 
 def recorded(tables: Tables) -> int | None:
     """The value route_localnet had before tcprouter set it, as the kernel's TCPR-INPUT rule records it."""
     for rule in tables.get("filter", {}).get(INPUT_CHAIN, ()):
-        match = _RECORD.search(rule)
-        if match:
-            return int(match.group(1))
+        comment = rule_comment(rule) or ""
+        value = comment.removeprefix(LOCALNET_RECORD)
+        if comment.startswith(LOCALNET_RECORD) and value.isdecimal():
+            return int(value)
     return None
 
 
