@@ -25,6 +25,8 @@ SAMPLES: dict[str, tuple[str, str | None, list[str]]] = {
     "probe_timeout": ("0.25", "x", GATEWAY),
     "probe_fall": ("3", "1.5", GATEWAY),
     "probe_rise": ("2", "0", GATEWAY),
+    "ports": ("1883,8000-8100,27017", "8100-8000", []),
+    "owner_label": ("com.docker.compose.project", "has space", []),
 }
 
 
