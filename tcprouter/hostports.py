@@ -70,10 +70,10 @@ def _value(words: list[str], option: str) -> str | None:
 
 def busy_ports(docker_chain: Iterable[str] = (), loopback: bool = False) -> dict[int, str]:
     """The ports the host already uses (its listeners, Docker's published ports): port -> who uses it."""
+    # Docker's own description first: with its userland proxy, a published port also has a listener.
     used = {
-        port: f"a host process already listens on {address}:{port}"
-        for port, address in host_tcp_listeners(loopback).items()
+        port: f"Docker publishes it (DNAT to {target})" for port, target in docker_published_ports(docker_chain).items()
     }
-    for port, target in docker_published_ports(docker_chain).items():
-        used.setdefault(port, f"Docker publishes it (DNAT to {target}, docker run -p)")
+    for port, address in host_tcp_listeners(loopback).items():
+        used.setdefault(port, f"a host process already listens on {address}:{port}")
     return used
