@@ -14,7 +14,7 @@ DOCKER_NAT_CHAIN = "DOCKER"
 def parse_tcp_listeners(text: str, loopback: bool = False) -> dict[int, str]:
     """Listening sockets in /proc/net/tcp or /proc/net/tcp6 format: port -> local address.
 
-    Loopback-only listeners are left out unless `loopback` (--route-localhost, which routes 127.0.0.1 too).
+    Loopback-only listeners are left out, but for IPv4 ones with `loopback` (--route-localhost routes 127.0.0.1).
     """
     listeners: dict[int, str] = {}
     for line in text.splitlines()[1:]:
@@ -22,7 +22,7 @@ def parse_tcp_listeners(text: str, loopback: bool = False) -> dict[int, str]:
         if len(fields) < 4 or fields[3] != "0A":  # 0A: TCP_LISTEN
             continue
         address, port = proc_net_endpoint(fields[1])
-        if loopback or not address.is_loopback:
+        if not address.is_loopback or (loopback and address.version == 4):  # only 127.0.0.1 is routed
             listeners.setdefault(port, str(address))
     return listeners
 

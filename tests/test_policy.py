@@ -8,12 +8,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tcprouter.compiler import compile_rules
 from tcprouter.hostports import busy_ports, docker_published_ports, parse_tcp_listeners
-from tcprouter.labels import desired_state
+from tcprouter.labels import desired_state, parse_backend
 from tcprouter.model import ContainerSnapshot
 from tcprouter.policy import COMPOSE_OWNER_LABEL, Policy, parse_ports
 
-from .strategies import container
+from .strategies import container, containers
 
 OWNED = Policy(owner_label=COMPOSE_OWNER_LABEL)
 
@@ -118,6 +119,28 @@ def test_ownership_is_the_same_whatever_the_listing_order_and_each_pool_has_one_
         assert not others & set(pools(state)[port])
 
 
+@given(
+    st.lists(st.integers(min_value=0, max_value=59), max_size=6, unique=True).flatmap(
+        lambda indexes: st.tuples(*(st.tuples(containers(i), owners) for i in indexes))
+    )
+)
+def test_with_a_policy_every_running_container_is_still_placed_or_rejected(claims):
+    fleet = [dataclasses.replace(c, labels={**c.labels, COMPOSE_OWNER_LABEL: o} if o else c.labels) for c, o in claims]
+    policy = Policy(allowed_ports=parse_ports("1-1000,8080"), owner_label=COMPOSE_OWNER_LABEL)
+    state = desired_state(fleet, policy=policy)
+    compile_rules(state)
+    routed = {b.container_id: port for port, f in state.frontends.items() for b in f.backends}
+    rejected_ids = {r.container_id for r in state.rejections}
+    assert not set(routed) & rejected_ids
+    for snapshot in fleet:
+        if snapshot.running and snapshot.id not in rejected_ids:
+            port = parse_backend(snapshot).frontend_port
+            assert port in policy.allowed_ports and port in state.frontends
+            assert (routed.get(snapshot.id) == port) == snapshot.serving
+    for frontend in state.frontends.values():
+        assert len({policy.owner(c.labels) for c in fleet if routed.get(c.id) == frontend.port}) <= 1
+
+
 # ---- --internal networks ----------------------------------------------------------------------------------------
 
 
@@ -164,8 +187,13 @@ PROC_NET_TCP = """\
    0: 0100007F:1538 00000000:0000 0A 00000000:00000000 00:00000000 00000000   100        0 1 1
    1: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 2 1
 """
+PROC_NET_TCP6 = """\
+  sl  local_address                         remote_address                        st tx_queue rx_queue
+   0: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 0A 00000000:00000000 00:0 0 0
+"""
 
 
 def test_loopback_listeners_count_only_when_127_0_0_1_is_routed():
     assert parse_tcp_listeners(PROC_NET_TCP) == {22: "0.0.0.0"}
     assert parse_tcp_listeners(PROC_NET_TCP, loopback=True) == {5432: "127.0.0.1", 22: "0.0.0.0"}
+    assert parse_tcp_listeners(PROC_NET_TCP6, loopback=True) == {}  # [::1]:8080: 127.0.0.1:8080 is free
