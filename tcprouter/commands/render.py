@@ -8,13 +8,14 @@ import sys
 from ..compiler import compile_rules
 from ..diff import restore_script
 from ..labels import desired_state
+from ..netfilter import Iptables
 from ..sync import scan_busy_ports
 from . import common
 
 
 def command(args: argparse.Namespace) -> int:
     options = common.options(args)
-    busy = scan_busy_ports(common.writer(args), options.route_localhost)
+    busy = scan_busy_ports(Iptables(common.flavour(args)), options.route_localhost)  # only reads
     state = desired_state(common.listed(args), args.label_prefix, busy, options.policy)
     sys.stdout.write(restore_script({}, compile_rules(state, options)))
     return 0
