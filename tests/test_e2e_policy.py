@@ -87,7 +87,7 @@ def internal_network(docker_api, backends) -> Iterator[docker.models.networks.Ne
 
 def test_a_backend_only_on_an_internal_network_is_rejected(backends, start_router, client_host, internal_network):
     """Docker cuts an --internal network off from the world: tcprouter must not open a way in."""
-    hidden = backends.start({"tcp.port": str(FRONT)}, wait=False, network=internal_network.name)
+    hidden = backends.start({"tcp.port": str(FRONT)}, wait=False, network=internal_network)
     plain = backends.start({"tcp.port": str(FRONT)})
     router = start_router()
 
