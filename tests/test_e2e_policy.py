@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import docker
 import pytest
@@ -123,3 +125,23 @@ def test_a_port_docker_publishes_is_protected(backends, start_router, client_hos
     assert f"Docker publishes it (DNAT to {address}:{BACKEND_PORT})" in detail  # read from Docker's nat chain
     assert 'tcprouter_rejected_containers{reason="port_in_use"} 1.0' in router.metrics_text()
     assert greetings(client_host.name, client_host.host_ip, port, 4) == [address] * 4  # Docker's mapping still works
+
+
+def test_with_route_localhost_a_service_on_127_0_0_1_keeps_its_port(backends, start_router):
+    """A host service bound to 127.0.0.1 only is hijacked by a 127.0.0.1 route: its port is in use then."""
+    route_localnet = Path("/proc/sys/net/ipv4/conf/all/route_localnet")
+    saved = route_localnet.read_text()
+    with socket.create_server(("127.0.0.1", 0)) as service:
+        port = service.getsockname()[1]
+        squatter = backends.start({"tcp.port": str(port)})
+        try:
+            router = start_router("--route-localhost")
+            [(rejected, reason, detail)] = rejections("--route-localhost")
+            assert (rejected, reason) == (name(squatter), "port_in_use")
+            assert f"127.0.0.1:{port}" in detail
+            assert 'tcprouter_rejected_containers{reason="port_in_use"} 1.0' in router.metrics_text()
+            with socket.create_connection(("127.0.0.1", port), timeout=2):
+                conn, _ = service.accept()  # the connection reached the host's service, not the container
+                conn.close()
+        finally:
+            route_localnet.write_text(saved)
