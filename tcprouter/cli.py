@@ -25,6 +25,7 @@ from .daemon import EXIT_TABLES_OWNED, Mode, sources_problem
 from .labels import DEFAULT_PREFIX
 from .logs import setup_logging
 from .netfilter import WRITERS, Flavour, NetfilterError
+from .policy import COMPOSE_OWNER_LABEL, STACK_OWNER_LABEL, PortSet, parse_ports
 
 log = logging.getLogger("tcprouter")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -96,6 +97,20 @@ def _host_port(value: str) -> str:
 def _label_prefix(value: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
         raise argparse.ArgumentTypeError(f"expected letters, digits, '.', '_' or '-': {value!r}")
+    return value
+
+
+def _ports(value: str) -> PortSet:
+    try:
+        return parse_ports(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _owner_label(value: str) -> str:
+    """A Docker label key; '' turns ownership off."""
+    if value and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/-]*", value):
+        raise argparse.ArgumentTypeError(f"not a label key (letters, digits, '.', '_', '/' or '-'): {value!r}")
     return value
 
 
@@ -182,6 +197,19 @@ def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         action="store_true",
         help="also route 127.0.0.1:<port> from the host (sets net.ipv4.conf.all.route_localnet=1, "
         "and drops martian packets to 127.0.0.0/8; `cleanup` restores the value it had before)",
+    )
+    common.add_argument(
+        "--ports",
+        type=_ports,
+        help="the frontend ports containers may claim, as ports and ranges (1883,8000-8100,27017; default: "
+        "every port); a container claiming another is rejected (port_not_allowed)",
+    )
+    common.add_argument(
+        "--owner-label",
+        type=_owner_label,
+        help="the label whose value owns a frontend: its oldest backend's; a container of another owner that "
+        f"claims the port is rejected (port_owned). Default {COMPOSE_OWNER_LABEL}, {STACK_OWNER_LABEL} with "
+        "--swarm; '' lets any container join any frontend",
     )
     common.add_argument(
         "--mark-bit",

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .model import Backend, Balance, DesiredState, Frontend
+from .policy import Policy
 
 PREFIX = "TCPR-"
 FRONTENDS_CHAIN = "TCPR-FRONTENDS"
@@ -46,6 +47,7 @@ class Options:
     route_localhost: bool = False  # route 127.0.0.1:<port> from the host too (needs route_localnet=1)
     route_localnet_before: int = 0  # the value of route_localnet before tcprouter set it to 1 (localnet.py)
     forward_parent: str = "DOCKER-USER"  # where the filter hook goes: DOCKER-USER if it exists, else FORWARD
+    policy: Policy = field(default_factory=Policy)  # who may claim a port: applied by labels.desired_state
 
 
 @dataclass(frozen=True)

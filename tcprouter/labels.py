@@ -14,6 +14,7 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from .model import Backend, Balance, ContainerSnapshot, DesiredState, Frontend, Rejection
+from .policy import DEFAULT_POLICY, Policy, owner_text
 
 DEFAULT_PREFIX = "tcp"
 # Network drivers whose container addresses this host cannot route to: an overlay lives in its own namespace
@@ -62,6 +63,7 @@ def _choose_network(container: ContainerSnapshot, key: str) -> str:
                 f"label {key}={wanted!r} names a network the container is not attached to "
                 f"(attached: {', '.join(sorted(container.networks)) or 'none'})",
             )
+        _refuse_internal(container, {wanted}, key)
         if wanted in unroutable:
             raise LabelError(
                 "network_unroutable",
@@ -71,8 +73,9 @@ def _choose_network(container: ContainerSnapshot, key: str) -> str:
         return wanted
     if not container.networks:
         raise LabelError("no_address", "the container is attached to no network with an address")
-    routable = sorted(set(container.networks) - unroutable)
+    routable = sorted(set(container.networks) - unroutable - container.internal_networks)
     if not routable:
+        _refuse_internal(container, set(container.networks), key)
         drivers = ", ".join(f"{n} ({container.network_drivers[n]})" for n in sorted(unroutable))
         raise LabelError(
             "network_unroutable",
@@ -80,6 +83,18 @@ def _choose_network(container: ContainerSnapshot, key: str) -> str:
             "attach it to a bridge network as well",
         )
     return routable[0]
+
+
+def _refuse_internal(container: ContainerSnapshot, networks: set[str], key: str) -> None:
+    """An --internal network is cut off from the outside world by Docker: routing to it would open it."""
+    internal = sorted(networks & container.internal_networks)
+    if internal:
+        raise LabelError(
+            "network_internal",
+            f"its network {', '.join(internal)} is internal (docker network create --internal): Docker keeps it "
+            f"away from the outside world, and tcprouter does not open it; attach the container to another "
+            f"network (and name it with {key})",
+        )
 
 
 def _container_port(candidates: list[int], wanted: int | None, fallback: int | None, prefix: str, what: str) -> int:
@@ -169,17 +184,19 @@ def desired_state(
     containers: Iterable[ContainerSnapshot],
     prefix: str = DEFAULT_PREFIX,
     busy_ports: Mapping[int, str] | None = None,
+    policy: Policy = DEFAULT_POLICY,
 ) -> DesiredState:
     """Group the serving, valid containers into frontends; report the rest.
 
     Pools are ordered by container creation time (oldest first) so the rotation is stable, and a
     pool-level setting that disagrees within a pool takes the oldest container's value. A frontend
-    port that a host process listens on (`busy_ports`: port -> address) is refused: routing it would
-    hijack that service.
+    port that the host already uses (`busy_ports`: port -> who uses it) is refused: routing it would
+    hijack that service. So is a port outside the policy's, or one that another owner's container holds.
     """
     busy_ports = busy_ports or {}
     rejections: list[Rejection] = []
     pools: dict[int, list[BackendSpec]] = defaultdict(list)
+    owners: dict[int, ContainerSnapshot] = {}  # frontend port -> its oldest backend, whose owner it belongs to
     # Frontends are keyed by the label even when no container serves: status shows them empty.
     declared_ports: set[int] = set()
     for container in sorted(containers, key=lambda c: c.age_order):
@@ -190,15 +207,9 @@ def desired_state(
             continue  # a stopped container has no address to validate: it is simply not a backend
         try:
             spec = parse_backend(container, prefix)
+            _check_claim(container, spec.frontend_port, prefix, busy_ports, policy, owners)
         except LabelError as error:
             rejections.append(Rejection(container.id, container.name, error.reason, error.detail))
-            continue
-        if spec.frontend_port in busy_ports:
-            detail = (
-                f"label {prefix}.port={spec.frontend_port}: a host process already listens on "
-                f"{busy_ports[spec.frontend_port]}:{spec.frontend_port}"
-            )
-            rejections.append(Rejection(container.id, container.name, "port_in_use", detail))
             continue
         declared_ports.add(spec.frontend_port)
         if container.serving:
@@ -218,6 +229,34 @@ def desired_state(
                 )
         frontends[port] = Frontend(port, balance, tuple(s.backend for s in specs))
     return DesiredState(frontends=frontends, rejections=tuple(rejections), warnings=tuple(warnings))
+
+
+def _check_claim(
+    container: ContainerSnapshot,
+    port: int,
+    prefix: str,
+    busy_ports: Mapping[int, str],
+    policy: Policy,
+    owners: dict[int, ContainerSnapshot],
+) -> None:
+    """Raise LabelError if the container may not claim `port`; else it joins, and owns the port if it is the
+    first (the oldest) to claim it. Containers must come oldest first, so that the owner never depends on the
+    order Docker lists them in."""
+    if policy.allowed_ports is not None and port not in policy.allowed_ports:
+        raise LabelError(
+            "port_not_allowed",
+            f"label {prefix}.port={port}: not among the ports tcprouter may route (--ports {policy.allowed_ports})",
+        )
+    if port in busy_ports:
+        raise LabelError("port_in_use", f"label {prefix}.port={port}: {busy_ports[port]}")
+    holder = owners.setdefault(port, container)
+    owner, mine = policy.owner(holder.labels), policy.owner(container.labels)
+    if mine != owner:
+        raise LabelError(
+            "port_owned",
+            f"label {prefix}.port={port}: frontend {port} belongs to {policy.owner_label}={owner_text(owner)} "
+            f"(its oldest backend {holder.name}); this container's {policy.owner_label} is {owner_text(mine)}",
+        )
 
 
 def reachable_only(state: DesiredState, unreachable: Collection[tuple[str, int]]) -> DesiredState:

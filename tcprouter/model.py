@@ -38,6 +38,7 @@ class ContainerSnapshot:
     networks: dict[str, str] = field(default_factory=dict)  # network name -> IPv4 address ("" if none)
     subnets: dict[str, str] = field(default_factory=dict)  # network name -> IPv4 subnet (CIDR), if known
     network_drivers: dict[str, str] = field(default_factory=dict)  # network name -> its driver, if known
+    internal_networks: frozenset[str] = frozenset()  # the names of its networks created with --internal
     exposed_tcp_ports: tuple[int, ...] = ()
     stop_signal: str = "SIGTERM"  # what `docker stop` sends it (Config.StopSignal): its kill event means it is ending
     node: str = ""  # the host it runs on, for status, logs and metrics ("": this host)

@@ -35,15 +35,15 @@ class Syncer:
         self.applied: Tables | None = None  # what we believe the kernel holds; None: read it first
         self.candidates = DesiredState(frontends={})  # the last desired state, before reachability was applied
         self.state = DesiredState(frontends={})  # the last state written
-        self.listeners: dict[int, str] = {}  # host TCP listeners (port -> address), as last scanned
+        self.busy_ports: dict[int, str] = {}  # ports the host already uses (port -> who), as last scanned
 
     def desired(self, view: Sequence[ContainerSnapshot], full: bool) -> DesiredState:
-        state = desired_state(view, self.prefix, self.listeners)
+        state = desired_state(view, self.prefix, self.busy_ports, self.options.policy)
         if full or set(state.frontends) - set(self.state.frontends):
             # The listener scan reads every socket of the host (TIME_WAIT included): only at full syncs
             # and when a frontend port appears, not on every event.
-            self.listeners = hostports.host_tcp_listeners()
-            state = desired_state(view, self.prefix, self.listeners)
+            self.busy_ports = scan_busy_ports(self.writer, self.options.route_localhost)
+            state = desired_state(view, self.prefix, self.busy_ports, self.options.policy)
         return state
 
     def sync(
@@ -121,6 +121,17 @@ class Syncer:
     def remote_endpoints(self) -> dict[Endpoint, str]:
         """Every remote backend that should be serving (reachable or not): endpoint -> node, for the prober."""
         return {b.endpoint: b.node for f in self.candidates.frontends.values() for b in f.backends if b.node}
+
+
+def scan_busy_ports(writer: Writer, route_localhost: bool) -> dict[int, str]:
+    """The ports the host already uses: its listeners (loopback ones too with --route-localhost) and the ports
+    Docker publishes with DNAT rules in its nat chain."""
+    try:
+        docker_chain = writer.list_chain("nat", hostports.DOCKER_NAT_CHAIN) or ()
+    except NetfilterError as error:
+        log.warning("could not read Docker's published ports: %s", error)
+        docker_chain = ()
+    return hostports.busy_ports(docker_chain, route_localhost)
 
 
 def _log_retry(retry_state: RetryCallState) -> None:

@@ -302,7 +302,8 @@ def test_check_root_without_net_admin():
 
 
 def test_status_reports_a_frontend_refused_for_a_host_listener():
-    report = status.status_report(CONTAINERS[:1], [], "tcp", busy_ports={27017: "0.0.0.0"})
+    used = {27017: "a host process already listens on 0.0.0.0:27017"}
+    report = status.status_report(CONTAINERS[:1], [], "tcp", busy_ports=used)
     assert report["frontends"] == []
     assert [(r["container"], r["reason"]) for r in report["rejected"]] == [("web-a", "port_in_use")]
 

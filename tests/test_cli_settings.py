@@ -9,6 +9,7 @@ import argparse
 import pytest
 
 from tcprouter import cli
+from tcprouter.commands.common import policy
 
 GATEWAY = ["--engines", "--docker-url", "tcp://198.18.0.1:2376"]
 # dest -> (a valid value, an invalid value or None if every string is valid, flags the value needs with it)
@@ -25,6 +26,8 @@ SAMPLES: dict[str, tuple[str, str | None, list[str]]] = {
     "probe_timeout": ("0.25", "x", GATEWAY),
     "probe_fall": ("3", "1.5", GATEWAY),
     "probe_rise": ("2", "0", GATEWAY),
+    "ports": ("1883,8000-8100,27017", "8100-8000", []),
+    "owner_label": ("com.docker.compose.project", "has space", []),
 }
 
 
@@ -158,3 +161,16 @@ def test_an_env_setting_in_conflict_is_refused_too(capsys: pytest.CaptureFixture
 def test_gateway_settings_are_accepted_in_gateway_mode():
     args = cli.parse_args(["run", "--swarm", "--swarm-poll-interval", "2", "--probe-timeout", "0.9"], {})
     assert (args.swarm_poll_interval, args.probe_timeout, args.docker_url) == (2.0, 0.9, [])
+
+
+def test_the_owner_label_defaults_by_mode_and_an_empty_one_turns_ownership_off():
+    def owner_label(argv: list[str], environ: dict[str, str] | None = None) -> str:
+        return policy(cli.parse_args(["run", *argv], environ or {})).owner_label
+
+    assert owner_label([]) == "com.docker.compose.project"
+    assert owner_label(GATEWAY) == "com.docker.compose.project"
+    assert owner_label(["--swarm"]) == "com.docker.stack.namespace"
+    assert owner_label(["--swarm", "--owner-label", "team"]) == "team"
+    assert owner_label([], {"TCPROUTER_OWNER_LABEL": ""}) == ""
+    assert policy(cli.parse_args(["run"], {})).allowed_ports is None
+    assert 8050 in policy(cli.parse_args(["run", "--ports", "8000-8100"], {})).allowed_ports

@@ -11,6 +11,7 @@ from tcprouter.model import timestamp_ns
 from tcprouter.providers.docker_api import url_host
 from tcprouter.providers.engine import (
     Host,
+    Network,
     NetworkDrivers,
     ends_container,
     published_tcp_ports,
@@ -135,17 +136,20 @@ def test_a_local_container_learns_its_networks_drivers_by_network_id():
             }
         },
     }
-    drivers = {"n1": "macvlan"}
+    drivers = {"n1": Network("macvlan")}
     snapshot = snapshot_from_inspect(info, driver_of=drivers.__getitem__)
     assert snapshot.network_drivers == {"lan": "macvlan", "old": ""}
     assert snapshot_from_inspect(info).network_drivers == {"lan": "", "old": ""}
+    internal = snapshot_from_inspect(info, driver_of={"n1": Network("bridge", internal=True)}.__getitem__)
+    assert (internal.network_drivers["lan"], internal.internal_networks) == ("bridge", {"lan"})
+    assert snapshot.internal_networks == frozenset()
 
 
 class NetworksApi:
     """The one call NetworkDrivers makes, counted."""
 
     def __init__(self) -> None:
-        self.listed = [{"Id": "n1", "Driver": "bridge"}]
+        self.listed = [{"Id": "n1", "Driver": "bridge"}, {"Id": "n3", "Driver": "bridge", "Internal": True}]
         self.calls = 0
 
     def networks(self) -> list[dict]:
@@ -156,12 +160,13 @@ class NetworksApi:
 def test_network_drivers_are_listed_again_only_for_an_unknown_id_or_after_a_removal():
     api = NetworksApi()
     drivers = NetworkDrivers(api)  # type: ignore[arg-type]
-    assert (drivers("n1"), drivers("n1"), api.calls) == ("bridge", "bridge", 1)
+    assert (drivers("n1"), drivers("n1"), api.calls) == (Network("bridge"), Network("bridge"), 1)
+    assert (drivers("n3"), api.calls) == (Network("bridge", internal=True), 1)
     api.listed.append({"Id": "n2", "Driver": "ipvlan"})  # created since the last list
-    assert (drivers("n2"), api.calls) == ("ipvlan", 2)
-    assert (drivers("gone"), drivers("gone"), api.calls) == ("", "", 3)  # an ID no list has: asked once
+    assert (drivers("n2"), api.calls) == (Network("ipvlan"), 2)
+    assert (drivers("gone"), drivers("gone"), api.calls) == (Network(), Network(), 3)  # asked once
     drivers.forget()  # a network was removed
-    assert (drivers("n1"), api.calls) == ("bridge", 4)
+    assert (drivers("n1"), api.calls) == (Network("bridge"), 4)
 
 
 def test_modes_and_the_flag_combinations_that_cannot_work():

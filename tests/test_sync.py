@@ -182,3 +182,15 @@ def test_a_full_resync_runs_at_the_interval_and_not_before(kernel: FakeKernel):
     assert owned(kernel) == expected([container(1), container(2), other])
     assert drift_repairs(runner.metrics) == 1
     assert runner.schedule.next_resync == 220
+
+
+def test_a_port_docker_publishes_is_found_in_its_nat_chain_and_not_routed(kernel: FakeKernel, syncer: Syncer):
+    """`docker run -p 18080:80` leaves only a DNAT rule in Docker's chain (no listener without the userland proxy):
+    the sync reads it, and a container claiming that port stays out of the kernel."""
+    kernel.insert_rule(
+        "nat", "DOCKER", "! -i docker0 -p tcp -m tcp --dport 18080 -j DNAT --to-destination 172.17.0.9:80"
+    )
+    squatter = container(1, labels={"tcp.port": "18080"})
+    assert syncer.sync([squatter, container(2)], full=True)
+    assert [(r.name, r.reason) for r in syncer.state.rejections] == [("c1", "port_in_use")]
+    assert owned(kernel) == expected([container(2)])

@@ -9,6 +9,7 @@ from ..daemon import Mode, build_providers, resolve_mode
 from ..metrics import Metrics
 from ..model import ContainerSnapshot
 from ..netfilter import Flavour, Writer, detect_flavour, open_writer
+from ..policy import COMPOSE_OWNER_LABEL, STACK_OWNER_LABEL, Policy
 
 
 def flavour(args: argparse.Namespace) -> Flavour:
@@ -30,7 +31,17 @@ def options(args: argparse.Namespace) -> Options:
         listen_address=args.listen_address,
         snat_always=snat_always,
         route_localhost=args.route_localhost,
+        policy=policy(args),
     )
+
+
+def policy(args: argparse.Namespace) -> Policy:
+    """--ports and --owner-label; a frontend's owner is by default its oldest backend's Compose project, or
+    its Swarm stack with --swarm."""
+    owner_label = args.owner_label
+    if owner_label is None:
+        owner_label = STACK_OWNER_LABEL if mode(args) is Mode.SWARM else COMPOSE_OWNER_LABEL
+    return Policy(allowed_ports=args.ports, owner_label=owner_label)
 
 
 def listed(args: argparse.Namespace) -> list[ContainerSnapshot]:

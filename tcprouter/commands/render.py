@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .. import hostports
 from ..compiler import compile_rules
 from ..diff import restore_script
 from ..labels import desired_state
+from ..netfilter import Iptables
+from ..sync import scan_busy_ports
 from . import common
 
 
 def command(args: argparse.Namespace) -> int:
-    state = desired_state(common.listed(args), args.label_prefix, hostports.host_tcp_listeners())
-    sys.stdout.write(restore_script({}, compile_rules(state, common.options(args))))
+    options = common.options(args)
+    busy = scan_busy_ports(Iptables(common.flavour(args)), options.route_localhost)  # only reads
+    state = desired_state(common.listed(args), args.label_prefix, busy, options.policy)
+    sys.stdout.write(restore_script({}, compile_rules(state, options)))
     return 0

@@ -14,6 +14,7 @@ from ..diff import SavedRule
 from ..labels import desired_state, parse_backend
 from ..metrics import backend_connections, kernel_reader
 from ..model import ContainerSnapshot
+from ..policy import DEFAULT_POLICY, Policy
 from . import common
 
 _DNAT_TARGET = re.compile(r"-j DNAT --to-destination (\S+)")
@@ -35,6 +36,7 @@ def status_report(
     kernel: list[tuple[str, SavedRule]],
     prefix: str,
     busy_ports: Mapping[int, str] | None = None,
+    policy: Policy = DEFAULT_POLICY,
 ) -> dict:
     """What Docker declares and what the kernel holds, per frontend and backend.
 
@@ -43,7 +45,7 @@ def status_report(
     a DNAT rule sends connections to it, `connections` what that rule counted since the pool last changed.
     """
     containers = sorted(containers, key=lambda c: c.age_order)
-    state = desired_state(containers, prefix, busy_ports)
+    state = desired_state(containers, prefix, busy_ports, policy)
     rejected = {r.container_id for r in state.rejections}
     connections = backend_connections(kernel)
     targets = _kernel_targets(kernel)
@@ -120,7 +122,9 @@ def render_status(report: dict) -> str:
 
 def command(args: argparse.Namespace) -> int:
     containers = common.listed(args)
-    _, kernel = kernel_reader(common.flavour(args))()
-    report = status_report(containers, kernel, args.label_prefix, hostports.host_tcp_listeners())
+    tables, kernel = kernel_reader(common.flavour(args))()
+    options = common.options(args)
+    busy = hostports.busy_ports(tables.get("nat", {}).get(hostports.DOCKER_NAT_CHAIN, ()), options.route_localhost)
+    report = status_report(containers, kernel, args.label_prefix, busy, options.policy)
     sys.stdout.write(json.dumps(report, indent=2) + "\n" if args.json else render_status(report))
     return 0

@@ -13,6 +13,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import docker
 import docker.errors
@@ -62,33 +63,46 @@ class Host:
     address: str
 
 
+class Network(NamedTuple):
+    """What a container's inspect does not say about one of its networks."""
+
+    driver: str = ""  # "": unknown
+    internal: bool = False  # created with --internal: Docker cuts it off from the outside world
+
+
+NetworkLookup = Callable[[str], Network]  # network ID -> what is known of it
+
+
 class NetworkDrivers:
-    """Network ID -> driver, for one engine: a container's inspect names its networks but not their drivers.
-    Listed on the first lookup, again when an ID is not known (a network created since), and forgotten when a
-    network is removed."""
+    """Network ID -> driver and internal flag, for one engine: a container's inspect names its networks but not
+    those. Listed on the first lookup, again when an ID is not known (a network created since), and forgotten
+    when a network is removed."""
 
     def __init__(self, api: docker.APIClient) -> None:
         self.api = api
-        self._drivers: dict[str, str] = {}
+        self._networks: dict[str, Network] = {}
 
-    def __call__(self, network_id: str) -> str:
-        if network_id not in self._drivers:
-            self._drivers = {n["Id"]: n.get("Driver") or "" for n in self.api.networks()}
-            self._drivers.setdefault(network_id, "")  # gone already: do not list again for it
-        return self._drivers[network_id]
+    def __call__(self, network_id: str) -> Network:
+        if network_id not in self._networks:
+            self._networks = {
+                n["Id"]: Network(n.get("Driver") or "", bool(n.get("Internal"))) for n in self.api.networks()
+            }
+            self._networks.setdefault(network_id, Network())  # gone already: do not list again for it
+        return self._networks[network_id]
 
     def forget(self) -> None:
-        self._drivers = {}
+        self._networks = {}
 
 
-def _unknown_driver(network_id: str) -> str:
-    return ""
+def _unknown_driver(network_id: str) -> Network:
+    return Network()
 
 
 def snapshot_from_inspect(
-    info: dict, host: Host | None = None, driver_of: Callable[[str], str] = _unknown_driver
+    info: dict, host: Host | None = None, driver_of: NetworkLookup = _unknown_driver
 ) -> ContainerSnapshot:
-    """Build a snapshot from `docker inspect` output (a pure function, given `driver_of`: network ID -> driver).
+    """Build a snapshot from `docker inspect` output (a pure function, given `driver_of`:
+    network ID -> its driver and internal flag).
     With `host`, the container is remote: reached at that host's address and the ports it publishes there."""
     if not isinstance(info.get("Id"), str) or not isinstance(info.get("Created", ""), str):
         raise TypeError("Id and Created must be strings")
@@ -99,10 +113,14 @@ def snapshot_from_inspect(
     addresses: dict[str, str] = {}
     subnets: dict[str, str] = {}
     drivers: dict[str, str] = {}
+    internal: set[str] = set()
     for name, net in networks.items():
         net = net or {}
         addresses[name] = net.get("IPAddress") or ""
-        drivers[name] = driver_of(net["NetworkID"]) if net.get("NetworkID") else ""
+        known = driver_of(net["NetworkID"]) if net.get("NetworkID") else Network()
+        drivers[name] = known.driver
+        if known.internal:
+            internal.add(name)
         if net.get("IPAddress") and net.get("IPPrefixLen"):
             subnets[name] = _subnet(net["IPAddress"], int(net["IPPrefixLen"]))
     exposed = sorted(
@@ -123,6 +141,7 @@ def snapshot_from_inspect(
         networks=addresses,
         subnets=subnets,
         network_drivers=drivers,
+        internal_networks=frozenset(internal),
         exposed_tcp_ports=tuple(exposed),
         node=host.node if host else "",
         host_address=host.address if host else "",
@@ -151,7 +170,7 @@ def inspect(
     api: docker.APIClient,
     container_id: str,
     host: Host | None = None,
-    driver_of: Callable[[str], str] = _unknown_driver,
+    driver_of: NetworkLookup = _unknown_driver,
 ) -> ContainerSnapshot | None:
     """The container's snapshot, or None if it no longer exists."""
     try:
@@ -162,7 +181,7 @@ def inspect(
 
 
 def read_inspect(
-    info: object, container_id: str, host: Host | None = None, driver_of: Callable[[str], str] = _unknown_driver
+    info: object, container_id: str, host: Host | None = None, driver_of: NetworkLookup = _unknown_driver
 ) -> ContainerSnapshot:
     """snapshot_from_inspect, or, for data of an unexpected shape, a snapshot that says why it is rejected."""
     try:
@@ -181,7 +200,7 @@ def read_inspect(
 
 
 def list_labelled(
-    api: docker.APIClient, prefix: str, host: Host | None = None, driver_of: Callable[[str], str] | None = None
+    api: docker.APIClient, prefix: str, host: Host | None = None, driver_of: NetworkLookup | None = None
 ) -> list[ContainerSnapshot]:
     """The labelled containers. Local ones (no `host`) with their networks' drivers (listed if none is given)."""
     if driver_of is None:
@@ -206,7 +225,7 @@ def to_change(
     known: Mapping[str, str],
     host: Host | None = None,
     source: str = LOCAL,
-    driver_of: Callable[[str], str] = _unknown_driver,
+    driver_of: NetworkLookup = _unknown_driver,
 ) -> Change | None:
     """Turn one Docker event into a Change, inspecting the container when its state matters.
 
