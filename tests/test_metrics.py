@@ -149,7 +149,7 @@ def test_scrape_shows_the_published_state_and_the_kernel():
     ]
     rules = {(labels["table"], labels["chain"]): value for labels, value in seen["tcprouter_rules"]}
     assert rules[("nat", "TCPR-FE-27017")] == 4  # CONNMARK, two slots, fallback
-    assert rules[("filter", "TCPR-FORWARD")] == 2
+    assert rules[("filter", "TCPR-FORWARD")] == 3
     assert rules[("nat", "TCPR-CANARY")] == 0  # an owned chain without rules still counts
     assert ("nat", "TCPR-FE-1883") not in rules  # an empty pool has no chain
 

@@ -108,7 +108,7 @@ def test_a_partial_sync_does_not_see_drift_and_a_full_one_repairs_and_counts_it(
     [
         lambda k: k.flush("nat", "TCPR-FRONTENDS"),
         lambda k: k.delete_rule("nat", "PREROUTING", 0),  # our hook
-        lambda k: k.insert_rule("filter", "DOCKER-USER", "-j ACCEPT"),  # something put ahead of our hook
+        lambda k: k.insert_rule("nat", "PREROUTING", "-j ACCEPT"),  # something put ahead of our hook
         lambda k: k.flush("filter", "TCPR-FORWARD"),
     ],
     ids=["flushed-dispatch", "hook-deleted", "hook-displaced", "flushed-forward"],
@@ -182,3 +182,25 @@ def test_a_full_resync_runs_at_the_interval_and_not_before(kernel: FakeKernel):
     assert owned(kernel) == expected([container(1), container(2), other])
     assert drift_repairs(runner.metrics) == 1
     assert runner.schedule.next_resync == 220
+
+
+def test_operators_rules_in_docker_user_keep_precedence_over_the_hook(kernel: FakeKernel, syncer: Syncer):
+    """An operator's rule inserted on top of DOCKER-USER stays above the hook: no drift, nothing moves. One put
+    between the hook and Docker's RETURN would not see routed flows: the hook is re-placed after it."""
+    view = [container(1)]
+    assert syncer.sync(view, full=True)
+    assert kernel.tables["filter"]["DOCKER-USER"] == ["-j TCPR-FORWARD", "-j RETURN"]
+    kernel.insert_rule("filter", "DOCKER-USER", "-s 192.0.2.0/24 -j DROP")
+    assert not syncer.drifted()
+    writes = len(kernel.scripts)
+    assert syncer.sync(view, full=True)
+    assert len(kernel.scripts) == writes  # nothing to write: the operator's rule is where it belongs
+    kernel.insert_rule("filter", "DOCKER-USER", "-s 198.51.100.0/24 -j DROP", index=2)  # below the hook
+    assert syncer.drifted()
+    assert syncer.sync(view, full=True)
+    assert kernel.tables["filter"]["DOCKER-USER"] == [
+        "-s 192.0.2.0/24 -j DROP",
+        "-s 198.51.100.0/24 -j DROP",
+        "-j TCPR-FORWARD",
+        "-j RETURN",
+    ]
