@@ -185,6 +185,8 @@ def _allow(labels: Mapping[str, str], key: str) -> tuple[str, ...]:
             raise LabelError(
                 "invalid_allow", f"label {key}={raw!r}: {entry!r} is not an IPv4 network like 192.0.2.0/24"
             ) from None
+    if "0.0.0.0/0" in networks:
+        return ()  # every client (and iptables-save would print `-s 0.0.0.0/0` as no match at all)
     return tuple(dict.fromkeys(networks))  # in order, once each
 
 
