@@ -60,7 +60,8 @@ class Options:
 class RuleSet:
     """Owned chains and their contents, plus the jumps from chains we do not own (hooks).
 
-    Each hook must be the first rule of its parent chain.
+    Each hook is the first rule of its parent chain, except in DOCKER-USER, where it follows the operator's
+    rules (diff.hook_index).
     """
 
     chains: Tables
