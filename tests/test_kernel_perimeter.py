@@ -9,7 +9,6 @@ is routed to it by the compiled rules, as tcprouter writes them.
 from __future__ import annotations
 
 import socket
-import struct
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -22,7 +21,7 @@ from tcprouter.diff import hook_in_place, parse_save, restore_script
 from tcprouter.model import OPEN, Access, Backend, Balance, DesiredState, Frontend
 from tcprouter.netfilter import Flavour, Iptables
 
-from .support import connect_outcome, in_netns, private_netns, sh, unique, wait_until
+from .support import connect_outcome, in_netns, invalid_segment_crosses, private_netns, sh, unique, wait_until
 
 pytestmark = pytest.mark.kernel
 FLAVOURS = [f for f in Flavour if sh("sh", "-c", f"command -v iptables-{f}-restore", check=False)]
@@ -173,46 +172,13 @@ def test_an_operators_drop_added_after_start_stops_that_client_and_no_other(flav
         assert (net.outcome(1), net.outcome(2)) == ("timeout", "answered")
 
 
-def _checksum(data: bytes) -> int:
-    data += b"\0" * (len(data) % 2)
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
-def _tcp_segment(source: str, destination: str, sport: int, dport: int, flags: int) -> bytes:
-    header = struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, flags, 1024, 0, 0)
-    pseudo = socket.inet_aton(source) + socket.inet_aton(destination) + struct.pack("!BBH", 0, 6, len(header))
-    return header[:16] + struct.pack("!H", _checksum(pseudo + header)) + header[18:]
-
-
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_an_invalid_packet_of_the_hosts_other_traffic_is_not_dropped(flavour):
     """A SYN+RST segment from one client to the other is INVALID for conntrack; the host lets such packets
     between them pass (its own rule after DOCKER-USER). tcprouter's rules must not drop it."""
     with lab(flavour) as net:
         apply(net.iptables, rules())
-        sniffer = in_netns(net.client2, lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP))
-        with sniffer:
-            sniffer.settimeout(0.2)
-            segment = _tcp_segment("10.70.1.2", "10.70.2.2", 40000, 9, 0x02 | 0x04)  # SYN+RST
-
-            def send() -> None:
-                with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP) as raw:
-                    raw.sendto(segment, ("10.70.2.2", 0))
-
-            def arrived() -> bool:
-                in_netns(net.client1, send)
-                try:
-                    while True:
-                        packet = sniffer.recv(4096)
-                        if packet[20:24] == struct.pack("!HH", 40000, 9):
-                            return True
-                except TimeoutError:
-                    return False
-
-            wait_until(arrived, timeout=5, what="the INVALID segment to cross the router")
+        assert invalid_segment_crosses(net.client1, "10.70.1.2", net.client2, "10.70.2.2")
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
