@@ -33,6 +33,8 @@ INVALID_CHAIN = "TCPR-INVALID"
 ACCESS_CHAIN_PREFIX = "TCPR-AC-"  # + port: the frontend's limits
 ALLOW_CHAIN_PREFIX = "TCPR-AL-"  # + port: the frontend's allowed client networks
 HASHLIMIT_DEFAULT_BURST = 5
+_HASHLIMIT_SCALE = 1_000_000  # the kernel keeps a rate as the interval between packets, in microseconds
+_RATE_UNITS = (("day", 86400), ("hour", 3600), ("min", 60), ("sec", 1))
 _REFUSAL = re.compile(r"refused-([0-9]+)-([a-z]+)")
 DEFAULT_MARK_BIT = 0x100000
 LOCALNET_RECORD = "route_localnet-before-"  # + the value, in the comment of TCPR-INPUT's rule
@@ -155,6 +157,19 @@ def access_bit(mark_bit: int) -> int:
     return mark_bit << 1 if mark_bit < 1 << 31 else mark_bit >> 1
 
 
+def hashlimit_rate(per_second: int) -> str:
+    """`per_second` as iptables-save prints it back: the kernel keeps 1,000,000 // rate microseconds, so
+    1105/sec reads back as 1106/sec (iptables' print_rate, which may also pick a longer unit)."""
+    period = _HASHLIMIT_SCALE // per_second
+    unit = _RATE_UNITS[0]
+    for name, seconds in _RATE_UNITS[1:]:
+        mult = _HASHLIMIT_SCALE * seconds
+        if period > mult or mult // period < mult % period:
+            break
+        unit = (name, seconds)
+    return f"{_HASHLIMIT_SCALE * unit[1] // period}/{unit[0]}"
+
+
 def _reject(port: int, reason: str) -> str:
     return f"-m comment --comment refused-{port}-{reason} -j REJECT --reject-with tcp-reset"
 
@@ -183,7 +198,7 @@ def access_rules(port: int, access: Access) -> dict[str, tuple[str, ...]]:
     if access.rate is not None:
         burst = access.burst or HASHLIMIT_DEFAULT_BURST
         checks.append(
-            f"-p tcp -m hashlimit --hashlimit-above {access.rate}/sec --hashlimit-burst {burst} "
+            f"-p tcp -m hashlimit --hashlimit-above {hashlimit_rate(access.rate)} --hashlimit-burst {burst} "
             f"--hashlimit-mode srcip --hashlimit-name tcpr-{port}-{access.rate}-{burst} " + _reject(port, "rate")
         )
     chains[f"{ACCESS_CHAIN_PREFIX}{port}"] = tuple(checks)

@@ -163,6 +163,7 @@ def build_rule(iptc: ModuleType, spec: str, is_chain: Callable[[str], bool]) -> 
             elif word in ("-m", "--match"):
                 iptc_adapter.final_check(module)
                 module = iptc.Match(rule, _value(words, i, spec))
+                iptc_adapter.set_defaults(module, _value(words, i, spec))
                 rule.add_match(module)
                 i += 2
             elif word in ("-j", "--jump", "-g", "--goto"):

@@ -17,6 +17,7 @@ from tcprouter.compiler import (
     compile_rules,
     frontend_chain,
     frontend_port,
+    hashlimit_rate,
     pool_rules,
     refusal,
     rotation,
@@ -195,6 +196,12 @@ def test_rate_without_burst_takes_hashlimits_default_and_only_set_checks_appear(
             "--hashlimit-name tcpr-9000-3-5 -m comment --comment refused-9000-rate -j REJECT --reject-with tcp-reset",
         )
     }
+
+
+@pytest.mark.parametrize(("rate", "saved"), [(1, "1/sec"), (10, "10/sec"), (1105, "1106/sec"), (99999, "100000/sec")])
+def test_a_rate_is_written_as_iptables_save_prints_it_back(rate, saved):
+    """The kernel keeps 1,000,000 // rate microseconds between connections (the kernel tests load them all)."""
+    assert hashlimit_rate(rate) == saved
 
 
 @pytest.mark.parametrize(("mark_bit", "bit"), [(0x100000, 0x200000), (0x1, 0x2), (0x80000000, 0x40000000)])
