@@ -8,7 +8,7 @@ Layout (DESIGN.md):
          POSTROUTING -> TCPR-POSTROUTING (MASQUERADE for hairpin flows, or for all with --snat always)
   filter DOCKER-USER (after the operator's rules; else FORWARD) -> TCPR-FORWARD (accept the marked
          connections; new ones to a frontend with access labels first pass TCPR-ACCESS -> TCPR-AC-<port>;
-         INVALID TCP packets from a backend network are dropped in TCPR-INVALID)
+         INVALID TCP packets from or to a backend network are dropped in TCPR-INVALID)
 Both tables also hold an empty TCPR-CANARY chain: if it vanishes, someone flushed the table.
 """
 
@@ -212,7 +212,8 @@ def _forward_chains(routed: Sequence[Frontend], mark_bit: int) -> dict[str, tupl
     access bit as well): then its first packet is checked in TCPR-ACCESS, and every packet is accepted by the
     third rule. A frontend without access labels costs one rule per packet, one with them three, whatever
     its labels say. An INVALID packet has no connection (so no mark); only a TCP one from a backend's network
-    is dropped (a backend's reply that would leave un-NATed), not the host's other forwarded traffic.
+    (a backend's reply that would leave un-NATed) or to it (a stray segment) is dropped, not the host's other
+    forwarded traffic.
     """
     both = mark_bit | access_bit(mark_bit)
     forward = [f"-m connmark --mark {mark_bit:#x}/{both:#x} -j ACCEPT"]
@@ -229,10 +230,10 @@ def _forward_chains(routed: Sequence[Frontend], mark_bit: int) -> dict[str, tupl
         f"-m connmark --mark {mark_bit:#x}/{mark_bit:#x} -j ACCEPT",
         f"-m conntrack --ctstate INVALID -j {INVALID_CHAIN}",
     ]
-    # By the backends' networks (remote backends: their hosts), not endpoints: this chain then changes when a
+    # To and from the backends' networks (remote backends: their hosts), not endpoints: this chain then changes when a
     # network appears, not whenever a backend joins, and a change stays one frontend chain's rewrite.
     sources = sorted({b.subnet or f"{b.ip}/32" for f in routed for b in f.backends})
-    chains[INVALID_CHAIN] = tuple(f"-s {source} -p tcp -j DROP" for source in sources)
+    chains[INVALID_CHAIN] = tuple(f"{way} {net} -p tcp -j DROP" for net in sources for way in ("-s", "-d"))
     return {FORWARD_CHAIN: tuple(forward), **chains}
 
 

@@ -146,8 +146,11 @@ def test_empty_pools_are_not_routed_and_hooks_are_in_place():
         f"-m connmark --mark {MARK} -j ACCEPT",
         "-m conntrack --ctstate INVALID -j TCPR-INVALID",
     )
-    # only INVALID packets from a backend's network are dropped, not the host's other forwarded traffic
-    assert rules.chains["filter"]["TCPR-INVALID"] == ("-s 172.17.0.0/16 -p tcp -j DROP",)
+    # only INVALID packets from or to a backend's network are dropped, not the host's other forwarded traffic
+    assert rules.chains["filter"]["TCPR-INVALID"] == (
+        "-s 172.17.0.0/16 -p tcp -j DROP",
+        "-d 172.17.0.0/16 -p tcp -j DROP",
+    )
     assert "TCPR-ACCESS" not in rules.chains["filter"]
 
 
