@@ -6,7 +6,9 @@ kernel can be compared with the compiled ones as plain text (see diff.py).
 Layout (DESIGN.md):
   nat    PREROUTING/OUTPUT -> TCPR-FRONTENDS -> TCPR-FE-<port> (CONNMARK, then one DNAT per rotation slot)
          POSTROUTING -> TCPR-POSTROUTING (MASQUERADE for hairpin flows, or for all with --snat always)
-  filter DOCKER-USER (else FORWARD) -> TCPR-FORWARD (drop INVALID, accept the marked connections)
+  filter DOCKER-USER (after the operator's rules; else FORWARD) -> TCPR-FORWARD (accept the marked
+         connections; new ones to a frontend with access labels first pass TCPR-ACCESS -> TCPR-AC-<port>;
+         INVALID TCP packets from or to a backend network are dropped in TCPR-INVALID)
 Both tables also hold an empty TCPR-CANARY chain: if it vanishes, someone flushed the table.
 """
 
@@ -17,7 +19,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .model import Backend, Balance, DesiredState, Frontend
+from .model import Access, Backend, Balance, DesiredState, Frontend
 from .policy import Policy
 
 PREFIX = "TCPR-"
@@ -27,6 +29,14 @@ FORWARD_CHAIN = "TCPR-FORWARD"
 INPUT_CHAIN = "TCPR-INPUT"
 CANARY_CHAIN = "TCPR-CANARY"
 FRONTEND_CHAIN_PREFIX = "TCPR-FE-"
+ACCESS_CHAIN = "TCPR-ACCESS"
+INVALID_CHAIN = "TCPR-INVALID"
+ACCESS_CHAIN_PREFIX = "TCPR-AC-"  # + port: the frontend's limits
+ALLOW_CHAIN_PREFIX = "TCPR-AL-"  # + port: the frontend's allowed client networks
+HASHLIMIT_DEFAULT_BURST = 5
+_HASHLIMIT_SCALE = 1_000_000  # the kernel keeps a rate as the interval between packets, in microseconds
+_RATE_UNITS = (("day", 86400), ("hour", 3600), ("min", 60), ("sec", 1))
+_REFUSAL = re.compile(r"refused-([0-9]+)-([a-z]+)")
 DEFAULT_MARK_BIT = 0x100000
 LOCALNET_RECORD = "route_localnet-before-"  # + the value, in the comment of TCPR-INPUT's rule
 _COMMENT_MAX = 64
@@ -54,7 +64,8 @@ class Options:
 class RuleSet:
     """Owned chains and their contents, plus the jumps from chains we do not own (hooks).
 
-    Each hook must be the first rule of its parent chain.
+    Each hook is the first rule of its parent chain, except in DOCKER-USER, where it follows the operator's
+    rules (diff.hook_index).
     """
 
     chains: Tables
@@ -137,6 +148,97 @@ def rule_comment(spec: str) -> str | None:
     return None
 
 
+def refusal(spec: str) -> tuple[int, str] | None:
+    """(frontend port, reason) of a rule that refuses clients (its comment says so), None for any other."""
+    match = _REFUSAL.fullmatch(rule_comment(spec) or "")
+    return (int(match.group(1)), match.group(2)) if match else None
+
+
+def access_bit(mark_bit: int) -> int:
+    """The conntrack mark bit next to `mark_bit` that tags connections of frontends with access labels."""
+    return mark_bit << 1 if mark_bit < 1 << 31 else mark_bit >> 1
+
+
+def hashlimit_rate(per_second: int) -> str:
+    """`per_second` as iptables-save prints it back: the kernel keeps 1,000,000 // rate microseconds, so
+    1105/sec reads back as 1106/sec (iptables' print_rate, which may also pick a longer unit)."""
+    period = _HASHLIMIT_SCALE // per_second
+    unit = _RATE_UNITS[0]
+    for name, seconds in _RATE_UNITS[1:]:
+        mult = _HASHLIMIT_SCALE * seconds
+        if period > mult or mult // period < mult % period:
+            break
+        unit = (name, seconds)
+    return f"{_HASHLIMIT_SCALE * unit[1] // period}/{unit[0]}"
+
+
+def _reject(port: int, reason: str) -> str:
+    return f"-m comment --comment refused-{port}-{reason} -j REJECT --reject-with tcp-reset"
+
+
+def access_rules(port: int, access: Access) -> dict[str, tuple[str, ...]]:
+    """The filter chains that check a new connection to the frontend on `port`; a refused one gets a reset.
+
+    Allowed networks first (a client outside them does not use up a limit), then connections, then rate.
+    The hashlimit table's name carries its settings: the kernel keeps a table's first settings as long as a
+    rule uses that name, so a changed rate takes a new name.
+    """
+    checks: list[str] = []
+    chains: dict[str, tuple[str, ...]] = {}
+    if access.allow:
+        allow_chain = f"{ALLOW_CHAIN_PREFIX}{port}"
+        chains[allow_chain] = (
+            *(f"-s {network} -j RETURN" for network in access.allow),
+            f"-p tcp {_reject(port, 'allow')}",
+        )
+        checks.append(f"-j {allow_chain}")
+    if access.maxconn is not None:
+        checks.append(
+            f"-p tcp -m connlimit --connlimit-above {access.maxconn} --connlimit-mask 32 --connlimit-saddr "
+            + _reject(port, "maxconn")
+        )
+    if access.rate is not None:
+        burst = access.burst or HASHLIMIT_DEFAULT_BURST
+        checks.append(
+            f"-p tcp -m hashlimit --hashlimit-above {hashlimit_rate(access.rate)} --hashlimit-burst {burst} "
+            f"--hashlimit-mode srcip --hashlimit-name tcpr-{port}-{access.rate}-{burst} " + _reject(port, "rate")
+        )
+    chains[f"{ACCESS_CHAIN_PREFIX}{port}"] = tuple(checks)
+    return chains
+
+
+def _forward_chains(routed: Sequence[Frontend], mark_bit: int) -> dict[str, tuple[str, ...]]:
+    """TCPR-FORWARD and the chains it jumps to.
+
+    A routed connection is accepted at the first rule unless its frontend has access labels (its mark has the
+    access bit as well): then its first packet is checked in TCPR-ACCESS, and every packet is accepted by the
+    third rule. A frontend without access labels costs one rule per packet, one with them three, whatever
+    its labels say. An INVALID packet has no connection (so no mark); only a TCP one from a backend's network
+    (a backend's reply that would leave un-NATed) or to it (a stray segment) is dropped, not the host's other
+    forwarded traffic.
+    """
+    both = mark_bit | access_bit(mark_bit)
+    forward = [f"-m connmark --mark {mark_bit:#x}/{both:#x} -j ACCEPT"]
+    chains: dict[str, tuple[str, ...]] = {}
+    guarded = [f for f in routed if f.access]
+    if guarded:
+        forward.append(f"-m connmark --mark {both:#x}/{both:#x} -m conntrack --ctstate NEW -j {ACCESS_CHAIN}")
+        chains[ACCESS_CHAIN] = tuple(
+            f"-m conntrack --ctorigdstport {f.port} -j {ACCESS_CHAIN_PREFIX}{f.port}" for f in guarded
+        )
+        for frontend in guarded:
+            chains.update(access_rules(frontend.port, frontend.access))
+    forward += [
+        f"-m connmark --mark {mark_bit:#x}/{mark_bit:#x} -j ACCEPT",
+        f"-m conntrack --ctstate INVALID -j {INVALID_CHAIN}",
+    ]
+    # To and from the backends' networks (remote backends: their hosts), not endpoints: this chain then changes when a
+    # network appears, not whenever a backend joins, and a change stays one frontend chain's rewrite.
+    sources = sorted({b.subnet or f"{b.ip}/32" for f in routed for b in f.backends})
+    chains[INVALID_CHAIN] = tuple(f"{way} {net} -p tcp -j DROP" for net in sources for way in ("-s", "-d"))
+    return {FORWARD_CHAIN: tuple(forward), **chains}
+
+
 def _dnat(backend: Backend, condition: str = "", skip_self: bool = True) -> str:
     comment = save_string(backend.name[:_COMMENT_MAX] or backend.container_id[:12])
     statistic = f" -m statistic {condition}" if condition else ""
@@ -212,16 +314,12 @@ def compile_rules(state: DesiredState, options: Options = Options()) -> RuleSet:
         FRONTENDS_CHAIN: dispatch_rules(f.port for f in routed),
         POSTROUTING_CHAIN: _snat_rules(routed, mark, options),
     }
+    guarded_bits = options.mark_bit | access_bit(options.mark_bit)
+    guarded_mark = f"{guarded_bits:#x}/{guarded_bits:#x}"
     for frontend in routed:
-        nat[frontend_chain(frontend.port)] = pool_rules(frontend, mark)
+        nat[frontend_chain(frontend.port)] = pool_rules(frontend, guarded_mark if frontend.access else mark)
 
-    filter_chains = {
-        CANARY_CHAIN: (),
-        FORWARD_CHAIN: (
-            "-m conntrack --ctstate INVALID -j DROP",
-            f"-m connmark --mark {mark} -j ACCEPT",
-        ),
-    }
+    filter_chains = {CANARY_CHAIN: (), **_forward_chains(routed, options.mark_bit)}
     filter_hooks = [(options.forward_parent, f"-j {FORWARD_CHAIN}")]
     if options.route_localhost:
         # route_localnet also lets other machines reach 127.0.0.1 services (CVE-2020-8558): drop

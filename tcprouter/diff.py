@@ -2,18 +2,22 @@
 
 Pure functions. Only chains whose content differs are rewritten; owned chains that are no longer
 wanted are flushed and deleted; hooks in chains we do not own are fixed by deleting our own jumps
-(by their exact text) and inserting one at the top. Nothing without the TCPR- prefix is ever
-declared (which would flush it) or deleted.
+(by their exact text) and inserting one: at the top, or in the operator's chain (DOCKER-USER) after the
+operator's rules. Nothing without the TCPR- prefix is ever declared (which would flush it) or deleted,
+and a foreign rule is never moved.
 """
 
 from __future__ import annotations
 
 import re
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .compiler import PREFIX, RuleSet, Tables
 
+# Chains where the operator puts their own filter rules: our hook goes after them, so that theirs win.
+OPERATOR_CHAINS = frozenset({"DOCKER-USER"})
 _COUNTERS = re.compile(r"^\[\d+:\d+\]\s+")
 
 
@@ -67,10 +71,24 @@ def owned(chain: str) -> bool:
     return chain.startswith(PREFIX)
 
 
-def hook_in_place(parent_rules: tuple[str, ...], hook: str) -> bool:
-    """Our hook is the parent's first rule and the only jump of ours in it."""
+def _live_end(parent_rules: Sequence[str]) -> int:
+    """The index of the first unconditional RETURN (the rules after it never run), else the chain's length."""
+    return next((i for i, rule in enumerate(parent_rules) if rule == "-j RETURN"), len(parent_rules))
+
+
+def hook_index(parent: str, parent_rules: Sequence[str]) -> int:
+    """Where our hook belongs among the parent's foreign rules (0-based): first, or in an operator's chain
+    after every rule that runs, i.e. before Docker's trailing RETURN. An operator's rule inserted above
+    it later (`-I`) keeps its place and its precedence; one appended after the RETURN never runs anyway."""
+    return _live_end(parent_rules) if parent in OPERATOR_CHAINS else 0
+
+
+def hook_in_place(parent: str, parent_rules: tuple[str, ...], hook: str) -> bool:
+    """Our hook is the only jump of ours in the parent, at its place (hook_index of the other rules)."""
     ours = [i for i, rule in enumerate(parent_rules) if owned(jump_target(rule) or "")]
-    return ours == [0] and parent_rules[0] == hook
+    if len(ours) != 1 or parent_rules[ours[0]] != hook:
+        return False
+    return ours[0] == hook_index(parent, parent_rules[: ours[0]] + parent_rules[ours[0] + 1 :])
 
 
 def restore_script(current: Tables, desired: RuleSet, tables: tuple[str, ...] = ("nat", "filter")) -> str:
@@ -89,10 +107,11 @@ def restore_script(current: Tables, desired: RuleSet, tables: tuple[str, ...] = 
                 appends.extend(f"-A {chain} {rule}" for rule in rules)
         for parent, hook in desired.hooks.get(table, ()):
             parent_rules = have.get(parent, ())
-            if hook_in_place(parent_rules, hook):
+            if hook_in_place(parent, parent_rules, hook):
                 continue
+            foreign = tuple(rule for rule in parent_rules if not owned(jump_target(rule) or ""))
             hook_ops.extend(f"-D {parent} {rule}" for rule in parent_rules if owned(jump_target(rule) or ""))
-            hook_ops.append(f"-I {parent} 1 {hook}")
+            hook_ops.append(f"-I {parent} {hook_index(parent, foreign) + 1} {hook}")
         wanted_parents = {parent for parent, _ in desired.hooks.get(table, ())}
         for parent, rules in have.items():  # stale hooks, e.g. left by another --listen-address
             if not owned(parent) and parent not in wanted_parents:

@@ -54,6 +54,18 @@ def load() -> ModuleType:
     return _module
 
 
+# Options that python-iptables leaves at 0 where iptables sets a default, and the kernel refuses 0 (EINVAL):
+# hashlimit's expiry in rate mode. iptables-save omits them at their default, so rules do not carry them;
+# they are set on a new match first, and the rule's own options may override them.
+KERNEL_DEFAULTS = {"hashlimit": {"hashlimit-htable-expire": "1000"}}  # ms, as iptables-save omits it
+
+
+def set_defaults(match: Any, name: str) -> None:
+    """Give a new match the defaults of KERNEL_DEFAULTS."""
+    for option, value in KERNEL_DEFAULTS.get(name, {}).items():
+        match.set_parameter(option, [value])
+
+
 def final_check(module: Any) -> None:
     """A match's or target's own final check (mandatory options, derived fields), right after its options.
 

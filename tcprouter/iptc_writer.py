@@ -62,6 +62,7 @@ class Operation:
     kind: str  # "declare" | "insert" | "delete" | "append" | "remove"
     chain: str
     rule: str = ""  # the rule spec in iptables-save syntax (insert, delete, append)
+    position: int = 0  # insert: the index the rule takes (0: at the top)
 
 
 def parse_script(script: str) -> list[tuple[str, list[Operation]]]:
@@ -69,7 +70,7 @@ def parse_script(script: str) -> list[tuple[str, list[Operation]]]:
 
     Ownership is enforced here, before anything touches the kernel: only TCPR- chains may be
     declared (created or flushed), appended to or deleted; in other chains rules may only be inserted
-    at the top or deleted by their exact text.
+    (at a position) or deleted by their exact text.
     """
     tables: list[tuple[str, list[Operation]]] = []
     ops: list[Operation] | None = None
@@ -102,9 +103,9 @@ def parse_script(script: str) -> list[tuple[str, list[Operation]]]:
             ops.append(Operation("delete", chain, spec))
         elif flag == "-I":
             position, _, spec = spec.partition(" ")
-            if position != "1":
-                raise ScriptError(f"line {number}: only inserts at position 1 are supported: {line!r}")
-            ops.append(Operation("insert", chain, spec))
+            if not position.isdecimal() or int(position) < 1:
+                raise ScriptError(f"line {number}: an insert needs a position (1 or more): {line!r}")
+            ops.append(Operation("insert", chain, spec, int(position) - 1))
         elif flag == "-X" and chain and not spec:
             _require_owned(chain, number, line)
             ops.append(Operation("remove", chain))
@@ -162,6 +163,7 @@ def build_rule(iptc: ModuleType, spec: str, is_chain: Callable[[str], bool]) -> 
             elif word in ("-m", "--match"):
                 iptc_adapter.final_check(module)
                 module = iptc.Match(rule, _value(words, i, spec))
+                iptc_adapter.set_defaults(module, _value(words, i, spec))
                 rule.add_match(module)
                 i += 2
             elif word in ("-j", "--jump", "-g", "--goto"):
@@ -306,7 +308,7 @@ class IptcWriter:
                     if op.kind == "append":
                         handle.append_entry(op.chain, rule.rule)
                     elif op.kind == "insert":
-                        handle.insert_entry(op.chain, rule.rule, 0)
+                        handle.insert_entry(op.chain, rule.rule, op.position)
                     else:
                         handle.delete_entry(op.chain, rule.rule, rule.mask)
             except iptc.IPTCError as error:

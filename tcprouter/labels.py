@@ -13,7 +13,7 @@ from collections import defaultdict
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
-from .model import Backend, Balance, ContainerSnapshot, DesiredState, Frontend, Rejection
+from .model import OPEN, Access, Backend, Balance, ContainerSnapshot, DesiredState, Frontend, Rejection
 from .policy import DEFAULT_POLICY, Policy, owner_text
 
 DEFAULT_PREFIX = "tcp"
@@ -21,6 +21,10 @@ DEFAULT_PREFIX = "tcp"
 # (reached through VXLAN, not from the host), and a macvlan or ipvlan parent cannot talk to its own children.
 UNROUTABLE_DRIVERS = frozenset({"overlay", "macvlan", "ipvlan"})
 _DECIMAL = re.compile(r"[0-9]{1,6}")
+_RATE = re.compile(r"([0-9]{1,6})/s")
+MAX_ALLOW = 64  # CIDRs in tcp.allow: each is a rule that a new connection may traverse
+MAX_RATE = 100_000  # new connections per second (hashlimit takes up to 1,000,000)
+MAX_BURST = 10_000  # hashlimit's own limit
 
 
 class LabelError(ValueError):
@@ -39,6 +43,7 @@ class BackendSpec:
     frontend_port: int
     backend: Backend
     balance: Balance | None  # None: the label was not set
+    access: Access = OPEN
 
 
 def _integer(labels: dict[str, str], key: str, low: int, high: int) -> int | None:
@@ -177,7 +182,60 @@ def parse_backend(container: ContainerSnapshot, prefix: str = DEFAULT_PREFIX) ->
         subnet=subnet,
         node=container.node,
     )
-    return BackendSpec(frontend_port=port, backend=backend, balance=balance)
+    return BackendSpec(frontend_port=port, backend=backend, balance=balance, access=parse_access(labels, prefix))
+
+
+def _allow(labels: Mapping[str, str], key: str) -> tuple[str, ...]:
+    raw = labels.get(key)
+    if raw is None:
+        return ()
+    entries = [entry.strip() for entry in raw.split(",")]
+    if not 1 <= len(entries) <= MAX_ALLOW:
+        raise LabelError("invalid_allow", f"label {key}={raw!r}: give 1 to {MAX_ALLOW} client networks")
+    networks = []
+    for entry in entries:
+        try:
+            networks.append(str(ipaddress.IPv4Network(entry, strict=False)))
+        except ValueError:
+            raise LabelError(
+                "invalid_allow", f"label {key}={raw!r}: {entry!r} is not an IPv4 network like 192.0.2.0/24"
+            ) from None
+    if "0.0.0.0/0" in networks:
+        return ()  # every client (and iptables-save would print `-s 0.0.0.0/0` as no match at all)
+    return tuple(dict.fromkeys(networks))  # in order, once each
+
+
+def parse_access(labels: dict[str, str], prefix: str = DEFAULT_PREFIX) -> Access:
+    """The access labels of a container (tcp.allow, tcp.maxconn, tcp.rate, tcp.burst), validated."""
+    maxconn = _integer(labels, f"{prefix}.maxconn", 1, 65535)
+    rate_raw = labels.get(f"{prefix}.rate")
+    rate = None
+    if rate_raw is not None:
+        match = _RATE.fullmatch(rate_raw.strip())
+        if not match or not 1 <= int(match.group(1)) <= MAX_RATE:
+            raise LabelError(
+                "invalid_rate", f"label {prefix}.rate={rate_raw!r} is not N/s with N an integer 1-{MAX_RATE}"
+            )
+        rate = int(match.group(1))
+    burst = _integer(labels, f"{prefix}.burst", 1, MAX_BURST)
+    if burst is not None and rate is None:
+        raise LabelError("invalid_burst", f"label {prefix}.burst={labels[f'{prefix}.burst']!r} needs {prefix}.rate")
+    return Access(allow=_allow(labels, f"{prefix}.allow"), maxconn=maxconn, rate=rate, burst=burst)
+
+
+def _pool_access(port: int, specs: list[BackendSpec], warnings: list[str]) -> Access:
+    """The oldest backend's access settings, as a whole (none set: open), win; a backend that disagrees
+    is warned about. A newer container cannot loosen (or tighten) a frontend it joins."""
+    if not specs:
+        return OPEN
+    oldest = specs[0]
+    for other in specs[1:]:
+        if other.access != oldest.access:
+            warnings.append(
+                f"frontend {port}: container {other.backend.name} asks for access {other.access}, "
+                f"the oldest container {oldest.backend.name} sets {oldest.access}, which wins"
+            )
+    return oldest.access
 
 
 def desired_state(
@@ -227,7 +285,7 @@ def desired_state(
                     f"frontend {port}: container {other.backend.name} asks for balance {other.balance}, "
                     f"the oldest container {settings[0].backend.name} sets {balance}, which wins"
                 )
-        frontends[port] = Frontend(port, balance, tuple(s.backend for s in specs))
+        frontends[port] = Frontend(port, balance, tuple(s.backend for s in specs), _pool_access(port, specs, warnings))
     return DesiredState(frontends=frontends, rejections=tuple(rejections), warnings=tuple(warnings))
 
 

@@ -21,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
-from .compiler import Tables, frontend_port, rule_comment
+from .compiler import Tables, frontend_port, refusal, rule_comment
 from .diff import SavedRule, owned
 from .model import DesiredState
 from .netfilter import Flavour, Iptables
@@ -59,6 +59,21 @@ def backend_connections(rules: list[tuple[str, SavedRule]]) -> dict[tuple[str, s
         if name is not None:
             totals[(str(port), name)] += rule.packets
     return dict(totals)
+
+
+def refused_connections(rules: list[tuple[str, SavedRule]]) -> dict[tuple[str, str], tuple[int, tuple[str, ...]]]:
+    """(frontend port, reason) -> the packet count of its REJECT rule (a new connection's first packet each:
+    only those are checked) and the rules of the chain it is in (a rewritten chain restarts its counts)."""
+    chains: dict[str, tuple[str, ...]] = {}
+    for table, rule in rules:
+        if table == "filter":
+            chains[rule.chain] = (*chains.get(rule.chain, ()), rule.spec)
+    found: dict[tuple[str, str], tuple[int, tuple[str, ...]]] = {}
+    for table, rule in rules:
+        refused = refusal(rule.spec) if table == "filter" else None
+        if refused is not None:
+            found[(str(refused[0]), refused[1])] = (rule.packets, chains[rule.chain])
+    return found
 
 
 def _frontend_chains(rules: list[tuple[str, SavedRule]]) -> dict[str, tuple[str, ...]]:
@@ -111,6 +126,10 @@ class StateCollector(Collector):
         self._gone = lingering or Lingering()  # backends whose rules left: their totals are still exported
         self._last: dict[tuple[str, str], int] = {}
         self._chains: dict[str, tuple[str, ...]] = {}
+        # The same for refused connections: (frontend, reason) -> carried total; last count and chain rules.
+        self._refused_carried: Tally[tuple[str, str]] = Tally()
+        self._refused_gone: Lingering[tuple[str, str]] = Lingering(self._gone.grace, self._gone.clock)
+        self._refused_last: dict[tuple[str, str], tuple[int, tuple[str, ...]]] = {}
         # Serialises scrapes (read and fold together: a stale read folded after a newer one would look like
         # a reset). The reconciler never takes it.
         self._lock = threading.RLock()
@@ -141,6 +160,23 @@ class StateCollector(Collector):
             totals.update((key, self._carried[key] + value) for key, value in current.items())
             return totals
 
+    def refused_totals(self, rules: list[tuple[str, SavedRule]]) -> dict[tuple[str, str], int]:
+        """Monotonic refusal counts per (frontend, reason), carried over rewrites of their chain as
+        connection_totals does; those of a frontend that dropped the label stay for the grace period."""
+        current = refused_connections(rules)
+        with self._lock:
+            for key, (last, chain) in self._refused_last.items():
+                count, now_chain = current.get(key, (0, ()))
+                if key not in current or count < last or now_chain != chain:
+                    self._refused_carried[key] += last
+            self._refused_gone.update(self._refused_last, current)
+            for key in self._refused_gone.expired():
+                del self._refused_carried[key]
+            self._refused_last = current
+            totals = {key: total for key, total in self._refused_carried.items() if key in self._refused_gone}
+            totals.update((key, self._refused_carried[key] + count) for key, (count, _) in current.items())
+            return totals
+
     def collect(self) -> Iterator[Metric]:
         state = self._state
         frontends = GaugeMetricFamily("tcprouter_frontends", "Frontends (public ports) declared by labels")
@@ -166,6 +202,7 @@ class StateCollector(Collector):
                 log.warning("metrics: cannot read the kernel rules: %s", error)
                 return
             totals = self.connection_totals(rules)
+            refused = self.refused_totals(rules)
         counts = GaugeMetricFamily(
             "tcprouter_rules", "Rules in owned chains, as the kernel holds them", labels=["table", "chain"]
         )
@@ -180,7 +217,15 @@ class StateCollector(Collector):
         )
         for (port, name), total in sorted(totals.items()):
             connections.add_metric([port, name], total)
-        yield from (counts, connections)
+        refusals = CounterMetricFamily(
+            "tcprouter_refused_connections",
+            "New connections refused with a reset by a frontend's access labels (allow, maxconn, rate), "
+            "from the kernel's rule counters",
+            labels=["frontend", "reason"],
+        )
+        for (port, reason), total in sorted(refused.items()):
+            refusals.add_metric([port, reason], total)
+        yield from (counts, connections, refusals)
 
 
 class Metrics:

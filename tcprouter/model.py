@@ -73,10 +73,30 @@ class Backend:
 
 
 @dataclass(frozen=True)
+class Access:
+    """Who may open connections to a frontend (labels tcp.allow, tcp.maxconn, tcp.rate, tcp.burst).
+
+    Checked on new connections only; a refused client gets a TCP reset.
+    """
+
+    allow: tuple[str, ...] = ()  # client networks (CIDR, normalised); empty: every client
+    maxconn: int | None = None  # concurrent connections per client address
+    rate: int | None = None  # new connections per second per client address
+    burst: int | None = None  # with rate: how many may come at once (hashlimit's default, 5, if unset)
+
+    def __bool__(self) -> bool:
+        return bool(self.allow) or self.maxconn is not None or self.rate is not None
+
+
+OPEN = Access()
+
+
+@dataclass(frozen=True)
 class Frontend:
     port: int
     balance: Balance
     backends: tuple[Backend, ...]  # in rotation order (oldest container first)
+    access: Access = OPEN
 
 
 @dataclass(frozen=True)

@@ -109,7 +109,9 @@ class Syncer:
                     if frontend_port(chain) is not None:
                         continue
                     found = self.writer.list_chain(table, chain)
-                    in_place = found == rules if owned(chain) else found is not None and hook_in_place(found, rules[0])
+                    in_place = (
+                        found == rules if owned(chain) else found is not None and hook_in_place(chain, found, rules[0])
+                    )
                     if not in_place:
                         log.warning("drift: %s chain %s was changed by someone else; resyncing", table, chain)
                         return True

@@ -71,8 +71,8 @@ class FakeKernel:
     def delete_rule(self, table: str, chain: str, index: int = 0) -> str:
         return self.tables[table][chain].pop(index)
 
-    def insert_rule(self, table: str, chain: str, rule: str) -> None:
-        self.tables[table][chain].insert(0, rule)
+    def insert_rule(self, table: str, chain: str, rule: str, index: int = 0) -> None:
+        self.tables[table][chain].insert(index, rule)
 
     def foreign(self) -> dict[str, dict[str, list[str]]]:
         """Everything that is not tcprouter's: chains without the TCPR- prefix, without the jumps into ours."""
@@ -95,7 +95,9 @@ def _apply(chains: dict[str, list[str]], op: Operation) -> None:
     if op.kind == "append":
         rules.append(op.rule)
     elif op.kind == "insert":
-        rules.insert(0, op.rule)
+        if op.position > len(rules):
+            raise NetfilterError(f"iptables-restore: -I {op.chain} {op.position + 1}: index of insertion too big")
+        rules.insert(op.position, op.rule)
     elif op.kind == "delete":
         if op.rule not in rules:
             raise NetfilterError(f"iptables-restore: -D {op.chain} {op.rule}: no such rule")

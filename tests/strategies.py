@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 from hypothesis import strategies as st
 
-from tcprouter.model import Backend, Balance, ContainerSnapshot, DesiredState, Frontend
+from tcprouter.model import Access, Backend, Balance, ContainerSnapshot, DesiredState, Frontend
 
 ports = st.integers(min_value=1, max_value=65535)
 names = st.from_regex(r"[a-z][a-z0-9_.-]{0,20}", fullmatch=True)
@@ -23,6 +25,18 @@ def backends(draw: st.DrawFn, index: int) -> Backend:
     )
 
 
+networks = st.tuples(st.integers(0, 255), st.integers(0, 255), st.integers(8, 32)).map(
+    lambda t: str(ipaddress.IPv4Network(f"{t[0]}.{t[1]}.0.0/{t[2]}", strict=False))
+)
+accesses = st.builds(
+    Access,
+    allow=st.lists(networks, max_size=3, unique=True).map(tuple),
+    maxconn=st.none() | st.integers(1, 65535),
+    rate=st.none() | st.integers(1, 100_000),
+    burst=st.none() | st.integers(1, 10_000),
+)
+
+
 @st.composite
 def desired_states(draw: st.DrawFn, max_frontends: int = 5, max_backends: int = 5) -> DesiredState:
     frontend_ports = draw(st.lists(ports, max_size=max_frontends, unique=True))
@@ -34,7 +48,7 @@ def desired_states(draw: st.DrawFn, max_frontends: int = 5, max_backends: int = 
         for _ in range(count):
             counter += 1
             pool.append(draw(backends(counter)))
-        frontends[port] = Frontend(port, draw(st.sampled_from(Balance)), tuple(pool))
+        frontends[port] = Frontend(port, draw(st.sampled_from(Balance)), tuple(pool), draw(accesses))
     return DesiredState(frontends=frontends)
 
 

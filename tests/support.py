@@ -10,6 +10,7 @@ import re
 import secrets
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -426,3 +427,44 @@ class Load:
     @property
     def failures(self) -> list[tuple[float, str | None, str | None]]:
         return [o for o in self.outcomes if o[2] is not None]
+
+
+def _checksum(data: bytes) -> int:
+    data += b"\0" * (len(data) % 2)
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def invalid_segment_crosses(sender: str, source: str, receiver: str, destination: str, timeout: float = 5) -> bool:
+    """Whether a SYN+RST segment (INVALID for conntrack: no flow may carry both) sent from namespace `sender`
+    (address `source`) reaches namespace `receiver` (`destination`); sent again until it does or `timeout` s."""
+    sport, dport = 40000 + secrets.randbelow(20000), 9
+    header = struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, 0x02 | 0x04, 1024, 0, 0)
+    pseudo = socket.inet_aton(source) + socket.inet_aton(destination) + struct.pack("!BBH", 0, 6, len(header))
+    segment = header[:16] + struct.pack("!H", _checksum(pseudo + header)) + header[18:]
+
+    def send() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP) as raw:
+            raw.sendto(segment, (destination, 0))
+
+    sniffer = in_netns(receiver, lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP))
+    with sniffer:
+        sniffer.settimeout(0.2)
+
+        def arrived() -> bool:
+            in_netns(sender, send)
+            try:
+                while True:
+                    packet = sniffer.recv(4096)
+                    ihl = (packet[0] & 0x0F) * 4
+                    if packet[ihl : ihl + 4] == struct.pack("!HH", sport, dport):
+                        return True
+            except TimeoutError:
+                return False
+
+        try:
+            return wait_until(arrived, timeout, what="the INVALID segment to arrive")
+        except AssertionError:
+            return False

@@ -12,17 +12,21 @@ from hypothesis import strategies as st
 from tcprouter.compiler import (
     Options,
     RuleSet,
+    access_bit,
+    access_rules,
     compile_rules,
     frontend_chain,
     frontend_port,
+    hashlimit_rate,
     pool_rules,
+    refusal,
     rotation,
     rule_comment,
     save_string,
     split_words,
 )
-from tcprouter.diff import believed_tables, parse_save, restore_script
-from tcprouter.model import Backend, Balance, DesiredState, Frontend
+from tcprouter.diff import believed_tables, hook_in_place, parse_save, restore_script
+from tcprouter.model import Access, Backend, Balance, DesiredState, Frontend
 
 from .strategies import backends, desired_states, ports
 
@@ -138,9 +142,74 @@ def test_empty_pools_are_not_routed_and_hooks_are_in_place():
     assert ("PREROUTING", "-m addrtype --dst-type LOCAL -j TCPR-FRONTENDS") in rules.hooks["nat"]
     assert ("DOCKER-USER", "-j TCPR-FORWARD") in rules.hooks["filter"]
     assert rules.chains["filter"]["TCPR-FORWARD"] == (
-        "-m conntrack --ctstate INVALID -j DROP",
+        "-m connmark --mark 0x100000/0x300000 -j ACCEPT",
         f"-m connmark --mark {MARK} -j ACCEPT",
+        "-m conntrack --ctstate INVALID -j TCPR-INVALID",
     )
+    # only INVALID packets from or to a backend's network are dropped, not the host's other forwarded traffic
+    assert rules.chains["filter"]["TCPR-INVALID"] == (
+        "-s 172.17.0.0/16 -p tcp -j DROP",
+        "-d 172.17.0.0/16 -p tcp -j DROP",
+    )
+    assert "TCPR-ACCESS" not in rules.chains["filter"]
+
+
+def test_access_labels_compile_to_checks_of_new_connections_of_that_frontend_only():
+    guarded = Access(allow=("10.1.0.0/16", "192.0.2.7/32"), maxconn=2, rate=10, burst=20)
+    state = DesiredState(
+        {
+            80: Frontend(80, Balance.ROUNDROBIN, (backend(1),), guarded),
+            81: Frontend(81, Balance.ROUNDROBIN, (backend(2),)),
+            82: Frontend(82, Balance.ROUNDROBIN, (), guarded),  # not routed: no checks either
+        }
+    )
+    rules = compile_rules(state)
+    nat, filter_ = rules.chains["nat"], rules.chains["filter"]
+    assert nat["TCPR-FE-80"][0] == "-j CONNMARK --set-xmark 0x300000/0x300000"
+    assert nat["TCPR-FE-81"][0] == f"-j CONNMARK --set-xmark {MARK}"
+    assert filter_["TCPR-FORWARD"] == (
+        "-m connmark --mark 0x100000/0x300000 -j ACCEPT",  # frontend 81: one rule, as without access labels
+        "-m connmark --mark 0x300000/0x300000 -m conntrack --ctstate NEW -j TCPR-ACCESS",
+        f"-m connmark --mark {MARK} -j ACCEPT",
+        "-m conntrack --ctstate INVALID -j TCPR-INVALID",
+    )
+    assert filter_["TCPR-ACCESS"] == ("-m conntrack --ctorigdstport 80 -j TCPR-AC-80",)
+    reject = "-j REJECT --reject-with tcp-reset"
+    assert filter_["TCPR-AC-80"] == (
+        "-j TCPR-AL-80",
+        "-p tcp -m connlimit --connlimit-above 2 --connlimit-mask 32 --connlimit-saddr "
+        f"-m comment --comment refused-80-maxconn {reject}",
+        "-p tcp -m hashlimit --hashlimit-above 10/sec --hashlimit-burst 20 --hashlimit-mode srcip "
+        f"--hashlimit-name tcpr-80-10-20 -m comment --comment refused-80-rate {reject}",
+    )
+    assert filter_["TCPR-AL-80"] == (
+        "-s 10.1.0.0/16 -j RETURN",
+        "-s 192.0.2.7/32 -j RETURN",
+        f"-p tcp -m comment --comment refused-80-allow {reject}",
+    )
+    assert [refusal(rule) for rule in filter_["TCPR-AL-80"]] == [None, None, (80, "allow")]
+    assert not {"TCPR-AC-81", "TCPR-AC-82", "TCPR-AL-82"} & set(filter_)
+
+
+def test_rate_without_burst_takes_hashlimits_default_and_only_set_checks_appear():
+    chains = access_rules(9000, Access(rate=3))
+    assert chains == {
+        "TCPR-AC-9000": (
+            "-p tcp -m hashlimit --hashlimit-above 3/sec --hashlimit-burst 5 --hashlimit-mode srcip "
+            "--hashlimit-name tcpr-9000-3-5 -m comment --comment refused-9000-rate -j REJECT --reject-with tcp-reset",
+        )
+    }
+
+
+@pytest.mark.parametrize(("rate", "saved"), [(1, "1/sec"), (10, "10/sec"), (1105, "1106/sec"), (99999, "100000/sec")])
+def test_a_rate_is_written_as_iptables_save_prints_it_back(rate, saved):
+    """The kernel keeps 1,000,000 // rate microseconds between connections (the kernel tests load them all)."""
+    assert hashlimit_rate(rate) == saved
+
+
+@pytest.mark.parametrize(("mark_bit", "bit"), [(0x100000, 0x200000), (0x1, 0x2), (0x80000000, 0x40000000)])
+def test_access_bit_is_the_neighbour_of_the_mark_bit(mark_bit, bit):
+    assert access_bit(mark_bit) == bit
 
 
 def test_options_listen_address_snat_and_mark():
@@ -195,7 +264,10 @@ def apply_script_to_model(tables: dict, script: str) -> None:
             table[chain] = (*table[chain], rule)
         elif line.startswith("-I "):
             chain, _, rest = line[3:].partition(" ")
-            table[chain] = (rest.partition(" ")[2], *table.get(chain, ()))
+            position, _, rule = rest.partition(" ")
+            rules = list(table.get(chain, ()))
+            rules.insert(int(position) - 1, rule)
+            table[chain] = tuple(rules)
         elif line.startswith("-D "):
             chain, _, rule = line[3:].partition(" ")
             rules = list(table[chain])
@@ -277,3 +349,40 @@ def test_rules_split_into_words_as_iptables_restore_splits_them(spec: str, words
 def test_an_unclosed_quote_is_an_error():
     with pytest.raises(ValueError, match="unclosed quote"):
         split_words('--comment "abc')
+
+
+HOOK = "-j TCPR-FORWARD"
+OPERATOR_DROP = "-s 192.0.2.0/24 -j DROP"
+
+
+@pytest.mark.parametrize(
+    ("docker_user", "in_place"),
+    [
+        ((HOOK, "-j RETURN"), True),
+        ((OPERATOR_DROP, HOOK, "-j RETURN"), True),  # the operator inserted (-I) above us: theirs win, as meant
+        ((OPERATOR_DROP, HOOK), True),  # DOCKER-USER without Docker's RETURN (Docker 28 and later)
+        ((HOOK, "-j RETURN", OPERATOR_DROP), True),  # appended after the RETURN: it never runs, wherever we are
+        ((HOOK, OPERATOR_DROP, "-j RETURN"), False),  # an operator's rule below ours would not see routed flows
+        ((HOOK, OPERATOR_DROP), False),  # appended (-A) where there is no RETURN: same
+        (("-j RETURN", HOOK), False),  # after the RETURN: never reached
+        ((HOOK, HOOK, "-j RETURN"), False),
+        (("-j RETURN",), False),
+    ],
+)
+def test_the_hook_in_docker_user_belongs_after_the_operators_rules_and_before_the_return(docker_user, in_place):
+    assert hook_in_place("DOCKER-USER", docker_user, HOOK) is in_place
+    if in_place:
+        assert "DOCKER-USER" not in restore_script(
+            {"filter": {"DOCKER-USER": docker_user}}, compile_rules(DesiredState({}))
+        ), "a resync moves nothing"
+    else:
+        tables = {"filter": {"DOCKER-USER": docker_user}}
+        apply_script_to_model(tables, restore_script(tables, compile_rules(DesiredState({}))))
+        placed = tables["filter"]["DOCKER-USER"]
+        assert hook_in_place("DOCKER-USER", placed, HOOK)
+        assert [r for r in placed if r != HOOK] == [r for r in docker_user if r != HOOK]  # foreign rules unmoved
+
+
+def test_hooks_elsewhere_stay_first():
+    assert hook_in_place("FORWARD", (HOOK, OPERATOR_DROP), HOOK)
+    assert not hook_in_place("FORWARD", (OPERATOR_DROP, HOOK), HOOK)

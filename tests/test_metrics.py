@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tcprouter.compiler import Tables, compile_rules
 from tcprouter.diff import SavedRule, parse_save
 from tcprouter.metrics import Lingering, Metrics, StateCollector, backend_connections, kernel_reader
-from tcprouter.model import Backend, Balance, DesiredState, Frontend, Rejection
+from tcprouter.model import Access, Backend, Balance, DesiredState, Frontend, Rejection
 from tcprouter.netfilter import Flavour
 from tcprouter.providers.engine import EngineProvider
 
@@ -117,6 +117,43 @@ def test_a_count_that_drops_is_a_reset_even_if_the_chain_text_is_unchanged():
     assert totals(collector, pool(A, C), p27017=[0, 1, 7]) == {"web-a": 6, "web-c": 7}
 
 
+def test_refused_connections_come_from_the_reject_rules_and_stay_monotonic_over_rewrites():
+    guarded = DesiredState({27017: Frontend(27017, Balance.ROUNDROBIN, (A,), Access(allow=("10.0.0.0/8",), rate=5))})
+    clock = FakeClock()
+    collector = StateCollector(lambda: ({}, []), Lingering(300, clock))
+
+    def refused(state: DesiredState, **counts: list[int]) -> dict[tuple[str, str], int]:
+        return collector.refused_totals(kernel({chain.replace("_", "-"): c for chain, c in counts.items()}, state)[1])
+
+    # TCPR-AL: RETURN, REJECT; TCPR-AC: jump to TCPR-AL, the rate's REJECT
+    assert refused(guarded, TCPR_AL_27017=[50, 3], TCPR_AC_27017=[53, 2]) == {
+        ("27017", "allow"): 3,
+        ("27017", "rate"): 2,
+    }
+    assert refused(guarded, TCPR_AL_27017=[60, 4], TCPR_AC_27017=[64, 2]) == {
+        ("27017", "allow"): 4,
+        ("27017", "rate"): 2,
+    }
+    # another allowed network: TCPR-AL is rewritten and its count starts again at 0; the total goes on
+    wider = DesiredState(
+        {27017: Frontend(27017, Balance.ROUNDROBIN, (A,), Access(allow=("10.0.0.0/8", "192.0.2.0/24"), rate=5))}
+    )
+    assert refused(wider, TCPR_AL_27017=[1, 1, 1], TCPR_AC_27017=[3, 3]) == {
+        ("27017", "allow"): 5,
+        ("27017", "rate"): 3,
+    }
+    # the labels are dropped: the totals stay for the grace period, then leave
+    assert refused(pool(A)) == {("27017", "allow"): 5, ("27017", "rate"): 3}
+    clock.now += 300
+    assert refused(pool(A)) == {}
+
+
+def test_scrape_exposes_refused_connections_by_frontend_and_reason():
+    state = DesiredState({80: Frontend(80, Balance.ROUNDROBIN, (A,), Access(maxconn=2))})
+    metrics = Metrics(lambda: kernel({"TCPR-AC-80": [7]}, state))
+    assert scrape(metrics)["tcprouter_refused_connections"] == [({"frontend": "80", "reason": "maxconn"}, 7)]
+
+
 def scrape(metrics: Metrics) -> dict[str, list[tuple[dict[str, str], float]]]:
     families = text_string_to_metric_families(generate_latest(metrics.registry).decode())
     return {f.name: [(s.labels, s.value) for s in f.samples if not s.name.endswith("_created")] for f in families}
@@ -149,7 +186,7 @@ def test_scrape_shows_the_published_state_and_the_kernel():
     ]
     rules = {(labels["table"], labels["chain"]): value for labels, value in seen["tcprouter_rules"]}
     assert rules[("nat", "TCPR-FE-27017")] == 4  # CONNMARK, two slots, fallback
-    assert rules[("filter", "TCPR-FORWARD")] == 2
+    assert rules[("filter", "TCPR-FORWARD")] == 3
     assert rules[("nat", "TCPR-CANARY")] == 0  # an owned chain without rules still counts
     assert ("nat", "TCPR-FE-1883") not in rules  # an empty pool has no chain
 

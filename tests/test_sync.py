@@ -108,7 +108,7 @@ def test_a_partial_sync_does_not_see_drift_and_a_full_one_repairs_and_counts_it(
     [
         lambda k: k.flush("nat", "TCPR-FRONTENDS"),
         lambda k: k.delete_rule("nat", "PREROUTING", 0),  # our hook
-        lambda k: k.insert_rule("filter", "DOCKER-USER", "-j ACCEPT"),  # something put ahead of our hook
+        lambda k: k.insert_rule("nat", "PREROUTING", "-j ACCEPT"),  # something put ahead of our hook
         lambda k: k.flush("filter", "TCPR-FORWARD"),
     ],
     ids=["flushed-dispatch", "hook-deleted", "hook-displaced", "flushed-forward"],
@@ -194,3 +194,25 @@ def test_a_port_docker_publishes_is_found_in_its_nat_chain_and_not_routed(kernel
     assert syncer.sync([squatter, container(2)], full=True)
     assert [(r.name, r.reason) for r in syncer.state.rejections] == [("c1", "port_in_use")]
     assert owned(kernel) == expected([container(2)])
+
+
+def test_operators_rules_in_docker_user_keep_precedence_over_the_hook(kernel: FakeKernel, syncer: Syncer):
+    """An operator's rule inserted on top of DOCKER-USER stays above the hook: no drift, nothing moves. One put
+    between the hook and Docker's RETURN would not see routed flows: the hook is re-placed after it."""
+    view = [container(1)]
+    assert syncer.sync(view, full=True)
+    assert kernel.tables["filter"]["DOCKER-USER"] == ["-j TCPR-FORWARD", "-j RETURN"]
+    kernel.insert_rule("filter", "DOCKER-USER", "-s 192.0.2.0/24 -j DROP")
+    assert not syncer.drifted()
+    writes = len(kernel.scripts)
+    assert syncer.sync(view, full=True)
+    assert len(kernel.scripts) == writes  # nothing to write: the operator's rule is where it belongs
+    kernel.insert_rule("filter", "DOCKER-USER", "-s 198.51.100.0/24 -j DROP", index=2)  # below the hook
+    assert syncer.drifted()
+    assert syncer.sync(view, full=True)
+    assert kernel.tables["filter"]["DOCKER-USER"] == [
+        "-s 192.0.2.0/24 -j DROP",
+        "-s 198.51.100.0/24 -j DROP",
+        "-j TCPR-FORWARD",
+        "-j RETURN",
+    ]

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tcprouter.compiler import Options, RuleSet, compile_rules, frontend_chain, rule_comment
-from tcprouter.diff import believed_tables, owned_only, parse_save, restore_script
+from tcprouter.diff import believed_tables, hook_in_place, owned_only, parse_save, restore_script
 from tcprouter.iptc_writer import IptcWriter, Operation, ScriptError, parse_script
 from tcprouter.model import Backend, Balance, DesiredState, Frontend
 from tcprouter.netfilter import Flavour, Iptables, NetfilterError, open_writer
@@ -139,7 +139,8 @@ def test_parse_script_reads_every_kind_of_line_in_order():
         "-F FORWARD",
         "-P FORWARD ACCEPT",
         "-R FORWARD 1 -j ACCEPT",
-        "-I FORWARD 2 -j TCPR-FORWARD",  # hooks go to the top
+        "-I FORWARD 0 -j TCPR-FORWARD",  # positions count from 1
+        "-I FORWARD -j TCPR-FORWARD",
         "-N TCPR-X",
     ],
 )
@@ -297,21 +298,22 @@ def test_iptc_writer_leaves_foreign_objects_alone_through_apply_repair_and_clean
         tables = parse_save(saved(ns))[0]
         for table, hooks in state_rules.hooks.items():
             for parent, hook in hooks:
-                assert tables[table][parent][0] == hook  # our hook first, the foreign rules after it
+                assert hook_in_place(parent, tables[table][parent], hook)
         assert kernel_owned(ns) == owned_only(believed_tables(state_rules))
 
-        # someone inserts above our hooks: a resync puts ours back on top, theirs stay
+        # someone inserts above our hooks: a resync puts ours back on top, theirs stay; in DOCKER-USER the
+        # operator's rule belongs above ours and nothing moves
         Restore(ns).restore("*nat\n-I PREROUTING 1 -p tcp -m tcp --dport 22 -j RETURN\nCOMMIT\n")
         Restore(ns).restore("*filter\n-I DOCKER-USER 1 -s 192.0.2.1/32 -j DROP\nCOMMIT\n")
         script = sync(iptc, state_rules)
         assert "-D PREROUTING " in script and "-I PREROUTING 1 " in script
-        assert "-D DOCKER-USER " in script and "-I DOCKER-USER 1 " in script
+        assert "DOCKER-USER" not in script
         tables = parse_save(saved(ns))[0]
         assert tables["nat"]["PREROUTING"][:2] == (
             state_rules.hooks["nat"][0][1],
             "-p tcp -m tcp --dport 22 -j RETURN",
         )
-        assert tables["filter"]["DOCKER-USER"][:2] == ("-j TCPR-FORWARD", "-s 192.0.2.1/32 -j DROP")
+        assert tables["filter"]["DOCKER-USER"] == ("-s 192.0.2.1/32 -j DROP", "-j TCPR-FORWARD", "-j RETURN")
         assert kernel_owned(ns) == owned_only(believed_tables(state_rules))
 
         # cleanup removes every owned object and nothing else
