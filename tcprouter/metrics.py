@@ -11,7 +11,7 @@ import socket
 import threading
 import time
 from collections import Counter as Tally
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from typing import Generic, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -64,10 +64,7 @@ def backend_connections(rules: list[tuple[str, SavedRule]]) -> dict[tuple[str, s
 def refused_connections(rules: list[tuple[str, SavedRule]]) -> dict[tuple[str, str], tuple[int, tuple[str, ...]]]:
     """(frontend port, reason) -> the packet count of its REJECT rule (a new connection's first packet each:
     only those are checked) and the rules of the chain it is in (a rewritten chain restarts its counts)."""
-    chains: dict[str, tuple[str, ...]] = {}
-    for table, rule in rules:
-        if table == "filter":
-            chains[rule.chain] = (*chains.get(rule.chain, ()), rule.spec)
+    chains = _chain_rules(rules, "filter")
     found: dict[tuple[str, str], tuple[int, tuple[str, ...]]] = {}
     for table, rule in rules:
         refused = refusal(rule.spec) if table == "filter" else None
@@ -76,14 +73,19 @@ def refused_connections(rules: list[tuple[str, SavedRule]]) -> dict[tuple[str, s
     return found
 
 
+def _chain_rules(rules: list[tuple[str, SavedRule]], table: str) -> dict[str, tuple[str, ...]]:
+    """chain -> the rule texts of one table's chains (counters excluded)."""
+    chains: dict[str, tuple[str, ...]] = {}
+    for in_table, rule in rules:
+        if in_table == table:
+            chains[rule.chain] = (*chains.get(rule.chain, ()), rule.spec)
+    return chains
+
+
 def _frontend_chains(rules: list[tuple[str, SavedRule]]) -> dict[str, tuple[str, ...]]:
     """frontend port -> the rule texts of its chain (counters excluded)."""
-    chains: dict[str, tuple[str, ...]] = {}
-    for table, rule in rules:
-        port = frontend_port(rule.chain) if table == "nat" else None
-        if port is not None:
-            chains[str(port)] = (*chains.get(str(port), ()), rule.spec)
-    return chains
+    chains = _chain_rules(rules, "nat")
+    return {str(port): specs for chain, specs in chains.items() if (port := frontend_port(chain)) is not None}
 
 
 class Lingering(Generic[K]):
@@ -114,22 +116,42 @@ class Lingering(Generic[K]):
         return gone
 
 
+class CarriedTotals(Generic[K]):
+    """Monotonic totals from kernel packet counters, which restart at 0 whenever their chain is rewritten (restore
+    rewrites a chain only when its content changes). Each key's count comes with its chain's rules: a count that
+    went down, or whose chain changed, was reset, and what it had counted is carried. A key whose rule is gone keeps
+    its total, exported as it was, while `lingering` holds it: back within it, it continues from there; after it,
+    its series leaves."""
+
+    def __init__(self, lingering: Lingering[K]) -> None:
+        self.lingering = lingering
+        self.carried: Tally[K] = Tally()
+        self._last: dict[K, tuple[int, Hashable]] = {}
+
+    def fold(self, current: Mapping[K, tuple[int, Hashable]]) -> dict[K, int]:
+        """The totals after one more read: key -> (its kernel count, its chain's rules)."""
+        for key, (last, chain) in self._last.items():
+            count, now_chain = current.get(key, (0, None))
+            if key not in current or count < last or now_chain != chain:
+                self.carried[key] += last
+        self.lingering.update(self._last, current)
+        for key in self.lingering.expired():
+            del self.carried[key]
+        self._last = dict(current)
+        totals = {key: total for key, total in self.carried.items() if key in self.lingering}
+        totals.update((key, self.carried[key] + count) for key, (count, _) in current.items())
+        return totals
+
+
 class StateCollector(Collector):
     """Reads the published desired state and the kernel's owned rules when Prometheus scrapes."""
 
     def __init__(self, read_kernel: KernelReader, lingering: Lingering[tuple[str, str]] | None = None) -> None:
         self._read_kernel = read_kernel
         self._state = DesiredState(frontends={})
-        # The kernel's counters restart at 0 whenever a frontend chain is rewritten (a backend joins or
-        # leaves); what had been counted before is carried here, so the exported counters stay monotonic.
-        self._carried: Tally[tuple[str, str]] = Tally()
-        self._gone = lingering or Lingering()  # backends whose rules left: their totals are still exported
-        self._last: dict[tuple[str, str], int] = {}
-        self._chains: dict[str, tuple[str, ...]] = {}
-        # The same for refused connections: (frontend, reason) -> carried total; last count and chain rules.
-        self._refused_carried: Tally[tuple[str, str]] = Tally()
-        self._refused_gone: Lingering[tuple[str, str]] = Lingering(self._gone.grace, self._gone.clock)
-        self._refused_last: dict[tuple[str, str], tuple[int, tuple[str, ...]]] = {}
+        lingering = lingering or Lingering()
+        self.connections: CarriedTotals[tuple[str, str]] = CarriedTotals(lingering)  # (frontend, backend)
+        self.refusals: CarriedTotals[tuple[str, str]] = CarriedTotals(Lingering(lingering.grace, lingering.clock))
         # Serialises scrapes (read and fold together: a stale read folded after a newer one would look like
         # a reset). The reconciler never takes it.
         self._lock = threading.RLock()
@@ -138,44 +160,17 @@ class StateCollector(Collector):
         self._state = state  # one reference swap: a scrape sees the old or the new state, whole
 
     def connection_totals(self, rules: list[tuple[str, SavedRule]]) -> dict[tuple[str, str], int]:
-        """Monotonic connection counts per (frontend, backend) from successive reads of the kernel.
-
-        A backend's kernel count was reset since the last read when its frontend chain's rules changed
-        (restore rewrites a chain only when its content changes) or when the count went down. A backend
-        whose rules are gone keeps its total, exported as it was, for the grace period: back within it, it
-        continues from there; after it, its series leaves.
-        """
-        current = backend_connections(rules)
+        """Monotonic connection counts per (frontend, backend) from successive reads of the kernel."""
         chains = _frontend_chains(rules)
+        current = {key: (count, chains.get(key[0])) for key, count in backend_connections(rules).items()}
         with self._lock:
-            rewritten = {port for port, specs in chains.items() if self._chains.get(port, specs) != specs}
-            for key, last in self._last.items():
-                if key not in current or current[key] < last or key[0] in rewritten:
-                    self._carried[key] += last
-            self._gone.update(self._last, current)
-            for key in self._gone.expired():
-                del self._carried[key]
-            self._last, self._chains = current, chains
-            totals = {key: total for key, total in self._carried.items() if key in self._gone}
-            totals.update((key, self._carried[key] + value) for key, value in current.items())
-            return totals
+            return self.connections.fold(current)
 
     def refused_totals(self, rules: list[tuple[str, SavedRule]]) -> dict[tuple[str, str], int]:
-        """Monotonic refusal counts per (frontend, reason), carried over rewrites of their chain as
-        connection_totals does; those of a frontend that dropped the label stay for the grace period."""
-        current = refused_connections(rules)
+        """Monotonic refusal counts per (frontend, reason); those of a frontend that dropped the label stay for
+        the grace period."""
         with self._lock:
-            for key, (last, chain) in self._refused_last.items():
-                count, now_chain = current.get(key, (0, ()))
-                if key not in current or count < last or now_chain != chain:
-                    self._refused_carried[key] += last
-            self._refused_gone.update(self._refused_last, current)
-            for key in self._refused_gone.expired():
-                del self._refused_carried[key]
-            self._refused_last = current
-            totals = {key: total for key, total in self._refused_carried.items() if key in self._refused_gone}
-            totals.update((key, self._refused_carried[key] + count) for key, (count, _) in current.items())
-            return totals
+            return self.refusals.fold(refused_connections(rules))
 
     def collect(self) -> Iterator[Metric]:
         state = self._state

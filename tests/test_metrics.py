@@ -97,7 +97,7 @@ def test_the_totals_of_backends_gone_past_the_grace_leave_the_exposition():
     assert totals(collector, pool(C), p27017=[0, 1]) == {"web-a": 3, "web-c": 4}  # still inside the grace
     clock.now += 1
     assert totals(collector, pool(C), p27017=[0, 1]) == {"web-c": 4}
-    assert dict(collector._carried) == {("27017", "web-c"): 3}  # nothing of A is kept
+    assert dict(collector.connections.carried) == {("27017", "web-c"): 3}  # nothing of A is kept
     assert totals(collector, pool(A, C), p27017=[0, 2, 1]) == {"web-a": 2, "web-c": 5}  # back later: counts anew
 
 
@@ -108,7 +108,7 @@ def test_a_storm_of_short_lived_backends_keeps_only_the_recent_ones():
         backend = Backend(f"{i:064x}", f"job-{i}", "172.17.0.2", 1234)
         seen = totals(collector, pool(backend), p27017=[0, 1])
         clock.now += 60
-    assert len(seen) <= 300 / 60 + 1 and len(collector._carried) <= 300 / 60 + 1
+    assert len(seen) <= 300 / 60 + 1 and len(collector.connections.carried) <= 300 / 60 + 1
 
 
 def test_a_count_that_drops_is_a_reset_even_if_the_chain_text_is_unchanged():
