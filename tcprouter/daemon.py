@@ -39,10 +39,9 @@ def claim_tables(lock: TablesLock, standby: bool) -> bool:
     if lock.acquire() or standby:
         return True
     log.error(
-        "another tcprouter owns this host's tables (it holds the abstract socket @%s: `ss -xlp | grep %s` names "
-        "it); exiting without touching them. Use --standby to wait as a hot standby instead",
-        lock.name,
-        lock.name,
+        "another tcprouter owns this host's tables (%s); exiting without touching them. Use --standby to wait as a "
+        "hot standby instead",
+        lock.holder_hint,
     )
     return False
 

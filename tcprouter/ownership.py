@@ -27,6 +27,11 @@ class TablesLock:
         self._socket: socket.socket | None = None
 
     @property
+    def holder_hint(self) -> str:
+        """How an operator finds the process that holds the lock."""
+        return f"it holds the abstract socket @{self.name}: `ss -xlp | grep {self.name}` names it"
+
+    @property
     def held(self) -> bool:
         return self._socket is not None
 

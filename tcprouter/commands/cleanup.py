@@ -18,9 +18,9 @@ def command(args: argparse.Namespace) -> int:
     lock = TablesLock()  # held until the process exits: no daemon starts writing halfway through
     if not lock.acquire():
         log.error(
-            "a tcprouter daemon owns this host's tables (`ss -xlp | grep %s` names it): stop it first, or it "
-            "would write its rules back at its next sync; nothing removed",
-            lock.name,
+            "a tcprouter daemon owns this host's tables (%s): stop it first, or it would write its rules back at "
+            "its next sync; nothing removed",
+            lock.holder_hint,
         )
         return 1
     writer = common.writer(args)
