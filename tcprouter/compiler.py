@@ -4,11 +4,14 @@ Every rule is written exactly as `iptables-save` prints it back, so that the rul
 kernel can be compared with the compiled ones as plain text (see diff.py).
 
 Layout (DESIGN.md):
-  nat    PREROUTING/OUTPUT -> TCPR-FRONTENDS -> TCPR-FE-<port> (CONNMARK, then one DNAT per rotation slot)
+  nat    PREROUTING/OUTPUT -> TCPR-FRONTENDS -> TCPR-FE-<port> (CONNMARK, then one DNAT per rotation slot),
+         or TCPR-UDP-<port> for a UDP frontend (the same, per new UDP flow)
          POSTROUTING -> TCPR-POSTROUTING (MASQUERADE for hairpin flows, or for all with --snat always)
   filter DOCKER-USER (after the operator's rules; else FORWARD) -> TCPR-FORWARD (accept the marked
          connections; new ones to a frontend with access labels first pass TCPR-ACCESS -> TCPR-AC-<port>;
          INVALID TCP packets from or to a backend network are dropped in TCPR-INVALID)
+The connection mark, the FORWARD lock and hairpin SNAT apply to UDP flows as to TCP ones; the access chains and
+TCPR-INVALID are TCP only.
 Both tables also hold an empty TCPR-CANARY chain: if it vanishes, someone flushed the table.
 """
 
@@ -19,7 +22,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .model import Access, Backend, Balance, DesiredState, Frontend
+from .model import Access, Backend, Balance, DesiredState, Frontend, Protocol
 from .policy import Policy
 
 PREFIX = "TCPR-"
@@ -29,6 +32,8 @@ FORWARD_CHAIN = "TCPR-FORWARD"
 INPUT_CHAIN = "TCPR-INPUT"
 CANARY_CHAIN = "TCPR-CANARY"
 FRONTEND_CHAIN_PREFIX = "TCPR-FE-"
+UDP_FRONTEND_CHAIN_PREFIX = "TCPR-UDP-"
+_CHAIN_PREFIXES = {Protocol.TCP: FRONTEND_CHAIN_PREFIX, Protocol.UDP: UDP_FRONTEND_CHAIN_PREFIX}
 ACCESS_CHAIN = "TCPR-ACCESS"
 INVALID_CHAIN = "TCPR-INVALID"
 ACCESS_CHAIN_PREFIX = "TCPR-AC-"  # + port: the frontend's limits
@@ -75,17 +80,24 @@ class RuleSet:
         return sum(len(rules) for chains in self.chains.values() for rules in chains.values())
 
 
-def frontend_chain(port: int) -> str:
-    """The nat chain of the frontend on `port`; frontend_port reads the port back."""
-    return f"{FRONTEND_CHAIN_PREFIX}{port}"
+def frontend_chain(port: int, protocol: Protocol = Protocol.TCP) -> str:
+    """The nat chain of the frontend on (`protocol`, `port`); frontend_of reads them back."""
+    return f"{_CHAIN_PREFIXES[protocol]}{port}"
+
+
+def frontend_of(chain: str) -> tuple[Protocol, int] | None:
+    """The protocol and port of a frontend chain (frontend_chain's inverse); None for any other chain."""
+    for protocol, prefix in _CHAIN_PREFIXES.items():
+        digits = chain.removeprefix(prefix)
+        if chain.startswith(prefix) and digits.isdecimal() and str(int(digits)) == digits:
+            return protocol, int(digits)
+    return None
 
 
 def frontend_port(chain: str) -> int | None:
-    """The port of a frontend chain (frontend_chain's inverse); None for any other chain."""
-    digits = chain.removeprefix(FRONTEND_CHAIN_PREFIX)
-    if chain.startswith(FRONTEND_CHAIN_PREFIX) and digits.isdecimal() and str(int(digits)) == digits:
-        return int(digits)
-    return None
+    """The port of a TCP frontend chain; None for any other chain."""
+    found = frontend_of(chain)
+    return found[1] if found and found[0] is Protocol.TCP else None
 
 
 def rotation(backends: Sequence[Backend]) -> list[Backend]:
@@ -239,12 +251,13 @@ def _forward_chains(routed: Sequence[Frontend], mark_bit: int) -> dict[str, tupl
     return {FORWARD_CHAIN: tuple(forward), **chains}
 
 
-def _dnat(backend: Backend, condition: str = "", skip_self: bool = True) -> str:
+def _dnat(backend: Backend, protocol: Protocol, condition: str = "", skip_self: bool = True) -> str:
     comment = save_string(backend.name[:_COMMENT_MAX] or backend.container_id[:12])
     statistic = f" -m statistic {condition}" if condition else ""
     source = f"! -s {backend.ip}/32 " if skip_self else ""
     return (
-        f"{source}-p tcp -m comment --comment {comment}{statistic} -j DNAT --to-destination {backend.ip}:{backend.port}"
+        f"{source}-p {protocol} -m comment --comment {comment}{statistic} "
+        f"-j DNAT --to-destination {backend.ip}:{backend.port}"
     )
 
 
@@ -273,18 +286,21 @@ def pool_rules(frontend: Frontend, mark: str) -> tuple[str, ...]:
     whose own connection passes every slot goes to the first other backend; a lone backend gets a refusal.
     """
     slots = _conditions(frontend)
-    rules = [f"-j CONNMARK --set-xmark {mark}", *(_dnat(backend, condition) for backend, condition in slots)]
+    protocol = frontend.protocol
+    rules = [f"-j CONNMARK --set-xmark {mark}", *(_dnat(backend, protocol, condition) for backend, condition in slots)]
     last = slots[-1][0]
     fallback = next((backend for backend, _ in slots if backend != last), None)
     if fallback is not None:
-        rules.append(f"-s {last.ip}/32 " + _dnat(fallback, skip_self=False))
+        rules.append(f"-s {last.ip}/32 " + _dnat(fallback, protocol, skip_self=False))
     return tuple(rules)
 
 
-def dispatch_rules(ports: Iterable[int]) -> tuple[str, ...]:
+def dispatch_rules(ports: Iterable[int], protocol: Protocol = Protocol.TCP) -> tuple[str, ...]:
     """TCPR-FRONTENDS: port -> frontend chain. Linear in the number of frontends, evaluated once per new
     connection; the one place to change for a logarithmic dispatch."""
-    return tuple(f"-p tcp -m tcp --dport {port} -j {frontend_chain(port)}" for port in sorted(ports))
+    return tuple(
+        f"-p {protocol} -m {protocol} --dport {port} -j {frontend_chain(port, protocol)}" for port in sorted(ports)
+    )
 
 
 def _snat_rules(frontends: Iterable[Frontend], mark: str, options: Options) -> tuple[str, ...]:
@@ -300,7 +316,8 @@ def _snat_rules(frontends: Iterable[Frontend], mark: str, options: Options) -> t
 
 def compile_rules(state: DesiredState, options: Options = Options()) -> RuleSet:
     mark = f"{options.mark_bit:#x}/{options.mark_bit:#x}"
-    routed = [f for f in state.frontends.values() if f.backends]  # an empty pool is not routed: RST from the host
+    # An empty pool is not routed: RST (TCP) or ICMP port unreachable (UDP) from the host.
+    routed = [f for f in state.every_frontend() if f.backends]
     if options.listen_address:
         local = f"-d {options.listen_address}/32"
         output_match = local
@@ -311,13 +328,17 @@ def compile_rules(state: DesiredState, options: Options = Options()) -> RuleSet:
 
     nat: dict[str, tuple[str, ...]] = {
         CANARY_CHAIN: (),
-        FRONTENDS_CHAIN: dispatch_rules(f.port for f in routed),
+        FRONTENDS_CHAIN: tuple(
+            rule for protocol in Protocol for rule in dispatch_rules(f.port for f in routed if f.protocol is protocol)
+        ),
         POSTROUTING_CHAIN: _snat_rules(routed, mark, options),
     }
     guarded_bits = options.mark_bit | access_bit(options.mark_bit)
     guarded_mark = f"{guarded_bits:#x}/{guarded_bits:#x}"
     for frontend in routed:
-        nat[frontend_chain(frontend.port)] = pool_rules(frontend, guarded_mark if frontend.access else mark)
+        nat[frontend_chain(frontend.port, frontend.protocol)] = pool_rules(
+            frontend, guarded_mark if frontend.access else mark
+        )
 
     filter_chains = {CANARY_CHAIN: (), **_forward_chains(routed, options.mark_bit)}
     filter_hooks = [(options.forward_parent, f"-j {FORWARD_CHAIN}")]

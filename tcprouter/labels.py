@@ -13,10 +13,11 @@ from collections import defaultdict
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
-from .model import OPEN, Access, Backend, Balance, ContainerSnapshot, DesiredState, Frontend, Rejection
+from .model import OPEN, Access, Backend, Balance, ContainerSnapshot, DesiredState, Frontend, Protocol, Rejection
 from .policy import DEFAULT_POLICY, Policy, owner_text
 
 DEFAULT_PREFIX = "tcp"
+DEFAULT_UDP_PREFIX = "udp"
 # Network drivers whose container addresses this host cannot route to: an overlay lives in its own namespace
 # (reached through VXLAN, not from the host), and a macvlan or ipvlan parent cannot talk to its own children.
 UNROUTABLE_DRIVERS = frozenset({"overlay", "macvlan", "ipvlan"})
@@ -102,26 +103,31 @@ def _refuse_internal(container: ContainerSnapshot, networks: set[str], key: str)
         )
 
 
-def _container_port(candidates: list[int], wanted: int | None, fallback: int | None, prefix: str, what: str) -> int:
+def _container_port(
+    candidates: list[int], wanted: int | None, fallback: int | None, prefix: str, what: str, protocol: Protocol
+) -> int:
     """The container port to send to: the label's, else the only candidate, else `fallback`."""
     if wanted is not None:
         return wanted
+    kind = protocol.upper()
     if len(candidates) > 1:
         raise LabelError(
-            "ambiguous_backend_port", f"the container {what} several TCP ports {candidates}; set {prefix}.backend_port"
+            "ambiguous_backend_port",
+            f"the container {what} several {kind} ports {candidates}; set {prefix}.backend_port",
         )
     if candidates:
         return candidates[0]
     if fallback is None:
-        raise LabelError("not_published", f"the container {what} no TCP port")
+        raise LabelError("not_published", f"the container {what} no {kind} port")
     return fallback
 
 
 def _local_endpoint(
-    container: ContainerSnapshot, prefix: str, port: int, wanted: int | None
+    container: ContainerSnapshot, prefix: str, port: int, wanted: int | None, protocol: Protocol
 ) -> tuple[str, int, str | None]:
     """A container of this host: its address on a Docker network, a container port."""
-    backend_port = _container_port(sorted(container.exposed_tcp_ports), wanted, port, prefix, "exposes")
+    exposed = sorted(container.exposed_ports(protocol))
+    backend_port = _container_port(exposed, wanted, port, prefix, "exposes", protocol)
     network = _choose_network(container, f"{prefix}.network")
     ip = container.networks[network]
     if not ip:
@@ -129,7 +135,9 @@ def _local_endpoint(
     return ip, backend_port, container.subnets.get(network)
 
 
-def _remote_endpoint(container: ContainerSnapshot, prefix: str, wanted: int | None) -> tuple[str, int]:
+def _remote_endpoint(
+    container: ContainerSnapshot, prefix: str, wanted: int | None, protocol: Protocol
+) -> tuple[str, int]:
     """A container of another host: that host's address, the host port its container port is published on."""
     try:
         ipaddress.IPv4Address(container.host_address)
@@ -137,19 +145,26 @@ def _remote_endpoint(container: ContainerSnapshot, prefix: str, wanted: int | No
         raise LabelError(
             "no_address", f"its host's address {container.host_address!r} is not an IPv4 address"
         ) from None
-    published = container.published_tcp_ports
-    target = _container_port(sorted(published), wanted, None, prefix, "publishes")
+    published = container.published_ports(protocol)
+    target = _container_port(sorted(published), wanted, None, prefix, "publishes", protocol)
     if target not in published:
+        suffix = "" if protocol is Protocol.TCP else f",protocol={protocol}"
         raise LabelError(
             "not_published",
-            f"label {prefix}.backend_port={target}: the container does not publish that TCP port on its host "
-            f"(published: {sorted(published) or 'none'}; publish it with --publish mode=host,target={target})",
+            f"label {prefix}.backend_port={target}: the container does not publish that {protocol.upper()} port on "
+            f"its host (published: {sorted(published) or 'none'}; publish it with "
+            f"--publish mode=host,target={target}{suffix})",
         )
     return container.host_address, published[target]
 
 
-def parse_backend(container: ContainerSnapshot, prefix: str = DEFAULT_PREFIX) -> BackendSpec:
-    """Validate one container's labels. Raises LabelError naming the label and why."""
+def parse_backend(
+    container: ContainerSnapshot, prefix: str = DEFAULT_PREFIX, protocol: Protocol = Protocol.TCP
+) -> BackendSpec:
+    """Validate one container's labels for a frontend of `protocol`. Raises LabelError naming the label and why.
+
+    The access labels (allow, maxconn, rate, burst) are read for TCP only: a UDP frontend is open to every client.
+    """
     labels = container.labels
     port = _integer(labels, f"{prefix}.port", 1, 65535)
     if port is None:
@@ -170,9 +185,9 @@ def parse_backend(container: ContainerSnapshot, prefix: str = DEFAULT_PREFIX) ->
 
     subnet = None
     if container.host_address:
-        ip, backend_port = _remote_endpoint(container, prefix, wanted_port)
+        ip, backend_port = _remote_endpoint(container, prefix, wanted_port, protocol)
     else:
-        ip, backend_port, subnet = _local_endpoint(container, prefix, port, wanted_port)
+        ip, backend_port, subnet = _local_endpoint(container, prefix, port, wanted_port, protocol)
     backend = Backend(
         container_id=container.id,
         name=container.name,
@@ -182,7 +197,8 @@ def parse_backend(container: ContainerSnapshot, prefix: str = DEFAULT_PREFIX) ->
         subnet=subnet,
         node=container.node,
     )
-    return BackendSpec(frontend_port=port, backend=backend, balance=balance, access=parse_access(labels, prefix))
+    access = parse_access(labels, prefix) if protocol is Protocol.TCP else OPEN
+    return BackendSpec(frontend_port=port, backend=backend, balance=balance, access=access)
 
 
 def _allow(labels: Mapping[str, str], key: str) -> tuple[str, ...]:
@@ -243,31 +259,56 @@ def desired_state(
     prefix: str = DEFAULT_PREFIX,
     busy_ports: Mapping[int, str] | None = None,
     policy: Policy = DEFAULT_POLICY,
+    udp_prefix: str = DEFAULT_UDP_PREFIX,
+    udp_busy_ports: Mapping[int, str] | None = None,
 ) -> DesiredState:
     """Group the serving, valid containers into frontends; report the rest.
 
     Pools are ordered by container creation time (oldest first) so the rotation is stable, and a
     pool-level setting that disagrees within a pool takes the oldest container's value. A frontend
-    port that the host already uses (`busy_ports`: port -> who uses it) is refused: routing it would
-    hijack that service. So is a port outside the policy's, or one that another owner's container holds.
+    port that the host already uses (`busy_ports`: port -> who uses it; `udp_busy_ports` for UDP) is refused:
+    routing it would hijack that service. So is a port outside the policy's, or one that another owner's
+    container holds. A container labelled `<udp_prefix>.port` is a backend of that UDP frontend too (or only).
     """
-    busy_ports = busy_ports or {}
+    ordered = sorted(containers, key=lambda c: c.age_order)
+    rejections = [Rejection(c.id, c.name, "malformed", c.malformed) for c in ordered if c.malformed]
+    readable = [c for c in ordered if not c.malformed]
+    udp_label = f"{udp_prefix}.port"
+    tcp = _frontends(
+        [c for c in readable if f"{prefix}.port" in c.labels or udp_label not in c.labels],
+        prefix,
+        Protocol.TCP,
+        busy_ports or {},
+        policy,
+    )
+    udp = _frontends(
+        [c for c in readable if udp_label in c.labels], udp_prefix, Protocol.UDP, udp_busy_ports or {}, policy
+    )
+    return DesiredState(
+        frontends=tcp.frontends,
+        rejections=(*rejections, *tcp.rejections, *udp.rejections),
+        warnings=(*tcp.warnings, *udp.warnings),
+        udp_frontends=udp.frontends,
+    )
+
+
+def _frontends(
+    containers: list[ContainerSnapshot], prefix: str, protocol: Protocol, busy_ports: Mapping[int, str], policy: Policy
+) -> DesiredState:
+    """The frontends of one protocol (in `frontends`, whatever the protocol) from containers oldest first."""
     rejections: list[Rejection] = []
     pools: dict[int, list[BackendSpec]] = defaultdict(list)
     owners: dict[int, ContainerSnapshot] = {}  # frontend port -> its oldest backend, whose owner it belongs to
     # Frontends are keyed by the label even when no container serves: status shows them empty.
     declared_ports: set[int] = set()
-    for container in sorted(containers, key=lambda c: c.age_order):
-        if container.malformed:
-            rejections.append(Rejection(container.id, container.name, "malformed", container.malformed))
-            continue
+    for container in containers:
         if not container.running:
             continue  # a stopped container has no address to validate: it is simply not a backend
         try:
-            spec = parse_backend(container, prefix)
+            spec = parse_backend(container, prefix, protocol)
             _check_claim(container, spec.frontend_port, prefix, busy_ports, policy, owners)
         except LabelError as error:
-            rejections.append(Rejection(container.id, container.name, error.reason, error.detail))
+            rejections.append(Rejection(container.id, container.name, error.reason, error.detail, protocol))
             continue
         declared_ports.add(spec.frontend_port)
         if container.serving:
@@ -276,16 +317,18 @@ def desired_state(
     frontends: dict[int, Frontend] = {}
     warnings: list[str] = []
     for port in sorted(declared_ports):
+        name = f"frontend {port}" if protocol is Protocol.TCP else f"{protocol.upper()} frontend {port}"
         specs = pools.get(port, [])
         settings = [s for s in specs if s.balance is not None]
         balance = settings[0].balance if settings else Balance.ROUNDROBIN
         for other in settings[1:]:
             if other.balance != balance:
                 warnings.append(
-                    f"frontend {port}: container {other.backend.name} asks for balance {other.balance}, "
+                    f"{name}: container {other.backend.name} asks for balance {other.balance}, "
                     f"the oldest container {settings[0].backend.name} sets {balance}, which wins"
                 )
-        frontends[port] = Frontend(port, balance, tuple(s.backend for s in specs), _pool_access(port, specs, warnings))
+        access = _pool_access(port, specs, warnings)
+        frontends[port] = Frontend(port, balance, tuple(s.backend for s in specs), access, protocol)
     return DesiredState(frontends=frontends, rejections=tuple(rejections), warnings=tuple(warnings))
 
 
@@ -318,7 +361,8 @@ def _check_claim(
 
 
 def reachable_only(state: DesiredState, unreachable: Collection[tuple[str, int]]) -> DesiredState:
-    """The state without the backends whose endpoint (address, port) failed its reachability probes."""
+    """The state without the TCP backends whose endpoint (address, port) failed its reachability probes (the
+    probes are TCP connections: UDP backends are not probed)."""
     if not unreachable:
         return state
     frontends = {

@@ -13,6 +13,13 @@ from enum import StrEnum
 _FRACTION = re.compile(r"\.(\d+)")
 
 
+class Protocol(StrEnum):
+    """A frontend is a (protocol, port): TCP and UDP frontends on one port number are independent."""
+
+    TCP = "tcp"
+    UDP = "udp"
+
+
 class Balance(StrEnum):
     ROUNDROBIN = "roundrobin"
     RANDOM = "random"
@@ -40,16 +47,24 @@ class ContainerSnapshot:
     network_drivers: dict[str, str] = field(default_factory=dict)  # network name -> its driver, if known
     internal_networks: frozenset[str] = frozenset()  # the names of its networks created with --internal
     exposed_tcp_ports: tuple[int, ...] = ()
+    exposed_udp_ports: tuple[int, ...] = ()
     stop_signal: str = "SIGTERM"  # what `docker stop` sends it (Config.StopSignal): its kill event means it is ending
     node: str = ""  # the host it runs on, for status, logs and metrics ("": this host)
     host_address: str = ""  # remote only: the address of that host, where its published ports are reached
     published_tcp_ports: dict[int, int] = field(default_factory=dict)  # remote only: container port -> host port
+    published_udp_ports: dict[int, int] = field(default_factory=dict)  # remote only: the same for UDP
     malformed: str = ""  # why Docker's data for it could not be read: it is rejected, nothing else is affected
 
     @property
     def age_order(self) -> tuple[int, str]:
         """Oldest first, by creation time as a time (not as a string: "10:00:00.5Z" is after "10:00:00.123Z")."""
         return timestamp_ns(self.created), self.id
+
+    def exposed_ports(self, protocol: Protocol) -> tuple[int, ...]:
+        return self.exposed_udp_ports if protocol is Protocol.UDP else self.exposed_tcp_ports
+
+    def published_ports(self, protocol: Protocol) -> dict[int, int]:
+        return self.published_udp_ports if protocol is Protocol.UDP else self.published_tcp_ports
 
     @property
     def serving(self) -> bool:
@@ -96,7 +111,8 @@ class Frontend:
     port: int
     balance: Balance
     backends: tuple[Backend, ...]  # in rotation order (oldest container first)
-    access: Access = OPEN
+    access: Access = OPEN  # TCP only: a UDP frontend is open to every client
+    protocol: Protocol = Protocol.TCP
 
 
 @dataclass(frozen=True)
@@ -105,6 +121,7 @@ class Rejection:
     name: str
     reason: str  # short machine-readable key, used as a metric label
     detail: str  # the sentence an operator reads
+    protocol: Protocol = Protocol.TCP  # the labels it was rejected for (a container may carry TCP and UDP ones)
 
     def __str__(self) -> str:
         return f"container {self.name} ({self.container_id[:12]}) rejected: {self.detail}"
@@ -112,9 +129,17 @@ class Rejection:
 
 @dataclass(frozen=True)
 class DesiredState:
-    frontends: dict[int, Frontend]
+    frontends: dict[int, Frontend]  # TCP frontends by port
     rejections: tuple[Rejection, ...] = ()
     warnings: tuple[str, ...] = ()  # pool-level conflicts resolved by the oldest container's value
+    udp_frontends: dict[int, Frontend] = field(default_factory=dict)  # UDP frontends by port
+
+    def pools(self, protocol: Protocol) -> dict[int, Frontend]:
+        return self.udp_frontends if protocol is Protocol.UDP else self.frontends
+
+    def every_frontend(self) -> list[Frontend]:
+        """TCP frontends, then UDP ones, each by port."""
+        return [f for protocol in Protocol for _, f in sorted(self.pools(protocol).items())]
 
 
 def timestamp_ns(text: str) -> int:
