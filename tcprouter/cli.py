@@ -22,7 +22,7 @@ import docker.errors
 from .commands import check, cleanup, common, health, render, run, status
 from .compiler import DEFAULT_MARK_BIT
 from .daemon import EXIT_TABLES_OWNED, Mode, sources_problem
-from .labels import DEFAULT_PREFIX
+from .labels import DEFAULT_PREFIX, DEFAULT_UDP_PREFIX
 from .logs import setup_logging
 from .netfilter import WRITERS, Flavour, NetfilterError
 from .policy import COMPOSE_OWNER_LABEL, STACK_OWNER_LABEL, PortSet, parse_ports
@@ -144,6 +144,12 @@ def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         "--label-prefix", type=_label_prefix, default=DEFAULT_PREFIX, help="label namespace (default %(default)s)"
     )
     common.add_argument(
+        "--udp-label-prefix",
+        type=_label_prefix,
+        default=DEFAULT_UDP_PREFIX,
+        help="label namespace of UDP frontends (default %(default)s: udp.port=5683)",
+    )
+    common.add_argument(
         "--docker-url",
         action=_UrlList,
         default=(),
@@ -237,6 +243,12 @@ def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         action="store_true",
         help="when another tcprouter owns this host's tables, wait as a hot standby and take over when it stops "
         f"(without it, exit with status {EXIT_TABLES_OWNED})",
+    )
+    run.add_argument(
+        "--keep-flows",
+        action="store_true",
+        help="leave the conntrack entries of backends that left to time out, instead of deleting those of a UDP "
+        "backend that leaves and of a TCP backend that is gone (a client keeps sending to the backend it had)",
     )
     run.add_argument(
         "--resync-interval",

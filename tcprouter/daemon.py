@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from .compiler import Options
+from .conntrack import forget_flows
+from .labels import DEFAULT_UDP_PREFIX
 from .metrics import Metrics
 from .netfilter import Writer
 from .ownership import TablesLock
@@ -71,7 +73,13 @@ def sources_problem(mode: Mode, urls: Sequence[str]) -> str | None:
 
 
 def build_providers(
-    mode: Mode, urls: Sequence[str], prefix: str, metrics: Metrics, timeout: float = 10.0, poll_interval: float = 0.5
+    mode: Mode,
+    urls: Sequence[str],
+    prefix: str,
+    metrics: Metrics,
+    timeout: float = 10.0,
+    poll_interval: float = 0.5,
+    udp_prefix: str = DEFAULT_UDP_PREFIX,
 ) -> list[Provider]:
     """The providers of a mode; ValueError with an operator's sentence for a combination that cannot work."""
     problem = sources_problem(mode, urls)
@@ -80,8 +88,8 @@ def build_providers(
     if mode is Mode.SWARM:
         return [SwarmProvider(urls[0] if urls else None, prefix, metrics, timeout, poll_interval)]
     if mode is Mode.ENGINES:
-        return [EngineProvider(url, prefix, metrics, timeout, remote=True) for url in urls]
-    return [EngineProvider(urls[0] if urls else None, prefix, metrics, timeout)]
+        return [EngineProvider(url, prefix, metrics, timeout, True, udp_prefix) for url in urls]
+    return [EngineProvider(urls[0] if urls else None, prefix, metrics, timeout, udp_prefix=udp_prefix)]
 
 
 def serve(
@@ -94,6 +102,8 @@ def serve(
     probing: ProbePolicy,
     lock: TablesLock,
     metrics_address: str = "",
+    udp_prefix: str = DEFAULT_UDP_PREFIX,
+    keep_flows: bool = False,
 ) -> int:
     """Follow the providers and keep the kernel in step until a stop signal; the rules stay when it returns.
 
@@ -102,8 +112,10 @@ def serve(
     held, this is a hot standby: the providers are followed, nothing is written, and `owner_options()`, which may
     change the host (route_localnet), is called only once the tables are ours.
     """
-    syncer = Syncer(writer, Options(), prefix, metrics)  # given the owner's options before its first sync
-    runner = SyncRunner(ChangeTracker(prefix, [p.source for p in providers]), syncer, metrics, timing)
+    # Given the owner's options before its first sync.
+    syncer = Syncer(writer, Options(), prefix, metrics, udp_prefix, None if keep_flows else forget_flows)
+    tracker = ChangeTracker(prefix, [p.source for p in providers], udp_prefix=udp_prefix)
+    runner = SyncRunner(tracker, syncer, metrics, timing)
     threads = [_guarded(runner, f"provider {p.source}", p.follow, runner.submit, runner.stopping) for p in providers]
     if any(p.remote for p in providers):
         prober = Prober(runner.submit, metrics, probing)

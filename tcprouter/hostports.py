@@ -1,5 +1,6 @@
 """The ports the host already uses: a frontend there would hijack a host process's listener or a port that
-Docker publishes (`docker run -p`, a DNAT rule in Docker's nat chain, with or without a userland proxy)."""
+Docker publishes (`docker run -p`, a DNAT rule in Docker's nat chain, with or without a userland proxy). A UDP
+frontend conflicts with UDP ones only, a TCP frontend with TCP ones only."""
 
 from __future__ import annotations
 
@@ -7,19 +8,24 @@ import ipaddress
 from collections.abc import Iterable
 
 from .compiler import split_words
+from .model import Protocol
 
 DOCKER_NAT_CHAIN = "DOCKER"
+# The socket state of a listener in /proc/net/{tcp,udp}: TCP_LISTEN; for UDP, a bound socket that is not
+# connected to one peer (TCP_CLOSE, as the kernel prints UDP states).
+_LISTENING = {Protocol.TCP: "0A", Protocol.UDP: "07"}
 
 
-def parse_tcp_listeners(text: str, loopback: bool = False) -> dict[int, str]:
-    """Listening sockets in /proc/net/tcp or /proc/net/tcp6 format: port -> local address.
+def parse_tcp_listeners(text: str, loopback: bool = False, protocol: Protocol = Protocol.TCP) -> dict[int, str]:
+    """Listening sockets in /proc/net/tcp or /proc/net/tcp6 format (/proc/net/udp{,6} with `protocol` UDP):
+    port -> local address.
 
     Loopback-only listeners are left out, but for IPv4 ones with `loopback` (--route-localhost routes 127.0.0.1).
     """
     listeners: dict[int, str] = {}
     for line in text.splitlines()[1:]:
         fields = line.split()
-        if len(fields) < 4 or fields[3] != "0A":  # 0A: TCP_LISTEN
+        if len(fields) < 4 or fields[3] != _LISTENING[protocol]:
             continue
         address, port = proc_net_endpoint(fields[1])
         if not address.is_loopback or (loopback and address.version == 4):  # only 127.0.0.1 is routed
@@ -38,25 +44,25 @@ def proc_net_endpoint(field: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv
     return address, int(hex_port, 16)
 
 
-def host_tcp_listeners(loopback: bool = False) -> dict[int, str]:
-    """The host's TCP listeners that a frontend on the same port would hijack."""
+def host_tcp_listeners(loopback: bool = False, protocol: Protocol = Protocol.TCP) -> dict[int, str]:
+    """The host's TCP (or UDP) listeners that a frontend on the same port would hijack."""
     listeners: dict[int, str] = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for table in (f"/proc/net/{protocol}", f"/proc/net/{protocol}6"):
         try:
             with open(table) as f:
-                listeners.update(parse_tcp_listeners(f.read(), loopback))
+                listeners.update(parse_tcp_listeners(f.read(), loopback, protocol))
         except OSError:
             continue
     return listeners
 
 
-def docker_published_ports(docker_chain: Iterable[str]) -> dict[int, str]:
-    """Docker's published TCP ports, from the rules of its nat chain (`-p tcp -m tcp --dport N -j DNAT
+def docker_published_ports(docker_chain: Iterable[str], protocol: Protocol = Protocol.TCP) -> dict[int, str]:
+    """Docker's published TCP (or UDP) ports, from the rules of its nat chain (`-p tcp -m tcp --dport N -j DNAT
     --to-destination A:P`, as iptables-save prints them): port -> the destination."""
     published: dict[int, str] = {}
     for spec in docker_chain:
         words = split_words(spec)
-        if _value(words, "-p") != "tcp" or _value(words, "-j") != "DNAT":
+        if _value(words, "-p") != protocol or _value(words, "-j") != "DNAT":
             continue
         dport = _value(words, "--dport")
         if dport is not None and dport.isdecimal():
@@ -68,12 +74,14 @@ def _value(words: list[str], option: str) -> str | None:
     return words[words.index(option) + 1] if option in words[:-1] else None
 
 
-def busy_ports(docker_chain: Iterable[str] = (), loopback: bool = False) -> dict[int, str]:
-    """The ports the host already uses (its listeners, Docker's published ports): port -> who uses it."""
+def busy_ports(
+    docker_chain: Iterable[str] = (), loopback: bool = False, protocol: Protocol = Protocol.TCP
+) -> dict[int, str]:
+    """The ports of `protocol` the host already uses (its listeners, Docker's published ports): port -> who uses
+    it."""
     # Docker's own description first: with its userland proxy, a published port also has a listener.
-    used = {
-        port: f"Docker publishes it (DNAT to {target})" for port, target in docker_published_ports(docker_chain).items()
-    }
-    for port, address in host_tcp_listeners(loopback).items():
+    published = docker_published_ports(docker_chain, protocol)
+    used = {port: f"Docker publishes it (DNAT to {target})" for port, target in published.items()}
+    for port, address in host_tcp_listeners(loopback, protocol).items():
         used.setdefault(port, f"a host process already listens on {address}:{port}")
     return used

@@ -28,6 +28,16 @@ MAX_RATE = 100_000  # new connections per second (hashlimit takes up to 1,000,00
 MAX_BURST = 10_000  # hashlimit's own limit
 
 
+def port_labels(prefix: str, udp_prefix: str) -> tuple[str, ...]:
+    """The labels that make a container a backend: `<prefix>.port` (TCP), `<udp_prefix>.port` (UDP)."""
+    return f"{prefix}.port", f"{udp_prefix}.port"
+
+
+def has_port_label(labels: Mapping[str, str], prefix: str, udp_prefix: str) -> bool:
+    """Whether a container carries a TCP or a UDP frontend label."""
+    return any(label in labels for label in port_labels(prefix, udp_prefix))
+
+
 class LabelError(ValueError):
     """A label value that breaks the contract; `reason` is a stable key for metrics."""
 

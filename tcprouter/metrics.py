@@ -275,6 +275,12 @@ class Metrics:
             "1 while this instance owns the host's tables and keeps them; 0 while it waits as a hot standby",
             registry=r,
         )
+        self.flows_forgotten = Counter(
+            "tcprouter_flows_forgotten",
+            "Conntrack entries deleted because their backend left (UDP) or is gone (TCP)",
+            ["protocol"],
+            registry=r,
+        )
         self.drift_repairs = Counter(
             "tcprouter_drift_repairs", "Full resyncs triggered by rules changed behind tcprouter's back", registry=r
         )

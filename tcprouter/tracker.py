@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from .labels import DEFAULT_UDP_PREFIX, has_port_label
 from .model import ContainerSnapshot
 
 Endpoint = tuple[str, int]  # (address, port) as the DNAT rule sends to it
@@ -62,8 +63,11 @@ Item = Change | Relist | Reachability
 class ChangeTracker:
     """Folds items into the current view. Not thread-safe: the runner's Inbox calls it under its lock."""
 
-    def __init__(self, prefix: str, sources: Iterable[str] = (LOCAL,), clock=time.monotonic) -> None:
+    def __init__(
+        self, prefix: str, sources: Iterable[str] = (LOCAL,), clock=time.monotonic, udp_prefix: str = DEFAULT_UDP_PREFIX
+    ) -> None:
         self.prefix = prefix
+        self.udp_prefix = udp_prefix
         self.expected = frozenset(sources)
         self.containers: dict[str, ContainerSnapshot] = {}
         self.source_of: dict[str, str] = {}
@@ -99,7 +103,7 @@ class ChangeTracker:
             if item.gone:
                 self._forget(item.container_id)
             elif item.snapshot is not None:
-                if f"{self.prefix}.port" in item.snapshot.labels:
+                if has_port_label(item.snapshot.labels, self.prefix, self.udp_prefix):
                     self._remember(item.snapshot, item.source)
                 else:
                     self._forget(item.container_id)

@@ -15,6 +15,7 @@ GATEWAY = ["--engines", "--docker-url", "tcp://198.18.0.1:2376"]
 # dest -> (a valid value, an invalid value or None if every string is valid, flags the value needs with it)
 SAMPLES: dict[str, tuple[str, str | None, list[str]]] = {
     "label_prefix": ("io.example.tcp", "has space", []),
+    "udp_label_prefix": ("io.example.udp", "has space", []),
     "docker_url": ("tcp://198.18.0.1:2376", None, []),
     "listen_address": ("198.51.100.1", "300.1.1.1", []),
     "mark_bit": ("0x4000", "3", []),

@@ -46,5 +46,8 @@ def policy(args: argparse.Namespace) -> Policy:
 
 def listed(args: argparse.Namespace) -> list[ContainerSnapshot]:
     """One listing of every source's labelled containers (or tasks)."""
-    providers = build_providers(mode(args), args.docker_url, args.label_prefix, Metrics(lambda: ({}, [])))
+    metrics = Metrics(lambda: ({}, []))
+    providers = build_providers(
+        mode(args), args.docker_url, args.label_prefix, metrics, udp_prefix=args.udp_label_prefix
+    )
     return [snapshot for provider in providers for snapshot in provider.list()]

@@ -27,7 +27,12 @@ def command(args: argparse.Namespace) -> int:
     metrics = Metrics(kernel_reader(writer.flavour))
     mode = common.mode(args)
     providers = build_providers(
-        mode, args.docker_url, args.label_prefix, metrics, poll_interval=args.swarm_poll_interval
+        mode,
+        args.docker_url,
+        args.label_prefix,
+        metrics,
+        poll_interval=args.swarm_poll_interval,
+        udp_prefix=args.udp_label_prefix,
     )
     log.info("backends from %s: %s", mode, ", ".join(p.source for p in providers))
     options = common.options(args)
@@ -45,5 +50,15 @@ def command(args: argparse.Namespace) -> int:
     timing = Timing(resync_interval=args.resync_interval, check_interval=args.check_interval)
     probing = ProbePolicy(args.probe_interval, args.probe_timeout, args.probe_fall, args.probe_rise)
     return serve(
-        providers, writer, metrics, owner_options, args.label_prefix, timing, probing, lock, args.metrics_address
+        providers,
+        writer,
+        metrics,
+        owner_options,
+        args.label_prefix,
+        timing,
+        probing,
+        lock,
+        args.metrics_address,
+        args.udp_label_prefix,
+        args.keep_flows,
     )

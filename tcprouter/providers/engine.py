@@ -19,8 +19,9 @@ import docker
 import docker.errors
 from docker.types import CancellableStream
 
+from ..labels import DEFAULT_UDP_PREFIX, has_port_label, port_labels
 from ..metrics import Metrics
-from ..model import ContainerSnapshot
+from ..model import ContainerSnapshot, Protocol
 from ..tracker import LOCAL, Change, Relist
 from . import Sink
 from .docker_api import DOCKER_ERRORS, connect, follow_forever, url_host
@@ -123,11 +124,17 @@ def snapshot_from_inspect(
             internal.add(name)
         if net.get("IPAddress") and net.get("IPPrefixLen"):
             subnets[name] = _subnet(net["IPAddress"], int(net["IPPrefixLen"]))
-    exposed = sorted(
-        int(spec.split("/")[0])
-        for spec in (config.get("ExposedPorts") or {})
-        if spec.endswith("/tcp") and spec.split("/")[0].isdigit()
-    )
+    exposed = {
+        protocol: tuple(
+            sorted(
+                int(spec.split("/")[0])
+                for spec in (config.get("ExposedPorts") or {})
+                if spec.endswith(f"/{protocol}") and spec.split("/")[0].isdigit()
+            )
+        )
+        for protocol in Protocol
+    }
+    ports = settings.get("Ports") or {}
     health = (state.get("Health") or {}).get("Status")
     return ContainerSnapshot(
         id=info["Id"],
@@ -142,22 +149,24 @@ def snapshot_from_inspect(
         subnets=subnets,
         network_drivers=drivers,
         internal_networks=frozenset(internal),
-        exposed_tcp_ports=tuple(exposed),
+        exposed_tcp_ports=exposed[Protocol.TCP],
+        exposed_udp_ports=exposed[Protocol.UDP],
         node=host.node if host else "",
         host_address=host.address if host else "",
-        published_tcp_ports=published_tcp_ports(settings.get("Ports") or {}) if host else {},
+        published_tcp_ports=published_tcp_ports(ports) if host else {},
+        published_udp_ports=published_tcp_ports(ports, Protocol.UDP) if host else {},
     )
 
 
-def published_tcp_ports(ports: dict) -> dict[int, int]:
-    """Container port -> host port, from inspect's NetworkSettings.Ports; bindings to loopback are left out
-    (another host cannot reach them)."""
+def published_tcp_ports(ports: dict, wanted: Protocol = Protocol.TCP) -> dict[int, int]:
+    """Container port -> host port of one protocol (TCP unless `wanted` says otherwise), from inspect's
+    NetworkSettings.Ports; bindings to loopback are left out (another host cannot reach them)."""
     published: dict[int, int] = {}
     for spec, bindings in ports.items():
         port, _, protocol = spec.partition("/")
         for binding in bindings or ():
             host_ip = binding.get("HostIp") or "0.0.0.0"
-            if protocol == "tcp" and port.isdigit() and not ipaddress.ip_address(host_ip).is_loopback:
+            if protocol == wanted and port.isdigit() and not ipaddress.ip_address(host_ip).is_loopback:
                 published.setdefault(int(port), int(binding["HostPort"]))
     return published
 
@@ -200,14 +209,21 @@ def read_inspect(
 
 
 def list_labelled(
-    api: docker.APIClient, prefix: str, host: Host | None = None, driver_of: NetworkLookup | None = None
+    api: docker.APIClient,
+    prefix: str,
+    host: Host | None = None,
+    driver_of: NetworkLookup | None = None,
+    udp_prefix: str = DEFAULT_UDP_PREFIX,
 ) -> list[ContainerSnapshot]:
-    """The labelled containers. Local ones (no `host`) with their networks' drivers (listed if none is given)."""
+    """The labelled containers (`<prefix>.port` or `<udp_prefix>.port`). Local ones (no `host`) with their
+    networks' drivers (listed if none is given)."""
     if driver_of is None:
         driver_of = _unknown_driver if host else NetworkDrivers(api)
     found = []
-    for summary in api.containers(filters={"label": f"{prefix}.port"}):
-        snapshot = inspect(api, summary["Id"], host, driver_of)
+    # Docker's label filters all have to match: one listing per label, each container once.
+    ids = {s["Id"]: None for label in port_labels(prefix, udp_prefix) for s in api.containers(filters={"label": label})}
+    for container_id in ids:
+        snapshot = inspect(api, container_id, host, driver_of)
         if snapshot is not None:
             found.append(snapshot)
     return found
@@ -226,6 +242,7 @@ def to_change(
     host: Host | None = None,
     source: str = LOCAL,
     driver_of: NetworkLookup = _unknown_driver,
+    udp_prefix: str = DEFAULT_UDP_PREFIX,
 ) -> Change | None:
     """Turn one Docker event into a Change, inspecting the container when its state matters.
 
@@ -241,7 +258,7 @@ def to_change(
             return None
     elif kind == "container" and action in CONTAINER_ACTIONS:
         container_id = actor.get("ID") or event.get("id") or ""
-        if f"{prefix}.port" not in attributes and container_id not in known:
+        if not has_port_label(attributes, prefix, udp_prefix) and container_id not in known:
             return None
     else:
         return None
@@ -267,7 +284,13 @@ class EngineProvider:
     """One Docker engine. `url` None: this host's engine (`local`); else a remote engine (`remote=True`)."""
 
     def __init__(
-        self, url: str | None, prefix: str, metrics: Metrics, timeout: float = 10.0, remote: bool = False
+        self,
+        url: str | None,
+        prefix: str,
+        metrics: Metrics,
+        timeout: float = 10.0,
+        remote: bool = False,
+        udp_prefix: str = DEFAULT_UDP_PREFIX,
     ) -> None:
         if remote and not (url and url_host(url)):
             raise ValueError(
@@ -276,6 +299,7 @@ class EngineProvider:
             )
         self.url = url
         self.prefix = prefix
+        self.udp_prefix = udp_prefix
         self.metrics = metrics
         self.timeout = timeout
         self.remote = remote
@@ -294,7 +318,7 @@ class EngineProvider:
         return Host(node=name, address=socket.gethostbyname(name))
 
     def list(self) -> list[ContainerSnapshot]:
-        return list_labelled(connect(self.url, self.timeout), self.prefix, self._host())
+        return list_labelled(connect(self.url, self.timeout), self.prefix, self._host(), udp_prefix=self.udp_prefix)
 
     def follow(self, sink: Sink, stopping: threading.Event) -> None:
         def start() -> _Session:
@@ -303,7 +327,7 @@ class EngineProvider:
             stream = open_events(api)  # subscribe first: nothing falls between list and stream
             drivers = None if host else NetworkDrivers(api)
             try:
-                labelled = list_labelled(api, self.prefix, host, drivers)
+                labelled = list_labelled(api, self.prefix, host, drivers, self.udp_prefix)
             except BaseException:
                 stream.close()
                 raise
@@ -321,7 +345,16 @@ class EngineProvider:
                 if session.drivers and event.get("Type") == "network" and event.get("Action") == "destroy":
                     session.drivers.forget()
                 driver_of = session.drivers or _unknown_driver
-                change = to_change(session.api, event, self.prefix, session.known, session.host, self.source, driver_of)
+                change = to_change(
+                    session.api,
+                    event,
+                    self.prefix,
+                    session.known,
+                    session.host,
+                    self.source,
+                    driver_of,
+                    self.udp_prefix,
+                )
                 if change is None:
                     continue
                 if change.gone:
