@@ -329,7 +329,9 @@ def compile_rules(state: DesiredState, options: Options = Options()) -> RuleSet:
     nat: dict[str, tuple[str, ...]] = {
         CANARY_CHAIN: (),
         FRONTENDS_CHAIN: tuple(
-            rule for protocol in Protocol for rule in dispatch_rules(f.port for f in routed if f.protocol is protocol)
+            rule
+            for protocol in Protocol
+            for rule in dispatch_rules((f.port for f in routed if f.protocol is protocol), protocol)
         ),
         POSTROUTING_CHAIN: _snat_rules(routed, mark, options),
     }

@@ -105,6 +105,33 @@ def greetings(ns: str | None, address: str, port: int, count: int, timeout: floa
     return in_netns(ns, lambda: [greet(address, port, timeout).removeprefix("Hi from ") for _ in range(count)])
 
 
+def udp_flow(ns: str | None) -> socket.socket:
+    """A UDP socket of namespace `ns` (it stays there whichever thread uses it): one flow per destination."""
+    return in_netns(ns, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+
+
+def udp_ask(flow: socket.socket, address: str, port: int, timeout: float = 3.0) -> str:
+    """One datagram on `flow`, and the address of the backend that answers it. Raises TimeoutError if none does."""
+    token = secrets.token_hex(4).encode()
+    flow.settimeout(timeout)
+    flow.sendto(token, (address, port))
+    deadline = time.monotonic() + timeout
+    while True:  # a late answer to an earlier datagram is not this one's
+        flow.settimeout(max(deadline - time.monotonic(), 0.001))
+        identity, _, echoed = flow.recv(2048).decode().partition("\n")
+        if echoed.encode() == token:
+            return identity.removeprefix("Hi from ")
+
+
+def udp_greetings(ns: str | None, address: str, port: int, count: int, timeout: float = 3.0) -> list[str]:
+    """`count` new UDP flows (a fresh socket each) from namespace `ns`; the backend that answered each."""
+    answers = []
+    for _ in range(count):
+        with udp_flow(ns) as flow:
+            answers.append(udp_ask(flow, address, port, timeout))
+    return answers
+
+
 def connect_outcome(ns: str | None, address: str, port: int, timeout: float = 2.0) -> str:
     """'answered', 'refused' or 'timeout': how a connection attempt ends."""
 
