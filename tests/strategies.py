@@ -6,7 +6,7 @@ import ipaddress
 
 from hypothesis import strategies as st
 
-from tcprouter.model import Access, Backend, Balance, ContainerSnapshot, DesiredState, Frontend
+from tcprouter.model import OPEN, Access, Backend, Balance, ContainerSnapshot, DesiredState, Frontend, Protocol
 
 ports = st.integers(min_value=1, max_value=65535)
 names = st.from_regex(r"[a-z][a-z0-9_.-]{0,20}", fullmatch=True)
@@ -38,18 +38,25 @@ accesses = st.builds(
 
 
 @st.composite
-def desired_states(draw: st.DrawFn, max_frontends: int = 5, max_backends: int = 5) -> DesiredState:
-    frontend_ports = draw(st.lists(ports, max_size=max_frontends, unique=True))
-    frontends = {}
+def desired_states(draw: st.DrawFn, max_frontends: int = 5, max_backends: int = 5, udp: bool = False) -> DesiredState:
+    """TCP frontends; with `udp`, UDP ones too (open to every client, on port numbers the TCP ones may share)."""
     counter = 0
-    for port in frontend_ports:
-        count = draw(st.integers(min_value=0, max_value=max_backends))
-        pool = []
-        for _ in range(count):
-            counter += 1
-            pool.append(draw(backends(counter)))
-        frontends[port] = Frontend(port, draw(st.sampled_from(Balance)), tuple(pool), draw(accesses))
-    return DesiredState(frontends=frontends)
+
+    def pools(protocol: Protocol) -> dict[int, Frontend]:
+        nonlocal counter
+        frontends = {}
+        for port in draw(st.lists(ports, max_size=max_frontends, unique=True)):
+            count = draw(st.integers(min_value=0, max_value=max_backends))
+            pool = []
+            for _ in range(count):
+                counter += 1
+                pool.append(draw(backends(counter)))
+            access = draw(accesses) if protocol is Protocol.TCP else OPEN
+            frontends[port] = Frontend(port, draw(st.sampled_from(Balance)), tuple(pool), access, protocol)
+        return frontends
+
+    tcp = pools(Protocol.TCP)
+    return DesiredState(frontends=tcp, udp_frontends=pools(Protocol.UDP) if udp else {})
 
 
 label_values = st.one_of(

@@ -149,3 +149,17 @@ def test_route_localhost_drops_packets_to_loopback_from_another_interface(flavou
         _, counted = iptables.read(counters=True)
         drops = [rule.packets for table, rule in counted if rule.chain == "TCPR-INPUT" and rule.spec.endswith("DROP")]
         assert drops and drops[0] >= 1
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(first=desired_states(udp=True), second=desired_states(udp=True))
+def test_compiled_udp_rules_load_and_read_back_equal(flavour, first, second):
+    """TCP and UDP frontends (on shared port numbers too): iptables-save prints the UDP rules exactly as compiled."""
+    with private_netns() as ns:
+        iptables = Iptables(Flavour(flavour), netns=ns)
+        for state in (first, second):
+            rules = compile_rules(state, Options(forward_parent="FORWARD"))
+            apply(iptables, rules)
+            assert kernel_view(iptables) == believed_tables(rules)
+            assert apply(iptables, rules) == ""
