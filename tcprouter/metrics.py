@@ -21,9 +21,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
-from .compiler import Tables, frontend_port, refusal, rule_comment
+from .compiler import Tables, frontend_of, refusal, rule_comment
 from .diff import SavedRule, owned
-from .model import DesiredState
+from .model import DesiredState, Protocol
 from .netfilter import Flavour, Iptables
 
 log = logging.getLogger(__name__)
@@ -46,15 +46,18 @@ def kernel_reader(flavour: Flavour, netns: str | None = None, timeout: float = K
     return lambda: iptables.read(counters=True)
 
 
-def backend_connections(rules: list[tuple[str, SavedRule]]) -> dict[tuple[str, str], int]:
-    """New connections per (frontend port, backend name), from the DNAT rules' packet counters.
+def backend_connections(
+    rules: list[tuple[str, SavedRule]], protocol: Protocol = Protocol.TCP
+) -> dict[tuple[str, str], int]:
+    """New connections (UDP: flows) per (frontend port, backend name) of the frontends of `protocol`, from the DNAT
+    rules' packet counters.
 
     Only a connection's first packet traverses the nat table, so packets counted there are connections.
     A backend with several rotation slots (a weight) sums them.
     """
     totals: Tally[tuple[str, str]] = Tally()
     for table, rule in rules:
-        port = frontend_port(rule.chain) if table == "nat" else None
+        port = _frontend_port(rule.chain, protocol) if table == "nat" else None
         name = rule_comment(rule.spec) if port is not None and "-j DNAT" in rule.spec else None
         if name is not None:
             totals[(str(port), name)] += rule.packets
@@ -82,10 +85,18 @@ def _chain_rules(rules: list[tuple[str, SavedRule]], table: str) -> dict[str, tu
     return chains
 
 
-def _frontend_chains(rules: list[tuple[str, SavedRule]]) -> dict[str, tuple[str, ...]]:
-    """frontend port -> the rule texts of its chain (counters excluded)."""
+def _frontend_port(chain: str, protocol: Protocol) -> int | None:
+    """The port of a frontend chain of `protocol`; None for any other chain."""
+    found = frontend_of(chain)
+    return found[1] if found and found[0] is protocol else None
+
+
+def _frontend_chains(rules: list[tuple[str, SavedRule]], protocol: Protocol) -> dict[str, tuple[str, ...]]:
+    """frontend port -> the rule texts of its chain of `protocol` (counters excluded)."""
     chains = _chain_rules(rules, "nat")
-    return {str(port): specs for chain, specs in chains.items() if (port := frontend_port(chain)) is not None}
+    return {
+        str(port): specs for chain, specs in chains.items() if (port := _frontend_port(chain, protocol)) is not None
+    }
 
 
 class Lingering(Generic[K]):
@@ -151,6 +162,9 @@ class StateCollector(Collector):
         self._state = DesiredState(frontends={})
         lingering = lingering or Lingering()
         self.connections: CarriedTotals[tuple[str, str]] = CarriedTotals(lingering)  # (frontend, backend)
+        self.udp_connections: CarriedTotals[tuple[str, str]] = CarriedTotals(
+            Lingering(lingering.grace, lingering.clock)
+        )
         self.refusals: CarriedTotals[tuple[str, str]] = CarriedTotals(Lingering(lingering.grace, lingering.clock))
         # Serialises scrapes (read and fold together: a stale read folded after a newer one would look like
         # a reset). The reconciler never takes it.
@@ -159,12 +173,16 @@ class StateCollector(Collector):
     def publish(self, state: DesiredState) -> None:
         self._state = state  # one reference swap: a scrape sees the old or the new state, whole
 
-    def connection_totals(self, rules: list[tuple[str, SavedRule]]) -> dict[tuple[str, str], int]:
-        """Monotonic connection counts per (frontend, backend) from successive reads of the kernel."""
-        chains = _frontend_chains(rules)
-        current = {key: (count, chains.get(key[0])) for key, count in backend_connections(rules).items()}
+    def connection_totals(
+        self, rules: list[tuple[str, SavedRule]], protocol: Protocol = Protocol.TCP
+    ) -> dict[tuple[str, str], int]:
+        """Monotonic connection (UDP: flow) counts per (frontend, backend) of the frontends of `protocol`, from
+        successive reads of the kernel."""
+        chains = _frontend_chains(rules, protocol)
+        current = {key: (count, chains.get(key[0])) for key, count in backend_connections(rules, protocol).items()}
+        carried = self.connections if protocol is Protocol.TCP else self.udp_connections
         with self._lock:
-            return self.connections.fold(current)
+            return carried.fold(current)
 
     def refused_totals(self, rules: list[tuple[str, SavedRule]]) -> dict[tuple[str, str], int]:
         """Monotonic refusal counts per (frontend, reason); those of a frontend that dropped the label stay for
@@ -174,15 +192,21 @@ class StateCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         state = self._state
-        frontends = GaugeMetricFamily("tcprouter_frontends", "Frontends (public ports) declared by labels")
-        frontends.add_metric([], len(state.frontends))
-        backends = GaugeMetricFamily(
-            "tcprouter_backends", "Backends in the rotation, by the node they run on", labels=["frontend", "node"]
+        frontends = GaugeMetricFamily(
+            "tcprouter_frontends", "Frontends (public ports) declared by labels", labels=["protocol"]
         )
-        for port, frontend in sorted(state.frontends.items()):
-            nodes = Tally(b.node for b in frontend.backends) or Tally({"": 0})  # an empty pool still shows, at 0
-            for node, count in sorted(nodes.items()):
-                backends.add_metric([str(port), node], count)
+        backends = GaugeMetricFamily(
+            "tcprouter_backends",
+            "Backends in the rotation, by the node they run on",
+            labels=["frontend", "node", "protocol"],
+        )
+        for protocol in Protocol:
+            pools = state.pools(protocol)
+            frontends.add_metric([str(protocol)], len(pools))
+            for port, frontend in sorted(pools.items()):
+                nodes = Tally(b.node for b in frontend.backends) or Tally({"": 0})  # an empty pool still shows, at 0
+                for node, count in sorted(nodes.items()):
+                    backends.add_metric([str(port), node, str(protocol)], count)
         rejected = GaugeMetricFamily(
             "tcprouter_rejected_containers", "Labelled containers left out, by reason", labels=["reason"]
         )
@@ -196,7 +220,7 @@ class StateCollector(Collector):
             except Exception as error:  # a scrape must answer even when iptables does not
                 log.warning("metrics: cannot read the kernel rules: %s", error)
                 return
-            totals = self.connection_totals(rules)
+            totals = {protocol: self.connection_totals(rules, protocol) for protocol in Protocol}
             refused = self.refused_totals(rules)
         counts = GaugeMetricFamily(
             "tcprouter_rules", "Rules in owned chains, as the kernel holds them", labels=["table", "chain"]
@@ -207,11 +231,12 @@ class StateCollector(Collector):
                     counts.add_metric([table, chain], len(specs))
         connections = CounterMetricFamily(
             "tcprouter_backend_connections",
-            "New connections sent to each backend (DNAT packet counters)",
-            labels=["frontend", "backend"],
+            "New connections (UDP: flows) sent to each backend (DNAT packet counters)",
+            labels=["frontend", "backend", "protocol"],
         )
-        for (port, name), total in sorted(totals.items()):
-            connections.add_metric([port, name], total)
+        for protocol, per_backend in totals.items():
+            for (port, name), total in sorted(per_backend.items()):
+                connections.add_metric([port, name, str(protocol)], total)
         refusals = CounterMetricFamily(
             "tcprouter_refused_connections",
             "New connections refused with a reset by a frontend's access labels (allow, maxconn, rate), "

@@ -389,7 +389,10 @@ def test_every_alert_is_about_a_failure_the_issue_names() -> None:
     # Per source (local, swarm, an engine's URL): each lost source alerts on its own.
     assert alerts["TcprouterDockerDisconnected"] == ("tcprouter_docker_connected == 0", "1m")
     # tcprouter_backends has a series per node: a frontend is empty only when all its nodes' backends are gone.
-    assert alerts["TcprouterFrontendWithoutBackends"] == ("sum by (instance, frontend) (tcprouter_backends) == 0", "2m")
+    assert alerts["TcprouterFrontendWithoutBackends"] == (
+        "sum by (instance, protocol, frontend) (tcprouter_backends) == 0",
+        "2m",
+    )
     # Gateway mode: a node whose every backend fails the gateway's probes.
     node_down = ("max by (instance, node) (tcprouter_backend_probe_up) == 0", "1m")
     assert alerts["TcprouterNodeUnreachable"] == node_down

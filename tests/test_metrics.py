@@ -174,15 +174,18 @@ def test_scrape_shows_the_published_state_and_the_kernel():
     metrics = Metrics(lambda: kernel({"TCPR-FE-27017": [0, 2, 1]}, state))
     metrics.state.publish(state)
     seen = scrape(metrics)
-    assert seen["tcprouter_frontends"] == [({}, 2)]
-    assert seen["tcprouter_backends"] == [({"frontend": "1883", "node": ""}, 0), ({"frontend": "27017", "node": ""}, 2)]
+    assert seen["tcprouter_frontends"] == [({"protocol": "tcp"}, 2), ({"protocol": "udp"}, 0)]
+    assert seen["tcprouter_backends"] == [
+        ({"frontend": "1883", "node": "", "protocol": "tcp"}, 0),
+        ({"frontend": "27017", "node": "", "protocol": "tcp"}, 2),
+    ]
     assert seen["tcprouter_rejected_containers"] == [
         ({"reason": "invalid_port"}, 2),
         ({"reason": "unknown_network"}, 1),
     ]
     assert seen["tcprouter_backend_connections"] == [
-        ({"frontend": "27017", "backend": "web-a"}, 2),
-        ({"frontend": "27017", "backend": "web-c"}, 1),
+        ({"frontend": "27017", "backend": "web-a", "protocol": "tcp"}, 2),
+        ({"frontend": "27017", "backend": "web-c", "protocol": "tcp"}, 1),
     ]
     rules = {(labels["table"], labels["chain"]): value for labels, value in seen["tcprouter_rules"]}
     assert rules[("nat", "TCPR-FE-27017")] == 4  # CONNMARK, two slots, fallback
@@ -211,7 +214,7 @@ def test_a_scrape_answers_when_iptables_fails():
     metrics = Metrics(broken)
     metrics.state.publish(pool(A))
     seen = scrape(metrics)
-    assert seen["tcprouter_backends"] == [({"frontend": "27017", "node": ""}, 1)]
+    assert seen["tcprouter_backends"] == [({"frontend": "27017", "node": "", "protocol": "tcp"}, 1)]
     assert "tcprouter_rules" not in seen and "tcprouter_backend_connections" not in seen
 
 
@@ -249,9 +252,9 @@ def test_a_slow_scrape_blocks_no_sync_and_shows_one_whole_state():
     assert time.monotonic() - started < 0.1
     release.set()
     scraper.join(5)
-    assert seen["tcprouter_frontends"] == [({}, 1)]
+    assert seen["tcprouter_frontends"] == [({"protocol": "tcp"}, 1), ({"protocol": "udp"}, 0)]
     assert seen["tcprouter_backends"] == [
-        ({"frontend": "27017", "node": ""}, 2)
+        ({"frontend": "27017", "node": "", "protocol": "tcp"}, 2)
     ]  # the state the scrape began with, whole
 
 

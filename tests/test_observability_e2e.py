@@ -53,7 +53,8 @@ def test_metrics_every_family_with_its_labels_and_exact_connection_counts(backen
     rejected = backends.start({"tcp.port": "not-a-port"}, wait=False)
     router = start_router()
     third = backends.start({"tcp.port": str(FRONT)})  # after the start: a Docker event, measured to the kernel
-    wait_until(lambda: values(scrape(router)["tcprouter_backends"]) == {(("frontend", str(FRONT)), ("node", "")): 3}, 5)
+    tcp_pool = {(("frontend", str(FRONT)), ("node", ""), ("protocol", "tcp")): 3}
+    wait_until(lambda: values(scrape(router)["tcprouter_backends"]) == tcp_pool, 5)
 
     answers = greetings(client_host.name, client_host.host_ip, FRONT, 9)
     ips = [backends.ip(c) for c in [*first, third]]
@@ -61,10 +62,10 @@ def test_metrics_every_family_with_its_labels_and_exact_connection_counts(backen
 
     metrics = scrape(router)
     assert values(metrics["tcprouter_backend_connections"], "_total") == {
-        (("backend", name(c)), ("frontend", str(FRONT))): 3 for c in [*first, third]
+        (("backend", name(c)), ("frontend", str(FRONT)), ("protocol", "tcp")): 3 for c in [*first, third]
     }
     assert metrics["tcprouter_backend_connections"].type == "counter"
-    assert values(metrics["tcprouter_frontends"]) == {(): 1}
+    assert values(metrics["tcprouter_frontends"]) == {(("protocol", "tcp"),): 1, (("protocol", "udp"),): 0}
     assert values(metrics["tcprouter_rejected_containers"]) == {(("reason", "invalid_port"),): 1}
     assert name(rejected) not in {dict(k).get("backend") for k in values(metrics["tcprouter_backend_connections"])}
     rules = values(metrics["tcprouter_rules"])
