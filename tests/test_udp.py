@@ -7,7 +7,9 @@ import dataclasses
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tcprouter.commands import status
 from tcprouter.compiler import Options, compile_rules, frontend_chain, frontend_of, frontend_port
+from tcprouter.diff import parse_save
 from tcprouter.hostports import parse_tcp_listeners
 from tcprouter.labels import desired_state
 from tcprouter.model import Backend, Balance, DesiredState, Frontend, Protocol
@@ -132,3 +134,17 @@ def test_a_tcp_backend_s_connections_finish_while_it_runs_and_go_stale_once_it_i
     assert stale[Protocol.TCP] == {backend(1, 80).endpoint} and retired == {}
     stale, retired = stale_flows(before, before, draining, {backend(1).container_id: backend(1, 80).endpoint})
     assert stale[Protocol.TCP] == set() and retired == {}  # back in the rotation: nothing to forget
+
+
+def test_status_lists_a_container_under_its_tcp_and_its_udp_frontend():
+    both = udp(1, **{"tcp.port": "80"})
+    rules = compile_rules(desired_state([both])).chains["nat"]
+    lines = ["*nat", *(f"[3:0] -A {chain} {rule}" for chain, specs in rules.items() for rule in specs), "COMMIT", ""]
+    report = status.status_report([both], parse_save("\n".join(lines))[1], "tcp")
+    assert [(f["protocol"], f["port"], [b["address"] for b in f["backends"]]) for f in report["frontends"]] == [
+        ("tcp", 80, ["10.9.0.2:80"]),
+        ("udp", 5683, ["10.9.0.2:5683"]),
+    ]
+    assert all(f["backends"][0]["in_kernel"] and f["backends"][0]["connections"] == 3 for f in report["frontends"])
+    text = status.render_status(report)
+    assert [line.split()[0] for line in text.splitlines()[1:]] == [":80", ":5683/udp"]

@@ -9,25 +9,25 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 
 from .. import hostports
-from ..compiler import frontend_port
+from ..compiler import frontend_of
 from ..diff import SavedRule
-from ..labels import desired_state, parse_backend
+from ..labels import DEFAULT_UDP_PREFIX, LabelError, desired_state, parse_backend
 from ..metrics import backend_connections, kernel_reader
-from ..model import ContainerSnapshot
+from ..model import ContainerSnapshot, Protocol
 from ..policy import DEFAULT_POLICY, Policy
 from . import common
 
 _DNAT_TARGET = re.compile(r"-j DNAT --to-destination (\S+)")
 
 
-def _kernel_targets(kernel: list[tuple[str, SavedRule]]) -> set[tuple[int, str]]:
-    """(frontend port, "ip:port") of every DNAT rule in the kernel's frontend chains."""
+def _kernel_targets(kernel: list[tuple[str, SavedRule]]) -> set[tuple[Protocol, int, str]]:
+    """(protocol, frontend port, "ip:port") of every DNAT rule in the kernel's frontend chains."""
     targets = set()
     for table, rule in kernel:
         match = _DNAT_TARGET.search(rule.spec)
-        port = frontend_port(rule.chain) if table == "nat" else None
-        if port is not None and match:
-            targets.add((port, match.group(1)))
+        frontend = frontend_of(rule.chain) if table == "nat" else None
+        if frontend is not None and match:
+            targets.add((*frontend, match.group(1)))
     return targets
 
 
@@ -37,44 +37,53 @@ def status_report(
     prefix: str,
     busy_ports: Mapping[int, str] | None = None,
     policy: Policy = DEFAULT_POLICY,
+    udp_prefix: str = DEFAULT_UDP_PREFIX,
+    udp_busy_ports: Mapping[int, str] | None = None,
 ) -> dict:
     """What Docker declares and what the kernel holds, per frontend and backend.
 
     Every running container with valid labels is listed under its frontend, in rotation order; `in_rotation`
     says whether it should receive connections now (running, not unhealthy or starting), `in_kernel` whether
-    a DNAT rule sends connections to it, `connections` what that rule counted since the pool last changed.
+    a DNAT rule sends connections to it, `connections` what that rule counted since the pool last changed (UDP: new
+    flows). TCP frontends come first, then UDP ones.
     """
     containers = sorted(containers, key=lambda c: c.age_order)
-    state = desired_state(containers, prefix, busy_ports, policy)
-    rejected = {r.container_id for r in state.rejections}
-    connections = backend_connections(kernel)
+    state = desired_state(containers, prefix, busy_ports, policy, udp_prefix, udp_busy_ports)
+    rejected = {(r.protocol, r.container_id) for r in state.rejections}
     targets = _kernel_targets(kernel)
-    in_rotation = {b.container_id for frontend in state.frontends.values() for b in frontend.backends}
-    pools: dict[int, list[dict]] = {port: [] for port in state.frontends}
-    for container in containers:
-        if not container.running or container.id in rejected:
-            continue  # a rejected container is listed under "rejected"
-        spec = parse_backend(container, prefix)
-        backend, port = spec.backend, spec.frontend_port
-        address = f"{backend.ip}:{backend.port}"
-        pools[port].append(
-            {
-                "container": backend.name,
-                "id": backend.container_id[:12],
-                "node": backend.node,
-                "address": address,
-                "health": container.health or "none",
-                "weight": backend.weight,
-                "in_rotation": container.id in in_rotation,
-                "in_kernel": (port, address) in targets,
-                "connections": connections.get((str(port), backend.name), 0),
-            }
-        )
+    frontends = []
+    for protocol, label_prefix in ((Protocol.TCP, prefix), (Protocol.UDP, udp_prefix)):
+        connections = backend_connections(kernel, protocol)
+        in_rotation = {b.container_id for frontend in state.pools(protocol).values() for b in frontend.backends}
+        pools: dict[int, list[dict]] = {port: [] for port in state.pools(protocol)}
+        for container in containers:
+            if not container.running or (protocol, container.id) in rejected:
+                continue  # a rejected container is listed under "rejected"
+            try:
+                spec = parse_backend(container, label_prefix, protocol)
+            except LabelError:
+                continue  # no frontend of this protocol (the labels of a valid one parse)
+            backend, port = spec.backend, spec.frontend_port
+            address = f"{backend.ip}:{backend.port}"
+            pools[port].append(
+                {
+                    "container": backend.name,
+                    "id": backend.container_id[:12],
+                    "node": backend.node,
+                    "address": address,
+                    "health": container.health or "none",
+                    "weight": backend.weight,
+                    "in_rotation": container.id in in_rotation,
+                    "in_kernel": (protocol, port, address) in targets,
+                    "connections": connections.get((str(port), backend.name), 0),
+                }
+            )
+        frontends += [
+            {"port": port, "protocol": str(protocol), "balance": str(frontend.balance), "backends": pools[port]}
+            for port, frontend in sorted(state.pools(protocol).items())
+        ]
     return {
-        "frontends": [
-            {"port": port, "balance": str(frontend.balance), "backends": pools[port]}
-            for port, frontend in sorted(state.frontends.items())
-        ],
+        "frontends": frontends,
         "rejected": [
             {"container": r.name, "id": r.container_id[:12], "reason": r.reason, "detail": r.detail}
             for r in state.rejections
@@ -94,7 +103,9 @@ def render_status(report: dict) -> str:
     yes_no = {True: "yes", False: "no"}
     rows = []
     for frontend in report["frontends"]:
-        lead = [f":{frontend['port']}", frontend["balance"]]
+        # Docker's notation: a port is TCP unless it says /udp.
+        suffix = "" if frontend["protocol"] == Protocol.TCP else f"/{frontend['protocol']}"
+        lead = [f":{frontend['port']}{suffix}", frontend["balance"]]
         if not frontend["backends"]:
             rows.append([*lead, "(no backend)", "", "", "", "", "", "", ""])
         for i, b in enumerate(frontend["backends"]):
@@ -124,7 +135,16 @@ def command(args: argparse.Namespace) -> int:
     containers = common.listed(args)
     tables, kernel = kernel_reader(common.flavour(args))()
     options = common.options(args)
-    busy = hostports.busy_ports(tables.get("nat", {}).get(hostports.DOCKER_NAT_CHAIN, ()), options.route_localhost)
-    report = status_report(containers, kernel, args.label_prefix, busy, options.policy)
+    docker_chain = tables.get("nat", {}).get(hostports.DOCKER_NAT_CHAIN, ())
+    busy = {p: hostports.busy_ports(docker_chain, options.route_localhost, p) for p in Protocol}
+    report = status_report(
+        containers,
+        kernel,
+        args.label_prefix,
+        busy[Protocol.TCP],
+        options.policy,
+        args.udp_label_prefix,
+        busy[Protocol.UDP],
+    )
     sys.stdout.write(json.dumps(report, indent=2) + "\n" if args.json else render_status(report))
     return 0
