@@ -12,9 +12,11 @@ from tcprouter.compiler import Options, compile_rules, frontend_chain, frontend_
 from tcprouter.diff import parse_save
 from tcprouter.hostports import parse_tcp_listeners
 from tcprouter.labels import desired_state
+from tcprouter.metrics import Metrics
 from tcprouter.model import Backend, Balance, DesiredState, Frontend, Protocol
-from tcprouter.sync import stale_flows
+from tcprouter.sync import Syncer, stale_flows
 
+from .fakes import FakeKernel
 from .strategies import container, desired_states, ports
 
 
@@ -148,3 +150,27 @@ def test_status_lists_a_container_under_its_tcp_and_its_udp_frontend():
     assert all(f["backends"][0]["in_kernel"] and f["backends"][0]["connections"] == 3 for f in report["frontends"])
     text = status.render_status(report)
     assert [line.split()[0] for line in text.splitlines()[1:]] == [":80", ":5683/udp"]
+
+
+def test_a_sync_forgets_the_flows_of_the_backends_that_left_once_the_rules_are_written():
+    """The conntrack deletion follows the write (the next datagram must meet the new rules) and a failed deletion
+    is only logged: the flows time out."""
+    kernel = FakeKernel("*filter\n:DOCKER-USER - [0:0]\nCOMMIT\n")
+    calls: list[tuple[Protocol, set, int, bool]] = []
+
+    def forget(protocol: Protocol, endpoints, mark_bit: int) -> int:
+        rules = [rule for specs in kernel.read()[0]["nat"].values() for rule in specs]
+        routed = any(f"--to-destination {ip}:{port}" in rule for rule in rules for ip, port in endpoints)
+        calls.append((protocol, set(endpoints), mark_bit, not routed))
+        if protocol is Protocol.UDP and len(calls) > 1:
+            raise OSError("netlink: permission denied")
+        return 2
+
+    metrics = Metrics(lambda: ({}, []))
+    syncer = Syncer(kernel, Options(), "tcp", metrics, forget_flows=forget)
+    a, b = udp(1), udp(2)
+    assert syncer.sync([a, b]) and calls == []
+    assert syncer.sync([a, dataclasses.replace(b, draining=True)])
+    assert calls == [(Protocol.UDP, {("10.9.0.3", 5683)}, 0x100000, True)]
+    assert metrics.registry.get_sample_value("tcprouter_flows_forgotten_total", {"protocol": "udp"}) == 2
+    assert syncer.sync([b]) and len(calls) == 2  # the deletion failed: the sync did not
