@@ -393,6 +393,8 @@ def problems(args: argparse.Namespace, defaults: Mapping[str, object]) -> list[s
             for dest in GATEWAY_ONLY
             if dest in changed
         ]
+    if args.udp_label_prefix == args.label_prefix:
+        found.append(f"--udp-label-prefix and --label-prefix are both {args.label_prefix!r}: give each its own")
     if mode is not Mode.SWARM and "swarm_poll_interval" in changed:
         found.append("--swarm-poll-interval applies only with --swarm")
     if hasattr(args, "probe_timeout") and args.probe_timeout >= args.probe_interval:

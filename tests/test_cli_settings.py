@@ -146,6 +146,7 @@ def test_an_empty_metrics_address_means_no_endpoint_and_the_default_is_every_add
         (["run", "--metrics-address", ":99999"], "expected host:port"),
         (["status", "--mark-bit", "0x100000000"], "must be one bit of the 32-bit conntrack mark"),
         (["status", "--label-prefix", ""], "argument --label-prefix: expected letters"),
+        (["status", "--label-prefix", "udp"], "--udp-label-prefix and --label-prefix are both 'udp'"),
     ],
 )
 def test_settings_that_cannot_work_are_an_error_at_start(
