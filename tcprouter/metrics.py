@@ -320,6 +320,8 @@ class Metrics:
         # Labelled series exist from the start at 0, so that rate() and alerts see the first increment.
         for kind in ("full", "partial"):
             self.sync_duration.labels(kind)
+        for protocol in Protocol:
+            self.flows_forgotten.labels(str(protocol))
 
     def serve(self, address: str, health: Callable[[], tuple[bool, str]] | None = None) -> None:
         """Serve /metrics, and /healthz (200 while `health()` says so, else 503), on `host:port` (`:port` or
