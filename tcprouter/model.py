@@ -97,6 +97,7 @@ class Frontend:
     balance: Balance
     backends: tuple[Backend, ...]  # in rotation order (oldest container first)
     access: Access = OPEN
+    synproxy: bool = False  # SYN-flood protection: the kernel's SYNPROXY answers SYNs with cookies (tcp.synproxy)
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-from .compiler import Tables
+from .compiler import TABLES, Tables
 from .diff import SavedRule, parse_save
 
 log = logging.getLogger(__name__)
-TABLES = ("nat", "filter")
 
 
 class Flavour(StrEnum):
@@ -37,7 +36,7 @@ class Writer(Protocol):
     def flavour(self) -> Flavour: ...
 
     def read(self, counters: bool = False) -> tuple[Tables, list[tuple[str, SavedRule]]]:
-        """The nat and filter tables as diff.parse_save gives them, and every rule with its packet counter."""
+        """The nat, filter and raw tables as diff.parse_save gives them, and every rule with its packet counter."""
         ...
 
     def list_chain(self, table: str, chain: str) -> tuple[str, ...] | None:

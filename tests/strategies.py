@@ -48,7 +48,9 @@ def desired_states(draw: st.DrawFn, max_frontends: int = 5, max_backends: int = 
         for _ in range(count):
             counter += 1
             pool.append(draw(backends(counter)))
-        frontends[port] = Frontend(port, draw(st.sampled_from(Balance)), tuple(pool), draw(accesses))
+        frontends[port] = Frontend(
+            port, draw(st.sampled_from(Balance)), tuple(pool), draw(accesses), draw(st.booleans())
+        )
     return DesiredState(frontends=frontends)
 
 

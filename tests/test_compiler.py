@@ -25,7 +25,7 @@ from tcprouter.compiler import (
     save_string,
     split_words,
 )
-from tcprouter.diff import believed_tables, hook_in_place, parse_save, restore_script
+from tcprouter.diff import believed_tables, hook_in_place, owned_only, parse_save, restore_script
 from tcprouter.model import Access, Backend, Balance, DesiredState, Frontend
 
 from .strategies import backends, desired_states, ports
@@ -248,7 +248,7 @@ def test_diff_from_any_state_to_any_state_reaches_it(first, second):
     kernel = believed_tables(compile_rules(first))
     target = compile_rules(second)
     apply_script_to_model(kernel, restore_script(kernel, target))
-    assert kernel == believed_tables(target)
+    assert owned_only(kernel) == owned_only(believed_tables(target))  # a hook's emptied parent stays, as in the kernel
 
 
 def apply_script_to_model(tables: dict, script: str) -> None:

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tcprouter.compiler import Options, RuleSet, compile_rules, frontend_chain, rule_comment
+from tcprouter.compiler import Options, RuleSet, Synproxy, compile_rules, frontend_chain, rule_comment
 from tcprouter.diff import believed_tables, hook_in_place, owned_only, parse_save, restore_script
 from tcprouter.iptc_writer import IptcWriter, Operation, ScriptError, parse_script
 from tcprouter.model import Backend, Balance, DesiredState, Frontend
@@ -198,6 +198,8 @@ options = st.builds(
     snat_always=st.booleans(),
     route_localhost=st.booleans(),
     route_localnet_before=st.sampled_from([0, 1]),
+    synproxy=st.sampled_from(Synproxy),
+    tcp_loose_before=st.sampled_from([0, 1]),
     forward_parent=st.just("DOCKER-USER"),
 )
 
