@@ -66,6 +66,12 @@ def foreign_lines(ns: str) -> list[str]:
     return [line for line in saved(ns).splitlines() if "TCPR-" not in line]
 
 
+def without_raw(lines: list[str]) -> list[str]:
+    """Saved lines but those of the raw table (iptables-save prints it first): a legacy table, once written,
+    stays, so the raw table synproxy used stays too, empty."""
+    return lines[lines.index("COMMIT") + 1 :] if lines and lines[0] == "*raw" else lines
+
+
 class Restore:
     """The restore writer on a namespace."""
 
@@ -225,14 +231,15 @@ def test_restore_and_iptc_writers_leave_identical_tables(first, second, first_op
             assert sync(iptc, rules) == script  # same kernel state before, so the same script
             assert saved(ns_iptc) == saved(ns_restore)
             assert kernel_owned(ns_iptc) == owned_only(believed_tables(rules))
-            assert foreign_lines(ns_iptc) == foreign
+            assert without_raw(foreign_lines(ns_iptc)) == foreign
 
         assert sync(iptc, rules) == ""  # in step: nothing left to write
         cleanup = RuleSet(chains={})
         sync(restore, cleanup)
         sync(iptc, cleanup)
         assert saved(ns_iptc) == saved(ns_restore)
-        assert foreign_lines(ns_iptc) == foreign == saved(ns_iptc).splitlines()
+        assert "TCPR-" not in saved(ns_iptc)
+        assert without_raw(foreign_lines(ns_iptc)) == without_raw(foreign_lines(ns_restore)) == foreign
 
 
 # Rules the compiler does not write, in the form iptables-save prints: the parser is generic.
