@@ -3,10 +3,11 @@
 Namespaces only: a router namespace holds tcprouter's compiled rules (frontends 80 and 81, one backend each
 in a backend namespace), a flood namespace runs `hping3 --flood --rand-source -S` at frontend 80, and a
 legit namespace opens connections (connect + 3-byte request/response) to 80 and 81 meanwhile. The router's
-default route leads into a veth that drops them, so SYN/ACKs to spoofed sources are really sent. Measured: the router's
-conntrack entries (peak, and as % of nf_conntrack_max, which each namespace gets in full), the legit
-success rate (a connection may take up to 3 s: one SYN retransmission, at 1 s) and connect latency per
-frontend, host CPU from /proc/stat, and the packets the host dropped from full input queues (softnet_stat).
+default route leads into a veth that drops what it gets, so SYN/ACKs to spoofed sources are really sent.
+Measured: the router's conntrack entries (peak, and as % of nf_conntrack_max, which each namespace gets in
+full), the legit success rate (a connection may take up to 3 s: one SYN retransmission, at 1 s), the connect
+time and the exchange's (connect, request, response) per frontend, host CPU from /proc/stat, and the packets
+the host dropped from full input queues (softnet_stat).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ while time.monotonic() < end:
                 connected = time.perf_counter() - started
                 c.sendall(b"hi\\n")
                 ok = c.recv(3) == b"ok\\n"
-            results[str(port)].append(connected if ok else None)
+            results[str(port)].append([connected, time.perf_counter() - started] if ok else None)
         except OSError:
             results[str(port)].append(None)
         time.sleep(0.01)
@@ -72,7 +73,8 @@ def _backlog_drops() -> int:
     return sum(int(line.split()[1], 16) for line in Path("/proc/net/softnet_stat").read_text().splitlines())
 
 
-def _case(router: str, flood: str, legit: str, iptables: Iptables, synproxy: bool, duration: float) -> dict:
+def _case(router: str, flood: str | None, legit: str, iptables: Iptables, synproxy: bool, duration: float) -> dict:
+    """One case; `flood` None: the baseline, the legit client alone."""
     backends = {80: Backend("a" * 64, "b80", "10.71.9.2", 8080), 81: Backend("b" * 64, "b81", "10.71.9.2", 8081)}
     state = DesiredState({p: Frontend(p, Balance.ROUNDROBIN, (backends[p],)) for p in FRONTENDS})
     options = Options(
@@ -84,7 +86,7 @@ def _case(router: str, flood: str, legit: str, iptables: Iptables, synproxy: boo
     client = subprocess.Popen(
         ["ip", "netns", "exec", legit, "python3", "-c", CLIENT, str(duration)], stdout=subprocess.PIPE, text=True
     )
-    hping = subprocess.Popen(
+    hping = flood and subprocess.Popen(
         ["ip", "netns", "exec", flood, "hping3", "--flood", "--rand-source", "-S", "-q", "-p", "80", "10.71.1.1"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -99,23 +101,30 @@ def _case(router: str, flood: str, legit: str, iptables: Iptables, synproxy: boo
         time.sleep(0.25)
     busy1, total1 = _cpu()
     drops = _backlog_drops() - drops0
-    hping.terminate()
-    sent = hping.communicate()[1]
+    sent = ""
+    if hping:
+        hping.terminate()
+        sent = hping.communicate()[1]
     legit_results = json.loads(client.communicate(timeout=duration + 10)[0])
     for port in FRONTENDS:  # the entries the flood made
         sh("ip", "netns", "exec", router, "conntrack", "-D", "-p", "tcp", "--orig-port-dst", str(port), check=False)
     per_frontend = {}
     for port, outcomes in legit_results.items():
-        times = [t * 1000 for t in outcomes if t is not None]
+        times = [t[0] * 1000 for t in outcomes if t is not None]
+        exchanges = [t[1] * 1000 for t in outcomes if t is not None]
         per_frontend[port] = {
             "attempts": len(outcomes),
             "success_rate": len(times) / len(outcomes) if outcomes else float("nan"),
             "connect_p50_ms": percentile(times, 50),
             "connect_p99_ms": percentile(times, 99),
+            "exchange_p50_ms": percentile(exchanges, 50),
+            "exchange_p99_ms": percentile(exchanges, 99),
+            "exchanges_over_1s": sum(t > 1000 for t in exchanges),  # a lost segment, resent
         }
     return {
         "synproxy": synproxy,
-        "flood_packets": next((line.split()[0] for line in sent.splitlines() if "transmitted" in line), "?"),
+        "flood": bool(flood),
+        "flood_packets": next((line.split()[0] for line in sent.splitlines() if "transmitted" in line), "0"),
         "conntrack_peak": peak,
         "conntrack_max": maximum,
         "conntrack_peak_pct": 100 * peak / maximum,
@@ -164,21 +173,25 @@ def run(duration: float = 10.0) -> dict:
         iptables = Iptables(Flavour.NFT, netns=router)
         cases = []
         for synproxy in (False, True):
-            log(f"flood: {duration:g} s, synproxy {synproxy}")
-            cases.append(_case(router, flood, legit, iptables, synproxy, duration))
+            for flooding in (None, flood):  # the baseline first, then the flood
+                log(f"flood: {duration:g} s, synproxy {synproxy}, flood {bool(flooding)}")
+                cases.append(_case(router, flooding, legit, iptables, synproxy, duration))
         return {"duration_s": duration, "cases": cases}
 
 
 def table(result: dict) -> list[str]:
     out = [
-        f"{result['duration_s']:g} s of `hping3 --flood --rand-source -S` at frontend 80 per case.\n",
-        "| SYNPROXY | flood SYNs sent | conntrack peak | % of max | host CPU | legit :80 ok | :80 p50 / p99 ms "
-        "| legit :81 ok | :81 p50 / p99 ms | backlog drops |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"{result['duration_s']:g} s per case: the legit client alone, then with `hping3 --flood --rand-source -S` "
+        "at frontend 80.\n",
+        "| SYNPROXY | flood SYNs sent | conntrack peak | % of max | host CPU | legit :80 ok | :80 connect p50 / p99 ms "
+        "| :80 exchange p50 / p99 ms | legit :81 ok | :81 connect p50 / p99 ms | :81 exchange p50 / p99 ms "
+        "| backlog drops |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case in result["cases"]:
         legit = [
-            f"{100 * f['success_rate']:.1f}% ({f['attempts']}) | {f['connect_p50_ms']:.2f} / {f['connect_p99_ms']:.2f}"
+            f"{100 * f['success_rate']:.1f}% ({f['attempts']}) | {f['connect_p50_ms']:.2f} / {f['connect_p99_ms']:.2f} "
+            f"| {f['exchange_p50_ms']:.2f} / {f['exchange_p99_ms']:.2f} ({f['exchanges_over_1s']} > 1 s)"
             for f in (case["legit"]["80"], case["legit"]["81"])
         ]
         out.append(
