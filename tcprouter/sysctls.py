@@ -31,10 +31,11 @@ class RecordedSysctl:
     purpose: str  # what the wanted value is for
     without: str  # what goes missing while it cannot be set
     risk: str  # why the earlier value must come back
+    root: Path = Path("/proc/sys")
 
     @property
     def path(self) -> Path:
-        return Path("/proc/sys", *self.name.split("."))
+        return self.root.joinpath(*self.name.split("."))
 
     def recorded(self, tables: Tables) -> int | None:
         """The value found before tcprouter set it, as the kernel's TCPR-INPUT rules record it."""

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from tcprouter.compiler import (
     Options,
     RuleSet,
+    Synproxy,
     access_bit,
     access_rules,
     compile_rules,
@@ -152,6 +153,49 @@ def test_empty_pools_are_not_routed_and_hooks_are_in_place():
         "-d 172.17.0.0/16 -p tcp -j DROP",
     )
     assert "TCPR-ACCESS" not in rules.chains["filter"]
+
+
+def test_synproxy_untracks_the_syns_of_its_frontends_and_proxies_them_in_input():
+    state = DesiredState(
+        {
+            80: Frontend(80, Balance.ROUNDROBIN, (backend(1),), synproxy=True),
+            81: Frontend(81, Balance.ROUNDROBIN, (backend(2),)),
+            82: Frontend(82, Balance.ROUNDROBIN, (), synproxy=True),  # not routed: the host's
+        }
+    )
+    rules = compile_rules(state, Options(tcp_loose_before=1))
+    assert rules.chains["raw"] == {"TCPR-NOTRACK": ("-p tcp -m tcp --dport 80 -j CT --notrack",)}
+    assert rules.hooks["raw"] == (
+        ("PREROUTING", "-p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m addrtype --dst-type LOCAL -j TCPR-NOTRACK"),
+    )
+    assert rules.chains["filter"]["TCPR-INPUT"] == (
+        "-p tcp -m conntrack --ctstate INVALID,UNTRACKED -m comment --comment tcp_loose-before-1 -j TCPR-SYNPROXY",
+    )
+    assert rules.chains["filter"]["TCPR-SYNPROXY"] == (
+        "-p tcp -m tcp --dport 80 -j SYNPROXY --sack-perm --timestamp --wscale 7 --mss 1460",
+        "-p tcp -m tcp --dport 80 -j DROP",
+    )
+    assert ("INPUT", "-j TCPR-INPUT") in rules.hooks["filter"]
+    # --synproxy: every routed frontend; a listen address narrows the matches to it.
+    everyone = compile_rules(state, Options(synproxy=Synproxy.ALL, listen_address="192.0.2.1"))
+    assert everyone.chains["raw"]["TCPR-NOTRACK"] == (
+        "-p tcp -m tcp --dport 80 -j CT --notrack",
+        "-p tcp -m tcp --dport 81 -j CT --notrack",
+    )
+    assert everyone.hooks["raw"] == (
+        ("PREROUTING", "-d 192.0.2.1/32 -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j TCPR-NOTRACK"),
+    )
+    assert everyone.chains["filter"]["TCPR-SYNPROXY"][-1] == "-d 192.0.2.1/32 -p tcp -m tcp --dport 81 -j DROP"
+
+
+@pytest.mark.parametrize("options", [Options(), Options(synproxy=Synproxy.OFF)])
+def test_without_synproxy_frontends_or_with_synproxy_off_the_raw_table_is_not_used(options: Options):
+    state = DesiredState(
+        {80: Frontend(80, Balance.ROUNDROBIN, (backend(1),), synproxy=options.synproxy is Synproxy.OFF)}
+    )
+    rules = compile_rules(state, options)
+    assert "raw" not in rules.chains and "raw" not in rules.hooks
+    assert "TCPR-INPUT" not in rules.chains["filter"]
 
 
 def test_access_labels_compile_to_checks_of_new_connections_of_that_frontend_only():
