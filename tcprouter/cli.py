@@ -205,6 +205,13 @@ def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         "and drops martian packets to 127.0.0.0/8; `cleanup` restores the value it had before)",
     )
     common.add_argument(
+        "--synproxy",
+        action="store_true",
+        help="SYN-flood protection for every frontend (as the label tcp.synproxy=true does for one): the kernel's "
+        "SYNPROXY answers SYNs with cookies, so spoofed SYNs create no conntrack entry; sets "
+        "net.netfilter.nf_conntrack_tcp_loose=0 while in use (`cleanup` restores the value it had before)",
+    )
+    common.add_argument(
         "--ports",
         type=_ports,
         help="the frontend ports containers may claim, as ports and ranges (1883,8000-8100,27017; default: "

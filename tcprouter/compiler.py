@@ -10,9 +10,15 @@ Layout (DESIGN.md):
   filter DOCKER-USER (after the operator's rules; else FORWARD) -> TCPR-FORWARD (accept the marked
          connections; new ones to a frontend with access labels first pass TCPR-ACCESS -> TCPR-AC-<port>;
          INVALID TCP packets from or to a backend network are dropped in TCPR-INVALID)
-The connection mark, the FORWARD lock and hairpin SNAT apply to UDP flows as to TCP ones; the access chains and
-TCPR-INVALID are TCP only.
-Both tables also hold an empty TCPR-CANARY chain: if it vanishes, someone flushed the table.
+The connection mark, the FORWARD lock and hairpin SNAT apply to UDP flows as to TCP ones; the access chains,
+TCPR-INVALID and the SYN proxy are TCP only.
+SYN-flood protection (frontends with synproxy), the raw table becoming a third owned table:
+  raw    PREROUTING -> TCPR-NOTRACK (a client's SYN to such a frontend is not tracked)
+  filter INPUT -> TCPR-INPUT -> TCPR-SYNPROXY (SYNPROXY answers it with a SYN cookie; once the client's ACK
+         proves the cookie, the kernel sends the SYN again with ip_local_out: that one is tracked and crosses
+         nat OUTPUT, so TCPR-FRONTENDS DNATs it as usual, rotation included; other untracked or INVALID
+         segments to the port are dropped)
+The nat and filter tables also hold an empty TCPR-CANARY chain: if it vanishes, someone flushed the table.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import functools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from .model import Access, Backend, Balance, DesiredState, Frontend, Protocol
 from .policy import Policy
@@ -38,20 +45,35 @@ ACCESS_CHAIN = "TCPR-ACCESS"
 INVALID_CHAIN = "TCPR-INVALID"
 ACCESS_CHAIN_PREFIX = "TCPR-AC-"  # + port: the frontend's limits
 ALLOW_CHAIN_PREFIX = "TCPR-AL-"  # + port: the frontend's allowed client networks
+NOTRACK_CHAIN = "TCPR-NOTRACK"  # raw: the SYNs that SYNPROXY answers
+SYNPROXY_CHAIN = "TCPR-SYNPROXY"
+# SYNPROXY's answer on the backends' behalf: the TCP options it offers must be ones the backends accept (any
+# Linux does); the client's own MSS and options are what the backend then sees in the proxied SYN.
+SYNPROXY_TARGET = "SYNPROXY --sack-perm --timestamp --wscale 7 --mss 1460"
 HASHLIMIT_DEFAULT_BURST = 5
 _HASHLIMIT_SCALE = 1_000_000  # the kernel keeps a rate as the interval between packets, in microseconds
 _RATE_UNITS = (("day", 86400), ("hour", 3600), ("min", 60), ("sec", 1))
 _REFUSAL = re.compile(r"refused-([0-9]+)-([a-z]+)")
 DEFAULT_MARK_BIT = 0x100000
 LOCALNET_RECORD = "route_localnet-before-"  # + the value, in the comment of TCPR-INPUT's rule
+TCP_LOOSE_RECORD = "tcp_loose-before-"  # + nf_conntrack_tcp_loose's value, in the comment of TCPR-INPUT's jump
 _COMMENT_MAX = 64
 # A rule's text as iptables-restore splits it: double-quoted parts (a backslash escapes any character in
 # them), other characters but whitespace, whitespace between words; anything else is an unclosed quote.
 _SEGMENT = re.compile(r'"((?:[^"\\]|\\.)*)"|([^\s"]+)|(\s+)|(")', re.DOTALL)
 _ESCAPED = re.compile(r"\\(.)", re.DOTALL)
 
+# The tables tcprouter reads and owns chains in, in the order a script writes them (raw only with synproxy:
+# last, so that SYNPROXY is in place before the SYNs it answers go untracked).
+TABLES = ("nat", "filter", "raw")
 # table -> chain -> rule specs (the text after "-A <chain> ", as iptables-save prints it)
 Tables = dict[str, dict[str, tuple[str, ...]]]
+
+
+class Synproxy(StrEnum):
+    LABEL = "label"  # frontends labelled tcp.synproxy=true
+    ALL = "all"  # every frontend (--synproxy)
+    OFF = "off"  # none: nf_conntrack_tcp_loose could not be set to 0, without which SYNPROXY breaks connections
 
 
 @dataclass(frozen=True)
@@ -61,6 +83,8 @@ class Options:
     snat_always: bool = False  # masquerade every routed flow (backends behind another router)
     route_localhost: bool = False  # route 127.0.0.1:<port> from the host too (needs route_localnet=1)
     route_localnet_before: int = 0  # the value of route_localnet before tcprouter set it to 1 (localnet.py)
+    synproxy: Synproxy = Synproxy.LABEL
+    tcp_loose_before: int = 1  # nf_conntrack_tcp_loose before tcprouter set it to 0 for synproxy (sysctls.py)
     forward_parent: str = "DOCKER-USER"  # where the filter hook goes: DOCKER-USER if it exists, else FORWARD
     policy: Policy = field(default_factory=Policy)  # who may claim a port: applied by labels.desired_state
 
@@ -314,6 +338,43 @@ def _snat_rules(frontends: Iterable[Frontend], mark: str, options: Options) -> t
     return localhost + tuple(f"-s {s} -d {s} -m connmark --mark {mark} -j MASQUERADE" for s in subnets)
 
 
+def synproxy_ports(frontends: Iterable[Frontend], options: Options) -> list[int]:
+    """The ports of the routed frontends whose SYNs SYNPROXY answers (an empty pool stays the host's)."""
+    if options.synproxy is Synproxy.OFF:
+        return []
+    everyone = options.synproxy is Synproxy.ALL
+    tcp = (f for f in frontends if f.protocol is Protocol.TCP)  # a SYN proxy is TCP's
+    return sorted(f.port for f in tcp if f.backends and (everyone or f.synproxy))
+
+
+def _synproxy_rules(ports: Sequence[int], options: Options) -> tuple[Tables, str, str]:
+    """The raw chains, the raw PREROUTING hook, and the TCPR-INPUT rule (which records tcp_loose's earlier
+    value, as long as it exists) with the filter chain it jumps to.
+
+    SYNPROXY sits in INPUT because an untracked SYN is not DNATed: it is for a local address. TCPR-INPUT is
+    INPUT's first rule, so an operator's INPUT rules (a default DROP, a DROP of INVALID packets: the client's
+    ACK is INVALID until SYNPROXY takes it) cannot stop the handshake; they still see every other packet.
+    """
+    destination = f"-d {options.listen_address}/32 " if options.listen_address else ""
+    syn = "-p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN"
+    hook = (
+        f"{destination}{syn} -j {NOTRACK_CHAIN}"
+        if destination
+        else f"{syn} -m addrtype --dst-type LOCAL -j {NOTRACK_CHAIN}"
+    )
+    raw = {NOTRACK_CHAIN: tuple(f"-p tcp -m tcp --dport {port} -j CT --notrack" for port in ports)}
+    proxy = tuple(
+        f"{destination}-p tcp -m tcp --dport {port} -j {target}"
+        for port in ports
+        for target in (SYNPROXY_TARGET, "DROP")
+    )
+    jump = (
+        f"-p tcp -m conntrack --ctstate INVALID,UNTRACKED "
+        f"-m comment --comment {TCP_LOOSE_RECORD}{options.tcp_loose_before} -j {SYNPROXY_CHAIN}"
+    )
+    return {"raw": raw, "filter": {SYNPROXY_CHAIN: proxy}}, hook, jump
+
+
 def compile_rules(state: DesiredState, options: Options = Options()) -> RuleSet:
     mark = f"{options.mark_bit:#x}/{options.mark_bit:#x}"
     # An empty pool is not routed: RST (TCP) or ICMP port unreachable (UDP) from the host.
@@ -344,17 +405,29 @@ def compile_rules(state: DesiredState, options: Options = Options()) -> RuleSet:
 
     filter_chains = {CANARY_CHAIN: (), **_forward_chains(routed, options.mark_bit)}
     filter_hooks = [(options.forward_parent, f"-j {FORWARD_CHAIN}")]
+    tables: Tables = {"nat": nat, "filter": filter_chains}
+    hooks: dict[str, tuple[tuple[str, str], ...]] = {}
+    inputs: list[str] = []
     if options.route_localhost:
         # route_localnet also lets other machines reach 127.0.0.1 services (CVE-2020-8558): drop
         # martian packets to 127.0.0.0/8 that come from anywhere but loopback and were not DNATed.
         # The comment keeps the value route_localnet had before, for `cleanup` (it lives as long as the rule).
         record = f"{LOCALNET_RECORD}{options.route_localnet_before}"
-        filter_chains[INPUT_CHAIN] = (
+        inputs.append(
             "! -s 127.0.0.0/8 -d 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT "
-            f"-m comment --comment {record} -j DROP",
+            f"-m comment --comment {record} -j DROP"
         )
+    ports = synproxy_ports(routed, options)
+    if ports:
+        synproxy, raw_hook, jump = _synproxy_rules(ports, options)
+        tables["raw"] = synproxy["raw"]
+        filter_chains.update(synproxy["filter"])
+        hooks["raw"] = (("PREROUTING", raw_hook),)
+        inputs.append(jump)
+    if inputs:
+        filter_chains[INPUT_CHAIN] = tuple(inputs)
         filter_hooks.append(("INPUT", f"-j {INPUT_CHAIN}"))
-    hooks = {
+    hooks |= {
         "nat": (
             ("PREROUTING", f"{local} -j {FRONTENDS_CHAIN}"),
             ("OUTPUT", f"{output_match} -j {FRONTENDS_CHAIN}"),
@@ -362,4 +435,4 @@ def compile_rules(state: DesiredState, options: Options = Options()) -> RuleSet:
         ),
         "filter": tuple(filter_hooks),
     }
-    return RuleSet(chains={"nat": nat, "filter": filter_chains}, hooks=hooks)
+    return RuleSet(chains=tables, hooks=hooks)

@@ -14,7 +14,7 @@ import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .compiler import PREFIX, RuleSet, Tables
+from .compiler import PREFIX, TABLES, RuleSet, Tables
 
 # Chains where the operator puts their own filter rules: our hook goes after them, so that theirs win.
 OPERATOR_CHAINS = frozenset({"DOCKER-USER"})
@@ -91,7 +91,7 @@ def hook_in_place(parent: str, parent_rules: tuple[str, ...], hook: str) -> bool
     return ours[0] == hook_index(parent, parent_rules[: ours[0]] + parent_rules[ours[0] + 1 :])
 
 
-def restore_script(current: Tables, desired: RuleSet, tables: tuple[str, ...] = ("nat", "filter")) -> str:
+def restore_script(current: Tables, desired: RuleSet, tables: tuple[str, ...] = TABLES) -> str:
     """The `iptables-restore --noflush` input that turns `current` into `desired`; "" if nothing differs."""
     out: list[str] = []
     for table in tables:
@@ -136,7 +136,8 @@ def believed_tables(rules: RuleSet) -> Tables:
 
 
 def owned_only(tables: Tables) -> Tables:
-    """Owned chains and the jumps into them: the part of the kernel state that tcprouter answers for."""
+    """Owned chains and the jumps into them: the part of the kernel state that tcprouter answers for (a table
+    where it has none is left out: the raw table is owned only while a frontend has synproxy)."""
     result: Tables = {}
     for table, chains in tables.items():
         kept = {}
@@ -147,5 +148,6 @@ def owned_only(tables: Tables) -> Tables:
                 jumps = tuple(r for r in rules if owned(jump_target(r) or ""))
                 if jumps:
                     kept[chain] = jumps
-        result[table] = kept
+        if kept:
+            result[table] = kept
     return result

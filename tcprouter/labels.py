@@ -10,8 +10,9 @@ import dataclasses
 import ipaddress
 import re
 from collections import defaultdict
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 from .model import OPEN, Access, Backend, Balance, ContainerSnapshot, DesiredState, Frontend, Protocol, Rejection
 from .policy import DEFAULT_POLICY, Policy, owner_text
@@ -26,6 +27,8 @@ _RATE = re.compile(r"([0-9]{1,6})/s")
 MAX_ALLOW = 64  # CIDRs in tcp.allow: each is a rule that a new connection may traverse
 MAX_RATE = 100_000  # new connections per second (hashlimit takes up to 1,000,000)
 MAX_BURST = 10_000  # hashlimit's own limit
+_BOOLEANS = {"true": True, "false": False}
+T = TypeVar("T")
 
 
 def port_labels(prefix: str, udp_prefix: str) -> tuple[str, ...]:
@@ -55,6 +58,7 @@ class BackendSpec:
     backend: Backend
     balance: Balance | None  # None: the label was not set
     access: Access = OPEN
+    synproxy: bool | None = None  # None: the label was not set
 
 
 def _integer(labels: dict[str, str], key: str, low: int, high: int) -> int | None:
@@ -193,6 +197,13 @@ def parse_backend(
                 f"label {prefix}.balance={balance_raw!r} is not one of {', '.join(b.value for b in Balance)}",
             ) from None
 
+    synproxy_raw = labels.get(f"{prefix}.synproxy") if protocol is Protocol.TCP else None
+    synproxy = None
+    if synproxy_raw is not None:
+        synproxy = _BOOLEANS.get(synproxy_raw.strip().lower())
+        if synproxy is None:
+            raise LabelError("invalid_synproxy", f"label {prefix}.synproxy={synproxy_raw!r} is not true or false")
+
     subnet = None
     if container.host_address:
         ip, backend_port = _remote_endpoint(container, prefix, wanted_port, protocol)
@@ -207,8 +218,9 @@ def parse_backend(
         subnet=subnet,
         node=container.node,
     )
-    access = parse_access(labels, prefix) if protocol is Protocol.TCP else OPEN
-    return BackendSpec(frontend_port=port, backend=backend, balance=balance, access=access)
+    if protocol is not Protocol.TCP:
+        return BackendSpec(frontend_port=port, backend=backend, balance=balance)
+    return BackendSpec(port, backend, balance, parse_access(labels, prefix), synproxy)
 
 
 def _allow(labels: Mapping[str, str], key: str) -> tuple[str, ...]:
@@ -262,6 +274,29 @@ def _pool_access(port: int, specs: list[BackendSpec], warnings: list[str]) -> Ac
                 f"the oldest container {oldest.backend.name} sets {oldest.access}, which wins"
             )
     return oldest.access
+
+
+def _pool_setting(
+    frontend: str,
+    specs: list[BackendSpec],
+    name: str,
+    value: Callable[[BackendSpec], T | None],
+    default: T,
+    warnings: list[str],
+) -> T:
+    """A pool-level label (balance, synproxy): the oldest container that sets it wins; one that disagrees
+    is warned about."""
+    settings = [(spec, setting) for spec in specs if (setting := value(spec)) is not None]
+    if not settings:
+        return default
+    (oldest, chosen), *others = settings
+    for other, setting in others:
+        if setting != chosen:
+            warnings.append(
+                f"{frontend}: container {other.backend.name} asks for {name} {setting}, "
+                f"the oldest container {oldest.backend.name} sets {chosen}, which wins"
+            )
+    return chosen
 
 
 def desired_state(
@@ -329,16 +364,14 @@ def _frontends(
     for port in sorted(declared_ports):
         name = f"frontend {port}" if protocol is Protocol.TCP else f"{protocol.upper()} frontend {port}"
         specs = pools.get(port, [])
-        settings = [s for s in specs if s.balance is not None]
-        balance = settings[0].balance if settings else Balance.ROUNDROBIN
-        for other in settings[1:]:
-            if other.balance != balance:
-                warnings.append(
-                    f"{name}: container {other.backend.name} asks for balance {other.balance}, "
-                    f"the oldest container {settings[0].backend.name} sets {balance}, which wins"
-                )
-        access = _pool_access(port, specs, warnings)
-        frontends[port] = Frontend(port, balance, tuple(s.backend for s in specs), access, protocol)
+        frontends[port] = Frontend(
+            port,
+            _pool_setting(name, specs, "balance", lambda s: s.balance, Balance.ROUNDROBIN, warnings),
+            tuple(s.backend for s in specs),
+            _pool_access(port, specs, warnings),
+            _pool_setting(name, specs, "synproxy", lambda s: s.synproxy, False, warnings),
+            protocol,
+        )
     return DesiredState(frontends=frontends, rejections=tuple(rejections), warnings=tuple(warnings))
 
 

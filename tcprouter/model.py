@@ -112,6 +112,7 @@ class Frontend:
     balance: Balance
     backends: tuple[Backend, ...]  # in rotation order (oldest container first)
     access: Access = OPEN  # TCP only: a UDP frontend is open to every client
+    synproxy: bool = False  # TCP only: SYN-flood protection, the kernel's SYNPROXY answers SYNs with cookies
     protocol: Protocol = Protocol.TCP
 
 

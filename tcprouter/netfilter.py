@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-from .compiler import Tables
+from .compiler import TABLES, Tables
 from .diff import SavedRule, parse_save
 
 log = logging.getLogger(__name__)
-TABLES = ("nat", "filter")
+LEGACY_TABLES = "/proc/net/ip_tables_names"  # the legacy tables of the reading namespace
 
 
 class Flavour(StrEnum):
@@ -37,7 +37,7 @@ class Writer(Protocol):
     def flavour(self) -> Flavour: ...
 
     def read(self, counters: bool = False) -> tuple[Tables, list[tuple[str, SavedRule]]]:
-        """The nat and filter tables as diff.parse_save gives them, and every rule with its packet counter."""
+        """The nat, filter and raw tables as diff.parse_save gives them, and every rule with its packet counter."""
         ...
 
     def list_chain(self, table: str, chain: str) -> tuple[str, ...] | None:
@@ -78,8 +78,16 @@ class Iptables:
         return self._run(self._command("-save", "-t", table, *(["-c"] if counters else [])))
 
     def read(self, counters: bool = False) -> tuple[Tables, list[tuple[str, SavedRule]]]:
-        text = "".join(self.save(table, counters) for table in TABLES)
+        text = "".join(self.save(table, counters) for table in self._tables())
         return parse_save(text)
+
+    def _tables(self) -> tuple[str, ...]:
+        """The tables to read: a legacy raw table only if it exists, since reading a legacy table creates it
+        (and so a hook on every packet); tcprouter's raw chains exist only with synproxy. nft's save creates none."""
+        if self.flavour is Flavour.NFT:
+            return TABLES
+        names = self._run(["ip", "netns", "exec", self.netns] * bool(self.netns) + ["cat", LEGACY_TABLES]).split()
+        return tuple(table for table in TABLES if table != "raw" or table in names)
 
     def list_chain(self, table: str, chain: str) -> tuple[str, ...] | None:
         """The rules of one chain (None if it does not exist): cheaper than a full save."""

@@ -16,12 +16,13 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from . import hostports
-from .compiler import Options, RuleSet, Tables, compile_rules, frontend_of
+from .compiler import Options, RuleSet, Synproxy, Tables, compile_rules, frontend_of, synproxy_ports
 from .diff import believed_tables, hook_in_place, owned, restore_script
 from .labels import DEFAULT_UDP_PREFIX, desired_state, reachable_only
 from .metrics import Metrics
 from .model import ContainerSnapshot, DesiredState, Protocol
 from .netfilter import NetfilterError, Writer
+from .sysctls import TCP_LOOSE
 from .tracker import Endpoint
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,8 @@ class Syncer:
     def _write(self, state: DesiredState, full: bool) -> RuleSet:
         current = self.writer.read()[0] if full or self.applied is None else self.applied
         parent = "DOCKER-USER" if "DOCKER-USER" in current.get("filter", {}) else "FORWARD"
-        rules = compile_rules(state, dataclasses.replace(self.options, forward_parent=parent))
+        options = dataclasses.replace(self.options, forward_parent=parent)
+        rules = compile_rules(state, self._tcp_loose(state, current, options))
         script = restore_script(current, rules)
         if full and self.applied is not None and script != restore_script(self.applied, rules):
             # The kernel's owned rules are not what the last write left: someone changed them. Counted here,
@@ -147,6 +149,18 @@ class Syncer:
             self.writer.restore(script)
         self.applied = believed_tables(rules)
         return rules
+
+    @staticmethod
+    def _tcp_loose(state: DesiredState, current: Tables, options: Options) -> Options:
+        """Synproxy needs nf_conntrack_tcp_loose=0: set it (recording the earlier value) while a frontend
+        has synproxy, give the recorded value back once none has; synproxy is off if it cannot be set."""
+        if not synproxy_ports(state.frontends.values(), options):
+            TCP_LOOSE.give_back(current)  # before the rules that record it go
+            return options
+        before = TCP_LOOSE.take(current)
+        if before is None:
+            return dataclasses.replace(options, synproxy=Synproxy.OFF)
+        return dataclasses.replace(options, tcp_loose_before=before)
 
     def drifted(self) -> bool:
         """Cheap check of the chains every flow crosses; a per-frontend edit waits for the full resync."""

@@ -15,6 +15,7 @@ from tcprouter.netfilter import Flavour, NetfilterError
 BUILTIN: dict[str, tuple[str, ...]] = {
     "nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
     "filter": ("INPUT", "FORWARD", "OUTPUT"),
+    "raw": ("PREROUTING", "OUTPUT"),
 }
 
 
@@ -29,7 +30,7 @@ class FakeClock:
 
 
 class FakeKernel:
-    """nat and filter tables in memory. `restore` commits each table of a script whole or not at all (an error
+    """nat, filter and raw tables in memory. `restore` commits each table of a script whole or not at all (an error
     raises NetfilterError, as iptables-restore fails); `scripts` records what was written, `reads` the full reads."""
 
     flavour = Flavour.NFT

@@ -51,8 +51,15 @@ def desired_states(draw: st.DrawFn, max_frontends: int = 5, max_backends: int = 
             for _ in range(count):
                 counter += 1
                 pool.append(draw(backends(counter)))
-            access = draw(accesses) if protocol is Protocol.TCP else OPEN
-            frontends[port] = Frontend(port, draw(st.sampled_from(Balance)), tuple(pool), access, protocol)
+            tcp = protocol is Protocol.TCP
+            frontends[port] = Frontend(
+                port,
+                draw(st.sampled_from(Balance)),
+                tuple(pool),
+                access=draw(accesses) if tcp else OPEN,
+                synproxy=draw(st.booleans()) if tcp else False,
+                protocol=protocol,
+            )
         return frontends
 
     tcp = pools(Protocol.TCP)

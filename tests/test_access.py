@@ -1,4 +1,4 @@
-"""Per-frontend access labels (tcp.allow, tcp.maxconn, tcp.rate, tcp.burst): validation, pooling, and the
+"""Per-frontend access labels (tcp.allow, tcp.maxconn, tcp.rate, tcp.burst, tcp.synproxy): validation, pooling, and the
 rules they compile to, which the kernel must accept (private network namespaces)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tcprouter.compiler import Options, compile_rules
+from tcprouter.compiler import Options, Synproxy, compile_rules
 from tcprouter.diff import restore_script
 from tcprouter.labels import LabelError, desired_state, parse_access
 from tcprouter.model import Access
@@ -17,7 +17,7 @@ from .strategies import container
 from .support import private_netns, sh
 
 FLAVOURS = [f for f in Flavour if sh("sh", "-c", f"command -v iptables-{f}-restore", check=False)]
-ACCESS_REASONS = {"invalid_allow", "invalid_maxconn", "invalid_rate", "invalid_burst"}
+ACCESS_REASONS = {"invalid_allow", "invalid_maxconn", "invalid_rate", "invalid_burst", "invalid_synproxy"}
 
 
 @pytest.mark.parametrize(
@@ -85,16 +85,20 @@ access_values = st.one_of(
         min_size=0,
         max_size=3,
     ).map(",".join),
-    st.sampled_from(["10/s", "0.0.0.0/0", "1", "65535", "10000", "100000/s", "5/m"]),
+    st.sampled_from(["10/s", "0.0.0.0/0", "1", "65535", "10000", "100000/s", "5/m", "true", "False", "yes"]),
 )
-access_labels = st.dictionaries(st.sampled_from(["tcp.allow", "tcp.maxconn", "tcp.rate", "tcp.burst"]), access_values)
+access_labels = st.dictionaries(
+    st.sampled_from(["tcp.allow", "tcp.maxconn", "tcp.rate", "tcp.burst", "tcp.synproxy"]), access_values
+)
 
 
 @pytest.mark.kernel
 @pytest.mark.parametrize("flavour", FLAVOURS)
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(first=access_labels, second=access_labels)
-def test_any_access_labels_compile_to_rules_the_kernel_accepts_or_are_rejected_with_a_reason(flavour, first, second):
+@given(first=access_labels, second=access_labels, synproxy=st.sampled_from(Synproxy))
+def test_any_access_labels_compile_to_rules_the_kernel_accepts_or_are_rejected_with_a_reason(
+    flavour, first, second, synproxy
+):
     """Nothing in between: a container is either in its pool, with rules iptables-restore takes, or rejected."""
     containers = [
         container(1, labels={"tcp.port": "80", **first}),
@@ -106,6 +110,6 @@ def test_any_access_labels_compile_to_rules_the_kernel_accepts_or_are_rejected_w
         assert rejected == [] if port in state.frontends else rejected and rejected[0] in ACCESS_REASONS
     with private_netns() as ns:
         iptables = Iptables(Flavour(flavour), netns=ns)
-        script = restore_script({}, compile_rules(state, Options(forward_parent="FORWARD")))
+        script = restore_script({}, compile_rules(state, Options(forward_parent="FORWARD", synproxy=synproxy)))
         iptables.restore(script, test=True)
         iptables.restore(script)  # and the kernel's own checks of each match (legacy --test skips them)

@@ -1,16 +1,27 @@
 """End to end, the perimeter: operators' rules in DOCKER-USER win, tcprouter leaves the host's other traffic
-alone, and the access labels refuse clients with a reset. Real containers, the host's tables, two client
-namespaces on different subnets."""
+alone, the access labels refuse clients with a reset, and tcp.synproxy keeps a SYN flood out of conntrack.
+Real containers, the host's tables, two client namespaces on different subnets."""
 
 from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
-from .support import ClientHost, Router, connect_outcome, in_netns, invalid_segment_crosses, sh, wait_until
+from .support import (
+    CLIENT_SUBNET,
+    ClientHost,
+    Router,
+    connect_outcome,
+    greetings,
+    in_netns,
+    invalid_segment_crosses,
+    sh,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 FRONT = 27017
@@ -113,3 +124,36 @@ def test_rate_refuses_above_the_rate_and_recovers(backends, start_router, client
     assert outcome(second_client) == "answered"  # per client address
     assert refused_total(router, "rate") >= 1
     wait_until(lambda: outcome(client_host) == "answered", 5, what="the rate to allow a connection again")
+
+
+TCP_LOOSE = "/proc/sys/net/netfilter/nf_conntrack_tcp_loose"
+
+
+def tracked_to_front() -> int:
+    out = sh("conntrack", "-L", "-p", "tcp", "--orig-port-dst", str(FRONT), check=False)
+    return len(out.splitlines())
+
+
+def test_synproxy_routes_in_exact_rotation_and_a_spoofed_syn_burst_leaves_no_conntrack_entry(
+    backends, start_router, client_host
+):
+    loose_before = Path(TCP_LOOSE).read_text().strip()
+    labels = {"tcp.port": str(FRONT), "tcp.synproxy": "true"}
+    pool = [backends.start(labels) for _ in range(2)]
+    order = [backends.ip(c) for c in pool]
+    start_router("--check-interval", "0.2", "--resync-interval", "1")
+    assert Path(TCP_LOOSE).read_text().strip() == "0"  # set before the rules that need it
+    assert greetings(client_host.name, client_host.host_ip, FRONT, 4) == order * 2
+
+    # Spoofed SYNs from an unused address of the client's subnet (the host's SYN/ACKs stay on that link),
+    # each from another source port: without synproxy, one conntrack entry each.
+    client_host.forget_flows()
+    spoofed = f"{CLIENT_SUBNET}.77"
+    hping = ("hping3", "-q", "-S", "-a", spoofed, "-p", str(FRONT), "-i", "u200", "-c", "500", client_host.host_ip)
+    sh("ip", "netns", "exec", client_host.name, *hping, check=False)  # exits 1: no replies reach it
+    assert tracked_to_front() == 0
+    assert greetings(client_host.name, client_host.host_ip, FRONT, 2) == order
+
+    # Once no frontend has synproxy, the daemon gives nf_conntrack_tcp_loose its earlier value back.
+    backends.remove_all()
+    wait_until(lambda: Path(TCP_LOOSE).read_text().strip() == loose_before, 10, what="tcp_loose given back")

@@ -263,7 +263,7 @@ def test_a_whole_table_replaced_is_rebuilt(backends, flavour, table):
             written = owned_only(iptables.read()[0])
             assert len(written["nat"][f"TCPR-FE-{FRONT}"]) == 4  # mark, two slots, a backend's own connection
             sh("ip", "netns", "exec", ns, f"iptables-{flavour}-restore", input=f"*{table}\nCOMMIT\n")
-            assert owned_only(iptables.read()[0])[table] == {}
+            assert table not in owned_only(iptables.read()[0])
             replaced = time.monotonic()
             wait_until(lambda: owned_only(iptables.read()[0]) == written, 10, 0.05, what="the owned rules rebuilt")
             assert time.monotonic() - replaced <= 2.0

@@ -127,6 +127,29 @@ def test_pool_setting_conflict_oldest_wins_and_is_reported():
     assert len(state.warnings) == 1 and "c2" in state.warnings[0] and "c1" in state.warnings[0]
 
 
+@pytest.mark.parametrize(("value", "synproxy"), [("true", True), (" False ", False), ("TRUE", True)])
+def test_synproxy_label_is_a_boolean(value: str, synproxy: bool):
+    assert desired_state([snapshot({"tcp.port": "80", "tcp.synproxy": value}, 1)]).frontends[80].synproxy is synproxy
+
+
+@pytest.mark.parametrize("value", ["yes", "1", ""])
+def test_a_synproxy_label_that_is_not_true_or_false_is_rejected(value: str):
+    state = desired_state([snapshot({"tcp.port": "80", "tcp.synproxy": value}, 1)])
+    assert [r.reason for r in state.rejections] == ["invalid_synproxy"]
+
+
+def test_synproxy_is_pool_level_the_oldest_container_that_sets_it_wins():
+    unset, newer, oldest = (
+        snapshot({"tcp.port": "80"}, 1),
+        snapshot({"tcp.port": "80", "tcp.synproxy": "false"}, 3),
+        snapshot({"tcp.port": "80", "tcp.synproxy": "true"}, 2),
+    )
+    state = desired_state([newer, unset, oldest])
+    assert state.frontends[80].synproxy is True
+    assert len(state.warnings) == 1 and "synproxy" in state.warnings[0] and "c3" in state.warnings[0]
+    assert desired_state([unset]).frontends[80].synproxy is False
+
+
 @settings(deadline=None)  # the first example pays for imports: a per-example deadline would flake on a busy host
 @given(
     st.lists(st.integers(min_value=0, max_value=59), max_size=6, unique=True).flatmap(

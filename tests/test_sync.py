@@ -3,8 +3,11 @@ repairs and what they count, the periodic full resync, and that nothing it does 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
+from tcprouter import sync
 from tcprouter.compiler import Options, compile_rules
 from tcprouter.diff import believed_tables, owned_only
 from tcprouter.labels import desired_state
@@ -216,3 +219,23 @@ def test_operators_rules_in_docker_user_keep_precedence_over_the_hook(kernel: Fa
         "-j TCPR-FORWARD",
         "-j RETURN",
     ]
+
+
+def test_synproxy_sets_tcp_loose_while_a_frontend_has_it_and_gives_it_back_after(syncer, kernel, tmp_path, monkeypatch):
+    """On a file standing in for /proc/sys: 0 with the frontend, the recorded 1 again once it is gone."""
+    loose = dataclasses.replace(sync.TCP_LOOSE, root=tmp_path)
+    loose.path.parent.mkdir(parents=True)
+    loose.path.write_text("1\n")
+    monkeypatch.setattr(sync, "TCP_LOOSE", loose)
+    guarded = [container(1, labels={"tcp.port": "80", "tcp.synproxy": "true"})]
+    assert syncer.sync(guarded, full=True)
+    assert loose.path.read_text() == "0" and "raw" in owned(kernel)
+    assert syncer.sync([])
+    assert loose.path.read_text() == "1" and "raw" not in owned(kernel)
+
+
+def test_synproxy_is_off_when_tcp_loose_cannot_be_set(syncer, kernel, tmp_path, monkeypatch):
+    """Without tcp_loose=0, SYNPROXY would break every handshake: the frontend is routed without it."""
+    monkeypatch.setattr(sync, "TCP_LOOSE", dataclasses.replace(sync.TCP_LOOSE, root=tmp_path / "missing"))
+    assert syncer.sync([container(1, labels={"tcp.port": "80", "tcp.synproxy": "true"})], full=True)
+    assert "raw" not in owned(kernel) and "TCPR-FE-80" in owned(kernel)["nat"]

@@ -1,6 +1,6 @@
 """scripts/bench: tcprouter side by side with direct access, HAProxy and Docker's -p; control plane; scale.
 
-Usage: scripts/bench [--phases data,control,scale] [--rounds 3] [--duration 5] [--trials 50] ...
+Usage: scripts/bench [--phases data,control,scale,flood] [--rounds 3] [--duration 5] [--trials 50] ...
        scripts/bench --phases gateway [--rounds 3] [--duration 5] [--gateway-trials 30]   (Swarm gateway mode)
        scripts/bench --report bench-results/FILE.json     (print the tables of an earlier run)
 Writes bench-results/bench-<time>.json and prints Markdown tables with the ratios of this run.
@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
         "--phases",
         default="control,data,scale",
         help="comma-separated, run in this order: control (first, on a host without the data plane's "
-        "leftover sockets), data, scale, gateway (not in the default: a 3-node Swarm lab, about 6 more minutes)",
+        "leftover sockets), data, scale, gateway (not in the default: a 3-node Swarm lab, about 6 more minutes), "
+        "flood (namespaces only: a SYN flood with and without SYNPROXY)",
     )
     parser.add_argument(
         "--figures", default="new_connections,keepalive,bulk", help="data-plane figures (one locked phase each)"
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         help="gateway: extra `tcprouter run` arguments, e.g. '--swarm-poll-interval 0.1' (default: none)",
     )
     parser.add_argument("--output", type=Path, help="JSON result (default bench-results/bench-<time>.json)")
+    parser.add_argument("--flood-duration", type=float, default=10.0, help="seconds of SYN flood per case")
     parser.add_argument("--report", type=Path, help="only print the tables of this earlier JSON result")
     args = parser.parse_args(argv)
 
@@ -103,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
 
             sizes = [int(x) for x in args.sizes.split(",")]
             result["scale"] = scale.run(sizes, args.repeats, args.samples)
+            save()
+        if "flood" in phases:
+            from . import flood
+
+            result["flood"] = flood.run(args.flood_duration)
             save()
         if "gateway" in phases:
             from . import gateway

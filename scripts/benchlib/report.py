@@ -326,6 +326,10 @@ def render(result: dict) -> str:
         )
         text, checks["control_variant"] = _control(variant)
         out += text
+    if "flood" in result:
+        from .flood import table
+
+        out += ["## SYN flood\n", *table(result["flood"]), ""]
     if "scale" in result:
         out.append("## Scale\n")
         text, checks["scale"] = _scale(result["scale"])

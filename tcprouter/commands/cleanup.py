@@ -1,11 +1,11 @@
-"""`tcprouter cleanup`: remove every owned chain and hook, and give route_localnet its value back."""
+"""`tcprouter cleanup`: remove every owned chain and hook, and give the sysctls it set their values back."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 
-from .. import localnet
+from .. import sysctls
 from ..compiler import RuleSet
 from ..diff import restore_script
 from ..ownership import TablesLock
@@ -25,7 +25,7 @@ def command(args: argparse.Namespace) -> int:
         return 1
     writer = common.writer(args)
     current, _ = writer.read()
-    restored = localnet.give_back(current)  # first: the rules that record the value go next
+    restored = all([s.give_back(current) for s in sysctls.RECORDED])  # first: the rules that record them go next
     script = restore_script(current, RuleSet(chains={}))
     writer.restore(script)
     log.info("removed %d owned chains and their hooks from the %s tables", script.count("\n-X "), writer.flavour)

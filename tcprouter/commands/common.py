@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..compiler import Options
+from ..compiler import Options, Synproxy
 from ..daemon import Mode, build_providers, resolve_mode
 from ..metrics import Metrics
 from ..model import ContainerSnapshot
@@ -31,6 +31,7 @@ def options(args: argparse.Namespace) -> Options:
         listen_address=args.listen_address,
         snat_always=snat_always,
         route_localhost=args.route_localhost,
+        synproxy=Synproxy.ALL if args.synproxy else Synproxy.LABEL,
         policy=policy(args),
     )
 

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import logging
 
-from .. import localnet
+from .. import sysctls
 from ..compiler import Options
 from ..daemon import EXIT_TABLES_OWNED, build_providers, claim_tables, serve
 from ..metrics import Metrics, kernel_reader
@@ -42,9 +42,9 @@ def command(args: argparse.Namespace) -> int:
         standby must not change what the owner's rules rely on."""
         tables, _ = writer.read()
         if not options.route_localhost:
-            localnet.give_back(tables)  # an earlier --route-localhost run's rules go at the first sync
+            sysctls.ROUTE_LOCALNET.give_back(tables)  # an earlier --route-localhost run's rules go at the first sync
             return options
-        before = localnet.take(tables)
+        before = sysctls.ROUTE_LOCALNET.take(tables)
         return dataclasses.replace(options, route_localhost=before is not None, route_localnet_before=before or 0)
 
     timing = Timing(resync_interval=args.resync_interval, check_interval=args.check_interval)
