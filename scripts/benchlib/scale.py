@@ -256,29 +256,35 @@ def rss_figures(sizes: list[int]) -> list[dict[str, int]]:
 
 
 def listener_probe(sockets: int, reads: int = 20) -> dict[str, float]:
-    """Runs inside a private namespace: leave `sockets` TIME_WAIT sockets behind, then time the scan of the
-    namespace's TCP listeners that the daemon does before every sync (hostports.host_tcp_listeners)."""
+    """Runs inside a private namespace: hold `sockets` established loopback sockets open (both ends of
+    `sockets` / 2 connections), then time both
+    scans of the namespace's TCP listeners: the old parse of /proc/net/tcp{,6} (every socket) and the netlink
+    sock_diag request with a LISTEN state filter (hostports.host_tcp_listeners)."""
+    import resource
+
     from tcprouter import hostports
 
-    scan = getattr(hostports, "host_tcp_listeners", None)
-    if scan is None:
-        return {"sockets": sockets, "missing": 1}
-    with socket.socket() as listener:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # two descriptors per connection
+    with contextlib.ExitStack() as stack:
+        listener = stack.enter_context(socket.socket())
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", 9))
-        listener.listen(1024)
-        for _ in range(sockets):
-            client = socket.create_connection(("127.0.0.1", 9))
-            served, _ = listener.accept()
-            served.close()  # the server closes first: its side stays in TIME_WAIT for 60 s
-            client.close()
+        listener.listen(4096)
+        for _ in range(sockets // 2):
+            stack.enter_context(socket.create_connection(("127.0.0.1", 9)))
+            stack.enter_context(listener.accept()[0])
         lines = len(Path("/proc/net/tcp").read_text().splitlines()) - 1
-        times = []
-        for _ in range(reads):
-            started = time.perf_counter()
-            scan()
-            times.append(time.perf_counter() - started)
-    return {"sockets": sockets, "proc_net_tcp_lines": lines, "scan_s_p50": median(times), "scan_s_max": max(times)}
+        figures: dict[str, float] = {"sockets": sockets, "proc_net_tcp_lines": lines}
+        for name, scan in (("proc", hostports.proc_tcp_listeners), ("netlink", hostports.netlink_tcp_listeners)):
+            times = []
+            for _ in range(reads):
+                started = time.perf_counter()
+                found = scan(True)
+                times.append(time.perf_counter() - started)
+            assert found == {9: "127.0.0.1"}, found
+            figures.update({f"{name}_s_p50": median(times), f"{name}_s_max": max(times)})
+    return figures
 
 
 def listener_figures(counts: list[int]) -> list[dict[str, float]]:
@@ -433,8 +439,10 @@ def run(sizes: list[int], repeats: int, samples: int) -> dict:
     log(f"scale rss: {[(r['frontends'], r['vmrss_kb']) for r in rss]}")
     first = first_packet_figures(max(sizes), samples)
     log(f"first packet: { {k: round(v['p50'], 1) for k, v in first['connect_us'].items()} } us p50")
-    listeners = listener_figures([0, 10_000, 50_000])
-    log(f"listener scan: {[(r['sockets'], round(r.get('scan_s_p50', 0) * 1000, 1)) for r in listeners]} ms")
+    listeners = listener_figures([0, 1_000, 10_000])
+    log(
+        f"listener scan (proc, netlink ms): {[(r['sockets'], r['proc_s_p50'] * 1e3, r['netlink_s_p50'] * 1e3) for r in listeners]}"
+    )
     return {"syncs": syncs, "rss": rss, "first_packet": first, "listener_scan": listeners}
 
 
