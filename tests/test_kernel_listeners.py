@@ -60,15 +60,15 @@ def test_netlink_finds_the_listeners_of_both_families_only(loopback):
     assert result["idle"] not in result["found"] and result["client"] not in result["found"]
 
 
-def test_netlink_and_proc_agree_in_the_test_namespace():
+@pytest.mark.parametrize("loopback", [False, True])
+def test_netlink_and_proc_agree_in_the_test_namespace(loopback):
     """Against the host's namespace (real listeners of the host besides the test's own)."""
-    for loopback in (False, True):
-        result = _scan_with(
-            OPENED, lambda: (hostports.netlink_tcp_listeners(loopback), hostports.proc_tcp_listeners(loopback))
-        )
-        by_netlink, by_proc = result["found"]
-        assert by_netlink == by_proc
-        assert result["listening"][1] in by_netlink
+    result = _scan_with(
+        OPENED, lambda: (hostports.netlink_tcp_listeners(loopback), hostports.proc_tcp_listeners(loopback))
+    )
+    by_netlink, by_proc = result["found"]
+    assert by_netlink == by_proc
+    assert result["listening"][1] in by_netlink
 
 
 def test_an_empty_namespace_has_no_listeners():

@@ -440,9 +440,8 @@ def run(sizes: list[int], repeats: int, samples: int) -> dict:
     first = first_packet_figures(max(sizes), samples)
     log(f"first packet: { {k: round(v['p50'], 1) for k, v in first['connect_us'].items()} } us p50")
     listeners = listener_figures([0, 1_000, 10_000])
-    log(
-        f"listener scan (proc, netlink ms): {[(r['sockets'], r['proc_s_p50'] * 1e3, r['netlink_s_p50'] * 1e3) for r in listeners]}"
-    )
+    scans = [(r["sockets"], round(r["proc_s_p50"] * 1e3, 1), round(r["netlink_s_p50"] * 1e3, 1)) for r in listeners]
+    log(f"listener scan (sockets, /proc ms, netlink ms): {scans}")
     return {"syncs": syncs, "rss": rss, "first_packet": first, "listener_scan": listeners}
 
 
