@@ -105,7 +105,7 @@ class Pools:
         """The desired state of every container held (as labels.desired_state gives it, up to the order of the
         rejections and warnings)."""
         return DesiredState(
-            frontends=dict(self._frontends),
+            frontends=dict(sorted(self._frontends.items())),
             rejections=tuple(r for rs in self._rejections.values() for r in rs),
             warnings=tuple(w for ws in self._warnings.values() for w in ws),
         )

@@ -10,17 +10,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from . import hostports
 from .compiler import Options, RuleSet, Tables, compile_rules, frontend_port
 from .diff import believed_tables, hook_in_place, owned, restore_script
-from .labels import desired_state, reachable_only
+from .labels import reachable_only
 from .metrics import Metrics
 from .model import ContainerSnapshot, DesiredState
 from .netfilter import NetfilterError, Writer
+from .pools import Pools
 from .tracker import Endpoint
 
 log = logging.getLogger(__name__)
@@ -35,16 +36,24 @@ class Syncer:
         self.applied: Tables | None = None  # what we believe the kernel holds; None: read it first
         self.candidates = DesiredState(frontends={})  # the last desired state, before reachability was applied
         self.state = DesiredState(frontends={})  # the last state written
+        self._unreachable: set[Endpoint] = set()  # the endpoints left out of `state`
         self.busy_ports: dict[int, str] = {}  # ports the host already uses (port -> who), as last scanned
+        self.pools = Pools(prefix, options.policy)  # the desired state, kept per frontend
+        self.rules: RuleSet | None = None  # the rules of `state`, as last written
 
-    def desired(self, view: Sequence[ContainerSnapshot], full: bool) -> DesiredState:
-        state = desired_state(view, self.prefix, self.busy_ports, self.options.policy)
-        if full or set(state.frontends) - set(self.state.frontends):
-            # The listener scan reads every socket of the host (TIME_WAIT included): only at full syncs
-            # and when a frontend port appears, not on every event.
+    def desired(self, view: Sequence[ContainerSnapshot], full: bool) -> tuple[DesiredState, set[int]]:
+        """The desired state of `view`, and the frontend ports whose part of it may have changed."""
+        changed = self.pools.changes(view)
+        if full:
             self.busy_ports = scan_busy_ports(self.writer, self.options.route_localhost)
-            state = desired_state(view, self.prefix, self.busy_ports, self.options.policy)
-        return state
+        touched = self.pools.update(changed, self.busy_ports)
+        state = self.pools.state()
+        if not full and any(p in state.frontends and p not in self.candidates.frontends for p in touched):
+            # A frontend port appears: is the host using it? (Docker's chain and the listeners, not every event.)
+            self.busy_ports = scan_busy_ports(self.writer, self.options.route_localhost)
+            touched |= self.pools.update({}, self.busy_ports)
+            state = self.pools.state()
+        return state, touched
 
     def sync(
         self,
@@ -55,8 +64,11 @@ class Syncer:
     ) -> bool:
         """Write the difference between the desired rules and the kernel (full) or our last write."""
         kind = "full" if full else "partial"
-        candidates = self.desired(view, full)
+        candidates, touched = self.desired(view, full)
         state = reachable_only(candidates, unreachable)
+        if unreachable or set(unreachable) != self._unreachable:
+            touched = set(candidates.frontends) | set(self.state.frontends)  # the verdicts reach any frontend
+        self._unreachable = set(unreachable)
         started = time.perf_counter()
         try:
             for attempt in Retrying(
@@ -68,9 +80,10 @@ class Syncer:
             ):
                 with attempt:
                     try:
-                        rules = self._write(state, full=full or attempt.retry_state.attempt_number > 1)
+                        again = full or attempt.retry_state.attempt_number > 1
+                        rules = self._write(state, full=again) if again else self._write_partial(state, touched)
                     except NetfilterError:
-                        self.applied = None  # what a failed write left is unknown: the retry reads it
+                        self.applied = self.rules = None  # what a failed write left is unknown: the retry reads it
                         raise
         except NetfilterError as error:
             self.metrics.sync_failures.inc()
@@ -78,7 +91,7 @@ class Syncer:
             return False
         self.metrics.sync_duration.labels(kind).observe(time.perf_counter() - started)
         self.metrics.last_sync.set_to_current_time()
-        log_changes(self.state, state, causes or {})
+        log_changes(self.state, state, causes or {}, None if full else touched)
         self.state, self.candidates = state, candidates
         self.metrics.state.publish(state)
         log.debug("%s sync: %d owned rules", kind, rules.rule_count())
@@ -96,8 +109,54 @@ class Syncer:
             self.metrics.drift_repairs.inc()
         if script:
             self.writer.restore(script)
-        self.applied = believed_tables(rules)
+        self.applied, self.rules = believed_tables(rules), rules
         return rules
+
+    def _write_partial(self, state: DesiredState, ports: set[int]) -> RuleSet:
+        """Compile and diff only the chains of the frontends on `ports` against what was last written; the whole
+        rule set when a change reaches the chains every frontend shares, or nothing was written yet."""
+        if self.rules is None or self.applied is None:
+            return self._write(state, full=False)
+        options = dataclasses.replace(self.options, forward_parent=self.rules_parent())
+        before = compile_rules(_only(self.state, ports), options)
+        after = compile_rules(_only(state, ports), options)
+        touched: dict[str, set[str]] = {}
+        for table in before.chains.keys() | after.chains.keys():
+            old, new = before.chains.get(table, {}), after.chains.get(table, {})
+            for chain in old.keys() | new.keys():
+                if any(chain.endswith(f"-{port}") for port in ports):
+                    touched.setdefault(table, set()).add(chain)
+                elif old.get(chain) != new.get(chain):  # a shared chain changes: compile everything
+                    return self._write(state, full=False)
+        chains = {table: dict(held) for table, held in self.rules.chains.items()}
+        current: Tables = {}
+        wanted: Tables = {}
+        for table, names in touched.items():
+            for chain in names:
+                if chain in self.applied.get(table, {}):
+                    current.setdefault(table, {})[chain] = self.applied[table][chain]
+                if chain in after.chains.get(table, {}):
+                    chains.setdefault(table, {})[chain] = wanted.setdefault(table, {})[chain] = after.chains[table][
+                        chain
+                    ]
+                else:
+                    chains.get(table, {}).pop(chain, None)
+        script = restore_script(current, RuleSet(chains=wanted))
+        if script:
+            self.writer.restore(script)
+        for table, names in touched.items():
+            for chain in names:
+                if chain in chains.get(table, {}):
+                    self.applied.setdefault(table, {})[chain] = chains[table][chain]
+                else:
+                    self.applied.get(table, {}).pop(chain, None)
+        self.rules = RuleSet(chains=chains, hooks=self.rules.hooks)
+        return self.rules
+
+    def rules_parent(self) -> str:
+        """The parent chain of the filter hook in the rules last written."""
+        assert self.rules is not None
+        return next(parent for parent, _ in self.rules.hooks["filter"])
 
     def drifted(self) -> bool:
         """Cheap check of the chains every flow crosses; a per-frontend edit waits for the full resync."""
@@ -125,6 +184,10 @@ class Syncer:
         return {b.endpoint: b.node for f in self.candidates.frontends.values() for b in f.backends if b.node}
 
 
+def _only(state: DesiredState, ports: Iterable[int]) -> DesiredState:
+    return DesiredState(frontends={p: state.frontends[p] for p in ports if p in state.frontends})
+
+
 def scan_busy_ports(writer: Writer, route_localhost: bool) -> dict[int, str]:
     """The ports the host already uses: its listeners (loopback ones too with --route-localhost) and the ports
     Docker publishes with DNAT rules in its nat chain."""
@@ -144,9 +207,15 @@ def _log_retry(retry_state: RetryCallState) -> None:
     )
 
 
-def log_changes(before: DesiredState, after: DesiredState, causes: Mapping[str | Endpoint, str]) -> None:
-    """One line per backend that joined or left, with what caused it (a Docker event, a task, a probe, resync)."""
-    for port in sorted(set(before.frontends) | set(after.frontends)):
+def log_changes(
+    before: DesiredState,
+    after: DesiredState,
+    causes: Mapping[str | Endpoint, str],
+    ports: Iterable[int] | None = None,
+) -> None:
+    """One line per backend that joined or left, with what caused it (a Docker event, a task, a probe, resync);
+    only on `ports` if given (the others did not change)."""
+    for port in sorted(set(before.frontends) | set(after.frontends) if ports is None else ports):
         old = set(before.frontends[port].backends) if port in before.frontends else set()
         new = set(after.frontends[port].backends) if port in after.frontends else set()
         for sign, moved in (("+", new - old), ("-", old - new)):

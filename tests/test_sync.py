@@ -4,6 +4,8 @@ repairs and what they count, the periodic full resync, and that nothing it does 
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tcprouter.compiler import Options, compile_rules
 from tcprouter.diff import believed_tables, owned_only
@@ -216,3 +218,37 @@ def test_operators_rules_in_docker_user_keep_precedence_over_the_hook(kernel: Fa
         "-j TCPR-FORWARD",
         "-j RETURN",
     ]
+
+
+def test_a_partial_sync_rewrites_only_the_frontend_that_changed(kernel, syncer):
+    view = [container(i, labels={"tcp.port": str(80 + i % 3)}) for i in range(9)]
+    assert syncer.sync(view, full=True)
+    reads = kernel.reads
+    assert syncer.sync(view[1:])  # c0 (frontend 80) leaves
+    script = kernel.scripts[-1]
+    assert [line for line in script.splitlines() if line.startswith(":")] == [":TCPR-FE-80 - [0:0]"]
+    assert kernel.reads == reads  # against what was written, not read
+    assert owned(kernel) == expected(view[1:])
+    moved = container(4, labels={"tcp.port": "90"}, networks={"other": "10.8.0.5"}, subnets={"other": "10.8.0.0/24"})
+    changed = [*view[1:4], moved, *view[5:]]  # a new frontend on a new network: the shared chains change too
+    assert syncer.sync(changed)
+    assert owned(kernel) == expected(changed)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, 5), st.sampled_from(["80", "81", "82", None]), st.booleans()), max_size=12))
+def test_partial_syncs_keep_the_kernel_equal_to_the_compiled_view(kernel, steps):
+    syncer = Syncer(kernel, Options(), "tcp", Metrics(lambda: ({}, [])))
+    view = {i: container(i) for i in range(3)}
+    assert syncer.sync(list(view.values()), full=True)
+    for index, port, limited in steps:
+        if port is None:
+            view.pop(index, None)
+        else:
+            labels = {"tcp.port": port, **({"tcp.maxconn": "5"} if limited else {})}
+            subnet = f"10.{index % 2}.0"
+            view[index] = container(
+                index, labels=labels, networks={"n": f"{subnet}.{index + 2}"}, subnets={"n": f"{subnet}.0/24"}
+            )
+        assert syncer.sync(list(view.values()))
+        assert owned(kernel) == expected(list(view.values()))
