@@ -41,6 +41,7 @@ class Pools:
         self._frontends: dict[int, Frontend] = {}
         self._rejections: dict[Group, tuple[Rejection, ...]] = {}
         self._warnings: dict[Group, tuple[str, ...]] = {}
+        self._sorted = True  # whether _frontends is in port order
 
     def group(self, container: ContainerSnapshot) -> Group:
         """The port the container claims (as labels.parse_backend reads it), else its id."""
@@ -99,13 +100,16 @@ class Pools:
             if result.frontend is None:
                 self._frontends.pop(group, None)
             else:
+                self._sorted = self._sorted and group in self._frontends
                 self._frontends[group] = result.frontend
 
     def state(self) -> DesiredState:
         """The desired state of every container held (as labels.desired_state gives it, up to the order of the
         rejections and warnings)."""
+        if not self._sorted:
+            self._frontends, self._sorted = dict(sorted(self._frontends.items())), True
         return DesiredState(
-            frontends=dict(sorted(self._frontends.items())),
+            frontends=dict(self._frontends),
             rejections=tuple(r for rs in self._rejections.values() for r in rs),
             warnings=tuple(w for ws in self._warnings.values() for w in ws),
         )

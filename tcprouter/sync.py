@@ -15,7 +15,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from . import hostports
-from .compiler import Options, RuleSet, Tables, compile_rules, frontend_port
+from .compiler import FORWARD_CHAIN, Options, RuleSet, Tables, compile_rules, frontend_port
 from .diff import believed_tables, hook_in_place, owned, restore_script
 from .labels import reachable_only
 from .metrics import Metrics
@@ -41,11 +41,20 @@ class Syncer:
         self.pools = Pools(prefix, options.policy)  # the desired state, kept per frontend
         self.rules: RuleSet | None = None  # the rules of `state`, as last written
 
-    def desired(self, view: Sequence[ContainerSnapshot], full: bool) -> tuple[DesiredState, set[int]]:
-        """The desired state of `view`, and the frontend ports whose part of it may have changed."""
-        changed = self.pools.changes(view)
+    def desired(
+        self,
+        view: Sequence[ContainerSnapshot],
+        full: bool,
+        changed: Mapping[str, ContainerSnapshot | None] | None = None,
+        tables: Tables | None = None,
+    ) -> tuple[DesiredState, set[int]]:
+        """The desired state of `view`, and the frontend ports whose part of it may have changed. `changed`: what
+        differs from the last call's view (a full sync, or None, compares the whole view). `tables`: the kernel's,
+        if just read (Docker's published ports are taken from them)."""
+        if full or changed is None:
+            changed = self.pools.changes(view)
         if full:
-            self.busy_ports = scan_busy_ports(self.writer, self.options.route_localhost)
+            self.busy_ports = scan_busy_ports(self.writer, self.options.route_localhost, tables)
         touched = self.pools.update(changed, self.busy_ports)
         state = self.pools.state()
         if not full and any(p in state.frontends and p not in self.candidates.frontends for p in touched):
@@ -61,13 +70,22 @@ class Syncer:
         unreachable: Collection[Endpoint] = (),
         full: bool = False,
         causes: Mapping[str | Endpoint, str] | None = None,
+        changed: Mapping[str, ContainerSnapshot | None] | None = None,
     ) -> bool:
-        """Write the difference between the desired rules and the kernel (full) or our last write."""
+        """Write the difference between the desired rules and the kernel (full) or our last write. `changed`:
+        the containers that changed since the last call (ChangeTracker.take_changes); None: compare the view."""
         kind = "full" if full else "partial"
-        candidates, touched = self.desired(view, full)
+        tables = None
+        if full:
+            try:
+                tables = self.writer.read()[0]  # once: the busy ports and the diff both come from this read
+            except NetfilterError as error:
+                log.warning("cannot read the tables: %s", error)  # the write below reads them again, or fails
+        candidates, touched = self.desired(view, full, changed, tables)
         state = reachable_only(candidates, unreachable)
+        ports: set[int] | None = touched
         if unreachable or set(unreachable) != self._unreachable:
-            touched = set(candidates.frontends) | set(self.state.frontends)  # the verdicts reach any frontend
+            ports = None  # the verdicts may reach any frontend
         self._unreachable = set(unreachable)
         started = time.perf_counter()
         try:
@@ -80,8 +98,9 @@ class Syncer:
             ):
                 with attempt:
                     try:
-                        again = full or attempt.retry_state.attempt_number > 1
-                        rules = self._write(state, full=again) if again else self._write_partial(state, touched)
+                        if attempt.retry_state.attempt_number > 1:
+                            tables = self.writer.read()[0]
+                        rules = self._write(state, ports, tables)
                     except NetfilterError:
                         self.applied = self.rules = None  # what a failed write left is unknown: the retry reads it
                         raise
@@ -91,33 +110,64 @@ class Syncer:
             return False
         self.metrics.sync_duration.labels(kind).observe(time.perf_counter() - started)
         self.metrics.last_sync.set_to_current_time()
-        log_changes(self.state, state, causes or {}, None if full else touched)
+        log_changes(self.state, state, causes or {}, ports)
         self.state, self.candidates = state, candidates
         self.metrics.state.publish(state)
-        log.debug("%s sync: %d owned rules", kind, rules.rule_count())
+        if log.isEnabledFor(logging.DEBUG):  # counting 100,000 rules is not free
+            log.debug("%s sync: %d owned rules", kind, rules.rule_count())
         return True
 
-    def _write(self, state: DesiredState, full: bool) -> RuleSet:
-        current = self.writer.read()[0] if full or self.applied is None else self.applied
+    def _write(self, state: DesiredState, ports: set[int] | None, current: Tables | None) -> RuleSet:
+        """Write what differs between `state`'s rules and `current` (the kernel's tables, just read), else what
+        was last written (then only the chains of the frontends on `ports` are compared; None: every one)."""
+        full = current is not None or self.applied is None
+        if current is None:
+            current = self.applied if self.applied is not None else self.writer.read()[0]
         parent = "DOCKER-USER" if "DOCKER-USER" in current.get("filter", {}) else "FORWARD"
-        rules = compile_rules(state, dataclasses.replace(self.options, forward_parent=parent))
-        script = restore_script(current, rules)
-        if full and self.applied is not None and script != restore_script(self.applied, rules):
-            # The kernel's owned rules are not what the last write left: someone changed them. Counted here,
-            # where the repair is written, whichever check or timer found it.
-            log.warning("drift: rules changed by someone else are repaired")
-            self.metrics.drift_repairs.inc()
+        rules, touched = self._compile(state, ports, parent)
+        if full or touched is None:
+            script = restore_script(current, rules)
+            if (
+                current is not self.applied
+                and self.applied is not None
+                and script != restore_script(self.applied, rules)
+            ):
+                # The kernel's owned rules are not what the last write left: someone changed them. Counted here,
+                # where the repair is written, whichever check or timer found it.
+                log.warning("drift: rules changed by someone else are repaired")
+                self.metrics.drift_repairs.inc()
+        else:
+            before = {t: {c: current[t][c] for c in names if c in current.get(t, {})} for t, names in touched.items()}
+            after = {
+                t: {c: rules.chains[t][c] for c in names if c in rules.chains.get(t, {})}
+                for t, names in touched.items()
+            }
+            script = restore_script(before, RuleSet(chains=after))
         if script:
             self.writer.restore(script)
-        self.applied, self.rules = believed_tables(rules), rules
+        if full or touched is None:
+            self.applied = believed_tables(rules)
+        else:
+            for table, names in touched.items():
+                for chain in names:
+                    if chain in rules.chains.get(table, {}):
+                        self.applied.setdefault(table, {})[chain] = rules.chains[table][chain]  # type: ignore[union-attr]
+                    else:
+                        self.applied.get(table, {}).pop(chain, None)  # type: ignore[union-attr]
+        self.rules = rules
         return rules
 
-    def _write_partial(self, state: DesiredState, ports: set[int]) -> RuleSet:
-        """Compile and diff only the chains of the frontends on `ports` against what was last written; the whole
-        rule set when a change reaches the chains every frontend shares, or nothing was written yet."""
-        if self.rules is None or self.applied is None:
-            return self._write(state, full=False)
-        options = dataclasses.replace(self.options, forward_parent=self.rules_parent())
+    def _compile(
+        self, state: DesiredState, ports: set[int] | None, parent: str
+    ) -> tuple[RuleSet, dict[str, set[str]] | None]:
+        """The rules of `state`, and the chains that may differ from the last compiled ones (None: any). Only the
+        chains of the frontends on `ports` are compiled again, unless a change reaches the chains every frontend
+        shares (their content is the union of every frontend's part: if one frontend's part is the same, so is
+        the whole), or nothing was compiled yet for this parent."""
+        options = dataclasses.replace(self.options, forward_parent=parent)
+        last = self.rules
+        if last is None or ports is None or (parent, f"-j {FORWARD_CHAIN}") not in last.hooks.get("filter", ()):
+            return compile_rules(state, options), None
         before = compile_rules(_only(self.state, ports), options)
         after = compile_rules(_only(state, ports), options)
         touched: dict[str, set[str]] = {}
@@ -126,37 +176,16 @@ class Syncer:
             for chain in old.keys() | new.keys():
                 if any(chain.endswith(f"-{port}") for port in ports):
                     touched.setdefault(table, set()).add(chain)
-                elif old.get(chain) != new.get(chain):  # a shared chain changes: compile everything
-                    return self._write(state, full=False)
-        chains = {table: dict(held) for table, held in self.rules.chains.items()}
-        current: Tables = {}
-        wanted: Tables = {}
+                elif old.get(chain) != new.get(chain):
+                    return compile_rules(state, options), None
+        chains = {table: dict(held) for table, held in last.chains.items()}
         for table, names in touched.items():
             for chain in names:
-                if chain in self.applied.get(table, {}):
-                    current.setdefault(table, {})[chain] = self.applied[table][chain]
                 if chain in after.chains.get(table, {}):
-                    chains.setdefault(table, {})[chain] = wanted.setdefault(table, {})[chain] = after.chains[table][
-                        chain
-                    ]
+                    chains.setdefault(table, {})[chain] = after.chains[table][chain]
                 else:
                     chains.get(table, {}).pop(chain, None)
-        script = restore_script(current, RuleSet(chains=wanted))
-        if script:
-            self.writer.restore(script)
-        for table, names in touched.items():
-            for chain in names:
-                if chain in chains.get(table, {}):
-                    self.applied.setdefault(table, {})[chain] = chains[table][chain]
-                else:
-                    self.applied.get(table, {}).pop(chain, None)
-        self.rules = RuleSet(chains=chains, hooks=self.rules.hooks)
-        return self.rules
-
-    def rules_parent(self) -> str:
-        """The parent chain of the filter hook in the rules last written."""
-        assert self.rules is not None
-        return next(parent for parent, _ in self.rules.hooks["filter"])
+        return RuleSet(chains=chains, hooks=last.hooks), touched
 
     def drifted(self) -> bool:
         """Cheap check of the chains every flow crosses; a per-frontend edit waits for the full resync."""
@@ -188,11 +217,14 @@ def _only(state: DesiredState, ports: Iterable[int]) -> DesiredState:
     return DesiredState(frontends={p: state.frontends[p] for p in ports if p in state.frontends})
 
 
-def scan_busy_ports(writer: Writer, route_localhost: bool) -> dict[int, str]:
+def scan_busy_ports(writer: Writer, route_localhost: bool, tables: Tables | None = None) -> dict[int, str]:
     """The ports the host already uses: its listeners (loopback ones too with --route-localhost) and the ports
-    Docker publishes with DNAT rules in its nat chain."""
+    Docker publishes with DNAT rules in its nat chain (from `tables` if just read, else a read of that chain)."""
     try:
-        docker_chain = writer.list_chain("nat", hostports.DOCKER_NAT_CHAIN) or ()
+        if tables is not None:
+            docker_chain = tables.get("nat", {}).get(hostports.DOCKER_NAT_CHAIN, ())
+        else:
+            docker_chain = writer.list_chain("nat", hostports.DOCKER_NAT_CHAIN) or ()
     except NetfilterError as error:
         log.warning("could not read Docker's published ports: %s", error)
         docker_chain = ()

@@ -252,3 +252,15 @@ def test_partial_syncs_keep_the_kernel_equal_to_the_compiled_view(kernel, steps)
             )
         assert syncer.sync(list(view.values()))
         assert owned(kernel) == expected(list(view.values()))
+
+
+def test_a_full_sync_reads_the_tables_once(kernel, syncer, monkeypatch):
+    """Docker's published ports come from the same read as the diff, not from a read of its chain first."""
+    listed: list[tuple[str, str]] = []
+    monkeypatch.setattr(kernel, "list_chain", lambda table, chain: listed.append((table, chain)))
+    kernel.insert_rule("nat", "DOCKER", "-p tcp -m tcp --dport 81 -j DNAT --to-destination 172.17.0.9:80")
+    view = [container(1), container(2, labels={"tcp.port": "81"})]
+    reads = kernel.reads
+    assert syncer.sync(view, full=True)
+    assert kernel.reads == reads + 1 and listed == []
+    assert [r.reason for r in syncer.state.rejections] == ["port_in_use"]  # 81 is Docker's, seen in that read

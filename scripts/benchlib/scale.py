@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import os
 import socket
 import statistics
 import struct
@@ -195,6 +196,85 @@ def _example_script(believed, state, victim, containers) -> str:
 
 def _medians(rows: list[dict[str, float]]) -> dict[str, float]:
     return {key: median([row[key] for row in rows]) for key in rows[0]}
+
+
+# ---- the daemon's own syncs, old code beside new ------------------------------------------------------
+
+
+def daemon_probe(frontends: int, repeats: int) -> dict:
+    """Runs in a fresh interpreter, with whichever tcprouter is first on sys.path (the old commit's or this one's):
+    the daemon's ChangeTracker and Syncer against a private namespace's tables. A full sync from empty tables, a
+    resync with nothing changed, one backend leaving and coming back as Docker events (tracker.apply, then the
+    sync of tracker.view(): what the daemon's thread spends on an event), /metrics scrapes, and the process's
+    memory while it holds all that."""
+    from prometheus_client import generate_latest
+
+    from tcprouter.metrics import Metrics, kernel_reader
+    from tcprouter.tracker import Change, ChangeTracker, Relist
+
+    flavour = detect_flavour()
+    with contextlib.ExitStack() as stack:
+        ns = netns_add(stack, "tcpr-bench-d-")
+        iptables = Iptables(flavour, netns=ns, timeout=300)
+        reader = kernel_reader(flavour, ns, timeout=300)
+        try:
+            metrics = Metrics(reader, read_interval=10.0)
+        except TypeError:  # the old commit reads the kernel at every scrape
+            metrics = Metrics(reader)
+        syncer = Syncer(iptables, OPTIONS, "tcp", metrics)
+        tracker = ChangeTracker("tcp")
+        containers = snapshots(frontends)
+        tracker.apply(Relist(tuple(containers)))
+        ok, full = _timed(syncer.sync, tracker.view(), (), True)
+        assert ok, "full sync failed"
+        noops = [_timed(syncer.sync, tracker.view(), (), True)[1] for _ in range(repeats)]
+        victim = containers[(frontends // 2) * BACKENDS_PER_FRONTEND + 3]
+        partials = []
+        for i in range(4 * repeats):
+            change = Change(victim.id, "die", 0, gone=True) if i % 2 == 0 else Change(victim.id, "start", 0, victim)
+            started = time.perf_counter()
+            tracker.apply(change)
+            assert syncer.sync(tracker.view(), (), False), "partial sync failed"
+            partials.append(time.perf_counter() - started)
+        scrapes = []
+        for _ in range(5 * repeats):
+            started = time.perf_counter()
+            generate_latest(metrics.registry)
+            scrapes.append(time.perf_counter() - started)
+        current, _ = iptables.read()
+        consistent = restore_script(current, compile_rules(desired_state(containers), OPTIONS)) == ""
+    status = Path("/proc/self/status").read_text()
+    field = lambda key: int(next(x for x in status.splitlines() if x.startswith(key)).split()[1])  # noqa: E731
+    return {
+        "frontends": frontends,
+        "full_sync_s": full,
+        "noop_resync_s": {"p50": median(noops), "max": max(noops)},
+        "partial_sync_s": {"p50": median(partials), "p90": percentile(partials, 90), "max": max(partials)},
+        "scrape_s": {"p50": median(scrapes), "p99": percentile(scrapes, 99), "max": max(scrapes)},
+        "consistent_after": consistent,
+        "vmrss_kb": field("VmRSS:"),
+        "peak_kb": field("VmHWM:"),
+    }
+
+
+def daemon_figures(sizes: list[int], repeats: int, code: Path | None = None) -> list[dict]:
+    """daemon_probe at each size, each in a fresh interpreter, with the tcprouter of `code` (a checkout) or this one."""
+    scripts = Path(__file__).resolve().parent.parent
+    path = [str(code)] if code else []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*path, str(scripts), str(scripts.parent)])}
+    rows = []
+    for frontends in sizes:
+        done = subprocess.run(
+            [sys.executable, "-m", "benchlib.scale", "daemon", str(frontends), str(repeats)],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=code or scripts.parent,
+            env=env,
+        )
+        rows.append(json.loads(done.stdout))
+        log(f"daemon {frontends}x{BACKENDS_PER_FRONTEND} ({code or 'this tree'}): {rows[-1]}")
+    return rows
 
 
 # ---- resident memory ----------------------------------------------------------------------------------
@@ -450,3 +530,5 @@ if __name__ == "__main__":
         print(json.dumps(rss_probe(int(sys.argv[2]))))
     elif sys.argv[1] == "listeners":
         print(json.dumps(listener_probe(int(sys.argv[2]))))
+    elif sys.argv[1] == "daemon":
+        print(json.dumps(daemon_probe(int(sys.argv[2]), int(sys.argv[3]))))
