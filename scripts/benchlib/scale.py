@@ -515,6 +515,9 @@ def run(sizes: list[int], repeats: int, samples: int) -> dict:
             f"{figures['one_backend_change_partial']['total_s'] * 1000:.1f} ms, "
             f"{figures['one_backend_change_partial']['rules_written']:.0f} rules written"
         )
+    daemon = daemon_figures(
+        sizes, repeats
+    )  # the daemon's own objects (old code: scripts/benchlib/scale.py daemon_figures)
     rss = rss_figures(sizes)
     log(f"scale rss: {[(r['frontends'], r['vmrss_kb']) for r in rss]}")
     first = first_packet_figures(max(sizes), samples)
@@ -522,7 +525,7 @@ def run(sizes: list[int], repeats: int, samples: int) -> dict:
     listeners = listener_figures([0, 1_000, 10_000])
     scans = [(r["sockets"], round(r["proc_s_p50"] * 1e3, 1), round(r["netlink_s_p50"] * 1e3, 1)) for r in listeners]
     log(f"listener scan (sockets, /proc ms, netlink ms): {scans}")
-    return {"syncs": syncs, "rss": rss, "first_packet": first, "listener_scan": listeners}
+    return {"syncs": syncs, "daemon": daemon, "rss": rss, "first_packet": first, "listener_scan": listeners}
 
 
 if __name__ == "__main__":
