@@ -24,6 +24,7 @@ from .compiler import DEFAULT_MARK_BIT
 from .daemon import EXIT_TABLES_OWNED, Mode, sources_problem
 from .labels import DEFAULT_PREFIX, DEFAULT_UDP_PREFIX
 from .logs import setup_logging
+from .metrics import KERNEL_READ_INTERVAL
 from .netfilter import WRITERS, Flavour, NetfilterError
 from .policy import COMPOSE_OWNER_LABEL, STACK_OWNER_LABEL, PortSet, parse_ports
 
@@ -44,14 +45,16 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 # ---- value types: each raises ArgumentTypeError with the reason, which argparse prints ----------------------
 
 
-def _positive(convert: Callable[[str], float]) -> Callable[[str], float]:
+def _positive(convert: Callable[[str], float], zero: bool = False) -> Callable[[str], float]:
+    """A number above 0 (or 0 too, with `zero`)."""
+
     def positive(value: str) -> float:
         try:
             number = convert(value)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-        if number <= 0:
-            raise argparse.ArgumentTypeError(f"must be more than 0: {value!r}")
+        if number < 0 or (number == 0 and not zero):
+            raise argparse.ArgumentTypeError(f"must be {'0 or ' if zero else ''}more than 0: {value!r}")
         return number
 
     return positive
@@ -268,6 +271,13 @@ def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         type=_positive(float),
         default=1.0,
         help="seconds between drift checks of the hooks and top-level chains",
+    )
+    run.add_argument(
+        "--metrics-read-interval",
+        type=_positive(float, zero=True),
+        default=KERNEL_READ_INTERVAL,
+        help="seconds between reads of the kernel's counters for /metrics: a scrape is served the last read and "
+        "starts a fresh one if it is older (0: every scrape reads, and waits)",
     )
     run.add_argument(
         "--swarm-poll-interval",

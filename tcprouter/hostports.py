@@ -5,35 +5,46 @@ frontend conflicts with UDP ones only, a TCP frontend with TCP ones only."""
 from __future__ import annotations
 
 import ipaddress
+import logging
+import socket
 from collections.abc import Iterable
+
+from pyroute2 import DiagSocket
 
 from .compiler import split_words
 from .model import Protocol
 
+log = logging.getLogger(__name__)
+
 DOCKER_NAT_CHAIN = "DOCKER"
-# The socket state of a listener in /proc/net/{tcp,udp}: TCP_LISTEN; for UDP, a bound socket that is not
-# connected to one peer (TCP_CLOSE, as the kernel prints UDP states).
-_LISTENING = {Protocol.TCP: "0A", Protocol.UDP: "07"}
+# The socket state of a listener: TCP_LISTEN; for UDP, a bound socket that is not connected to one peer (TCP_CLOSE,
+# as the kernel names UDP states too).
+_LISTENING = {Protocol.TCP: 10, Protocol.UDP: 7}
+_IPPROTO = {Protocol.TCP: socket.IPPROTO_TCP, Protocol.UDP: socket.IPPROTO_UDP}
+Endpoint = tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]
 
 
-def parse_tcp_listeners(text: str, loopback: bool = False, protocol: Protocol = Protocol.TCP) -> dict[int, str]:
-    """Listening sockets in /proc/net/tcp or /proc/net/tcp6 format (/proc/net/udp{,6} with `protocol` UDP):
-    port -> local address.
-
-    Loopback-only listeners are left out, but for IPv4 ones with `loopback` (--route-localhost routes 127.0.0.1).
-    """
+def _listeners(endpoints: Iterable[Endpoint], loopback: bool) -> dict[int, str]:
+    """port -> local address of listening sockets; loopback-only ones are left out, but for IPv4 ones with
+    `loopback` (--route-localhost routes 127.0.0.1)."""
     listeners: dict[int, str] = {}
-    for line in text.splitlines()[1:]:
-        fields = line.split()
-        if len(fields) < 4 or fields[3] != _LISTENING[protocol]:
-            continue
-        address, port = proc_net_endpoint(fields[1])
+    for address, port in endpoints:
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
         if not address.is_loopback or (loopback and address.version == 4):  # only 127.0.0.1 is routed
             listeners.setdefault(port, str(address))
     return listeners
 
 
-def proc_net_endpoint(field: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+def parse_listeners(text: str, loopback: bool = False, protocol: Protocol = Protocol.TCP) -> dict[int, str]:
+    """Listening sockets in /proc/net/tcp{,6} format (/proc/net/udp{,6} with `protocol` UDP): port -> local
+    address (see _listeners)."""
+    state = f"{_LISTENING[protocol]:02X}"
+    rows = (line.split() for line in text.splitlines()[1:])
+    return _listeners((proc_net_endpoint(f[1]) for f in rows if len(f) >= 4 and f[3] == state), loopback)
+
+
+def proc_net_endpoint(field: str) -> Endpoint:
     """An `ADDRESS:PORT` field of /proc/net/tcp{,6}; an IPv4-mapped IPv6 address comes back as IPv4."""
     hex_address, hex_port = field.split(":")
     raw = bytes.fromhex(hex_address)
@@ -44,16 +55,40 @@ def proc_net_endpoint(field: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv
     return address, int(hex_port, 16)
 
 
-def host_tcp_listeners(loopback: bool = False, protocol: Protocol = Protocol.TCP) -> dict[int, str]:
-    """The host's TCP (or UDP) listeners that a frontend on the same port would hijack."""
+def netlink_listeners(loopback: bool = False, protocol: Protocol = Protocol.TCP) -> dict[int, str]:
+    """The listening sockets of `protocol` in this network namespace, both families, asked of the kernel by
+    NETLINK_SOCK_DIAG (inet_diag, as `ss -ltn` does) with a state filter: the kernel skips the other sockets, so the
+    cost does not grow with established or TIME_WAIT ones. No capability is needed to list sockets. OSError if the
+    kernel has no inet_diag (or udp_diag)."""
+    with DiagSocket() as diag:
+        diag.bind()
+        found = [
+            (ipaddress.ip_address(row["idiag_src"]), row["idiag_sport"])
+            for family in (socket.AF_INET, socket.AF_INET6)
+            for row in diag.get_sock_stats(family=family, states=1 << _LISTENING[protocol], protocol=_IPPROTO[protocol])
+        ]
+    return _listeners(found, loopback)
+
+
+def proc_listeners(loopback: bool = False, protocol: Protocol = Protocol.TCP) -> dict[int, str]:
+    """The same from /proc/net/{tcp,udp}{,6}, which list every socket (a parse that grows with them all)."""
     listeners: dict[int, str] = {}
     for table in (f"/proc/net/{protocol}", f"/proc/net/{protocol}6"):
         try:
             with open(table) as f:
-                listeners.update(parse_tcp_listeners(f.read(), loopback, protocol))
+                listeners.update(parse_listeners(f.read(), loopback, protocol))
         except OSError:
             continue
     return listeners
+
+
+def host_listeners(loopback: bool = False, protocol: Protocol = Protocol.TCP) -> dict[int, str]:
+    """The host's TCP (or UDP) listeners that a frontend on the same port would hijack: by netlink, else /proc."""
+    try:
+        return netlink_listeners(loopback, protocol)
+    except OSError as error:  # pyroute2's NetlinkError is an OSError too
+        log.warning("listing %s listeners by netlink sock_diag failed (%s): reading /proc instead", protocol, error)
+        return proc_listeners(loopback, protocol)
 
 
 def docker_published_ports(docker_chain: Iterable[str], protocol: Protocol = Protocol.TCP) -> dict[int, str]:
@@ -82,6 +117,6 @@ def busy_ports(
     # Docker's own description first: with its userland proxy, a published port also has a listener.
     published = docker_published_ports(docker_chain, protocol)
     used = {port: f"Docker publishes it (DNAT to {target})" for port, target in published.items()}
-    for port, address in host_tcp_listeners(loopback, protocol).items():
+    for port, address in host_listeners(loopback, protocol).items():
         used.setdefault(port, f"a host process already listens on {address}:{port}")
     return used

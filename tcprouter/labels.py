@@ -318,16 +318,15 @@ def desired_state(
     ordered = sorted(containers, key=lambda c: c.age_order)
     rejections = [Rejection(c.id, c.name, "malformed", c.malformed) for c in ordered if c.malformed]
     readable = [c for c in ordered if not c.malformed]
-    udp_label = f"{udp_prefix}.port"
-    tcp = _frontends(
-        [c for c in readable if f"{prefix}.port" in c.labels or udp_label not in c.labels],
-        prefix,
-        Protocol.TCP,
-        busy_ports or {},
-        policy,
-    )
-    udp = _frontends(
-        [c for c in readable if udp_label in c.labels], udp_prefix, Protocol.UDP, udp_busy_ports or {}, policy
+    tcp, udp = (
+        protocol_frontends(
+            [c for c in readable if protocol in claims(c, prefix, udp_prefix)],
+            udp_prefix if protocol is Protocol.UDP else prefix,
+            protocol,
+            (udp_busy_ports if protocol is Protocol.UDP else busy_ports) or {},
+            policy,
+        )
+        for protocol in (Protocol.TCP, Protocol.UDP)
     )
     return DesiredState(
         frontends=tcp.frontends,
@@ -337,10 +336,19 @@ def desired_state(
     )
 
 
-def _frontends(
+def claims(container: ContainerSnapshot, prefix: str, udp_prefix: str) -> tuple[Protocol, ...]:
+    """The protocols whose frontends weigh the container: UDP if it has the UDP port label, TCP if it has the TCP
+    one or no UDP one (so that a container with neither is rejected as a TCP backend without a port)."""
+    udp = f"{udp_prefix}.port" in container.labels
+    tcp = f"{prefix}.port" in container.labels or not udp
+    return (Protocol.TCP,) * tcp + (Protocol.UDP,) * udp
+
+
+def protocol_frontends(
     containers: list[ContainerSnapshot], prefix: str, protocol: Protocol, busy_ports: Mapping[int, str], policy: Policy
 ) -> DesiredState:
-    """The frontends of one protocol (in `frontends`, whatever the protocol) from containers oldest first."""
+    """The frontends of one protocol (in `frontends`, whatever the protocol) from readable containers oldest
+    first: what desired_state does per protocol."""
     rejections: list[Rejection] = []
     pools: dict[int, list[BackendSpec]] = defaultdict(list)
     owners: dict[int, ContainerSnapshot] = {}  # frontend port -> its oldest backend, whose owner it belongs to

@@ -1,7 +1,7 @@
 """Prometheus metrics. Event-driven figures are plain instruments; everything that describes the current
 state (frontends, backends, rejected containers, rules and connection counts in the kernel) is read at
 scrape time from one published snapshot and one `iptables-save -c`, so a scrape never sees a half-updated
-state and never holds a lock a sync needs.
+state and never holds a lock a sync needs. The kernel is read at most once per read interval, whoever scrapes.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import threading
 import time
 from collections import Counter as Tally
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Generic, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -34,6 +35,8 @@ KERNEL_READ_TIMEOUT = 5.0
 # their final values (and one back within it continues its count), then leave the exposition: label sets of
 # backends long gone do not pile up. Gauges describe the present: a backend's leave with it.
 SERIES_GRACE = 300.0
+# The daemon reads the kernel's counters at most this often (`iptables-save -c` of 110,000 rules takes seconds).
+KERNEL_READ_INTERVAL = 10.0
 K = TypeVar("K", bound=Hashable)
 
 # The nat and filter tables (chains and rules) and their rules with packet counters, as Iptables.read returns them.
@@ -154,10 +157,28 @@ class CarriedTotals(Generic[K]):
         return totals
 
 
-class StateCollector(Collector):
-    """Reads the published desired state and the kernel's owned rules when Prometheus scrapes."""
+@dataclass(frozen=True)
+class KernelFigures:
+    """What one read of the kernel gives the exposition."""
 
-    def __init__(self, read_kernel: KernelReader, lingering: Lingering[tuple[str, str]] | None = None) -> None:
+    rules: dict[tuple[str, str], int]  # (table, owned chain) -> its rule count
+    connections: dict[Protocol, dict[tuple[str, str], int]]  # protocol -> (frontend, backend) -> monotonic total
+    refusals: dict[tuple[str, str], int]  # (frontend, reason) -> monotonic total
+
+
+class StateCollector(Collector):
+    """Reads the published desired state when Prometheus scrapes, and the kernel's owned rules at most once per
+    `interval` (on `clock`): a scrape that finds the last read older starts a fresh one in the background (one at
+    a time) and answers at once with the last, so its time does not grow with the rules; only the first scrape
+    waits for a read. With `interval` 0 every scrape reads, and waits."""
+
+    def __init__(
+        self,
+        read_kernel: KernelReader,
+        lingering: Lingering[tuple[str, str]] | None = None,
+        interval: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._read_kernel = read_kernel
         self._state = DesiredState(frontends={})
         lingering = lingering or Lingering()
@@ -166,9 +187,14 @@ class StateCollector(Collector):
             Lingering(lingering.grace, lingering.clock)
         )
         self.refusals: CarriedTotals[tuple[str, str]] = CarriedTotals(Lingering(lingering.grace, lingering.clock))
-        # Serialises scrapes (read and fold together: a stale read folded after a newer one would look like
-        # a reset). The reconciler never takes it.
+        self.interval, self.clock = interval, clock
+        self._figures: KernelFigures | None = None
+        self._read_at = 0.0
+        self._refreshing: threading.Thread | None = None
+        # Serialises reads (read and fold together: a stale read folded after a newer one would look like
+        # a reset). The reconciler never takes it; nor does a scrape that is served the last read.
         self._lock = threading.RLock()
+        self._cache_lock = threading.Lock()  # the last read and the background one, held briefly
 
     def publish(self, state: DesiredState) -> None:
         self._state = state  # one reference swap: a scrape sees the old or the new state, whole
@@ -189,6 +215,38 @@ class StateCollector(Collector):
         the grace period."""
         with self._lock:
             return self.refusals.fold(refused_connections(rules))
+
+    def _read(self) -> KernelFigures | None:
+        """One read of the kernel, folded into the totals; None (and a warning) if it failed."""
+        with self._lock:
+            started = self.clock()
+            try:
+                tables, rules = self._read_kernel()
+            except Exception as error:  # a scrape must answer even when iptables does not
+                log.warning("metrics: cannot read the kernel rules: %s", error)
+                return None
+            counts = {
+                (table, chain): len(specs)
+                for table, chains in tables.items()
+                for chain, specs in chains.items()
+                if owned(chain)
+            }
+            connections = {protocol: self.connection_totals(rules, protocol) for protocol in Protocol}
+            figures = KernelFigures(counts, connections, self.refused_totals(rules))
+            with self._cache_lock:
+                self._figures, self._read_at = figures, started
+            return figures
+
+    def kernel_figures(self) -> KernelFigures | None:
+        """The last read of the kernel, refreshed as the class says."""
+        with self._cache_lock:
+            figures, stale = self._figures, self.clock() - self._read_at >= self.interval
+            if figures is not None and self.interval > 0:
+                if stale and not (self._refreshing and self._refreshing.is_alive()):
+                    self._refreshing = threading.Thread(target=self._read, name="metrics-read", daemon=True)
+                    self._refreshing.start()
+                return figures
+        return self._read()
 
     def collect(self) -> Iterator[Metric]:
         state = self._state
@@ -214,27 +272,20 @@ class StateCollector(Collector):
             rejected.add_metric([reason], count)
         yield from (frontends, backends, rejected)
 
-        with self._lock:
-            try:
-                tables, rules = self._read_kernel()
-            except Exception as error:  # a scrape must answer even when iptables does not
-                log.warning("metrics: cannot read the kernel rules: %s", error)
-                return
-            totals = {protocol: self.connection_totals(rules, protocol) for protocol in Protocol}
-            refused = self.refused_totals(rules)
+        figures = self.kernel_figures()
+        if figures is None:
+            return
         counts = GaugeMetricFamily(
             "tcprouter_rules", "Rules in owned chains, as the kernel holds them", labels=["table", "chain"]
         )
-        for table, chains in sorted(tables.items()):
-            for chain, specs in sorted(chains.items()):
-                if owned(chain):
-                    counts.add_metric([table, chain], len(specs))
+        for (table, chain), count in sorted(figures.rules.items()):
+            counts.add_metric([table, chain], count)
         connections = CounterMetricFamily(
             "tcprouter_backend_connections",
             "New connections (UDP: flows) sent to each backend (DNAT packet counters)",
             labels=["frontend", "backend", "protocol"],
         )
-        for protocol, per_backend in totals.items():
+        for protocol, per_backend in sorted(figures.connections.items()):
             for (port, name), total in sorted(per_backend.items()):
                 connections.add_metric([port, name, str(protocol)], total)
         refusals = CounterMetricFamily(
@@ -243,7 +294,7 @@ class StateCollector(Collector):
             "from the kernel's rule counters",
             labels=["frontend", "reason"],
         )
-        for (port, reason), total in sorted(refused.items()):
+        for (port, reason), total in sorted(figures.refusals.items()):
             refusals.add_metric([port, reason], total)
         yield from (counts, connections, refusals)
 
@@ -252,12 +303,17 @@ class Metrics:
     """Every metric tcprouter exports, in a registry of its own."""
 
     def __init__(
-        self, read_kernel: KernelReader, grace: float = SERIES_GRACE, clock: Callable[[], float] = time.monotonic
+        self,
+        read_kernel: KernelReader,
+        grace: float = SERIES_GRACE,
+        clock: Callable[[], float] = time.monotonic,
+        read_interval: float = 0.0,
     ) -> None:
+        """`read_interval`: how often at most the kernel's counters are read (StateCollector); 0: at every scrape."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.grace, self.clock = grace, clock  # how long the counters of a backend that left stay
-        self.state = StateCollector(read_kernel, Lingering(grace, clock))
+        self.state = StateCollector(read_kernel, Lingering(grace, clock), read_interval, clock)
         r.register(self.state)
         self.sync_duration = Histogram(
             "tcprouter_sync_duration_seconds",

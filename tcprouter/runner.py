@@ -74,6 +74,7 @@ class Batch:
     stamps: Sequence[int] = ()  # per key, the time of its earliest event not yet written (ns since the epoch)
     ready: bool = False  # whether the view may be written (tracker.ready)
     missing: Sequence[str] = ()  # the sources not listed yet
+    changed: Mapping[str, ContainerSnapshot | None] | None = None  # tracker.take_changes: None, any container
 
 
 class Inbox:
@@ -141,6 +142,7 @@ class Inbox:
                 stamps=tuple(self._stamps.values()),
                 ready=self.tracker.ready(self.grace),
                 missing=self.tracker.missing(),
+                changed=self.tracker.take_changes(),
             )
             self._causes, self._stamps, self._items, self._urgent = {}, {}, 0, False
             return batch
@@ -219,7 +221,7 @@ class SyncRunner:
             self.schedule.checked(now)
         if not (batch.items or need_full):
             return need_full
-        ok = self.syncer.sync(batch.view, batch.unreachable, full=need_full, causes=batch.causes)
+        ok = self.syncer.sync(batch.view, batch.unreachable, need_full, batch.causes, batch.changed)
         if need_full:
             self.schedule.resynced(now, ok)
         if ok:

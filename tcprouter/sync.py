@@ -11,17 +11,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from . import hostports
-from .compiler import Options, RuleSet, Synproxy, Tables, compile_rules, frontend_of, synproxy_ports
+from .compiler import FORWARD_CHAIN, Options, RuleSet, Synproxy, Tables, compile_rules, frontend_of, synproxy_ports
 from .diff import believed_tables, hook_in_place, owned, restore_script
-from .labels import DEFAULT_UDP_PREFIX, desired_state, reachable_only
+from .labels import DEFAULT_UDP_PREFIX, reachable_only
 from .metrics import Metrics
 from .model import ContainerSnapshot, DesiredState, Protocol
 from .netfilter import NetfilterError, Writer
+from .pools import Pools
 from .sysctls import TCP_LOOSE
 from .tracker import Endpoint
 
@@ -49,28 +50,39 @@ class Syncer:
         self.applied: Tables | None = None  # what we believe the kernel holds; None: read it first
         self.candidates = DesiredState(frontends={})  # the last desired state, before reachability was applied
         self.state = DesiredState(frontends={})  # the last state written
+        self._unreachable: set[Endpoint] = set()  # the endpoints left out of `state`
         self.busy_ports: dict[Protocol, dict[int, str]] = {}  # ports the host already uses (port -> who), last scanned
         self.retired: dict[str, Endpoint] = {}  # container id -> endpoint of TCP backends that left while running
+        self.pools = Pools(prefix, options.policy, udp_prefix)  # the desired state, kept per frontend
+        self.rules: RuleSet | None = None  # the rules of `state`, as last written
 
-    def desired(self, view: Sequence[ContainerSnapshot], full: bool) -> DesiredState:
-        def compute() -> DesiredState:
-            return desired_state(
-                view,
-                self.prefix,
-                self.busy_ports.get(Protocol.TCP),
-                self.options.policy,
-                self.udp_prefix,
-                self.busy_ports.get(Protocol.UDP),
-            )
+    def desired(
+        self,
+        view: Sequence[ContainerSnapshot],
+        full: bool,
+        changed: Mapping[str, ContainerSnapshot | None] | None = None,
+        tables: Tables | None = None,
+    ) -> tuple[DesiredState, set[int]]:
+        """The desired state of `view`, and the frontend ports whose part of it may have changed. `changed`: what
+        differs from the last call's view (a full sync, or None, compares the whole view). `tables`: the kernel's,
+        if just read (Docker's published ports are taken from them)."""
+        if full or changed is None:
+            changed = self.pools.changes(view)
+        if full:
+            self.busy_ports = self._scan(tables)
+        touched = self.pools.update(changed, self.busy_ports)
+        state = self.pools.state()
+        if not full and any(
+            p in state.pools(k) and p not in self.candidates.pools(k) for p in touched for k in Protocol
+        ):
+            # A frontend port appears: is the host using it? (Docker's chain and the listeners, not every event.)
+            self.busy_ports = self._scan()
+            touched |= self.pools.update({}, self.busy_ports)
+            state = self.pools.state()
+        return state, touched
 
-        state = compute()
-        appeared = any(set(state.pools(p)) - set(self.state.pools(p)) for p in Protocol)
-        if full or appeared:
-            # The listener scan reads every socket of the host (TIME_WAIT included): only at full syncs
-            # and when a frontend port appears, not on every event.
-            self.busy_ports = {p: scan_busy_ports(self.writer, self.options.route_localhost, p) for p in Protocol}
-            state = compute()
-        return state
+    def _scan(self, tables: Tables | None = None) -> dict[Protocol, dict[int, str]]:
+        return {p: scan_busy_ports(self.writer, self.options.route_localhost, p, tables) for p in Protocol}
 
     def sync(
         self,
@@ -78,11 +90,23 @@ class Syncer:
         unreachable: Collection[Endpoint] = (),
         full: bool = False,
         causes: Mapping[str | Endpoint, str] | None = None,
+        changed: Mapping[str, ContainerSnapshot | None] | None = None,
     ) -> bool:
-        """Write the difference between the desired rules and the kernel (full) or our last write."""
+        """Write the difference between the desired rules and the kernel (full) or our last write. `changed`:
+        the containers that changed since the last call (ChangeTracker.take_changes); None: compare the view."""
         kind = "full" if full else "partial"
-        candidates = self.desired(view, full)
+        tables = None
+        if full:
+            try:
+                tables = self.writer.read()[0]  # once: the busy ports and the diff both come from this read
+            except NetfilterError as error:
+                log.warning("cannot read the tables: %s", error)  # the write below reads them again, or fails
+        candidates, touched = self.desired(view, full, changed, tables)
         state = reachable_only(candidates, unreachable)
+        ports: set[int] | None = touched
+        if unreachable or set(unreachable) != self._unreachable:
+            ports = None  # the verdicts may reach any frontend
+        self._unreachable = set(unreachable)
         started = time.perf_counter()
         try:
             for attempt in Retrying(
@@ -94,9 +118,11 @@ class Syncer:
             ):
                 with attempt:
                     try:
-                        rules = self._write(state, full=full or attempt.retry_state.attempt_number > 1)
+                        if attempt.retry_state.attempt_number > 1:
+                            tables = self.writer.read()[0]
+                        rules = self._write(state, ports, tables)
                     except NetfilterError:
-                        self.applied = None  # what a failed write left is unknown: the retry reads it
+                        self.applied = self.rules = None  # what a failed write left is unknown: the retry reads it
                         raise
         except NetfilterError as error:
             self.metrics.sync_failures.inc()
@@ -104,12 +130,13 @@ class Syncer:
             return False
         self.metrics.sync_duration.labels(kind).observe(time.perf_counter() - started)
         self.metrics.last_sync.set_to_current_time()
-        log_changes(self.state, state, causes or {})
-        stale, self.retired = stale_flows(self.state, state, view, self.retired)
+        log_changes(self.state, state, causes or {}, ports)
+        stale, self.retired = stale_flows(self.state, state, self.pools.containers, self.retired, ports)
         self.state, self.candidates = state, candidates
         self._forget(stale)
         self.metrics.state.publish(state)
-        log.debug("%s sync: %d owned rules", kind, rules.rule_count())
+        if log.isEnabledFor(logging.DEBUG):  # counting 100,000 rules is not free
+            log.debug("%s sync: %d owned rules", kind, rules.rule_count())
         return True
 
     def _forget(self, stale: Mapping[Protocol, Collection[Endpoint]]) -> None:
@@ -134,21 +161,76 @@ class Syncer:
                 ", ".join(f"{ip}:{port}" for ip, port in sorted(endpoints)),
             )
 
-    def _write(self, state: DesiredState, full: bool) -> RuleSet:
-        current = self.writer.read()[0] if full or self.applied is None else self.applied
+    def _write(self, state: DesiredState, ports: set[int] | None, current: Tables | None) -> RuleSet:
+        """Write what differs between `state`'s rules and `current` (the kernel's tables, just read), else what
+        was last written (then only the chains of the frontends on `ports` are compared; None: every one)."""
+        full = current is not None or self.applied is None
+        if current is None:
+            current = self.applied if self.applied is not None else self.writer.read()[0]
         parent = "DOCKER-USER" if "DOCKER-USER" in current.get("filter", {}) else "FORWARD"
-        options = dataclasses.replace(self.options, forward_parent=parent)
-        rules = compile_rules(state, self._tcp_loose(state, current, options))
-        script = restore_script(current, rules)
-        if full and self.applied is not None and script != restore_script(self.applied, rules):
-            # The kernel's owned rules are not what the last write left: someone changed them. Counted here,
-            # where the repair is written, whichever check or timer found it.
-            log.warning("drift: rules changed by someone else are repaired")
-            self.metrics.drift_repairs.inc()
+        options = self._tcp_loose(state, current, dataclasses.replace(self.options, forward_parent=parent))
+        rules, touched = self._compile(state, ports, options)
+        if full or touched is None:
+            script = restore_script(current, rules)
+            if (
+                current is not self.applied
+                and self.applied is not None
+                and script != restore_script(self.applied, rules)
+            ):
+                # The kernel's owned rules are not what the last write left: someone changed them. Counted here,
+                # where the repair is written, whichever check or timer found it.
+                log.warning("drift: rules changed by someone else are repaired")
+                self.metrics.drift_repairs.inc()
+        else:
+            before = {t: {c: current[t][c] for c in names if c in current.get(t, {})} for t, names in touched.items()}
+            after = {
+                t: {c: rules.chains[t][c] for c in names if c in rules.chains.get(t, {})}
+                for t, names in touched.items()
+            }
+            script = restore_script(before, RuleSet(chains=after))
         if script:
             self.writer.restore(script)
-        self.applied = believed_tables(rules)
+        if full or touched is None:
+            self.applied = believed_tables(rules)
+        else:
+            for table, names in touched.items():
+                for chain in names:
+                    if chain in rules.chains.get(table, {}):
+                        self.applied.setdefault(table, {})[chain] = rules.chains[table][chain]  # type: ignore[union-attr]
+                    else:
+                        self.applied.get(table, {}).pop(chain, None)  # type: ignore[union-attr]
+        self.rules = rules
         return rules
+
+    def _compile(
+        self, state: DesiredState, ports: set[int] | None, options: Options
+    ) -> tuple[RuleSet, dict[str, set[str]] | None]:
+        """The rules of `state`, and the chains that may differ from the last compiled ones (None: any). Only the
+        chains of the frontends on `ports` are compiled again, unless a change reaches the chains every frontend
+        shares (their content is the union of every frontend's part: if one frontend's part is the same, so is
+        the whole), or nothing was compiled yet for this parent."""
+        last = self.rules
+        hook = (options.forward_parent, f"-j {FORWARD_CHAIN}")
+        if last is None or ports is None or hook not in last.hooks.get("filter", ()):
+            return compile_rules(state, options), None
+        before = compile_rules(_only(self.state, ports), options)
+        after = compile_rules(_only(state, ports), options)
+        touched: dict[str, set[str]] = {}
+        for table in before.chains.keys() | after.chains.keys():
+            old, new = before.chains.get(table, {}), after.chains.get(table, {})
+            for chain in old.keys() | new.keys():
+                if any(chain.endswith(f"-{port}") for port in ports):
+                    touched.setdefault(table, set()).add(chain)
+                elif old.get(chain) != new.get(chain):
+                    return compile_rules(state, options), None
+        chains = {table: dict(held) for table, held in last.chains.items()}
+        for table, names in touched.items():
+            for chain in names:
+                if chain in after.chains.get(table, {}):
+                    chains.setdefault(table, {})[chain] = after.chains[table][chain]
+                else:
+                    chains.get(table, {}).pop(chain, None)
+        return RuleSet(chains=chains, hooks=last.hooks), touched
 
     @staticmethod
     def _tcp_loose(state: DesiredState, current: Tables, options: Options) -> Options:
@@ -188,30 +270,52 @@ class Syncer:
         return {b.endpoint: b.node for f in self.candidates.frontends.values() for b in f.backends if b.node}
 
 
+def _only(state: DesiredState, ports: Iterable[int]) -> DesiredState:
+    """The frontends of either protocol on `ports`."""
+    tcp, udp = ({p: pools[p] for p in ports if p in pools} for pools in (state.frontends, state.udp_frontends))
+    return DesiredState(frontends=tcp, udp_frontends=udp)
+
+
 def stale_flows(
-    before: DesiredState, after: DesiredState, view: Sequence[ContainerSnapshot], retired: Mapping[str, Endpoint]
+    before: DesiredState,
+    after: DesiredState,
+    containers: Mapping[str, ContainerSnapshot],
+    retired: Mapping[str, Endpoint],
+    ports: Iterable[int] | None = None,
 ) -> tuple[dict[Protocol, set[Endpoint]], dict[str, Endpoint]]:
     """The backend endpoints whose conntrack entries are stale after a sync, per protocol, and the new `retired`.
+    Only the frontends on `ports` are looked at if given (the others did not change).
 
     A UDP backend's as soon as it leaves its pool (stop, die, unhealthy, removed): a datagram flow has no end, and
     its entry would keep sending the client to the backend that left. A TCP backend's only once its container is
     gone (died, removed, not running): a draining or unhealthy one still finishes its connections, so one that
     leaves while running is `retired` until its container is gone (or it comes back).
     """
-    running = {c.id for c in view if c.running}
+    if ports is not None:
+        before, after = _only(before, ports), _only(after, ports)
     kept = {p: {b.endpoint for f in after.pools(p).values() for b in f.backends} for p in Protocol}
     udp = {b.endpoint for f in before.udp_frontends.values() for b in f.backends} - kept[Protocol.UDP]
     tcp = {b.container_id: b.endpoint for f in before.frontends.values() for b in f.backends} | dict(retired)
     left = {cid: endpoint for cid, endpoint in tcp.items() if endpoint not in kept[Protocol.TCP]}
-    gone = {endpoint for cid, endpoint in left.items() if cid not in running}
-    return {Protocol.TCP: gone, Protocol.UDP: udp}, {cid: e for cid, e in left.items() if cid in running}
+
+    def running(cid: str) -> bool:
+        return cid in containers and containers[cid].running
+
+    gone = {endpoint for cid, endpoint in left.items() if not running(cid)}
+    return {Protocol.TCP: gone, Protocol.UDP: udp}, {cid: e for cid, e in left.items() if running(cid)}
 
 
-def scan_busy_ports(writer: Writer, route_localhost: bool, protocol: Protocol = Protocol.TCP) -> dict[int, str]:
+def scan_busy_ports(
+    writer: Writer, route_localhost: bool, protocol: Protocol = Protocol.TCP, tables: Tables | None = None
+) -> dict[int, str]:
     """The ports of `protocol` the host already uses: its listeners (loopback ones too with --route-localhost) and
-    the ports Docker publishes with DNAT rules in its nat chain."""
+    the ports Docker publishes with DNAT rules in its nat chain (from `tables` if just read, else a read of that
+    chain)."""
     try:
-        docker_chain = writer.list_chain("nat", hostports.DOCKER_NAT_CHAIN) or ()
+        if tables is not None:
+            docker_chain = tables.get("nat", {}).get(hostports.DOCKER_NAT_CHAIN, ())
+        else:
+            docker_chain = writer.list_chain("nat", hostports.DOCKER_NAT_CHAIN) or ()
     except NetfilterError as error:
         log.warning("could not read Docker's published ports: %s", error)
         docker_chain = ()
@@ -226,12 +330,18 @@ def _log_retry(retry_state: RetryCallState) -> None:
     )
 
 
-def log_changes(before: DesiredState, after: DesiredState, causes: Mapping[str | Endpoint, str]) -> None:
-    """One line per backend that joined or left, with what caused it (a Docker event, a task, a probe, resync)."""
+def log_changes(
+    before: DesiredState,
+    after: DesiredState,
+    causes: Mapping[str | Endpoint, str],
+    ports: Iterable[int] | None = None,
+) -> None:
+    """One line per backend that joined or left, with what caused it (a Docker event, a task, a probe, resync);
+    only on `ports` if given (the others did not change)."""
     for protocol in Protocol:
         was, now = before.pools(protocol), after.pools(protocol)
         name = "frontend" if protocol is Protocol.TCP else f"{protocol.upper()} frontend"
-        for port in sorted(set(was) | set(now)):
+        for port in sorted(set(was) | set(now) if ports is None else ports):
             old = set(was[port].backends) if port in was else set()
             new = set(now[port].backends) if port in now else set()
             for sign, moved in (("+", new - old), ("-", old - new)):

@@ -74,6 +74,7 @@ class ChangeTracker:
         self.draining: dict[str, str] = {}  # container id -> start time of the run being drained
         self.unreachable: frozenset[Endpoint] = frozenset()
         self.listed: set[str] = set()
+        self.dirty: set[str] | None = None  # containers changed since take_changes (None: any might have)
         self._clock = clock
         self._first_listed: float | None = None
 
@@ -91,12 +92,15 @@ class ChangeTracker:
             for snapshot in item.snapshots:
                 self._remember(snapshot, item.source)
             self.listed.add(item.source)
+            self.dirty = None
             if self._first_listed is None:
                 self._first_listed = self._clock()
         elif isinstance(item, Reachability):
             self.unreachable = item.down
             stamp = item.time_ns
         else:
+            if self.dirty is not None:
+                self.dirty.add(item.container_id)
             if item.drain:
                 known = self.containers.get(item.container_id)
                 self.draining[item.container_id] = known.started_at if known else ""
@@ -138,7 +142,21 @@ class ChangeTracker:
 
     def view(self) -> list[ContainerSnapshot]:
         """Every known container, the draining ones marked so."""
-        return [dataclasses.replace(c, draining=True) if c.id in self.draining else c for c in self.containers.values()]
+        view = list(self.containers.values())
+        if not self.draining:
+            return view
+        return [self._marked(c) for c in view]
+
+    def _marked(self, container: ContainerSnapshot) -> ContainerSnapshot:
+        return dataclasses.replace(container, draining=True) if container.id in self.draining else container
+
+    def take_changes(self) -> dict[str, ContainerSnapshot | None] | None:
+        """The containers changed since the last call, as view() shows them (None: gone); None if any might
+        have (a relist, or no call yet). A sync that uses them leaves the rest of the view alone."""
+        dirty, self.dirty = self.dirty, set()
+        if dirty is None:
+            return None
+        return {cid: self._marked(self.containers[cid]) if cid in self.containers else None for cid in dirty}
 
 
 def causes(batch: Iterable[Item]) -> Mapping[str | Endpoint, str]:

@@ -232,7 +232,12 @@ class Router:
     def __init__(self, *args: str, metrics_port: int | None = None, netns: str | None = None) -> None:
         self.netns = netns
         self.metrics_port = metrics_port or free_port()
-        self.args = ["run", "--metrics-address", f"127.0.0.1:{self.metrics_port}", "--log-level", "debug", *args]
+        # Every scrape reads the kernel: the tests compare exact counts right after traffic.
+        self.args = [
+            "run",
+            *("--metrics-address", f"127.0.0.1:{self.metrics_port}", "--metrics-read-interval", "0"),
+            *("--log-level", "debug", *args),
+        ]
         self.log_path = Path(f"/tmp/{unique('tcprouter-test-')}.log")
         self.process: subprocess.Popen | None = None
 

@@ -22,6 +22,7 @@ SAMPLES: dict[str, tuple[str, str | None, list[str]]] = {
     "metrics_address": ("127.0.0.1:9999", "localhost", []),
     "resync_interval": ("30", "0", []),
     "check_interval": ("0.5", "-1", []),
+    "metrics_read_interval": ("0", "-1", []),
     "swarm_poll_interval": ("2", "soon", ["--swarm"]),
     "probe_interval": ("3", "0", GATEWAY),
     "probe_timeout": ("0.25", "x", GATEWAY),

@@ -45,7 +45,7 @@ TEST_DOCKERD = str(REPO / "scripts" / "test-dockerd")
 
 def kernel_matches_docker(flavour: str) -> bool:
     """The owned rules in the kernel are exactly those compiled from Docker's current containers."""
-    state = desired_state(list_labelled(connect(None, timeout=10), "tcp"), "tcp", hostports.host_tcp_listeners())
+    state = desired_state(list_labelled(connect(None, timeout=10), "tcp"), "tcp", hostports.host_listeners())
     expected = believed_tables(compile_rules(state, Options(forward_parent="DOCKER-USER")))
     tables, _ = Iptables(Flavour(flavour)).read()
     return owned_only(tables) == expected

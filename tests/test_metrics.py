@@ -20,6 +20,7 @@ from tcprouter.netfilter import Flavour
 from tcprouter.providers.engine import EngineProvider
 
 from .fakes import FakeClock
+from .support import wait_until
 
 A = Backend("a" * 64, "web-a", "172.17.0.2", 1234)
 B = Backend("b" * 64, "web-b", "172.17.0.3", 1234, weight=2)
@@ -262,3 +263,43 @@ def test_connections_of_backends_whose_names_iptables_save_quotes():
     dotted = Backend("9" * 64, 'web.1"x', "172.17.0.9", 1234)  # a '.' (and any quote) makes iptables-save quote
     _, counted = kernel({"TCPR-FE-27017": [0, 2, 3]}, pool(dotted, A))
     assert backend_connections(counted) == {("27017", 'web.1"x'): 2, ("27017", "web-a"): 3}
+
+
+def test_the_kernel_is_read_at_most_once_per_interval_and_a_scrape_never_waits_for_a_later_read():
+    clock = FakeClock()
+    state = pool(A, C)
+    counts = {"TCPR-FE-27017": [0, 2, 1]}
+    reads: list[float] = []
+    release = threading.Event()
+
+    def counting_kernel() -> tuple[Tables, list[tuple[str, SavedRule]]]:
+        reads.append(clock.now)
+        if len(reads) > 1:
+            release.wait(5)  # a read that takes as long as iptables-save of 100,000 rules
+        return kernel(counts, state)
+
+    metrics = Metrics(counting_kernel, clock=clock, read_interval=10)
+    connections = lambda: dict(  # noqa: E731
+        (labels["backend"], value) for labels, value in scrape(metrics)["tcprouter_backend_connections"]
+    )
+    assert connections() == {"web-a": 2, "web-c": 1}  # the first scrape waits for the first read
+    counts["TCPR-FE-27017"] = [0, 5, 4]
+    clock.now += 9.9
+    assert [connections() for _ in range(3)] == [{"web-a": 2, "web-c": 1}] * 3  # served the last read
+    assert len(reads) == 1
+    clock.now += 0.1
+    started = time.monotonic()
+    assert connections() == {"web-a": 2, "web-c": 1}  # the read is due: it starts, the scrape does not wait
+    assert connections() == {"web-a": 2, "web-c": 1}  # nor does the next one start another
+    assert time.monotonic() - started < 2 and len(reads) == 2
+    release.set()
+    wait_until(lambda: connections() == {"web-a": 5, "web-c": 4}, 5, what="the background read's figures")
+    assert len(reads) == 2
+
+
+def test_with_a_read_interval_of_0_every_scrape_reads():
+    reads: list[int] = []
+    metrics = Metrics(lambda: reads.append(1) or ({}, []), read_interval=0)
+    for _ in range(3):
+        scrape(metrics)
+    assert len(reads) == 3

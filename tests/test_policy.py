@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tcprouter.compiler import compile_rules
-from tcprouter.hostports import busy_ports, docker_published_ports, parse_tcp_listeners
+from tcprouter.hostports import busy_ports, docker_published_ports, parse_listeners
 from tcprouter.labels import desired_state, parse_backend
 from tcprouter.model import ContainerSnapshot
 from tcprouter.policy import COMPOSE_OWNER_LABEL, Policy, parse_ports
@@ -194,6 +194,6 @@ PROC_NET_TCP6 = """\
 
 
 def test_loopback_listeners_count_only_when_127_0_0_1_is_routed():
-    assert parse_tcp_listeners(PROC_NET_TCP) == {22: "0.0.0.0"}
-    assert parse_tcp_listeners(PROC_NET_TCP, loopback=True) == {5432: "127.0.0.1", 22: "0.0.0.0"}
-    assert parse_tcp_listeners(PROC_NET_TCP6, loopback=True) == {}  # [::1]:8080: 127.0.0.1:8080 is free
+    assert parse_listeners(PROC_NET_TCP) == {22: "0.0.0.0"}
+    assert parse_listeners(PROC_NET_TCP, loopback=True) == {5432: "127.0.0.1", 22: "0.0.0.0"}
+    assert parse_listeners(PROC_NET_TCP6, loopback=True) == {}  # [::1]:8080: 127.0.0.1:8080 is free

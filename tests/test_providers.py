@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
+import docker.errors
 import pytest
 
 from tcprouter.daemon import Mode, build_providers, resolve_mode
@@ -10,10 +14,12 @@ from tcprouter.metrics import Metrics
 from tcprouter.model import timestamp_ns
 from tcprouter.providers.docker_api import url_host
 from tcprouter.providers.engine import (
+    RELIST_WORKERS,
     Host,
     Network,
     NetworkDrivers,
     ends_container,
+    list_labelled,
     published_tcp_ports,
     snapshot_from_inspect,
 )
@@ -208,3 +214,39 @@ def test_nodes_are_named_by_host_name_or_by_address_where_host_names_repeat():
 )
 def test_a_kill_drains_when_its_signal_ends_the_container(sent, stop_signal, ends):
     assert ends_container(sent, stop_signal) is ends
+
+
+class SlowInspectApi:
+    """Lists `count` labelled containers; each inspect takes a round trip, the last container is gone by then."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.in_flight = self.most_in_flight = 0
+        self.lock = threading.Lock()
+
+    def containers(self, filters: dict) -> list[dict]:
+        if filters == {"label": "udp.port"}:
+            return []  # none is a UDP backend
+        assert filters == {"label": "tcp.port"}
+        return [{"Id": f"{i:064x}"} for i in range(self.count)]
+
+    def networks(self) -> list[dict]:
+        return []
+
+    def inspect_container(self, container_id: str) -> dict:
+        with self.lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        time.sleep(0.01)  # the round trip to dockerd (simulated latency, not synchronisation)
+        with self.lock:
+            self.in_flight -= 1
+        if int(container_id, 16) == self.count - 1:
+            raise docker.errors.NotFound("gone")
+        return {"Id": container_id, "Created": "2026-01-01T00:00:00Z", "Config": {"Labels": {"tcp.port": "80"}}}
+
+
+def test_a_relist_inspects_concurrently_within_a_bound_and_keeps_the_list_order():
+    api = SlowInspectApi(40)
+    found = list_labelled(api, "tcp")  # type: ignore[arg-type]
+    assert [s.id for s in found] == [f"{i:064x}" for i in range(39)]  # in order, the gone one left out
+    assert 1 < api.most_in_flight <= RELIST_WORKERS

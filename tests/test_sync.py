@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tcprouter import sync
 from tcprouter.compiler import Options, compile_rules
@@ -239,3 +241,59 @@ def test_synproxy_is_off_when_tcp_loose_cannot_be_set(syncer, kernel, tmp_path, 
     monkeypatch.setattr(sync, "TCP_LOOSE", dataclasses.replace(sync.TCP_LOOSE, root=tmp_path / "missing"))
     assert syncer.sync([container(1, labels={"tcp.port": "80", "tcp.synproxy": "true"})], full=True)
     assert "raw" not in owned(kernel) and "TCPR-FE-80" in owned(kernel)["nat"]
+
+
+def test_a_partial_sync_rewrites_only_the_frontend_that_changed(kernel, syncer):
+    view = [container(i, labels={"tcp.port": str(80 + i % 3)}) for i in range(9)]
+    assert syncer.sync(view, full=True)
+    reads = kernel.reads
+    assert syncer.sync(view[1:])  # c0 (frontend 80) leaves
+    script = kernel.scripts[-1]
+    assert [line for line in script.splitlines() if line.startswith(":")] == [":TCPR-FE-80 - [0:0]"]
+    assert kernel.reads == reads  # against what was written, not read
+    assert owned(kernel) == expected(view[1:])
+    moved = container(4, labels={"tcp.port": "90"}, networks={"other": "10.8.0.5"}, subnets={"other": "10.8.0.0/24"})
+    changed = [*view[1:4], moved, *view[5:]]  # a new frontend on a new network: the shared chains change too
+    assert syncer.sync(changed)
+    assert owned(kernel) == expected(changed)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 5),
+            st.sampled_from(["80", "81", "82", None]),
+            st.booleans(),
+            st.sampled_from([("tcp",), ("udp",), ("tcp", "udp")]),
+        ),
+        max_size=12,
+    )
+)
+def test_partial_syncs_keep_the_kernel_equal_to_the_compiled_view(kernel, steps):
+    syncer = Syncer(kernel, Options(), "tcp", Metrics(lambda: ({}, [])))
+    view = {i: container(i) for i in range(3)}
+    assert syncer.sync(list(view.values()), full=True)
+    for index, port, limited, protocols in steps:
+        if port is None:
+            view.pop(index, None)
+        else:
+            labels = {f"{p}.port": port for p in protocols} | ({"tcp.maxconn": "5"} if limited else {})
+            subnet = f"10.{index % 2}.0"
+            view[index] = container(
+                index, labels=labels, networks={"n": f"{subnet}.{index + 2}"}, subnets={"n": f"{subnet}.0/24"}
+            )
+        assert syncer.sync(list(view.values()))
+        assert owned(kernel) == expected(list(view.values()))
+
+
+def test_a_full_sync_reads_the_tables_once(kernel, syncer, monkeypatch):
+    """Docker's published ports come from the same read as the diff, not from a read of its chain first."""
+    listed: list[tuple[str, str]] = []
+    monkeypatch.setattr(kernel, "list_chain", lambda table, chain: listed.append((table, chain)))
+    kernel.insert_rule("nat", "DOCKER", "-p tcp -m tcp --dport 81 -j DNAT --to-destination 172.17.0.9:80")
+    view = [container(1), container(2, labels={"tcp.port": "81"})]
+    reads = kernel.reads
+    assert syncer.sync(view, full=True)
+    assert kernel.reads == reads + 1 and listed == []
+    assert [r.reason for r in syncer.state.rejections] == ["port_in_use"]  # 81 is Docker's, seen in that read

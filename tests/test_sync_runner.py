@@ -144,7 +144,10 @@ def test_draining_ends_with_the_run_it_belongs_to(namespace):
     first_run = container(1, started_at="2026-01-01T00:00:01Z")
     runner.tracker.apply(Relist((first_run, container(2))))
     runner.tracker.apply(Change(first_run.id, "kill", 0, drain=True))
-    serving = lambda: [b.name for b in runner.syncer.desired(runner.tracker.view(), full=False).frontends[80].backends]  # noqa: E731
+
+    def serving() -> list[str]:
+        return [b.name for b in runner.syncer.desired(runner.tracker.view(), full=False)[0].frontends[80].backends]
+
     assert serving() == ["c2"]
     runner.tracker.apply(Relist((first_run, container(2))))
     assert serving() == ["c2"]

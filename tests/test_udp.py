@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 from tcprouter.commands import status
 from tcprouter.compiler import Options, compile_rules, frontend_chain, frontend_of, frontend_port
 from tcprouter.diff import parse_save
-from tcprouter.hostports import parse_tcp_listeners
+from tcprouter.hostports import parse_listeners
 from tcprouter.labels import desired_state
 from tcprouter.metrics import Metrics
-from tcprouter.model import Backend, Balance, DesiredState, Frontend, Protocol
+from tcprouter.model import Backend, Balance, ContainerSnapshot, DesiredState, Frontend, Protocol
 from tcprouter.sync import Syncer, stale_flows
 
 from .fakes import FakeKernel
@@ -71,8 +71,8 @@ PROC_NET_UDP = """\
 
 
 def test_udp_listeners_are_the_unconnected_bound_sockets():
-    assert parse_tcp_listeners(PROC_NET_UDP, protocol=Protocol.UDP) == {5683: "0.0.0.0"}  # not the connected one
-    assert parse_tcp_listeners(PROC_NET_UDP) == {}
+    assert parse_listeners(PROC_NET_UDP, protocol=Protocol.UDP) == {5683: "0.0.0.0"}  # not the connected one
+    assert parse_listeners(PROC_NET_UDP) == {}
 
 
 @given(port=ports, protocol=st.sampled_from(Protocol))
@@ -120,19 +120,23 @@ def pools(tcp: tuple[Backend, ...] = (), udp: tuple[Backend, ...] = ()) -> Desir
     )
 
 
+def by_id(*containers: ContainerSnapshot) -> dict[str, ContainerSnapshot]:
+    return {c.id: c for c in containers}
+
+
 def test_a_udp_backend_s_flows_go_stale_as_soon_as_it_leaves():
     before, after = pools(udp=(backend(1), backend(2))), pools(udp=(backend(2),))
-    stale, _ = stale_flows(before, after, [container(1), container(2)], {})  # c1 still runs (draining, unhealthy)
+    stale, _ = stale_flows(before, after, by_id(container(1), container(2)), {})  # c1 still runs (draining, unhealthy)
     assert stale == {Protocol.UDP: {backend(1).endpoint}, Protocol.TCP: set()}
-    assert stale_flows(after, after, [container(2)], {})[0] == {Protocol.UDP: set(), Protocol.TCP: set()}
+    assert stale_flows(after, after, by_id(container(2)), {})[0] == {Protocol.UDP: set(), Protocol.TCP: set()}
 
 
 def test_a_tcp_backend_s_connections_finish_while_it_runs_and_go_stale_once_it_is_gone():
     before, after = pools(tcp=(backend(1, 80), backend(2, 80))), pools(tcp=(backend(2, 80),))
-    draining = [container(1), container(2)]
+    draining = by_id(container(1), container(2))
     stale, retired = stale_flows(before, after, draining, {})
     assert stale[Protocol.TCP] == set() and retired == {backend(1).container_id: backend(1, 80).endpoint}
-    stale, retired = stale_flows(after, after, [container(1, running=False), container(2)], retired)  # it died
+    stale, retired = stale_flows(after, after, by_id(container(1, running=False), container(2)), retired)  # it died
     assert stale[Protocol.TCP] == {backend(1, 80).endpoint} and retired == {}
     stale, retired = stale_flows(before, before, draining, {backend(1).container_id: backend(1, 80).endpoint})
     assert stale[Protocol.TCP] == set() and retired == {}  # back in the rotation: nothing to forget

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import os
 import socket
 import statistics
 import struct
@@ -197,6 +198,85 @@ def _medians(rows: list[dict[str, float]]) -> dict[str, float]:
     return {key: median([row[key] for row in rows]) for key in rows[0]}
 
 
+# ---- the daemon's own syncs, old code beside new ------------------------------------------------------
+
+
+def daemon_probe(frontends: int, repeats: int) -> dict:
+    """Runs in a fresh interpreter, with whichever tcprouter is first on sys.path (the old commit's or this one's):
+    the daemon's ChangeTracker and Syncer against a private namespace's tables. A full sync from empty tables, a
+    resync with nothing changed, one backend leaving and coming back as Docker events (tracker.apply, then the
+    sync of tracker.view(): what the daemon's thread spends on an event), /metrics scrapes, and the process's
+    memory while it holds all that."""
+    from prometheus_client import generate_latest
+
+    from tcprouter.metrics import Metrics, kernel_reader
+    from tcprouter.tracker import Change, ChangeTracker, Relist
+
+    flavour = detect_flavour()
+    with contextlib.ExitStack() as stack:
+        ns = netns_add(stack, "tcpr-bench-d-")
+        iptables = Iptables(flavour, netns=ns, timeout=300)
+        reader = kernel_reader(flavour, ns, timeout=300)
+        try:
+            metrics = Metrics(reader, read_interval=10.0)
+        except TypeError:  # the old commit reads the kernel at every scrape
+            metrics = Metrics(reader)
+        syncer = Syncer(iptables, OPTIONS, "tcp", metrics)
+        tracker = ChangeTracker("tcp")
+        containers = snapshots(frontends)
+        tracker.apply(Relist(tuple(containers)))
+        ok, full = _timed(syncer.sync, tracker.view(), (), True)
+        assert ok, "full sync failed"
+        noops = [_timed(syncer.sync, tracker.view(), (), True)[1] for _ in range(repeats)]
+        victim = containers[(frontends // 2) * BACKENDS_PER_FRONTEND + 3]
+        partials = []
+        for i in range(4 * repeats):
+            change = Change(victim.id, "die", 0, gone=True) if i % 2 == 0 else Change(victim.id, "start", 0, victim)
+            started = time.perf_counter()
+            tracker.apply(change)
+            assert syncer.sync(tracker.view(), (), False), "partial sync failed"
+            partials.append(time.perf_counter() - started)
+        scrapes = []
+        for _ in range(5 * repeats):
+            started = time.perf_counter()
+            generate_latest(metrics.registry)
+            scrapes.append(time.perf_counter() - started)
+        current, _ = iptables.read()
+        consistent = restore_script(current, compile_rules(desired_state(containers), OPTIONS)) == ""
+    status = Path("/proc/self/status").read_text()
+    field = lambda key: int(next(x for x in status.splitlines() if x.startswith(key)).split()[1])  # noqa: E731
+    return {
+        "frontends": frontends,
+        "full_sync_s": full,
+        "noop_resync_s": {"p50": median(noops), "max": max(noops)},
+        "partial_sync_s": {"p50": median(partials), "p90": percentile(partials, 90), "max": max(partials)},
+        "scrape_s": {"p50": median(scrapes), "p99": percentile(scrapes, 99), "max": max(scrapes)},
+        "consistent_after": consistent,
+        "vmrss_kb": field("VmRSS:"),
+        "peak_kb": field("VmHWM:"),
+    }
+
+
+def daemon_figures(sizes: list[int], repeats: int, code: Path | None = None) -> list[dict]:
+    """daemon_probe at each size, each in a fresh interpreter, with the tcprouter of `code` (a checkout) or this one."""
+    scripts = Path(__file__).resolve().parent.parent
+    path = [str(code)] if code else []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*path, str(scripts), str(scripts.parent)])}
+    rows = []
+    for frontends in sizes:
+        done = subprocess.run(
+            [sys.executable, "-m", "benchlib.scale", "daemon", str(frontends), str(repeats)],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=code or scripts.parent,
+            env=env,
+        )
+        rows.append(json.loads(done.stdout))
+        log(f"daemon {frontends}x{BACKENDS_PER_FRONTEND} ({code or 'this tree'}): {rows[-1]}")
+    return rows
+
+
 # ---- resident memory ----------------------------------------------------------------------------------
 
 
@@ -256,29 +336,35 @@ def rss_figures(sizes: list[int]) -> list[dict[str, int]]:
 
 
 def listener_probe(sockets: int, reads: int = 20) -> dict[str, float]:
-    """Runs inside a private namespace: leave `sockets` TIME_WAIT sockets behind, then time the scan of the
-    namespace's TCP listeners that the daemon does before every sync (hostports.host_tcp_listeners)."""
+    """Runs inside a private namespace: hold `sockets` established loopback sockets open (both ends of
+    `sockets` / 2 connections), then time both
+    scans of the namespace's TCP listeners: the old parse of /proc/net/tcp{,6} (every socket) and the netlink
+    sock_diag request with a LISTEN state filter (hostports.host_listeners)."""
+    import resource
+
     from tcprouter import hostports
 
-    scan = getattr(hostports, "host_tcp_listeners", None)
-    if scan is None:
-        return {"sockets": sockets, "missing": 1}
-    with socket.socket() as listener:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # two descriptors per connection
+    with contextlib.ExitStack() as stack:
+        listener = stack.enter_context(socket.socket())
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", 9))
-        listener.listen(1024)
-        for _ in range(sockets):
-            client = socket.create_connection(("127.0.0.1", 9))
-            served, _ = listener.accept()
-            served.close()  # the server closes first: its side stays in TIME_WAIT for 60 s
-            client.close()
+        listener.listen(4096)
+        for _ in range(sockets // 2):
+            stack.enter_context(socket.create_connection(("127.0.0.1", 9)))
+            stack.enter_context(listener.accept()[0])
         lines = len(Path("/proc/net/tcp").read_text().splitlines()) - 1
-        times = []
-        for _ in range(reads):
-            started = time.perf_counter()
-            scan()
-            times.append(time.perf_counter() - started)
-    return {"sockets": sockets, "proc_net_tcp_lines": lines, "scan_s_p50": median(times), "scan_s_max": max(times)}
+        figures: dict[str, float] = {"sockets": sockets, "proc_net_tcp_lines": lines}
+        for name, scan in (("proc", hostports.proc_listeners), ("netlink", hostports.netlink_listeners)):
+            times = []
+            for _ in range(reads):
+                started = time.perf_counter()
+                found = scan(True)
+                times.append(time.perf_counter() - started)
+            assert found == {9: "127.0.0.1"}, found
+            figures.update({f"{name}_s_p50": median(times), f"{name}_s_max": max(times)})
+    return figures
 
 
 def listener_figures(counts: list[int]) -> list[dict[str, float]]:
@@ -429,13 +515,17 @@ def run(sizes: list[int], repeats: int, samples: int) -> dict:
             f"{figures['one_backend_change_partial']['total_s'] * 1000:.1f} ms, "
             f"{figures['one_backend_change_partial']['rules_written']:.0f} rules written"
         )
+    daemon = daemon_figures(
+        sizes, repeats
+    )  # the daemon's own objects (old code: scripts/benchlib/scale.py daemon_figures)
     rss = rss_figures(sizes)
     log(f"scale rss: {[(r['frontends'], r['vmrss_kb']) for r in rss]}")
     first = first_packet_figures(max(sizes), samples)
     log(f"first packet: { {k: round(v['p50'], 1) for k, v in first['connect_us'].items()} } us p50")
-    listeners = listener_figures([0, 10_000, 50_000])
-    log(f"listener scan: {[(r['sockets'], round(r.get('scan_s_p50', 0) * 1000, 1)) for r in listeners]} ms")
-    return {"syncs": syncs, "rss": rss, "first_packet": first, "listener_scan": listeners}
+    listeners = listener_figures([0, 1_000, 10_000])
+    scans = [(r["sockets"], round(r["proc_s_p50"] * 1e3, 1), round(r["netlink_s_p50"] * 1e3, 1)) for r in listeners]
+    log(f"listener scan (sockets, /proc ms, netlink ms): {scans}")
+    return {"syncs": syncs, "daemon": daemon, "rss": rss, "first_packet": first, "listener_scan": listeners}
 
 
 if __name__ == "__main__":
@@ -443,3 +533,5 @@ if __name__ == "__main__":
         print(json.dumps(rss_probe(int(sys.argv[2]))))
     elif sys.argv[1] == "listeners":
         print(json.dumps(listener_probe(int(sys.argv[2]))))
+    elif sys.argv[1] == "daemon":
+        print(json.dumps(daemon_probe(int(sys.argv[2]), int(sys.argv[3]))))

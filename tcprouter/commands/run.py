@@ -24,7 +24,7 @@ def command(args: argparse.Namespace) -> int:
         return EXIT_TABLES_OWNED
     writer = common.writer(args)
     log.info("tcprouter starting: writing the %s tables with %r", writer.flavour, writer)
-    metrics = Metrics(kernel_reader(writer.flavour))
+    metrics = Metrics(kernel_reader(writer.flavour), read_interval=args.metrics_read_interval)
     mode = common.mode(args)
     providers = build_providers(
         mode,

@@ -1,0 +1,63 @@
+"""Pools: the desired state kept per frontend equals labels.desired_state of every container, after any changes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tcprouter.labels import desired_state
+from tcprouter.model import DesiredState, Protocol
+from tcprouter.pools import Pools
+
+from .strategies import container, containers
+
+PORTS = st.sampled_from([80, 8080, 443])
+
+
+def same(held: DesiredState, expected: DesiredState) -> None:
+    assert held.frontends == expected.frontends
+    assert held.udp_frontends == expected.udp_frontends
+    assert sorted(held.rejections, key=str) == sorted(expected.rejections, key=str)
+    assert sorted(held.warnings) == sorted(expected.warnings)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 7), st.one_of(st.none(), st.integers(0, 10**6))), min_size=1, max_size=25),
+    st.data(),
+)
+def test_pools_after_any_changes_are_desired_state_of_the_view(steps, data):
+    pools, view = Pools("tcp"), {}
+    for index, seed in steps:
+        if seed is None:
+            view.pop(f"{index:064x}", None)
+        else:
+            drawn = data.draw(containers(index))
+            udp = data.draw(st.none() | PORTS.map(str) | st.just("x"))  # a UDP frontend too (or a bad one)
+            if udp is not None:
+                drawn = dataclasses.replace(drawn, labels={**drawn.labels, "udp.port": udp})
+            view[f"{index:064x}"] = drawn
+        busy = {p: data.draw(st.dictionaries(PORTS, st.just("sshd"), max_size=1)) for p in Protocol}
+        before = pools.state()
+        touched = pools.update(pools.changes(view.values()), busy)
+        after = pools.state()
+        same(after, desired_state(view.values(), "tcp", busy[Protocol.TCP], udp_busy_ports=busy[Protocol.UDP]))
+        for protocol in Protocol:
+            was, now = before.pools(protocol), after.pools(protocol)
+            assert {p for p in was.keys() | now.keys() if was.get(p) != now.get(p)} <= touched
+
+
+def test_a_change_re_pools_only_its_frontend():
+    one, two, three = container(1), container(2), container(3, labels={"tcp.port": "81"})
+    pools = Pools("tcp")
+    assert pools.update({c.id: c for c in (one, two, three)}, {}) == {80, 81}
+    assert pools.changes([one, two, three]) == {}  # the same snapshots: nothing to redo
+    assert pools.update({two.id: None}, {}) == {80}
+    assert pools.state().frontends[80].backends == desired_state([one]).frontends[80].backends
+    assert pools.update({}, {Protocol.TCP: {81: "sshd"}}) == {81}  # the host took port 81
+    assert 81 not in pools.state().frontends and [r.reason for r in pools.state().rejections] == ["port_in_use"]
+    moved = container(1, labels={"tcp.port": " 81"})  # the same container claims another port
+    assert pools.update(pools.changes([moved, three]), {}) == {80, 81}
+    same(pools.state(), desired_state([moved, three]))
