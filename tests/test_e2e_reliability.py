@@ -298,8 +298,8 @@ def test_churn_never_routes_to_a_removed_backend_and_leaks_nothing(
                 lifetimes.append((ip, born, time.monotonic()))
         finally:
             load.stop()
-    for container in churned:
-        container.remove(force=True)
+            for container in churned:
+                container.remove(force=True)
 
     def owner(started: float, ip: str) -> int | None:
         return next(
