@@ -7,6 +7,8 @@ import time
 
 import pytest
 
+from tcprouter.compiler import DEFAULT_MARK_BIT
+
 from .support import BACKEND_PORT, greetings, owned_rules_in_host, sh, udp_ask, udp_flow, udp_greetings, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -31,8 +33,10 @@ def _answers(ip: str) -> bool:
 
 
 def flows_to(ip: str) -> list[str]:
-    """The host's UDP conntrack entries whose replies come from `ip` (a backend's flows)."""
-    return sh("conntrack", "-L", "-p", "udp", "--reply-src", ip, check=False).splitlines()
+    """The host's UDP conntrack entries of routed flows (tcprouter's mark) whose replies come from `ip` (a backend's
+    flows through the frontend; the tests' own probes straight to the backend are not routed)."""
+    mark = f"{DEFAULT_MARK_BIT:#x}/{DEFAULT_MARK_BIT:#x}"
+    return sh("conntrack", "-L", "-p", "udp", "--reply-src", ip, "--mark", mark, check=False).splitlines()
 
 
 def test_udp_pool_rotates_over_new_flows_and_a_flow_keeps_its_backend(backends, start_router, client_host):
