@@ -16,7 +16,19 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from . import hostports
-from .compiler import FORWARD_CHAIN, Options, RuleSet, Synproxy, Tables, compile_rules, frontend_of, synproxy_ports
+from .compiler import (
+    FORWARD_CHAIN,
+    Options,
+    RuleSet,
+    Synproxy,
+    Tables,
+    bucket_start,
+    compile_rules,
+    frontend_of,
+    is_bucket_chain,
+    synproxy_ports,
+    tree_protocols,
+)
 from .diff import believed_tables, hook_in_place, owned, restore_script
 from .labels import DEFAULT_UDP_PREFIX, reachable_only
 from .metrics import Metrics
@@ -211,15 +223,27 @@ class Syncer:
         the whole), or nothing was compiled yet for this parent."""
         last = self.rules
         hook = (options.forward_parent, f"-j {FORWARD_CHAIN}")
-        if last is None or ports is None or hook not in last.hooks.get("filter", ()):
+        trees = tree_protocols(state)
+        if (
+            last is None
+            or ports is None
+            or hook not in last.hooks.get("filter", ())
+            or trees != tree_protocols(self.state)
+        ):
             return compile_rules(state, options), None
-        before = compile_rules(_only(self.state, ports), options)
-        after = compile_rules(_only(state, ports), options)
+        # A dispatch bucket's chain is its frontends' together: those sharing a bucket with a changed one come too.
+        buckets = {bucket_start(port) for port in ports} if trees else set()
+        ports = ports | {
+            p for s in (self.state, state) for f in s.every_frontend() if bucket_start(p := f.port) in buckets
+        }
+        before = compile_rules(_only(self.state, ports), options, trees)
+        after = compile_rules(_only(state, ports), options, trees)
+        own = {str(port) for port in ports}  # a per-frontend chain's name ends in -<port>
         touched: dict[str, set[str]] = {}
         for table in before.chains.keys() | after.chains.keys():
             old, new = before.chains.get(table, {}), after.chains.get(table, {})
             for chain in old.keys() | new.keys():
-                if any(chain.endswith(f"-{port}") for port in ports):
+                if is_bucket_chain(chain) or chain.rpartition("-")[2] in own:
                     touched.setdefault(table, set()).add(chain)
                 elif old.get(chain) != new.get(chain):
                     return compile_rules(state, options), None
@@ -245,13 +269,14 @@ class Syncer:
         return dataclasses.replace(options, tcp_loose_before=before)
 
     def drifted(self) -> bool:
-        """Cheap check of the chains every flow crosses; a per-frontend edit waits for the full resync."""
+        """Cheap check of the chains every flow crosses; an edit of a frontend's chain or of a dispatch bucket's
+        waits for the full resync."""
         if self.applied is None:
             return True
         try:
             for table, chains in self.applied.items():
                 for chain, rules in chains.items():
-                    if frontend_of(chain) is not None:
+                    if frontend_of(chain) is not None or is_bucket_chain(chain):
                         continue
                     found = self.writer.list_chain(table, chain)
                     in_place = (
