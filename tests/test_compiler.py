@@ -10,15 +10,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tcprouter.compiler import (
+    BUCKET_SIZE,
+    FLAT_DISPATCH_MAX,
     Options,
     RuleSet,
     Synproxy,
     access_bit,
     access_rules,
+    bucket_chain,
     compile_rules,
     frontend_chain,
+    frontend_of,
     frontend_port,
     hashlimit_rate,
+    is_bucket_chain,
     pool_rules,
     refusal,
     rotation,
@@ -436,3 +441,88 @@ def test_the_hook_in_docker_user_belongs_after_the_operators_rules_and_before_th
 def test_hooks_elsewhere_stay_first():
     assert hook_in_place("FORWARD", (HOOK, OPERATOR_DROP), HOOK)
     assert not hook_in_place("FORWARD", (OPERATOR_DROP, HOOK), HOOK)
+
+
+_DISPATCH = re.compile(r"-p (tcp|udp) -m \1 --dport (\d+)(?::(\d+))? -j (\S+)")
+
+
+def dispatched(nat: dict[str, tuple[str, ...]], protocol: Protocol, port: int) -> tuple[str | None, int]:
+    """The chain a new connection to (`protocol`, `port`) leaves the dispatch for, and the rules it crossed."""
+    crossed, chain = 0, "TCPR-FRONTENDS"
+    while True:
+        for rule in nat[chain]:
+            crossed += 1
+            match = _DISPATCH.fullmatch(rule)
+            assert match, rule
+            low, high = int(match[2]), int(match[3] or match[2])
+            if match[1] == protocol and low <= port <= high:
+                chain = match[4]
+                break
+        else:
+            return None, crossed
+        if frontend_of(chain):
+            return chain, crossed
+
+
+def routed_state(tcp: set[int], udp: set[int] = frozenset()) -> DesiredState:
+    def pools(ports: set[int], protocol: Protocol) -> dict[int, Frontend]:
+        return {p: Frontend(p, Balance.ROUNDROBIN, (backend(1),), protocol=protocol) for p in ports}
+
+    return DesiredState(frontends=pools(tcp, Protocol.TCP), udp_frontends=pools(udp, Protocol.UDP))
+
+
+@given(
+    st.sets(st.integers(1, 65535), max_size=300),
+    st.sets(st.integers(1, 65535), max_size=80),
+    st.lists(st.integers(1, 65535), max_size=20),
+)
+def test_every_frontend_is_reached_through_the_dispatch_and_no_other_port(tcp, udp, others):
+    """Flat or a tree, a first packet reaches its own frontend's chain, crossing at most TCPR-FRONTENDS and one
+    bucket's rules; a port without a frontend leaves the dispatch unrouted. Buckets exist for a tree only."""
+    nat = compile_rules(routed_state(tcp, udp)).chains["nat"]
+    buckets: set[str] = set()
+    for protocol, routed in ((Protocol.TCP, tcp), (Protocol.UDP, udp)):
+        tree = len(routed) > FLAT_DISPATCH_MAX
+        for port in routed:
+            chain, crossed = dispatched(nat, protocol, port)
+            assert chain == frontend_chain(port, protocol)
+            assert crossed <= len(nat["TCPR-FRONTENDS"]) + (BUCKET_SIZE if tree else 0)
+        for port in set(others) - routed:
+            assert dispatched(nat, protocol, port)[0] is None
+        buckets |= {bucket_chain(port, protocol) for port in routed} if tree else set()
+    assert {chain for chain in nat if is_bucket_chain(chain)} == buckets
+
+
+def test_up_to_64_frontends_keep_the_flat_dispatch():
+    nat = compile_rules(routed_state(set(range(1000, 1064)), {53})).chains["nat"]
+    assert nat["TCPR-FRONTENDS"] == (
+        *(f"-p tcp -m tcp --dport {p} -j TCPR-FE-{p}" for p in range(1000, 1064)),
+        "-p udp -m udp --dport 53 -j TCPR-UDP-53",
+    )
+    assert not any(is_bucket_chain(chain) for chain in nat)
+
+
+def test_beyond_64_frontends_the_dispatch_is_a_tree_of_port_ranges():
+    tcp = {80, 443, *range(27000, 27300), 65535}
+    nat = compile_rules(routed_state(tcp, {53})).chains["nat"]
+    assert nat["TCPR-FRONTENDS"] == (
+        "-p tcp -m tcp --dport 0:255 -j TCPR-DT0",
+        "-p tcp -m tcp --dport 256:511 -j TCPR-DT256",
+        "-p tcp -m tcp --dport 26880:27135 -j TCPR-DT26880",
+        "-p tcp -m tcp --dport 27136:27391 -j TCPR-DT27136",
+        "-p tcp -m tcp --dport 65280:65535 -j TCPR-DT65280",
+        "-p udp -m udp --dport 53 -j TCPR-UDP-53",
+    )
+    assert nat["TCPR-DT0"] == ("-p tcp -m tcp --dport 80 -j TCPR-FE-80",)
+    assert nat["TCPR-DT27136"] == tuple(f"-p tcp -m tcp --dport {p} -j TCPR-FE-{p}" for p in range(27136, 27300))
+    assert len(nat["TCPR-DT26880"]) == 136
+
+
+@given(st.integers(0, 65535), st.sampled_from(Protocol))
+def test_bucket_chains_are_not_per_frontend_chains(port, protocol):
+    """A bucket chain's name fits iptables (28 characters) and has no -<digits> tail, which the syncer reads as
+    a frontend's own chain."""
+    chain = bucket_chain(port, protocol)
+    assert is_bucket_chain(chain) and len(chain) <= 28
+    assert frontend_of(chain) is None and not re.search(r"-\d+$", chain)
+    assert not is_bucket_chain(frontend_chain(port, protocol)) and not is_bucket_chain("TCPR-FRONTENDS")
