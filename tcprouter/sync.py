@@ -17,6 +17,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_aft
 
 from . import hostports
 from .compiler import (
+    BUCKET_SIZE,
     FORWARD_CHAIN,
     Options,
     RuleSet,
@@ -220,7 +221,9 @@ class Syncer:
         """The rules of `state`, and the chains that may differ from the last compiled ones (None: any). Only the
         chains of the frontends on `ports` are compiled again, unless a change reaches the chains every frontend
         shares (their content is the union of every frontend's part: if one frontend's part is the same, so is
-        the whole), or nothing was compiled yet for this parent."""
+        the whole), or nothing was compiled yet for this parent. With a dispatch tree, a change recompiles the
+        buckets of `ports` whole (their chains hold every frontend of their range), in the layout of the whole
+        state; a protocol's dispatch turning from flat to tree or back is a full compile."""
         last = self.rules
         hook = (options.forward_parent, f"-j {FORWARD_CHAIN}")
         trees = tree_protocols(state)
@@ -231,11 +234,8 @@ class Syncer:
             or trees != tree_protocols(self.state)
         ):
             return compile_rules(state, options), None
-        # A dispatch bucket's chain is its frontends' together: those sharing a bucket with a changed one come too.
-        buckets = {bucket_start(port) for port in ports} if trees else set()
-        ports = ports | {
-            p for s in (self.state, state) for f in s.every_frontend() if bucket_start(p := f.port) in buckets
-        }
+        if trees:  # a dispatch bucket's chain is its frontends' together: the ports sharing one with a change come too
+            ports = {p for start in {bucket_start(port) for port in ports} for p in range(start, start + BUCKET_SIZE)}
         before = compile_rules(_only(self.state, ports), options, trees)
         after = compile_rules(_only(state, ports), options, trees)
         own = {str(port) for port in ports}  # a per-frontend chain's name ends in -<port>
