@@ -6,7 +6,7 @@ kernel can be compared with the compiled ones as plain text (see diff.py).
 Layout (DESIGN.md):
   nat    PREROUTING/OUTPUT -> TCPR-FRONTENDS -> TCPR-FE-<port> (CONNMARK, then one DNAT per rotation slot),
          or TCPR-UDP-<port> for a UDP frontend (the same, per new UDP flow); with more than 64 frontends of a
-         protocol, TCPR-FRONTENDS -> TCPR-DT<first port> / TCPR-DU<first port> (a bucket of 256 ports) -> them
+         protocol, TCPR-FRONTENDS -> TCPR-DT<port>x4096 -> TCPR-DT<port>x256 (port ranges, UDP: TCPR-DU) -> them
          POSTROUTING -> TCPR-POSTROUTING (MASQUERADE for hairpin flows, or for all with --snat always)
   filter DOCKER-USER (after the operator's rules; else FORWARD) -> TCPR-FORWARD (accept the marked
          connections; new ones to a frontend with access labels first pass TCPR-ACCESS -> TCPR-AC-<port>;
@@ -42,10 +42,12 @@ CANARY_CHAIN = "TCPR-CANARY"
 FRONTEND_CHAIN_PREFIX = "TCPR-FE-"
 UDP_FRONTEND_CHAIN_PREFIX = "TCPR-UDP-"
 _CHAIN_PREFIXES = {Protocol.TCP: FRONTEND_CHAIN_PREFIX, Protocol.UDP: UDP_FRONTEND_CHAIN_PREFIX}
-# Dispatch buckets (dispatch_rules): chain names TCPR-DT<first port> (TCP), TCPR-DU<first port> (UDP).
+# The dispatch tree (dispatch_rules): chains TCPR-DT<first port>x<ports> (TCP), TCPR-DU<first port>x<ports> (UDP).
 _BUCKET_PREFIXES = {Protocol.TCP: "TCPR-DT", Protocol.UDP: "TCPR-DU"}
+_DISPATCH_CHAIN = re.compile(r"TCPR-D[TU](?:0|[1-9][0-9]*)x([1-9][0-9]*)")
 FLAT_DISPATCH_MAX = 64  # frontends of a protocol dispatched by flat rules; more get the tree
-BUCKET_SIZE = 256  # ports per bucket: sqrt(65536), i.e. at most 256 + 256 rules crossed
+DISPATCH_LEVELS = (4096, 256)  # the sizes of the tree's port ranges, from TCPR-FRONTENDS's down
+BUCKET_SIZE = DISPATCH_LEVELS[-1]  # a bucket (the last level) holds its frontends' dispatch rules
 ACCESS_CHAIN = "TCPR-ACCESS"
 INVALID_CHAIN = "TCPR-INVALID"
 ACCESS_CHAIN_PREFIX = "TCPR-AC-"  # + port: the frontend's limits
@@ -325,58 +327,76 @@ def pool_rules(frontend: Frontend, mark: str) -> tuple[str, ...]:
 
 
 def dispatch_tree(ports: Collection[int]) -> bool:
-    """Whether the dispatch of these ports (one protocol's) is a tree of buckets rather than flat rules."""
+    """Whether the dispatch of these ports (one protocol's) is a tree of port ranges rather than flat rules."""
     return len(ports) > FLAT_DISPATCH_MAX
 
 
 def bucket_start(port: int) -> int:
-    """The first port of the fixed bucket `port` falls in."""
+    """The first port of the bucket (the tree's leaf range) `port` falls in."""
     return port - port % BUCKET_SIZE
 
 
+def dispatch_chain(start: int, size: int = BUCKET_SIZE, protocol: Protocol = Protocol.TCP) -> str:
+    """The nat chain of the port range [start, start + size) in the tree: TCPR-DT<start>x<size> (TCP) or
+    TCPR-DU<start>x<size> (UDP); no `-<digits>` tail, which frontend chains and other per-port chains have."""
+    return f"{_BUCKET_PREFIXES[protocol]}{start}x{size}"
+
+
 def bucket_chain(port: int, protocol: Protocol = Protocol.TCP) -> str:
-    """The nat chain of the bucket `port` falls in (the protocol's letter, then the bucket's first port: no
-    `-<digits>` tail, which frontend chains and the per-port filter chains have)."""
-    return f"{_BUCKET_PREFIXES[protocol]}{bucket_start(port)}"
+    """The chain of the bucket `port` falls in: the one that holds its frontend's dispatch rule."""
+    return dispatch_chain(bucket_start(port), BUCKET_SIZE, protocol)
+
+
+def dispatch_range_size(chain: str) -> int | None:
+    """The size of the port range of a tree's chain (dispatch_chain's names); None for any other chain."""
+    match = _DISPATCH_CHAIN.fullmatch(chain)
+    return int(match.group(1)) if match else None
 
 
 def is_bucket_chain(chain: str) -> bool:
-    """Whether `chain` is a dispatch bucket (bucket_chain's names)."""
-    return any(
-        chain.startswith(prefix) and chain.removeprefix(prefix).isdecimal() for prefix in _BUCKET_PREFIXES.values()
-    )
+    """Whether `chain` is a bucket (a leaf of the tree, holding frontends' dispatch rules)."""
+    return dispatch_range_size(chain) == BUCKET_SIZE
 
 
 def _dispatch(port: int, protocol: Protocol) -> str:
     return f"-p {protocol} -m {protocol} --dport {port} -j {frontend_chain(port, protocol)}"
 
 
+def _ranges(
+    ports: Sequence[int], protocol: Protocol, levels: Sequence[int]
+) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
+    """The rules that send `ports` (sorted) on through the ranges of `levels`, and the chains below them."""
+    if not levels:
+        return tuple(_dispatch(port, protocol) for port in ports), {}
+    size = levels[0]
+    groups: dict[int, list[int]] = {}
+    for port in ports:
+        groups.setdefault(port - port % size, []).append(port)
+    rules, chains = [], {}
+    for start, members in groups.items():
+        chain = dispatch_chain(start, size, protocol)
+        rules.append(f"-p {protocol} -m {protocol} --dport {start}:{start + size - 1} -j {chain}")
+        chains[chain], below = _ranges(members, protocol, levels[1:])
+        chains.update(below)
+    return tuple(rules), chains
+
+
 def dispatch_rules(
     ports: Iterable[int], protocol: Protocol = Protocol.TCP, tree: bool | None = None
 ) -> dict[str, tuple[str, ...]]:
     """The nat chains that send a new connection to its frontend chain: TCPR-FRONTENDS's rules of `protocol` and,
-    for a tree, the bucket chains (the key TCPR-FRONTENDS maps to them).
+    for a tree, the chains of its port ranges.
 
     Flat (one rule per frontend, crossed in order) up to FLAT_DISPATCH_MAX frontends; beyond, or with `tree`,
-    TCPR-FRONTENDS holds one port-range rule per non-empty bucket of BUCKET_SIZE ports and each bucket chain its
-    frontends' rules: a first packet crosses at most 65536 / BUCKET_SIZE + BUCKET_SIZE rules. The buckets are
-    fixed, so a frontend that joins or leaves changes its bucket chain only (and TCPR-FRONTENDS when its bucket
-    appears or empties)."""
+    a tree of fixed port ranges (DISPATCH_LEVELS): TCPR-FRONTENDS holds one rule per non-empty range of 4096
+    ports, its chain one per non-empty bucket of 256, and the bucket's chain its frontends' rules. A first
+    packet crosses at most 16 + 16 + 256 rules. The ranges are fixed, so a frontend that joins or leaves changes
+    its bucket's chain only (and the chains above it when its bucket appears or empties)."""
     ordered = sorted(ports)
     if not (dispatch_tree(ordered) if tree is None else tree):
         return {FRONTENDS_CHAIN: tuple(_dispatch(port, protocol) for port in ordered)}
-    buckets: dict[int, list[int]] = {}
-    for port in ordered:
-        buckets.setdefault(bucket_start(port), []).append(port)
-    chains = {
-        FRONTENDS_CHAIN: tuple(
-            f"-p {protocol} -m {protocol} --dport {start}:{start + BUCKET_SIZE - 1} -j {bucket_chain(start, protocol)}"
-            for start in buckets
-        )
-    }
-    for start, members in buckets.items():
-        chains[bucket_chain(start, protocol)] = tuple(_dispatch(port, protocol) for port in members)
-    return chains
+    rules, chains = _ranges(ordered, protocol, DISPATCH_LEVELS)
+    return {FRONTENDS_CHAIN: rules, **chains}
 
 
 def _snat_rules(frontends: Iterable[Frontend], mark: str, options: Options) -> tuple[str, ...]:

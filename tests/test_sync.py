@@ -309,7 +309,7 @@ def test_in_a_tree_a_frontend_joining_rewrites_its_bucket_and_its_chain_without_
 ):
     view = frontends(100)  # 1000..1099: buckets 768 and 1024
     assert syncer.sync(list(view.values()), full=True)
-    assert "TCPR-DT1024" in owned(kernel)["nat"]
+    assert "TCPR-DT1024x256" in owned(kernel)["nat"]
     compiled: list[int] = []
     compile_rules = sync.compile_rules
     monkeypatch.setattr(
@@ -318,10 +318,15 @@ def test_in_a_tree_a_frontend_joining_rewrites_its_bucket_and_its_chain_without_
     joining = container(200, labels={"tcp.port": "1100"})
     assert syncer.sync([*view.values(), joining])
     declared = [line for line in kernel.scripts[-1].splitlines() if line.startswith(":")]
-    assert sorted(declared) == [":TCPR-DT1024 - [0:0]", ":TCPR-FE-1100 - [0:0]"]
+    assert sorted(declared) == [":TCPR-DT1024x256 - [0:0]", ":TCPR-FE-1100 - [0:0]"]
     assert max(compiled) <= 77  # the frontends of bucket 1024 (1024..1100), not all 101
     assert owned(kernel) == expected([*view.values(), joining])
     assert not syncer.drifted()
+    apart = container(201, labels={"tcp.port": "1300"})  # a new bucket: the range above it changes too
+    assert syncer.sync([*view.values(), joining, apart])
+    declared = [line for line in kernel.scripts[-1].splitlines() if line.startswith(":")]
+    assert sorted(declared) == [":TCPR-DT0x4096 - [0:0]", ":TCPR-DT1280x256 - [0:0]", ":TCPR-FE-1300 - [0:0]"]
+    assert owned(kernel) == expected([*view.values(), joining, apart])
 
 
 def test_the_drift_check_skips_bucket_chains_and_the_resync_repairs_them(kernel, syncer, monkeypatch):
@@ -330,7 +335,7 @@ def test_the_drift_check_skips_bucket_chains_and_the_resync_repairs_them(kernel,
     listed: list[str] = []
     list_chain = kernel.list_chain
     monkeypatch.setattr(kernel, "list_chain", lambda table, chain: listed.append(chain) or list_chain(table, chain))
-    kernel.delete_rule("nat", "TCPR-DT1024", 0)
+    kernel.delete_rule("nat", "TCPR-DT1024x256", 0)
     assert not syncer.drifted()
     assert "TCPR-FRONTENDS" in listed and not [chain for chain in listed if chain.startswith("TCPR-DT")]
     assert syncer.sync(view, full=True)
