@@ -5,7 +5,8 @@ kernel can be compared with the compiled ones as plain text (see diff.py).
 
 Layout (DESIGN.md):
   nat    PREROUTING/OUTPUT -> TCPR-FRONTENDS -> TCPR-FE-<port> (CONNMARK, then one DNAT per rotation slot),
-         or TCPR-UDP-<port> for a UDP frontend (the same, per new UDP flow)
+         or TCPR-UDP-<port> for a UDP frontend (the same, per new UDP flow); with more than 64 frontends of a
+         protocol, TCPR-FRONTENDS -> TCPR-DT<port>x4096 -> TCPR-DT<port>x256 (port ranges, UDP: TCPR-DU) -> them
          POSTROUTING -> TCPR-POSTROUTING (MASQUERADE for hairpin flows, or for all with --snat always)
   filter DOCKER-USER (after the operator's rules; else FORWARD) -> TCPR-FORWARD (accept the marked
          connections; new ones to a frontend with access labels first pass TCPR-ACCESS -> TCPR-AC-<port>;
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -41,6 +42,12 @@ CANARY_CHAIN = "TCPR-CANARY"
 FRONTEND_CHAIN_PREFIX = "TCPR-FE-"
 UDP_FRONTEND_CHAIN_PREFIX = "TCPR-UDP-"
 _CHAIN_PREFIXES = {Protocol.TCP: FRONTEND_CHAIN_PREFIX, Protocol.UDP: UDP_FRONTEND_CHAIN_PREFIX}
+# The dispatch tree (dispatch_rules): chains TCPR-DT<first port>x<ports> (TCP), TCPR-DU<first port>x<ports> (UDP).
+_BUCKET_PREFIXES = {Protocol.TCP: "TCPR-DT", Protocol.UDP: "TCPR-DU"}
+_DISPATCH_CHAIN = re.compile(r"TCPR-D[TU](?:0|[1-9][0-9]*)x([1-9][0-9]*)")
+FLAT_DISPATCH_MAX = 64  # frontends of a protocol dispatched by flat rules; more get the tree
+DISPATCH_LEVELS = (4096, 256)  # the sizes of the tree's port ranges, from TCPR-FRONTENDS's down
+BUCKET_SIZE = DISPATCH_LEVELS[-1]  # a bucket (the last level) holds its frontends' dispatch rules
 ACCESS_CHAIN = "TCPR-ACCESS"
 INVALID_CHAIN = "TCPR-INVALID"
 ACCESS_CHAIN_PREFIX = "TCPR-AC-"  # + port: the frontend's limits
@@ -319,12 +326,77 @@ def pool_rules(frontend: Frontend, mark: str) -> tuple[str, ...]:
     return tuple(rules)
 
 
-def dispatch_rules(ports: Iterable[int], protocol: Protocol = Protocol.TCP) -> tuple[str, ...]:
-    """TCPR-FRONTENDS: port -> frontend chain. Linear in the number of frontends, evaluated once per new
-    connection; the one place to change for a logarithmic dispatch."""
-    return tuple(
-        f"-p {protocol} -m {protocol} --dport {port} -j {frontend_chain(port, protocol)}" for port in sorted(ports)
-    )
+def dispatch_tree(ports: Collection[int]) -> bool:
+    """Whether the dispatch of these ports (one protocol's) is a tree of port ranges rather than flat rules."""
+    return len(ports) > FLAT_DISPATCH_MAX
+
+
+def bucket_start(port: int) -> int:
+    """The first port of the bucket (the tree's leaf range) `port` falls in."""
+    return port - port % BUCKET_SIZE
+
+
+def dispatch_chain(start: int, size: int = BUCKET_SIZE, protocol: Protocol = Protocol.TCP) -> str:
+    """The nat chain of the port range [start, start + size) in the tree: TCPR-DT<start>x<size> (TCP) or
+    TCPR-DU<start>x<size> (UDP); no `-<digits>` tail, which frontend chains and other per-port chains have."""
+    return f"{_BUCKET_PREFIXES[protocol]}{start}x{size}"
+
+
+def bucket_chain(port: int, protocol: Protocol = Protocol.TCP) -> str:
+    """The chain of the bucket `port` falls in: the one that holds its frontend's dispatch rule."""
+    return dispatch_chain(bucket_start(port), BUCKET_SIZE, protocol)
+
+
+def dispatch_range_size(chain: str) -> int | None:
+    """The size of the port range of a tree's chain (dispatch_chain's names); None for any other chain."""
+    match = _DISPATCH_CHAIN.fullmatch(chain)
+    return int(match.group(1)) if match else None
+
+
+def is_bucket_chain(chain: str) -> bool:
+    """Whether `chain` is a bucket (a leaf of the tree, holding frontends' dispatch rules)."""
+    return dispatch_range_size(chain) == BUCKET_SIZE
+
+
+def _dispatch(port: int, protocol: Protocol) -> str:
+    return f"-p {protocol} -m {protocol} --dport {port} -j {frontend_chain(port, protocol)}"
+
+
+def _ranges(
+    ports: Sequence[int], protocol: Protocol, levels: Sequence[int]
+) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
+    """The rules that send `ports` (sorted) on through the ranges of `levels`, and the chains below them."""
+    if not levels:
+        return tuple(_dispatch(port, protocol) for port in ports), {}
+    size = levels[0]
+    groups: dict[int, list[int]] = {}
+    for port in ports:
+        groups.setdefault(port - port % size, []).append(port)
+    rules, chains = [], {}
+    for start, members in groups.items():
+        chain = dispatch_chain(start, size, protocol)
+        rules.append(f"-p {protocol} -m {protocol} --dport {start}:{start + size - 1} -j {chain}")
+        chains[chain], below = _ranges(members, protocol, levels[1:])
+        chains.update(below)
+    return tuple(rules), chains
+
+
+def dispatch_rules(
+    ports: Iterable[int], protocol: Protocol = Protocol.TCP, tree: bool | None = None
+) -> dict[str, tuple[str, ...]]:
+    """The nat chains that send a new connection to its frontend chain: TCPR-FRONTENDS's rules of `protocol` and,
+    for a tree, the chains of its port ranges.
+
+    Flat (one rule per frontend, crossed in order) up to FLAT_DISPATCH_MAX frontends; beyond, or with `tree`,
+    a tree of fixed port ranges (DISPATCH_LEVELS): TCPR-FRONTENDS holds one rule per non-empty range of 4096
+    ports, its chain one per non-empty bucket of 256, and the bucket's chain its frontends' rules. A first
+    packet crosses at most 16 + 16 + 256 rules. The ranges are fixed, so a frontend that joins or leaves changes
+    its bucket's chain only (and the chains above it when its bucket appears or empties)."""
+    ordered = sorted(ports)
+    if not (dispatch_tree(ordered) if tree is None else tree):
+        return {FRONTENDS_CHAIN: tuple(_dispatch(port, protocol) for port in ordered)}
+    rules, chains = _ranges(ordered, protocol, DISPATCH_LEVELS)
+    return {FRONTENDS_CHAIN: rules, **chains}
 
 
 def _snat_rules(frontends: Iterable[Frontend], mark: str, options: Options) -> tuple[str, ...]:
@@ -375,7 +447,16 @@ def _synproxy_rules(ports: Sequence[int], options: Options) -> tuple[Tables, str
     return {"raw": raw, "filter": {SYNPROXY_CHAIN: proxy}}, hook, jump
 
 
-def compile_rules(state: DesiredState, options: Options = Options()) -> RuleSet:
+def tree_protocols(state: DesiredState) -> frozenset[Protocol]:
+    """The protocols whose routed frontends are dispatched by a tree (dispatch_tree)."""
+    return frozenset(p for p in Protocol if dispatch_tree([f for f in state.pools(p).values() if f.backends]))
+
+
+def compile_rules(
+    state: DesiredState, options: Options = Options(), trees: Collection[Protocol] | None = None
+) -> RuleSet:
+    """The rules of `state`. `trees`: the protocols dispatched by a tree (None: tree_protocols of `state`), for
+    the compile of a part of a state in the layout of the whole."""
     mark = f"{options.mark_bit:#x}/{options.mark_bit:#x}"
     # An empty pool is not routed: RST (TCP) or ICMP port unreachable (UDP) from the host.
     routed = [f for f in state.every_frontend() if f.backends]
@@ -387,15 +468,19 @@ def compile_rules(state: DesiredState, options: Options = Options()) -> RuleSet:
         # Loopback destinations stay with the host unless asked for: DNAT of 127.0.0.1 needs route_localnet.
         output_match = local if options.route_localhost else f"! -d 127.0.0.0/8 {local}"
 
+    if trees is None:
+        trees = tree_protocols(state)
+    dispatch = [
+        dispatch_rules((f.port for f in routed if f.protocol is protocol), protocol, protocol in trees)
+        for protocol in Protocol
+    ]
     nat: dict[str, tuple[str, ...]] = {
         CANARY_CHAIN: (),
-        FRONTENDS_CHAIN: tuple(
-            rule
-            for protocol in Protocol
-            for rule in dispatch_rules((f.port for f in routed if f.protocol is protocol), protocol)
-        ),
+        FRONTENDS_CHAIN: tuple(rule for chains in dispatch for rule in chains.pop(FRONTENDS_CHAIN)),
         POSTROUTING_CHAIN: _snat_rules(routed, mark, options),
     }
+    for chains in dispatch:
+        nat.update(chains)
     guarded_bits = options.mark_bit | access_bit(options.mark_bit)
     guarded_mark = f"{guarded_bits:#x}/{guarded_bits:#x}"
     for frontend in routed:

@@ -10,15 +10,23 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tcprouter.compiler import (
+    BUCKET_SIZE,
+    DISPATCH_LEVELS,
+    FLAT_DISPATCH_MAX,
     Options,
     RuleSet,
     Synproxy,
     access_bit,
     access_rules,
+    bucket_chain,
     compile_rules,
+    dispatch_chain,
+    dispatch_range_size,
     frontend_chain,
+    frontend_of,
     frontend_port,
     hashlimit_rate,
+    is_bucket_chain,
     pool_rules,
     refusal,
     rotation,
@@ -436,3 +444,101 @@ def test_the_hook_in_docker_user_belongs_after_the_operators_rules_and_before_th
 def test_hooks_elsewhere_stay_first():
     assert hook_in_place("FORWARD", (HOOK, OPERATOR_DROP), HOOK)
     assert not hook_in_place("FORWARD", (OPERATOR_DROP, HOOK), HOOK)
+
+
+_DISPATCH = re.compile(r"-p (tcp|udp) -m \1 --dport (\d+)(?::(\d+))? -j (\S+)")
+
+
+def dispatched(nat: dict[str, tuple[str, ...]], protocol: Protocol, port: int) -> tuple[str | None, int]:
+    """The chain a new connection to (`protocol`, `port`) leaves the dispatch for, and the rules it crossed."""
+    crossed, chain = 0, "TCPR-FRONTENDS"
+    while True:
+        for rule in nat[chain]:
+            crossed += 1
+            match = _DISPATCH.fullmatch(rule)
+            assert match, rule
+            low, high = int(match[2]), int(match[3] or match[2])
+            if match[1] == protocol and low <= port <= high:
+                chain = match[4]
+                break
+        else:
+            return None, crossed
+        if frontend_of(chain):
+            return chain, crossed
+        assert dispatch_range_size(chain), chain
+
+
+def routed_state(tcp: set[int], udp: set[int] = frozenset()) -> DesiredState:
+    def pools(ports: set[int], protocol: Protocol) -> dict[int, Frontend]:
+        return {p: Frontend(p, Balance.ROUNDROBIN, (backend(1),), protocol=protocol) for p in ports}
+
+    return DesiredState(frontends=pools(tcp, Protocol.TCP), udp_frontends=pools(udp, Protocol.UDP))
+
+
+@given(
+    st.sets(st.integers(1, 65535), max_size=300),
+    st.sets(st.integers(1, 65535), max_size=80),
+    st.lists(st.integers(1, 65535), max_size=20),
+)
+def test_every_frontend_is_reached_through_the_dispatch_and_no_other_port(tcp, udp, others):
+    """Flat or a tree, a first packet reaches its own frontend's chain, crossing at most TCPR-FRONTENDS and one
+    tree's rules (16 per range of 4096, 256 per bucket); a port without a frontend leaves the dispatch unrouted.
+    The tree's chains are those of the non-empty ranges, for a tree only."""
+    nat = compile_rules(routed_state(tcp, udp)).chains["nat"]
+    tree_chains: set[str] = set()
+    for protocol, routed in ((Protocol.TCP, tcp), (Protocol.UDP, udp)):
+        tree = len(routed) > FLAT_DISPATCH_MAX
+        for port in routed:
+            chain, crossed = dispatched(nat, protocol, port)
+            assert chain == frontend_chain(port, protocol)
+            assert crossed <= len(nat["TCPR-FRONTENDS"]) + (16 + BUCKET_SIZE if tree else 0)
+        for port in set(others) - routed:
+            assert dispatched(nat, protocol, port)[0] is None
+        if tree:
+            tree_chains |= {dispatch_chain(p - p % s, s, protocol) for p in routed for s in DISPATCH_LEVELS}
+    assert {chain for chain in nat if dispatch_range_size(chain)} == tree_chains
+
+
+def test_up_to_64_frontends_keep_the_flat_dispatch():
+    nat = compile_rules(routed_state(set(range(1000, 1064)), {53})).chains["nat"]
+    assert nat["TCPR-FRONTENDS"] == (
+        *(f"-p tcp -m tcp --dport {p} -j TCPR-FE-{p}" for p in range(1000, 1064)),
+        "-p udp -m udp --dport 53 -j TCPR-UDP-53",
+    )
+    assert not any(is_bucket_chain(chain) for chain in nat)
+
+
+def test_beyond_64_frontends_the_dispatch_is_a_tree_of_port_ranges():
+    tcp = {80, 443, *range(27000, 27300), 65535}
+    nat = compile_rules(routed_state(tcp, {53})).chains["nat"]
+    assert nat["TCPR-FRONTENDS"] == (
+        "-p tcp -m tcp --dport 0:4095 -j TCPR-DT0x4096",
+        "-p tcp -m tcp --dport 24576:28671 -j TCPR-DT24576x4096",
+        "-p tcp -m tcp --dport 61440:65535 -j TCPR-DT61440x4096",
+        "-p udp -m udp --dport 53 -j TCPR-UDP-53",
+    )
+    assert nat["TCPR-DT0x4096"] == (
+        "-p tcp -m tcp --dport 0:255 -j TCPR-DT0x256",
+        "-p tcp -m tcp --dport 256:511 -j TCPR-DT256x256",
+    )
+    assert nat["TCPR-DT24576x4096"] == (
+        "-p tcp -m tcp --dport 26880:27135 -j TCPR-DT26880x256",
+        "-p tcp -m tcp --dport 27136:27391 -j TCPR-DT27136x256",
+    )
+    assert nat["TCPR-DT61440x4096"] == ("-p tcp -m tcp --dport 65280:65535 -j TCPR-DT65280x256",)
+    assert nat["TCPR-DT0x256"] == ("-p tcp -m tcp --dport 80 -j TCPR-FE-80",)
+    assert nat["TCPR-DT27136x256"] == tuple(f"-p tcp -m tcp --dport {p} -j TCPR-FE-{p}" for p in range(27136, 27300))
+    assert len(nat["TCPR-DT26880x256"]) == 136
+    assert [chain for chain in nat if chain.startswith("TCPR-DU")] == []  # UDP's one frontend: flat
+
+
+@given(st.integers(0, 65535), st.sampled_from(Protocol), st.sampled_from(DISPATCH_LEVELS))
+def test_the_trees_chains_are_not_per_frontend_chains(port, protocol, size):
+    """A tree chain's name fits iptables (28 characters) and has no -<digits> tail, which the syncer reads as
+    a frontend's own chain; only the last level's chains are buckets."""
+    chain = dispatch_chain(port - port % size, size, protocol)
+    assert dispatch_range_size(chain) == size and len(chain) <= 28
+    assert is_bucket_chain(chain) == (size == BUCKET_SIZE) and is_bucket_chain(bucket_chain(port, protocol))
+    assert frontend_of(chain) is None and not re.search(r"-\d+$", chain)
+    for other in (frontend_chain(port, protocol), "TCPR-FRONTENDS", f"TCPR-DT{port}", f"TCPR-DT0{port}x256"):
+        assert dispatch_range_size(other) is None

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+from collections.abc import Sequence
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tcprouter.compiler import Options, RuleSet, compile_rules
+from tcprouter.compiler import Options, RuleSet, bucket_chain, compile_rules, frontend_chain, is_bucket_chain
 from tcprouter.diff import believed_tables, owned_only, parse_save, restore_script
 from tcprouter.model import Backend, Balance, DesiredState, Frontend
 from tcprouter.netfilter import Flavour, Iptables
@@ -163,3 +164,46 @@ def test_compiled_udp_rules_load_and_read_back_equal(flavour, first, second):
             apply(iptables, rules)
             assert kernel_view(iptables) == believed_tables(rules)
             assert apply(iptables, rules) == ""
+
+
+OPTIONS = Options(forward_parent="FORWARD")  # a private namespace has no DOCKER-USER
+
+
+def tree_state(ports: Sequence[int], address: str, port: int) -> DesiredState:
+    """One frontend per port, each with one backend: a listener at `address`:`port`."""
+    backend = Backend("1" * 64, "listener", address, port)
+    return DesiredState({p: Frontend(p, Balance.ROUNDROBIN, (backend,)) for p in ports})
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_a_dispatch_tree_loads_reads_back_and_routes_a_connection_to_the_300th_frontend(flavour):
+    """300 frontends over 9 buckets of ports: the tree loads and reads back as compiled in both flavours (port
+    ranges included), a client in another namespace reaches the first and the 300th frontend (DNATed to a
+    listener; nothing listens on the frontend ports), a port between frontends is not routed, and a frontend
+    joining a bucket is written as the syncer writes it (its chain and its bucket's)."""
+    ports = [20000 + 7 * i for i in range(300)]
+    with private_netns() as router, private_netns() as client:
+        here, there = unique("tcpr"), unique("tcpr")
+        sh("ip", "link", "add", here, "netns", router, "type", "veth", "peer", "name", there, "netns", client)
+        for ns, dev, address in ((router, here, "10.99.0.1/24"), (client, there, "10.99.0.2/24")):
+            sh("ip", "-n", ns, "addr", "add", address, "dev", dev)
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+        listener = in_netns(router, lambda: socket.create_server(("10.99.0.1", 0)))
+        with listener:
+            iptables = Iptables(Flavour(flavour), netns=router)
+            rules = compile_rules(tree_state(ports, "10.99.0.1", listener.getsockname()[1]), OPTIONS)
+            assert len([chain for chain in rules.chains["nat"] if is_bucket_chain(chain)]) == 9
+            apply(iptables, rules)
+            assert kernel_view(iptables) == believed_tables(rules)
+            assert _answers(client, "10.99.0.1", ports[-1]) and _answers(client, "10.99.0.1", ports[0])
+            with pytest.raises(ConnectionRefusedError):  # no frontend: the router's own reset
+                _answers(client, "10.99.0.1", ports[-1] + 1)
+
+            grown = compile_rules(tree_state([*ports, ports[-1] + 1], "10.99.0.1", listener.getsockname()[1]), OPTIONS)
+            script = apply(iptables, grown)
+            assert sorted(line for line in script.splitlines() if line.startswith(":")) == [
+                f":{bucket_chain(ports[-1])} - [0:0]",
+                f":{frontend_chain(ports[-1] + 1)} - [0:0]",
+            ]
+            assert kernel_view(iptables) == believed_tables(grown)
+            assert _answers(client, "10.99.0.1", ports[-1] + 1)

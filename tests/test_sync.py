@@ -258,21 +258,35 @@ def test_a_partial_sync_rewrites_only_the_frontend_that_changed(kernel, syncer):
     assert owned(kernel) == expected(changed)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    st.lists(
-        st.tuples(
-            st.integers(0, 5),
-            st.sampled_from(["80", "81", "82", None]),
-            st.booleans(),
-            st.sampled_from([("tcp",), ("udp",), ("tcp", "udp")]),
-        ),
-        max_size=12,
-    )
+def frontends(count: int, first_port: int = 1000) -> dict[int, ContainerSnapshot]:
+    """`count` containers, each the one backend of its own frontend on first_port, first_port + 1, ..."""
+    return {
+        i: container(i, labels={"tcp.port": str(first_port + i)}, created=f"2026-01-01T00:{i // 60:02d}:{i % 60:02d}Z")
+        for i in range(count)
+    }
+
+
+@pytest.mark.parametrize(
+    ("base", "ports"),
+    [(3, ["80", "81", "82"]), (66, ["1000", "1020", "1030", "1300"])],
+    ids=["flat", "tree"],  # 66 frontends: a tree of buckets, flat again when 2 of them leave
 )
-def test_partial_syncs_keep_the_kernel_equal_to_the_compiled_view(kernel, steps):
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_partial_syncs_keep_the_kernel_equal_to_the_compiled_view(kernel, base, ports, data):
+    steps = data.draw(
+        st.lists(
+            st.tuples(
+                st.integers(0, 5),
+                st.sampled_from([*ports, None]),
+                st.booleans(),
+                st.sampled_from([("tcp",), ("udp",), ("tcp", "udp")]),
+            ),
+            max_size=12,
+        )
+    )
     syncer = Syncer(kernel, Options(), "tcp", Metrics(lambda: ({}, [])))
-    view = {i: container(i) for i in range(3)}
+    view = {i: container(i) for i in range(3)} if base == 3 else frontends(base)
     assert syncer.sync(list(view.values()), full=True)
     for index, port, limited, protocols in steps:
         if port is None:
@@ -280,11 +294,52 @@ def test_partial_syncs_keep_the_kernel_equal_to_the_compiled_view(kernel, steps)
         else:
             labels = {f"{p}.port": port for p in protocols} | ({"tcp.maxconn": "5"} if limited else {})
             subnet = f"10.{index % 2}.0"
-            view[index] = container(
-                index, labels=labels, networks={"n": f"{subnet}.{index + 2}"}, subnets={"n": f"{subnet}.0/24"}
+            view[index] = dataclasses.replace(
+                view.get(index, container(index)),
+                labels=labels,
+                networks={"n": f"{subnet}.{index + 2}"},
+                subnets={"n": f"{subnet}.0/24"},
             )
         assert syncer.sync(list(view.values()))
         assert owned(kernel) == expected(list(view.values()))
+
+
+def test_in_a_tree_a_frontend_joining_rewrites_its_bucket_and_its_chain_without_a_full_compile(
+    kernel, syncer, monkeypatch
+):
+    view = frontends(100)  # 1000..1099: buckets 768 and 1024
+    assert syncer.sync(list(view.values()), full=True)
+    assert "TCPR-DT1024x256" in owned(kernel)["nat"]
+    compiled: list[int] = []
+    compile_rules = sync.compile_rules
+    monkeypatch.setattr(
+        sync, "compile_rules", lambda state, *a: compiled.append(len(state.frontends)) or compile_rules(state, *a)
+    )
+    joining = container(200, labels={"tcp.port": "1100"})
+    assert syncer.sync([*view.values(), joining])
+    declared = [line for line in kernel.scripts[-1].splitlines() if line.startswith(":")]
+    assert sorted(declared) == [":TCPR-DT1024x256 - [0:0]", ":TCPR-FE-1100 - [0:0]"]
+    assert max(compiled) <= 77  # the frontends of bucket 1024 (1024..1100), not all 101
+    assert owned(kernel) == expected([*view.values(), joining])
+    assert not syncer.drifted()
+    apart = container(201, labels={"tcp.port": "1300"})  # a new bucket: the range above it changes too
+    assert syncer.sync([*view.values(), joining, apart])
+    declared = [line for line in kernel.scripts[-1].splitlines() if line.startswith(":")]
+    assert sorted(declared) == [":TCPR-DT0x4096 - [0:0]", ":TCPR-DT1280x256 - [0:0]", ":TCPR-FE-1300 - [0:0]"]
+    assert owned(kernel) == expected([*view.values(), joining, apart])
+
+
+def test_the_drift_check_skips_bucket_chains_and_the_resync_repairs_them(kernel, syncer, monkeypatch):
+    view = list(frontends(100).values())
+    assert syncer.sync(view, full=True)
+    listed: list[str] = []
+    list_chain = kernel.list_chain
+    monkeypatch.setattr(kernel, "list_chain", lambda table, chain: listed.append(chain) or list_chain(table, chain))
+    kernel.delete_rule("nat", "TCPR-DT1024x256", 0)
+    assert not syncer.drifted()
+    assert "TCPR-FRONTENDS" in listed and not [chain for chain in listed if chain.startswith("TCPR-DT")]
+    assert syncer.sync(view, full=True)
+    assert owned(kernel) == expected(view) and drift_repairs(syncer.metrics) == 1
 
 
 def test_a_full_sync_reads_the_tables_once(kernel, syncer, monkeypatch):

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from tcprouter.compiler import Options, RuleSet, Synproxy, compile_rules, frontend_chain, rule_comment
 from tcprouter.diff import believed_tables, hook_in_place, owned_only, parse_save, restore_script
 from tcprouter.iptc_writer import IptcWriter, Operation, ScriptError, parse_script
-from tcprouter.model import Backend, Balance, DesiredState, Frontend
+from tcprouter.model import Backend, Balance, DesiredState, Frontend, Protocol
 from tcprouter.netfilter import Flavour, Iptables, NetfilterError, open_writer
 
 from .strategies import desired_states
@@ -240,6 +240,31 @@ def test_restore_and_iptc_writers_leave_identical_tables(first, second, first_op
         assert saved(ns_iptc) == saved(ns_restore)
         assert "TCPR-" not in saved(ns_iptc)
         assert without_raw(foreign_lines(ns_iptc)) == without_raw(foreign_lines(ns_restore)) == foreign
+
+
+@pytest.mark.kernel
+def test_both_writers_write_a_dispatch_tree_and_take_it_back_to_flat_rules():
+    """100 TCP and UDP frontends (trees of port ranges), a frontend joining one bucket, 60 (flat again), cleanup:
+    both writers leave the same tables, and the kernel holds what was compiled."""
+    pool = (Backend("1" * 64, "web.1", "172.17.0.2", 80),)
+
+    def state(ports: range | list[int]) -> DesiredState:
+        tcp, udp = (
+            {p: Frontend(p, Balance.ROUNDROBIN, pool, protocol=protocol) for p in ports}
+            for protocol in (Protocol.TCP, Protocol.UDP)
+        )
+        return DesiredState(tcp, udp_frontends=udp)
+
+    with private_netns() as ns_restore, private_netns() as ns_iptc:
+        restore, iptc = Restore(ns_restore), Iptc(ns_iptc)
+        for ns in (ns_restore, ns_iptc):
+            Restore(ns).restore(FOREIGN)
+        steps = (range(65400, 65500), [*range(65400, 65500), 65535], range(65400, 65460))
+        for rules in (*(compile_rules(state(ports), OPTIONS) for ports in steps), RuleSet(chains={})):
+            assert sync(iptc, rules) == sync(restore, rules)
+            assert saved(ns_iptc) == saved(ns_restore)
+            assert kernel_owned(ns_iptc) == owned_only(believed_tables(rules))
+        assert "TCPR-" not in saved(ns_iptc)
 
 
 # Rules the compiler does not write, in the form iptables-save prints: the parser is generic.

@@ -182,6 +182,28 @@ def _control(cp: dict) -> tuple[list[str], dict]:
     return out, checks
 
 
+def _dispatch(dp: dict) -> list[str]:
+    """The first packet to the first and the last frontend, flat dispatch against the tree, per flavour."""
+    connect = dp["connect_us"]
+    rows = [
+        [
+            key.replace("_", " "),
+            f"{dp['rules'][key]:,}",
+            f"{connect[key + '_first']['p50']:.1f}",
+            f"{connect[key + '_last']['p50']:.1f}",
+            f"{connect[key + '_last']['p99']:.1f}",
+            f"{ratio:.3f}",
+        ]
+        for key, ratio in dp["ratio_p50"].items()
+    ]
+    return [
+        f"First packet with {dp['frontends']:,} frontends x 10, the flat dispatch against the tree of port ranges "
+        f"(router namespaces side by side, {dp['samples_per_case']} samples per case in interleaved blocks), "
+        "microseconds:\n",
+        _table(["flavour, dispatch", "rules", "1st p50", "last p50", "last p99", "last / 1st (p50)"], rows) + "\n",
+    ]
+
+
 def _scale(sc: dict) -> tuple[list[str], dict]:
     ms = lambda s: f"{s * 1000:.1f}"  # noqa: E731
     rows, change_rows = [], []
@@ -267,6 +289,8 @@ def _scale(sc: dict) -> tuple[list[str], dict]:
         f"rules to a server namespace, {fp['samples_per_case']} samples per case in interleaved blocks, microseconds:\n"
     )
     out.append(_table(["case", "p50", "p90", "p99", "p50 vs 1 frontend"], fp_rows) + "\n")
+    if "dispatch" in sc:
+        out += _dispatch(sc["dispatch"])
     scans = [r for r in sc.get("listener_scan", []) if "netlink_s_p50" in r]
     if scans:
         out.append(

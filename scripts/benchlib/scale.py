@@ -15,20 +15,22 @@ import contextlib
 import gc
 import json
 import os
+import shutil
 import socket
 import statistics
 import struct
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 from tcprouter.compiler import Options, RuleSet, compile_rules
 from tcprouter.diff import believed_tables, restore_script
 from tcprouter.labels import desired_state
 from tcprouter.metrics import Metrics
-from tcprouter.model import ContainerSnapshot, DesiredState
-from tcprouter.netfilter import Iptables, detect_flavour
+from tcprouter.model import ContainerSnapshot, DesiredState, Protocol
+from tcprouter.netfilter import Flavour, Iptables, detect_flavour
 from tcprouter.sync import Syncer
 from tests.support import in_netns
 
@@ -38,6 +40,7 @@ FIRST_PORT = 20000
 BACKENDS_PER_FRONTEND = 10
 SERVER_NET = "198.19.255"  # the server side of the first-packet topology (RFC 2544 range)
 OPTIONS = Options(forward_parent="FORWARD")  # a namespace has no DOCKER-USER
+DISPATCH_FRONTENDS = 10_000  # the first-packet comparison of the flat dispatch and the tree
 
 
 def _address(k: int) -> str:
@@ -391,7 +394,7 @@ def listener_figures(counts: list[int]) -> list[dict[str, float]]:
 class Topology:
     """client ns -- router ns (tcprouter's rules, ip_forward) -- server ns (10 addresses, port 80)."""
 
-    def __init__(self, stack: contextlib.ExitStack, tag: str) -> None:
+    def __init__(self, stack: contextlib.ExitStack, tag: str, flavour: Flavour | None = None) -> None:
         self.stack = stack
         self.client = netns_add(stack, f"tcpr-bench-{tag}c-")
         self.router = netns_add(stack, f"tcpr-bench-{tag}r-")
@@ -412,7 +415,7 @@ class Topology:
         sh("ip", "netns", "exec", self.server, "ip", "route", "add", "default", "via", f"{SERVER_NET}.1")
         sh("ip", "netns", "exec", self.router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         tune_client(self.client)
-        self.iptables = Iptables(detect_flavour(), netns=self.router, timeout=120)
+        self.iptables = Iptables(flavour or detect_flavour(), netns=self.router, timeout=120)
         self._serve()
 
     def _serve(self) -> None:
@@ -434,12 +437,15 @@ class Topology:
         if server.stdout.readline().strip() != "ready":
             raise RuntimeError("the server namespace's listener did not start")
 
-    def install(self, frontends: int, routed: list[int], first_port: int = FIRST_PORT) -> int:
-        """N frontends x 10 from `first_port` on; the frontends at the `routed` indices go to the server."""
+    def install(
+        self, frontends: int, routed: list[int], first_port: int = FIRST_PORT, trees: Collection[Protocol] | None = None
+    ) -> int:
+        """N frontends x 10 from `first_port` on; the frontends at the `routed` indices go to the server. `trees`:
+        the protocols dispatched by a tree (None: as the daemon picks; () keeps the flat dispatch)."""
         real = {f: self.server_ips for f in routed}
         state = desired_state(snapshots(frontends, real=real, first_port=first_port))
         current, _ = self.iptables.read()
-        rules = compile_rules(state, OPTIONS)
+        rules = compile_rules(state, OPTIONS, trees)
         self.iptables.restore(restore_script(current, rules))
         return rules.rule_count()
 
@@ -460,6 +466,15 @@ class Topology:
             return times
 
         return in_netns(self.client, run)
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    return {
+        "p50": percentile(values, 50),
+        "p90": percentile(values, 90),
+        "p99": percentile(values, 99),
+        "mean": statistics.fmean(values),
+    }
 
 
 def first_packet_figures(frontends: int, samples: int) -> dict:
@@ -492,15 +507,50 @@ def first_packet_figures(frontends: int, samples: int) -> dict:
     return {
         "samples_per_case": samples,
         "rules": {"1_frontend": rules_small, f"{frontends}_frontends": rules_large},
-        "connect_us": {
-            case: {
-                "p50": percentile(values, 50),
-                "p90": percentile(values, 90),
-                "p99": percentile(values, 99),
-                "mean": statistics.fmean(values),
-            }
-            for case, values in cases.items()
-        },
+        "connect_us": {case: _summary(values) for case, values in cases.items()},
+    }
+
+
+def dispatch_figures(frontends: int, samples: int, flavours: Collection[Flavour] | None = None) -> dict:
+    """The first packet to the first and to the last of `frontends` x 10, with the flat dispatch (one rule per
+    frontend) and with the tree of port ranges, for each flavour whose restore binary exists: every router
+    namespace is set up first, then the cases are measured in interleaved blocks, so that the host's noise
+    spreads over all of them. The figure of merit is the ratio last / first (p50) within one layout."""
+    if flavours is None:
+        flavours = [f for f in Flavour if shutil.which(f"iptables-{f}-restore")]
+    cases: dict[str, list[float]] = {}
+    probes: dict[str, tuple[Topology, int, str]] = {}
+    rules: dict[str, int] = {}
+    last = FIRST_PORT + frontends - 1
+    with contextlib.ExitStack() as stack:
+        for flavour in flavours:
+            for layout, trees in (("flat", ()), ("tree", None)):
+                topology = Topology(stack, f"{flavour[0]}{layout[0]}", Flavour(flavour))
+                started = time.perf_counter()
+                rules[f"{flavour}_{layout}"] = topology.install(frontends, [0, frontends - 1], trees=trees)
+                log(f"dispatch {flavour} {layout}: {frontends} x 10 installed in {time.perf_counter() - started:.1f} s")
+                for i, (position, port) in enumerate((("first", FIRST_PORT), ("last", last))):
+                    case = f"{flavour}_{layout}_{position}"
+                    probes[case] = (topology, port, topology.sources[i])
+                    cases[case] = []
+        for topology, port, source in probes.values():  # warm-up
+            topology.connect_times(topology.router_ip, port, 50, source)
+        blocks = 10
+        for _ in range(blocks):
+            for case, (topology, port, source) in probes.items():
+                cases[case] += topology.connect_times(topology.router_ip, port, samples // blocks, source)
+    connect = {case: _summary(values) for case, values in cases.items()}
+    ratios = {
+        f"{flavour}_{layout}": connect[f"{flavour}_{layout}_last"]["p50"] / connect[f"{flavour}_{layout}_first"]["p50"]
+        for flavour in flavours
+        for layout in ("flat", "tree")
+    }
+    return {
+        "frontends": frontends,
+        "samples_per_case": samples,
+        "rules": rules,
+        "connect_us": connect,
+        "ratio_p50": ratios,
     }
 
 
@@ -522,10 +572,22 @@ def run(sizes: list[int], repeats: int, samples: int) -> dict:
     log(f"scale rss: {[(r['frontends'], r['vmrss_kb']) for r in rss]}")
     first = first_packet_figures(max(sizes), samples)
     log(f"first packet: { {k: round(v['p50'], 1) for k, v in first['connect_us'].items()} } us p50")
+    dispatch = dispatch_figures(DISPATCH_FRONTENDS, samples)
+    log(
+        f"dispatch at {DISPATCH_FRONTENDS}: last / first p50 "
+        f"{ {k: round(v, 3) for k, v in dispatch['ratio_p50'].items()} }"
+    )
     listeners = listener_figures([0, 1_000, 10_000])
     scans = [(r["sockets"], round(r["proc_s_p50"] * 1e3, 1), round(r["netlink_s_p50"] * 1e3, 1)) for r in listeners]
     log(f"listener scan (sockets, /proc ms, netlink ms): {scans}")
-    return {"syncs": syncs, "daemon": daemon, "rss": rss, "first_packet": first, "listener_scan": listeners}
+    return {
+        "syncs": syncs,
+        "daemon": daemon,
+        "rss": rss,
+        "first_packet": first,
+        "dispatch": dispatch,
+        "listener_scan": listeners,
+    }
 
 
 if __name__ == "__main__":
@@ -535,3 +597,5 @@ if __name__ == "__main__":
         print(json.dumps(listener_probe(int(sys.argv[2]))))
     elif sys.argv[1] == "daemon":
         print(json.dumps(daemon_probe(int(sys.argv[2]), int(sys.argv[3]))))
+    elif sys.argv[1] == "dispatch":  # alone: python -m scripts.benchlib.scale dispatch FRONTENDS SAMPLES
+        print(json.dumps(dispatch_figures(int(sys.argv[2]), int(sys.argv[3]))))
