@@ -13,6 +13,8 @@ Layout (DESIGN.md):
 The connection mark, the FORWARD lock and hairpin SNAT apply to UDP flows as to TCP ones; the access chains and
 TCPR-INVALID are TCP only.
 Both tables also hold an empty TCPR-CANARY chain: if it vanishes, someone flushed the table.
+One rule set per address family (Options.family): the same layout in iptables and ip6tables, each routing the
+pools' backends of its family (DesiredState.of_family); a pool without IPv6 backends is not routed over IPv6.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .model import Access, Backend, Balance, DesiredState, Frontend, Protocol
+from .model import Access, Backend, Balance, DesiredState, Family, Frontend, Protocol, family_of
 from .policy import Policy
 
 PREFIX = "TCPR-"
@@ -62,6 +64,7 @@ class Options:
     route_localhost: bool = False  # route 127.0.0.1:<port> from the host too (needs route_localnet=1)
     route_localnet_before: int = 0  # the value of route_localnet before tcprouter set it to 1 (localnet.py)
     forward_parent: str = "DOCKER-USER"  # where the filter hook goes: DOCKER-USER if it exists, else FORWARD
+    family: Family = Family.IPV4  # the rules of which family (iptables or ip6tables): its backends only
     policy: Policy = field(default_factory=Policy)  # who may claim a port: applied by labels.desired_state
 
 
@@ -184,12 +187,29 @@ def hashlimit_rate(per_second: int) -> str:
     return f"{_HASHLIMIT_SCALE * unit[1] // period}/{unit[0]}"
 
 
+_HOST_BITS = {Family.IPV4: 32, Family.IPV6: 128}
+_LOOPBACK = {Family.IPV4: "127.0.0.0/8", Family.IPV6: "::1/128"}
+
+
+def host(address: str) -> str:
+    """One address as a network, as iptables-save and ip6tables-save print it (`/32`, `/128`)."""
+    return f"{address}/{_HOST_BITS[family_of(address)]}"
+
+
+def _destination(address: str, port: int) -> str:
+    """A DNAT target as iptables-save prints it: ip6tables brackets an IPv6 address."""
+    return f"[{address}]:{port}" if family_of(address) is Family.IPV6 else f"{address}:{port}"
+
+
 def _reject(port: int, reason: str) -> str:
     return f"-m comment --comment refused-{port}-{reason} -j REJECT --reject-with tcp-reset"
 
 
-def access_rules(port: int, access: Access) -> dict[str, tuple[str, ...]]:
+def access_rules(port: int, access: Access, family: Family = Family.IPV4) -> dict[str, tuple[str, ...]]:
     """The filter chains that check a new connection to the frontend on `port`; a refused one gets a reset.
+
+    In `family`'s rules, only the allowed networks of that family are: an allow list without any refuses every
+    client of the family.
 
     Allowed networks first (a client outside them does not use up a limit), then connections, then rate.
     The hashlimit table's name carries its settings: the kernel keeps a table's first settings as long as a
@@ -200,14 +220,14 @@ def access_rules(port: int, access: Access) -> dict[str, tuple[str, ...]]:
     if access.allow:
         allow_chain = f"{ALLOW_CHAIN_PREFIX}{port}"
         chains[allow_chain] = (
-            *(f"-s {network} -j RETURN" for network in access.allow),
+            *(f"-s {network} -j RETURN" for network in access.allow if family_of(network) is family),
             f"-p tcp {_reject(port, 'allow')}",
         )
         checks.append(f"-j {allow_chain}")
     if access.maxconn is not None:
         checks.append(
-            f"-p tcp -m connlimit --connlimit-above {access.maxconn} --connlimit-mask 32 --connlimit-saddr "
-            + _reject(port, "maxconn")
+            f"-p tcp -m connlimit --connlimit-above {access.maxconn} --connlimit-mask {_HOST_BITS[family]} "
+            f"--connlimit-saddr {_reject(port, 'maxconn')}"
         )
     if access.rate is not None:
         burst = access.burst or HASHLIMIT_DEFAULT_BURST
@@ -219,7 +239,7 @@ def access_rules(port: int, access: Access) -> dict[str, tuple[str, ...]]:
     return chains
 
 
-def _forward_chains(routed: Sequence[Frontend], mark_bit: int) -> dict[str, tuple[str, ...]]:
+def _forward_chains(routed: Sequence[Frontend], mark_bit: int, family: Family) -> dict[str, tuple[str, ...]]:
     """TCPR-FORWARD and the chains it jumps to.
 
     A routed connection is accepted at the first rule unless its frontend has access labels (its mark has the
@@ -239,14 +259,14 @@ def _forward_chains(routed: Sequence[Frontend], mark_bit: int) -> dict[str, tupl
             f"-m conntrack --ctorigdstport {f.port} -j {ACCESS_CHAIN_PREFIX}{f.port}" for f in guarded
         )
         for frontend in guarded:
-            chains.update(access_rules(frontend.port, frontend.access))
+            chains.update(access_rules(frontend.port, frontend.access, family))
     forward += [
         f"-m connmark --mark {mark_bit:#x}/{mark_bit:#x} -j ACCEPT",
         f"-m conntrack --ctstate INVALID -j {INVALID_CHAIN}",
     ]
     # To and from the backends' networks (remote backends: their hosts), not endpoints: this chain then changes when a
     # network appears, not whenever a backend joins, and a change stays one frontend chain's rewrite.
-    sources = sorted({b.subnet or f"{b.ip}/32" for f in routed for b in f.backends})
+    sources = sorted({b.subnet or host(b.ip) for f in routed for b in f.backends})
     chains[INVALID_CHAIN] = tuple(f"{way} {net} -p tcp -j DROP" for net in sources for way in ("-s", "-d"))
     return {FORWARD_CHAIN: tuple(forward), **chains}
 
@@ -254,10 +274,10 @@ def _forward_chains(routed: Sequence[Frontend], mark_bit: int) -> dict[str, tupl
 def _dnat(backend: Backend, protocol: Protocol, condition: str = "", skip_self: bool = True) -> str:
     comment = save_string(backend.name[:_COMMENT_MAX] or backend.container_id[:12])
     statistic = f" -m statistic {condition}" if condition else ""
-    source = f"! -s {backend.ip}/32 " if skip_self else ""
+    source = f"! -s {host(backend.ip)} " if skip_self else ""
     return (
         f"{source}-p {protocol} -m comment --comment {comment}{statistic} "
-        f"-j DNAT --to-destination {backend.ip}:{backend.port}"
+        f"-j DNAT --to-destination {_destination(backend.ip, backend.port)}"
     )
 
 
@@ -291,7 +311,7 @@ def pool_rules(frontend: Frontend, mark: str) -> tuple[str, ...]:
     last = slots[-1][0]
     fallback = next((backend for backend, _ in slots if backend != last), None)
     if fallback is not None:
-        rules.append(f"-s {last.ip}/32 " + _dnat(fallback, protocol, skip_self=False))
+        rules.append(f"-s {host(last.ip)} " + _dnat(fallback, protocol, skip_self=False))
     return tuple(rules)
 
 
@@ -303,11 +323,11 @@ def dispatch_rules(ports: Iterable[int], protocol: Protocol = Protocol.TCP) -> t
     )
 
 
-def _snat_rules(frontends: Iterable[Frontend], mark: str, options: Options) -> tuple[str, ...]:
+def _snat_rules(frontends: Iterable[Frontend], mark: str, options: Options, route_localhost: bool) -> tuple[str, ...]:
     if options.snat_always:
         return (f"-m connmark --mark {mark} -j MASQUERADE",)
     # A connection to 127.0.0.1 carries a loopback source that cannot leave the host.
-    localhost = (f"-s 127.0.0.0/8 -m connmark --mark {mark} -j MASQUERADE",) if options.route_localhost else ()
+    localhost = (f"-s 127.0.0.0/8 -m connmark --mark {mark} -j MASQUERADE",) if route_localhost else ()
     # Hairpin: a client on a backend's own subnet would get the reply straight from the backend,
     # bypassing the reverse NAT, unless the flow is masqueraded through the host.
     subnets = sorted({b.subnet for f in frontends for b in f.backends if b.subnet})
@@ -315,16 +335,20 @@ def _snat_rules(frontends: Iterable[Frontend], mark: str, options: Options) -> t
 
 
 def compile_rules(state: DesiredState, options: Options = Options()) -> RuleSet:
+    """The rules of `options.family`: the frontends' backends of that family. IPv6 has no route_localnet: with
+    --route-localhost, ::1 is still not routed (the rules of IPv6 ignore it)."""
+    family = options.family
     mark = f"{options.mark_bit:#x}/{options.mark_bit:#x}"
+    route_localhost = options.route_localhost and family is Family.IPV4
     # An empty pool is not routed: RST (TCP) or ICMP port unreachable (UDP) from the host.
-    routed = [f for f in state.every_frontend() if f.backends]
+    routed = [f for f in state.of_family(family).every_frontend() if f.backends]
     if options.listen_address:
-        local = f"-d {options.listen_address}/32"
+        local = f"-d {host(options.listen_address)}"
         output_match = local
     else:
         local = "-m addrtype --dst-type LOCAL"
         # Loopback destinations stay with the host unless asked for: DNAT of 127.0.0.1 needs route_localnet.
-        output_match = local if options.route_localhost else f"! -d 127.0.0.0/8 {local}"
+        output_match = local if route_localhost else f"! -d {_LOOPBACK[family]} {local}"
 
     nat: dict[str, tuple[str, ...]] = {
         CANARY_CHAIN: (),
@@ -333,7 +357,7 @@ def compile_rules(state: DesiredState, options: Options = Options()) -> RuleSet:
             for protocol in Protocol
             for rule in dispatch_rules((f.port for f in routed if f.protocol is protocol), protocol)
         ),
-        POSTROUTING_CHAIN: _snat_rules(routed, mark, options),
+        POSTROUTING_CHAIN: _snat_rules(routed, mark, options, route_localhost),
     }
     guarded_bits = options.mark_bit | access_bit(options.mark_bit)
     guarded_mark = f"{guarded_bits:#x}/{guarded_bits:#x}"
@@ -342,9 +366,9 @@ def compile_rules(state: DesiredState, options: Options = Options()) -> RuleSet:
             frontend, guarded_mark if frontend.access else mark
         )
 
-    filter_chains = {CANARY_CHAIN: (), **_forward_chains(routed, options.mark_bit)}
+    filter_chains = {CANARY_CHAIN: (), **_forward_chains(routed, options.mark_bit, family)}
     filter_hooks = [(options.forward_parent, f"-j {FORWARD_CHAIN}")]
-    if options.route_localhost:
+    if route_localhost:
         # route_localnet also lets other machines reach 127.0.0.1 services (CVE-2020-8558): drop
         # martian packets to 127.0.0.0/8 that come from anywhere but loopback and were not DNATed.
         # The comment keeps the value route_localnet had before, for `cleanup` (it lives as long as the rule).

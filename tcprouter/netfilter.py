@@ -15,6 +15,7 @@ from typing import Protocol
 
 from .compiler import Tables
 from .diff import SavedRule, parse_save
+from .model import Family
 
 log = logging.getLogger(__name__)
 TABLES = ("nat", "filter")
@@ -49,16 +50,20 @@ class Writer(Protocol):
         ...
 
 
+_PROGRAMS = {Family.IPV4: "iptables", Family.IPV6: "ip6tables"}
+
+
 @dataclass(frozen=True)
 class Iptables:
-    """The iptables binaries of one flavour, optionally run inside a network namespace."""
+    """The iptables binaries of one flavour (ip6tables for IPv6), optionally run inside a network namespace."""
 
     flavour: Flavour
     netns: str | None = None
     timeout: float = 30.0
+    family: Family = Family.IPV4
 
     def _command(self, tool: str, *args: str) -> list[str]:
-        base = [f"iptables-{self.flavour}{tool}", *args]
+        base = [f"{_PROGRAMS[self.family]}-{self.flavour}{tool}", *args]
         if self.flavour is Flavour.LEGACY and tool in ("", "-restore"):
             base.insert(1, "-w")  # wait for the xtables lock instead of failing
         return ["ip", "netns", "exec", self.netns, *base] if self.netns else base

@@ -1,0 +1,134 @@
+"""IPv6: the rules of each family hold that family's backends only; ip6tables loads them and prints them back."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tcprouter.compiler import Options, RuleSet, compile_rules
+from tcprouter.diff import believed_tables, owned_only, restore_script
+from tcprouter.labels import desired_state
+from tcprouter.model import OPEN, Access, Backend, Balance, DesiredState, Family, Frontend, Protocol
+from tcprouter.netfilter import Flavour, Iptables
+
+from .strategies import container, desired_states
+from .support import private_netns, sh
+
+V6 = Options(family=Family.IPV6, forward_parent="FORWARD")
+DUAL = Backend("1" * 64, "web.1", "172.20.0.2", 80, subnet="172.20.0.0/16", ip6="fd00:20::2", subnet6="fd00:20::/64")
+V4_ONLY = Backend("2" * 64, "web.2", "172.17.0.3", 80, subnet="172.17.0.0/16")
+FLAVOURS6 = [f for f in Flavour if sh("sh", "-c", f"command -v ip6tables-{f}-restore", check=False)]
+FOREIGN6 = """*nat
+:FOREIGN - [0:0]
+-A PREROUTING -p udp -m udp --dport 53 -j FOREIGN
+-A FOREIGN -d fd00:99::1/128 -j RETURN
+COMMIT
+*filter
+-A FORWARD -s fd00:99::/64 -j ACCEPT
+COMMIT
+"""
+
+
+def _saved(ip6tables: Iptables) -> list[str]:
+    return [line for t in ("nat", "filter") for line in ip6tables.save(t).splitlines() if not line.startswith("#")]
+
+
+def _state(*backends: Backend, access: Access = OPEN) -> DesiredState:
+    return DesiredState({80: Frontend(80, Balance.ROUNDROBIN, backends, access)})
+
+
+def test_ipv6_rules_reach_the_ipv6_addresses_of_dual_stack_backends_only():
+    rules = compile_rules(_state(DUAL, V4_ONLY), V6)
+    assert rules.chains["nat"]["TCPR-FE-80"] == (
+        "-j CONNMARK --set-xmark 0x100000/0x100000",
+        '! -s fd00:20::2/128 -p tcp -m comment --comment "web.1" -j DNAT --to-destination [fd00:20::2]:80',
+    )
+    assert rules.chains["nat"]["TCPR-POSTROUTING"] == (
+        "-s fd00:20::/64 -d fd00:20::/64 -m connmark --mark 0x100000/0x100000 -j MASQUERADE",
+    )
+    assert rules.chains["filter"]["TCPR-INVALID"] == (
+        "-s fd00:20::/64 -p tcp -j DROP",
+        "-d fd00:20::/64 -p tcp -j DROP",
+    )
+    assert ("OUTPUT", "! -d ::1/128 -m addrtype --dst-type LOCAL -j TCPR-FRONTENDS") in rules.hooks["nat"]
+
+
+def test_a_pool_without_ipv6_backends_has_no_ipv6_rules_but_keeps_its_ipv4_ones():
+    state = _state(V4_ONLY)
+    assert "TCPR-FE-80" not in compile_rules(state, V6).chains["nat"]
+    assert compile_rules(state, V6).chains["nat"]["TCPR-FRONTENDS"] == ()
+    ipv4 = compile_rules(state, Options(forward_parent="FORWARD")).chains["nat"]
+    assert ipv4["TCPR-FE-80"][-1].endswith("--to-destination 172.17.0.3:80")
+
+
+def test_route_localhost_is_ipv4_only():
+    rules = compile_rules(_state(DUAL), dataclasses.replace(V6, route_localhost=True))
+    assert "TCPR-INPUT" not in rules.chains["filter"]
+    assert ("OUTPUT", "! -d ::1/128 -m addrtype --dst-type LOCAL -j TCPR-FRONTENDS") in rules.hooks["nat"]
+    assert not any("127.0.0.0/8" in rule for rule in rules.chains["nat"]["TCPR-POSTROUTING"])
+
+
+def test_allowed_networks_go_to_the_rules_of_their_family_and_connlimit_masks_a_whole_address():
+    access = Access(allow=("10.0.0.0/8", "2001:db8::/32"), maxconn=3)
+    v6 = compile_rules(_state(DUAL, access=access), V6).chains["filter"]
+    v4 = compile_rules(_state(DUAL, access=access), Options()).chains["filter"]
+    assert v6["TCPR-AL-80"][0] == "-s 2001:db8::/32 -j RETURN" and len(v6["TCPR-AL-80"]) == 2
+    assert v4["TCPR-AL-80"][0] == "-s 10.0.0.0/8 -j RETURN" and len(v4["TCPR-AL-80"]) == 2
+    assert "--connlimit-mask 128 " in v6["TCPR-AC-80"][1] and "--connlimit-mask 32 " in v4["TCPR-AC-80"][1]
+
+
+def test_an_allow_list_without_ipv6_networks_refuses_every_ipv6_client():
+    v6 = compile_rules(_state(DUAL, access=Access(allow=("10.0.0.0/8",))), V6).chains["filter"]
+    assert v6["TCPR-AL-80"] == ("-p tcp -m comment --comment refused-80-allow -j REJECT --reject-with tcp-reset",)
+
+
+def test_labels_give_a_backend_the_ipv6_address_and_subnet_of_its_network():
+    dual = container(
+        1,
+        networks={"v6net": "172.20.0.2", "bridge": "172.17.0.2"},
+        subnets={"v6net": "172.20.0.0/16", "bridge": "172.17.0.0/16"},
+        networks6={"v6net": "fd00:20::2"},
+        subnets6={"v6net": "fd00:20::/64"},
+        labels={"tcp.port": "80", "tcp.network": "v6net"},
+    )
+    on_bridge = dataclasses.replace(dual, labels={"tcp.port": "80"})  # bridge (first by name) has no IPv6
+    (backend,) = desired_state([dual]).frontends[80].backends
+    assert (backend.ip6, backend.subnet6) == ("fd00:20::2", "fd00:20::/64")
+    (backend,) = desired_state([on_bridge]).frontends[80].backends
+    assert (backend.ip, backend.ip6) == ("172.17.0.2", "")
+
+
+@given(desired_states(udp=True))
+def test_the_ipv6_view_keeps_every_frontend_with_its_ipv6_backends_in_order(state):
+    view = state.of_family(Family.IPV6)
+    assert view.of_family(Family.IPV6) == view  # idempotent: the compiler may apply it again
+    assert state.of_family(Family.IPV4) is state
+    for protocol in Protocol:
+        assert set(view.pools(protocol)) == set(state.pools(protocol))
+        for port, frontend in state.pools(protocol).items():
+            assert [b.ip for b in view.pools(protocol)[port].backends] == [b.ip6 for b in frontend.backends if b.ip6]
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("flavour", FLAVOURS6)
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(first=desired_states(udp=True), second=desired_states(udp=True), snat=st.booleans())
+def test_compiled_ipv6_rules_load_and_read_back_equal(flavour, first, second, snat):
+    """ip6tables-save prints the IPv6 rules exactly as compiled; foreign ip6tables rules stay; cleanup removes
+    every owned chain."""
+    with private_netns() as ns:
+        ip6tables = Iptables(Flavour(flavour), netns=ns, family=Family.IPV6)
+        ip6tables.restore(FOREIGN6)
+        foreign = _saved(ip6tables)
+        for state, options in ((first, V6), (second, dataclasses.replace(V6, snat_always=snat, route_localhost=True))):
+            rules = compile_rules(state, options)
+            current, _ = ip6tables.read()
+            ip6tables.restore(restore_script(current, rules))
+            tables, _ = ip6tables.read()
+            assert owned_only(tables) == believed_tables(rules)
+            assert restore_script(tables, rules) == ""  # in step: nothing left to write
+        ip6tables.restore(restore_script(ip6tables.read()[0], RuleSet(chains={})))
+        assert _saved(ip6tables) == foreign
