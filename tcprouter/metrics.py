@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 
 from .compiler import Tables, frontend_of, refusal, rule_comment
 from .diff import SavedRule, owned
-from .model import DesiredState, Protocol
+from .model import DesiredState, Family, Protocol
 from .netfilter import Flavour, Iptables
 
 log = logging.getLogger(__name__)
@@ -40,9 +40,11 @@ K = TypeVar("K", bound=Hashable)
 KernelReader = Callable[[], tuple[Tables, list[tuple[str, SavedRule]]]]
 
 
-def kernel_reader(flavour: Flavour, netns: str | None = None, timeout: float = KERNEL_READ_TIMEOUT) -> KernelReader:
-    """Reads the tables with counters by a bounded `iptables-save -c`."""
-    iptables = Iptables(flavour, netns=netns, timeout=timeout)
+def kernel_reader(
+    flavour: Flavour, netns: str | None = None, timeout: float = KERNEL_READ_TIMEOUT, family: Family = Family.IPV4
+) -> KernelReader:
+    """Reads the tables with counters by a bounded `iptables-save -c` (`ip6tables-save -c` for IPv6)."""
+    iptables = Iptables(flavour, netns=netns, timeout=timeout, family=family)
     return lambda: iptables.read(counters=True)
 
 
@@ -155,58 +157,73 @@ class CarriedTotals(Generic[K]):
 
 
 class StateCollector(Collector):
-    """Reads the published desired state and the kernel's owned rules when Prometheus scrapes."""
+    """Reads the published desired states (one per address family routed) and the kernel's owned rules (iptables,
+    and ip6tables with `read_kernel6`) when Prometheus scrapes."""
 
-    def __init__(self, read_kernel: KernelReader, lingering: Lingering[tuple[str, str]] | None = None) -> None:
-        self._read_kernel = read_kernel
-        self._state = DesiredState(frontends={})
-        lingering = lingering or Lingering()
-        self.connections: CarriedTotals[tuple[str, str]] = CarriedTotals(lingering)  # (frontend, backend)
-        self.udp_connections: CarriedTotals[tuple[str, str]] = CarriedTotals(
-            Lingering(lingering.grace, lingering.clock)
-        )
-        self.refusals: CarriedTotals[tuple[str, str]] = CarriedTotals(Lingering(lingering.grace, lingering.clock))
+    def __init__(
+        self,
+        read_kernel: KernelReader,
+        lingering: Lingering[tuple[str, str]] | None = None,
+        read_kernel6: KernelReader | None = None,
+    ) -> None:
+        self._readers = {Family.IPV4: read_kernel} | ({Family.IPV6: read_kernel6} if read_kernel6 else {})
+        self._states: dict[Family, DesiredState] = {}
+        self._lingering = lingering or Lingering()
+        # (protocol, family) -> connection (UDP: flow) totals per (frontend, backend); ("refused", family) ->
+        # refusal totals per (frontend, reason)
+        self._carried: dict[tuple[str, Family], CarriedTotals[tuple[str, str]]] = {}
         # Serialises scrapes (read and fold together: a stale read folded after a newer one would look like
         # a reset). The reconciler never takes it.
         self._lock = threading.RLock()
 
-    def publish(self, state: DesiredState) -> None:
-        self._state = state  # one reference swap: a scrape sees the old or the new state, whole
+    def carried(self, kind: str, family: Family = Family.IPV4) -> CarriedTotals[tuple[str, str]]:
+        """The totals of one kind (a protocol's connections, or "refused") in one family's rules."""
+        if (kind, family) not in self._carried:
+            self._carried[(kind, family)] = CarriedTotals(Lingering(self._lingering.grace, self._lingering.clock))
+        return self._carried[(kind, family)]
+
+    def publish(self, state: DesiredState, family: Family = Family.IPV4) -> None:
+        """The state a family's rules were written from (DesiredState.of_family): one reference swap, so a scrape
+        sees the old or the new state, whole."""
+        self._states = {**self._states, family: state}
 
     def connection_totals(
-        self, rules: list[tuple[str, SavedRule]], protocol: Protocol = Protocol.TCP
+        self, rules: list[tuple[str, SavedRule]], protocol: Protocol = Protocol.TCP, family: Family = Family.IPV4
     ) -> dict[tuple[str, str], int]:
         """Monotonic connection (UDP: flow) counts per (frontend, backend) of the frontends of `protocol`, from
-        successive reads of the kernel."""
+        successive reads of one family's rules."""
         chains = _frontend_chains(rules, protocol)
         current = {key: (count, chains.get(key[0])) for key, count in backend_connections(rules, protocol).items()}
-        carried = self.connections if protocol is Protocol.TCP else self.udp_connections
         with self._lock:
-            return carried.fold(current)
+            return self.carried(str(protocol), family).fold(current)
 
-    def refused_totals(self, rules: list[tuple[str, SavedRule]]) -> dict[tuple[str, str], int]:
+    def refused_totals(
+        self, rules: list[tuple[str, SavedRule]], family: Family = Family.IPV4
+    ) -> dict[tuple[str, str], int]:
         """Monotonic refusal counts per (frontend, reason); those of a frontend that dropped the label stay for
         the grace period."""
         with self._lock:
-            return self.refusals.fold(refused_connections(rules))
+            return self.carried("refused", family).fold(refused_connections(rules))
 
     def collect(self) -> Iterator[Metric]:
-        state = self._state
+        states = self._states
+        # Frontends and rejections are the same in every family's state; backends are each family's own.
+        state = next((states[f] for f in Family if f in states), DesiredState(frontends={}))
         frontends = GaugeMetricFamily(
             "tcprouter_frontends", "Frontends (public ports) declared by labels", labels=["protocol"]
         )
         backends = GaugeMetricFamily(
             "tcprouter_backends",
-            "Backends in the rotation, by the node they run on",
-            labels=["frontend", "node", "protocol"],
+            "Backends in the rotation, by the node they run on and the address family they are reached in",
+            labels=["frontend", "node", "protocol", "family"],
         )
         for protocol in Protocol:
-            pools = state.pools(protocol)
-            frontends.add_metric([str(protocol)], len(pools))
-            for port, frontend in sorted(pools.items()):
-                nodes = Tally(b.node for b in frontend.backends) or Tally({"": 0})  # an empty pool still shows, at 0
-                for node, count in sorted(nodes.items()):
-                    backends.add_metric([str(port), node, str(protocol)], count)
+            frontends.add_metric([str(protocol)], len(state.pools(protocol)))
+            for family, routed in states.items():
+                for port, frontend in sorted(routed.pools(protocol).items()):
+                    nodes = Tally(b.node for b in frontend.backends) or Tally({"": 0})  # an empty pool shows, at 0
+                    for node, count in sorted(nodes.items()):
+                        backends.add_metric([str(port), node, str(protocol), str(family)], count)
         rejected = GaugeMetricFamily(
             "tcprouter_rejected_containers", "Labelled containers left out, by reason", labels=["reason"]
         )
@@ -214,50 +231,58 @@ class StateCollector(Collector):
             rejected.add_metric([reason], count)
         yield from (frontends, backends, rejected)
 
-        with self._lock:
-            try:
-                tables, rules = self._read_kernel()
-            except Exception as error:  # a scrape must answer even when iptables does not
-                log.warning("metrics: cannot read the kernel rules: %s", error)
-                return
-            totals = {protocol: self.connection_totals(rules, protocol) for protocol in Protocol}
-            refused = self.refused_totals(rules)
         counts = GaugeMetricFamily(
-            "tcprouter_rules", "Rules in owned chains, as the kernel holds them", labels=["table", "chain"]
+            "tcprouter_rules", "Rules in owned chains, as the kernel holds them", labels=["table", "chain", "family"]
         )
-        for table, chains in sorted(tables.items()):
-            for chain, specs in sorted(chains.items()):
-                if owned(chain):
-                    counts.add_metric([table, chain], len(specs))
         connections = CounterMetricFamily(
             "tcprouter_backend_connections",
             "New connections (UDP: flows) sent to each backend (DNAT packet counters)",
-            labels=["frontend", "backend", "protocol"],
+            labels=["frontend", "backend", "protocol", "family"],
         )
-        for protocol, per_backend in totals.items():
-            for (port, name), total in sorted(per_backend.items()):
-                connections.add_metric([port, name, str(protocol)], total)
         refusals = CounterMetricFamily(
             "tcprouter_refused_connections",
             "New connections refused with a reset by a frontend's access labels (allow, maxconn, rate), "
             "from the kernel's rule counters",
-            labels=["frontend", "reason"],
+            labels=["frontend", "reason", "family"],
         )
-        for (port, reason), total in sorted(refused.items()):
-            refusals.add_metric([port, reason], total)
-        yield from (counts, connections, refusals)
+        read = False  # the kernel's figures are left out of the scrape when no family's rules can be read
+        for family, read_kernel in self._readers.items():
+            with self._lock:
+                try:
+                    tables, rules = read_kernel()
+                except Exception as error:  # a scrape must answer even when iptables does not
+                    log.warning("metrics: cannot read the kernel's %s rules: %s", family, error)
+                    continue
+                totals = {protocol: self.connection_totals(rules, protocol, family) for protocol in Protocol}
+                refused = self.refused_totals(rules, family)
+            read = True
+            for table, chains in sorted(tables.items()):
+                for chain, specs in sorted(chains.items()):
+                    if owned(chain):
+                        counts.add_metric([table, chain, str(family)], len(specs))
+            for protocol, per_backend in totals.items():
+                for (port, name), total in sorted(per_backend.items()):
+                    connections.add_metric([port, name, str(protocol), str(family)], total)
+            for (port, reason), total in sorted(refused.items()):
+                refusals.add_metric([port, reason, str(family)], total)
+        if read:
+            yield from (counts, connections, refusals)
 
 
 class Metrics:
     """Every metric tcprouter exports, in a registry of its own."""
 
     def __init__(
-        self, read_kernel: KernelReader, grace: float = SERIES_GRACE, clock: Callable[[], float] = time.monotonic
+        self,
+        read_kernel: KernelReader,
+        grace: float = SERIES_GRACE,
+        clock: Callable[[], float] = time.monotonic,
+        read_kernel6: KernelReader | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.grace, self.clock = grace, clock  # how long the counters of a backend that left stay
-        self.state = StateCollector(read_kernel, Lingering(grace, clock))
+        self.state = StateCollector(read_kernel, Lingering(grace, clock), read_kernel6)
         r.register(self.state)
         self.sync_duration = Histogram(
             "tcprouter_sync_duration_seconds",

@@ -148,10 +148,25 @@ def detect_flavour() -> Flavour:
 WRITERS = ("auto", "restore", "iptc")
 
 
-def open_writer(kind: str, flavour: Flavour) -> Writer:
-    """The writer asked for: iptables-restore of the flavour, or libiptc on a legacy host."""
+def ipv6_available(flavour: Flavour) -> str | None:
+    """Why the ip6tables of `flavour` cannot hold tcprouter's IPv6 rules here; None if they can (its binaries are
+    on PATH and read its nat and filter tables)."""
+    if not (shutil.which(f"ip6tables-{flavour}-restore") and shutil.which(f"ip6tables-{flavour}-save")):
+        return f"ip6tables-{flavour}-restore or ip6tables-{flavour}-save is not on PATH"
+    try:
+        Iptables(flavour, timeout=10, family=Family.IPV6).read()
+    except NetfilterError as error:
+        return str(error)
+    return None
+
+
+def open_writer(kind: str, flavour: Flavour, family: Family = Family.IPV4) -> Writer:
+    """The writer asked for: iptables-restore of the flavour, or libiptc on a legacy host. IPv6 rules are always
+    written by ip6tables-<flavour>-restore (the libiptc writer is IPv4 only)."""
     if kind not in WRITERS:
         raise NetfilterError(f"unknown writer {kind!r}: choose one of {', '.join(WRITERS)}")
+    if family is Family.IPV6:
+        return Iptables(flavour, family=family)
     if kind == "iptc":
         if flavour is not Flavour.LEGACY:
             raise NetfilterError(

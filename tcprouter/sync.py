@@ -81,7 +81,7 @@ class Syncer:
         """Write the difference between the desired rules and the kernel (full) or our last write."""
         kind = "full" if full else "partial"
         candidates = self.desired(view, full)
-        state = reachable_only(candidates, unreachable)
+        state = reachable_only(candidates, unreachable).of_family(self.options.family)  # this writer's family
         started = time.perf_counter()
         try:
             for attempt in Retrying(
@@ -107,7 +107,7 @@ class Syncer:
         stale, self.retired = stale_flows(self.state, state, view, self.retired)
         self.state, self.candidates = state, candidates
         self._forget(stale)
-        self.metrics.state.publish(state)
+        self.metrics.state.publish(state, self.options.family)
         log.debug("%s sync: %d owned rules", kind, rules.rule_count())
         return True
 

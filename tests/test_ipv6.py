@@ -10,10 +10,14 @@ from hypothesis import strategies as st
 
 from tcprouter.compiler import Options, RuleSet, compile_rules
 from tcprouter.diff import believed_tables, owned_only, restore_script
+from tcprouter.families import FamilySyncers
 from tcprouter.labels import desired_state
+from tcprouter.metrics import Metrics
 from tcprouter.model import OPEN, Access, Backend, Balance, DesiredState, Family, Frontend, Protocol
-from tcprouter.netfilter import Flavour, Iptables
+from tcprouter.netfilter import Flavour, Iptables, NetfilterError
+from tcprouter.sync import Syncer
 
+from .fakes import FakeKernel
 from .strategies import container, desired_states
 from .support import private_netns, sh
 
@@ -132,3 +136,49 @@ def test_compiled_ipv6_rules_load_and_read_back_equal(flavour, first, second, sn
             assert restore_script(tables, rules) == ""  # in step: nothing left to write
         ip6tables.restore(restore_script(ip6tables.read()[0], RuleSet(chains={})))
         assert _saved(ip6tables) == foreign
+
+
+def _dual(i: int, **fields: object):
+    """Container c<i> on a network created with --ipv6: 10.9.0.<i+1> and fd00:9::<i+1> (hex)."""
+    return container(i, networks6={"bridge": f"fd00:9::{i + 1}"}, subnets6={"bridge": "fd00:9::/64"}, **fields)
+
+
+class BrokenKernel(FakeKernel):
+    def restore(self, script: str) -> None:
+        raise NetfilterError("ip6tables-nft-restore: no IPv6 NAT here")
+
+
+def _pair(kernel6: FakeKernel) -> tuple[FamilySyncers, FakeKernel, Metrics]:
+    kernel4, metrics = FakeKernel(), Metrics(lambda: ({}, []))
+    syncers = FamilySyncers(
+        {f: Syncer(k, Options(), "tcp", metrics) for f, k in ((Family.IPV6, kernel6), (Family.IPV4, kernel4))}
+    )
+    syncers.options = Options(mark_bit=0x4000)  # the owner's options: each syncer keeps its family
+    return syncers, kernel4, metrics
+
+
+def test_each_family_writes_its_own_tables_from_the_same_view_and_metrics_count_backends_per_family():
+    syncers, kernel4, metrics = _pair(kernel6 := FakeKernel())
+    view = [_dual(1), container(2)]  # c2: IPv4 only
+    assert list(syncers.syncers) == [Family.IPV4, Family.IPV6]
+    assert syncers.sync(view, full=True)
+    assert kernel4.tables["nat"]["TCPR-FE-80"][-1].endswith("--to-destination 10.9.0.2:80")  # the fallback
+    v6 = kernel6.tables["nat"]["TCPR-FE-80"]
+    assert v6[0] == "-j CONNMARK --set-xmark 0x4000/0x4000" and v6[1].endswith("--to-destination [fd00:9::2]:80")
+    assert len(v6) == 2 and not any("10.9.0" in rule for rule in v6)
+    backends = {
+        (labels["family"], labels["frontend"]): value
+        for labels, value in (
+            (s.labels, s.value) for s in metrics.registry.collect() for s in s.samples if s.name == "tcprouter_backends"
+        )
+    }
+    assert backends == {("ipv4", "80"): 2, ("ipv6", "80"): 1}
+    assert not syncers.drifted()
+    kernel6.tables["nat"]["TCPR-FRONTENDS"].clear()  # someone flushed an IPv6 chain
+    assert syncers.drifted()
+
+
+def test_a_failed_ipv6_write_fails_the_sync_but_the_ipv4_rules_are_written():
+    syncers, kernel4, _ = _pair(BrokenKernel())
+    assert not syncers.sync([_dual(1)], full=True)
+    assert "TCPR-FE-80" in kernel4.tables["nat"]

@@ -62,14 +62,16 @@ def test_metrics_every_family_with_its_labels_and_exact_connection_counts(backen
 
     metrics = scrape(router)
     assert values(metrics["tcprouter_backend_connections"], "_total") == {
-        (("backend", name(c)), ("frontend", str(FRONT)), ("protocol", "tcp")): 3 for c in [*first, third]
+        (("backend", name(c)), ("family", "ipv4"), ("frontend", str(FRONT)), ("protocol", "tcp")): 3
+        for c in [*first, third]
     }
     assert metrics["tcprouter_backend_connections"].type == "counter"
     assert values(metrics["tcprouter_frontends"]) == {(("protocol", "tcp"),): 1, (("protocol", "udp"),): 0}
     assert values(metrics["tcprouter_rejected_containers"]) == {(("reason", "invalid_port"),): 1}
     assert name(rejected) not in {dict(k).get("backend") for k in values(metrics["tcprouter_backend_connections"])}
     rules = values(metrics["tcprouter_rules"])
-    assert rules[(("chain", f"TCPR-FE-{FRONT}"), ("table", "nat"))] == 5  # CONNMARK, 3 slots, fallback
+    fe_chain = (("chain", f"TCPR-FE-{FRONT}"), ("family", "ipv4"), ("table", "nat"))
+    assert rules[fe_chain] == 5  # CONNMARK, 3 slots, fallback
     assert {dict(k)["table"] for k in rules} == {"nat", "filter"}
 
     sync = metrics["tcprouter_sync_duration_seconds"]
@@ -109,7 +111,8 @@ def test_rule_counts_equal_iptables_save(backends, start_router, flavour):
             saved[(table, line[1:].split()[0])] += 0  # an empty owned chain counts too
         elif line.startswith("-A TCPR-"):
             saved[(table, line.split()[1])] += 1
-    metric = {(dict(k)["table"], dict(k)["chain"]): v for k, v in values(scrape(router)["tcprouter_rules"]).items()}
+    rules = values(scrape(router)["tcprouter_rules"]).items()
+    metric = {(dict(k)["table"], dict(k)["chain"]): v for k, v in rules if dict(k)["family"] == "ipv4"}
     assert metric == dict(saved)
     assert metric[("nat", "TCPR-FE-1883")] == 4 and metric[("nat", "TCPR-FRONTENDS")] == 2
 

@@ -208,3 +208,25 @@ def test_nodes_are_named_by_host_name_or_by_address_where_host_names_repeat():
 )
 def test_a_kill_drains_when_its_signal_ends_the_container(sent, stop_signal, ends):
     assert ends_container(sent, stop_signal) is ends
+
+
+def test_a_container_on_a_network_created_with_ipv6_has_its_ipv6_address_and_subnet():
+    info = {
+        "Id": "e" * 64,
+        "Created": "2026-11-27T10:00:00Z",
+        "Config": {"Labels": {"tcp.port": "80"}},
+        "State": {"Running": True},
+        "NetworkSettings": {
+            "Networks": {
+                "v6net": {
+                    "IPAddress": "172.20.0.2",
+                    "IPPrefixLen": 16,
+                    "GlobalIPv6Address": "FD00:20:0::2",
+                    "GlobalIPv6PrefixLen": 64,
+                },
+                "bridge": {"IPAddress": "172.17.0.2", "IPPrefixLen": 16, "GlobalIPv6Address": ""},
+            }
+        },
+    }
+    snapshot = snapshot_from_inspect(info)
+    assert (snapshot.networks6, snapshot.subnets6) == ({"v6net": "fd00:20::2"}, {"v6net": "fd00:20::/64"})
