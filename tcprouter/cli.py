@@ -24,6 +24,7 @@ from .compiler import DEFAULT_MARK_BIT
 from .daemon import EXIT_TABLES_OWNED, Mode, sources_problem
 from .labels import DEFAULT_PREFIX, DEFAULT_UDP_PREFIX
 from .logs import setup_logging
+from .model import Family
 from .netfilter import WRITERS, Flavour, NetfilterError
 from .policy import COMPOSE_OWNER_LABEL, STACK_OWNER_LABEL, PortSet, parse_ports
 
@@ -304,8 +305,14 @@ def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         "status", parents=[common], help="frontends, backends, connections, rejections", epilog=ENVIRONMENT
     )
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    commands.add_parser(
+    render_command = commands.add_parser(
         "render", parents=[common], help="print the rules for Docker's current state, write nothing", epilog=ENVIRONMENT
+    )
+    render_command.add_argument(
+        "--family",
+        choices=[str(f) for f in Family],
+        default=str(Family.IPV4),
+        help="the rules of which address family: ipv4 (an iptables-restore script) or ipv6 (ip6tables-restore)",
     )
     commands.add_parser(
         "cleanup", parents=[common], help="remove every rule and chain tcprouter owns", epilog=ENVIRONMENT

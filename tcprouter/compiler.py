@@ -196,7 +196,7 @@ def host(address: str) -> str:
     return f"{address}/{_HOST_BITS[family_of(address)]}"
 
 
-def _destination(address: str, port: int) -> str:
+def destination(address: str, port: int) -> str:
     """A DNAT target as iptables-save prints it: ip6tables brackets an IPv6 address."""
     return f"[{address}]:{port}" if family_of(address) is Family.IPV6 else f"{address}:{port}"
 
@@ -277,7 +277,7 @@ def _dnat(backend: Backend, protocol: Protocol, condition: str = "", skip_self: 
     source = f"! -s {host(backend.ip)} " if skip_self else ""
     return (
         f"{source}-p {protocol} -m comment --comment {comment}{statistic} "
-        f"-j DNAT --to-destination {_destination(backend.ip, backend.port)}"
+        f"-j DNAT --to-destination {destination(backend.ip, backend.port)}"
     )
 
 

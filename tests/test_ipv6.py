@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tcprouter.commands import status
 from tcprouter.compiler import Options, RuleSet, compile_rules
 from tcprouter.diff import believed_tables, owned_only, restore_script
 from tcprouter.families import FamilySyncers
@@ -182,3 +183,18 @@ def test_a_failed_ipv6_write_fails_the_sync_but_the_ipv4_rules_are_written():
     syncers, kernel4, _ = _pair(BrokenKernel())
     assert not syncers.sync([_dual(1)], full=True)
     assert "TCPR-FE-80" in kernel4.tables["nat"]
+
+
+def test_status_lists_a_dual_stack_backend_once_per_family_with_its_own_kernel_rules():
+    view = [_dual(1), container(2)]
+    syncers, kernel4, _ = _pair(kernel6 := FakeKernel())
+    assert syncers.sync(view, full=True)
+    report = status.status_report(view, kernel4.read()[1], "tcp", kernel6=kernel6.read()[1])
+    rows = [(b["container"], b["family"], b["address"], b["in_kernel"]) for b in report["frontends"][0]["backends"]]
+    assert rows == [
+        ("c1", "ipv4", "10.9.0.2:80", True),
+        ("c1", "ipv6", "[fd00:9::2]:80", True),
+        ("c2", "ipv4", "10.9.0.3:80", True),
+    ]
+    (v6_row,) = [line for line in status.render_status(report).splitlines() if "ipv6" in line]
+    assert v6_row.split()[:4] == ["c1", "-", "ipv6", "[fd00:9::2]:80"]
