@@ -25,6 +25,7 @@ from .daemon import EXIT_TABLES_OWNED, Mode, sources_problem
 from .labels import DEFAULT_PREFIX, DEFAULT_UDP_PREFIX
 from .logs import setup_logging
 from .metrics import KERNEL_READ_INTERVAL
+from .model import Family
 from .netfilter import WRITERS, Flavour, NetfilterError
 from .policy import COMPOSE_OWNER_LABEL, STACK_OWNER_LABEL, PortSet, parse_ports
 
@@ -70,14 +71,14 @@ def _mark_bit(value: str) -> int:
     return bit
 
 
-def _ipv4(value: str) -> str | None:
-    """An IPv4 address of the host; '' means every local address (None)."""
+def _address(value: str) -> str | None:
+    """An IPv4 or IPv6 address of the host; '' means every local address (None)."""
     if not value:
         return None
     try:
-        return str(ipaddress.IPv4Address(value))
+        return str(ipaddress.ip_address(value))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not an IPv4 address: {value!r}") from None
+        raise argparse.ArgumentTypeError(f"not an IPv4 or IPv6 address: {value!r}") from None
 
 
 def _host_port(value: str) -> str:
@@ -191,8 +192,16 @@ def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     )
     common.add_argument(
         "--listen-address",
-        type=_ipv4,
-        help="route only connections to this IPv4 address of the host (default: every local address)",
+        type=_address,
+        help="route only connections to this address of the host (default: every local address); an IPv4 address "
+        "routes IPv4 only, an IPv6 one IPv6 only",
+    )
+    common.add_argument(
+        "--ipv6",
+        choices=["auto", "off"],
+        default="auto",
+        help="auto: route over IPv6 too (ip6tables of the same flavour), to the IPv6 addresses of backends on "
+        "networks created with --ipv6, when ip6tables can be used here (local mode); off: IPv4 only",
     )
     common.add_argument(
         "--snat",
@@ -313,8 +322,14 @@ def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         "status", parents=[common], help="frontends, backends, connections, rejections", epilog=ENVIRONMENT
     )
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    commands.add_parser(
+    render_command = commands.add_parser(
         "render", parents=[common], help="print the rules for Docker's current state, write nothing", epilog=ENVIRONMENT
+    )
+    render_command.add_argument(
+        "--family",
+        choices=[str(f) for f in Family],
+        default=str(Family.IPV4),
+        help="the rules of which address family: ipv4 (an iptables-restore script) or ipv6 (ip6tables-restore)",
     )
     commands.add_parser(
         "cleanup", parents=[common], help="remove every rule and chain tcprouter owns", epilog=ENVIRONMENT
@@ -399,6 +414,8 @@ def problems(args: argparse.Namespace, defaults: Mapping[str, object]) -> list[s
     found = []
     if args.route_localhost and args.listen_address:
         found.append("--route-localhost routes 127.0.0.1, which --listen-address leaves out: give one or the other")
+    if args.ipv6 == "off" and args.listen_address and ":" in args.listen_address:
+        found.append("--listen-address is an IPv6 address, which --ipv6 off does not route: give one or the other")
     mode = common.mode(args)
     sources = sources_problem(mode, args.docker_url)
     if sources:

@@ -13,13 +13,15 @@ Layout (DESIGN.md):
          INVALID TCP packets from or to a backend network are dropped in TCPR-INVALID)
 The connection mark, the FORWARD lock and hairpin SNAT apply to UDP flows as to TCP ones; the access chains,
 TCPR-INVALID and the SYN proxy are TCP only.
-SYN-flood protection (frontends with synproxy), the raw table becoming a third owned table:
+SYN-flood protection (frontends with synproxy, IPv4), the raw table becoming a third owned table:
   raw    PREROUTING -> TCPR-NOTRACK (a client's SYN to such a frontend is not tracked)
   filter INPUT -> TCPR-INPUT -> TCPR-SYNPROXY (SYNPROXY answers it with a SYN cookie; once the client's ACK
          proves the cookie, the kernel sends the SYN again with ip_local_out: that one is tracked and crosses
          nat OUTPUT, so TCPR-FRONTENDS DNATs it as usual, rotation included; other untracked or INVALID
          segments to the port are dropped)
 The nat and filter tables also hold an empty TCPR-CANARY chain: if it vanishes, someone flushed the table.
+One rule set per address family (Options.family): the same layout in iptables and ip6tables, each routing the
+pools' backends of its family (DesiredState.of_family); a pool without IPv6 backends is not routed over IPv6.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from .model import Access, Backend, Balance, DesiredState, Frontend, Protocol
+from .model import Access, Backend, Balance, DesiredState, Family, Frontend, Protocol, family_of
 from .policy import Policy
 
 PREFIX = "TCPR-"
@@ -93,6 +95,7 @@ class Options:
     synproxy: Synproxy = Synproxy.LABEL
     tcp_loose_before: int = 1  # nf_conntrack_tcp_loose before tcprouter set it to 0 for synproxy (sysctls.py)
     forward_parent: str = "DOCKER-USER"  # where the filter hook goes: DOCKER-USER if it exists, else FORWARD
+    family: Family = Family.IPV4  # the rules of which family (iptables or ip6tables): its backends only
     policy: Policy = field(default_factory=Policy)  # who may claim a port: applied by labels.desired_state
 
 
@@ -215,12 +218,29 @@ def hashlimit_rate(per_second: int) -> str:
     return f"{_HASHLIMIT_SCALE * unit[1] // period}/{unit[0]}"
 
 
+_HOST_BITS = {Family.IPV4: 32, Family.IPV6: 128}
+_LOOPBACK = {Family.IPV4: "127.0.0.0/8", Family.IPV6: "::1/128"}
+
+
+def host(address: str) -> str:
+    """One address as a network, as iptables-save and ip6tables-save print it (`/32`, `/128`)."""
+    return f"{address}/{_HOST_BITS[family_of(address)]}"
+
+
+def destination(address: str, port: int) -> str:
+    """A DNAT target as iptables-save prints it: ip6tables brackets an IPv6 address."""
+    return f"[{address}]:{port}" if family_of(address) is Family.IPV6 else f"{address}:{port}"
+
+
 def _reject(port: int, reason: str) -> str:
     return f"-m comment --comment refused-{port}-{reason} -j REJECT --reject-with tcp-reset"
 
 
-def access_rules(port: int, access: Access) -> dict[str, tuple[str, ...]]:
+def access_rules(port: int, access: Access, family: Family = Family.IPV4) -> dict[str, tuple[str, ...]]:
     """The filter chains that check a new connection to the frontend on `port`; a refused one gets a reset.
+
+    In `family`'s rules, only the allowed networks of that family are: an allow list without any refuses every
+    client of the family.
 
     Allowed networks first (a client outside them does not use up a limit), then connections, then rate.
     The hashlimit table's name carries its settings: the kernel keeps a table's first settings as long as a
@@ -231,14 +251,14 @@ def access_rules(port: int, access: Access) -> dict[str, tuple[str, ...]]:
     if access.allow:
         allow_chain = f"{ALLOW_CHAIN_PREFIX}{port}"
         chains[allow_chain] = (
-            *(f"-s {network} -j RETURN" for network in access.allow),
+            *(f"-s {network} -j RETURN" for network in access.allow if family_of(network) is family),
             f"-p tcp {_reject(port, 'allow')}",
         )
         checks.append(f"-j {allow_chain}")
     if access.maxconn is not None:
         checks.append(
-            f"-p tcp -m connlimit --connlimit-above {access.maxconn} --connlimit-mask 32 --connlimit-saddr "
-            + _reject(port, "maxconn")
+            f"-p tcp -m connlimit --connlimit-above {access.maxconn} --connlimit-mask {_HOST_BITS[family]} "
+            f"--connlimit-saddr {_reject(port, 'maxconn')}"
         )
     if access.rate is not None:
         burst = access.burst or HASHLIMIT_DEFAULT_BURST
@@ -250,7 +270,7 @@ def access_rules(port: int, access: Access) -> dict[str, tuple[str, ...]]:
     return chains
 
 
-def _forward_chains(routed: Sequence[Frontend], mark_bit: int) -> dict[str, tuple[str, ...]]:
+def _forward_chains(routed: Sequence[Frontend], mark_bit: int, family: Family) -> dict[str, tuple[str, ...]]:
     """TCPR-FORWARD and the chains it jumps to.
 
     A routed connection is accepted at the first rule unless its frontend has access labels (its mark has the
@@ -270,14 +290,14 @@ def _forward_chains(routed: Sequence[Frontend], mark_bit: int) -> dict[str, tupl
             f"-m conntrack --ctorigdstport {f.port} -j {ACCESS_CHAIN_PREFIX}{f.port}" for f in guarded
         )
         for frontend in guarded:
-            chains.update(access_rules(frontend.port, frontend.access))
+            chains.update(access_rules(frontend.port, frontend.access, family))
     forward += [
         f"-m connmark --mark {mark_bit:#x}/{mark_bit:#x} -j ACCEPT",
         f"-m conntrack --ctstate INVALID -j {INVALID_CHAIN}",
     ]
     # To and from the backends' networks (remote backends: their hosts), not endpoints: this chain then changes when a
     # network appears, not whenever a backend joins, and a change stays one frontend chain's rewrite.
-    sources = sorted({b.subnet or f"{b.ip}/32" for f in routed for b in f.backends})
+    sources = sorted({b.subnet or host(b.ip) for f in routed for b in f.backends})
     chains[INVALID_CHAIN] = tuple(f"{way} {net} -p tcp -j DROP" for net in sources for way in ("-s", "-d"))
     return {FORWARD_CHAIN: tuple(forward), **chains}
 
@@ -285,10 +305,10 @@ def _forward_chains(routed: Sequence[Frontend], mark_bit: int) -> dict[str, tupl
 def _dnat(backend: Backend, protocol: Protocol, condition: str = "", skip_self: bool = True) -> str:
     comment = save_string(backend.name[:_COMMENT_MAX] or backend.container_id[:12])
     statistic = f" -m statistic {condition}" if condition else ""
-    source = f"! -s {backend.ip}/32 " if skip_self else ""
+    source = f"! -s {host(backend.ip)} " if skip_self else ""
     return (
         f"{source}-p {protocol} -m comment --comment {comment}{statistic} "
-        f"-j DNAT --to-destination {backend.ip}:{backend.port}"
+        f"-j DNAT --to-destination {destination(backend.ip, backend.port)}"
     )
 
 
@@ -322,7 +342,7 @@ def pool_rules(frontend: Frontend, mark: str) -> tuple[str, ...]:
     last = slots[-1][0]
     fallback = next((backend for backend, _ in slots if backend != last), None)
     if fallback is not None:
-        rules.append(f"-s {last.ip}/32 " + _dnat(fallback, protocol, skip_self=False))
+        rules.append(f"-s {host(last.ip)} " + _dnat(fallback, protocol, skip_self=False))
     return tuple(rules)
 
 
@@ -399,11 +419,11 @@ def dispatch_rules(
     return {FRONTENDS_CHAIN: rules, **chains}
 
 
-def _snat_rules(frontends: Iterable[Frontend], mark: str, options: Options) -> tuple[str, ...]:
+def _snat_rules(frontends: Iterable[Frontend], mark: str, options: Options, route_localhost: bool) -> tuple[str, ...]:
     if options.snat_always:
         return (f"-m connmark --mark {mark} -j MASQUERADE",)
     # A connection to 127.0.0.1 carries a loopback source that cannot leave the host.
-    localhost = (f"-s 127.0.0.0/8 -m connmark --mark {mark} -j MASQUERADE",) if options.route_localhost else ()
+    localhost = (f"-s 127.0.0.0/8 -m connmark --mark {mark} -j MASQUERADE",) if route_localhost else ()
     # Hairpin: a client on a backend's own subnet would get the reply straight from the backend,
     # bypassing the reverse NAT, unless the flow is masqueraded through the host.
     subnets = sorted({b.subnet for f in frontends for b in f.backends if b.subnet})
@@ -412,7 +432,7 @@ def _snat_rules(frontends: Iterable[Frontend], mark: str, options: Options) -> t
 
 def synproxy_ports(frontends: Iterable[Frontend], options: Options) -> list[int]:
     """The ports of the routed frontends whose SYNs SYNPROXY answers (an empty pool stays the host's)."""
-    if options.synproxy is Synproxy.OFF:
+    if options.synproxy is Synproxy.OFF or options.family is not Family.IPV4:  # IPv4 only, for now
         return []
     everyone = options.synproxy is Synproxy.ALL
     tcp = (f for f in frontends if f.protocol is Protocol.TCP)  # a SYN proxy is TCP's
@@ -447,29 +467,36 @@ def _synproxy_rules(ports: Sequence[int], options: Options) -> tuple[Tables, str
     return {"raw": raw, "filter": {SYNPROXY_CHAIN: proxy}}, hook, jump
 
 
-def tree_protocols(state: DesiredState) -> frozenset[Protocol]:
-    """The protocols whose routed frontends are dispatched by a tree (dispatch_tree)."""
-    return frozenset(p for p in Protocol if dispatch_tree([f for f in state.pools(p).values() if f.backends]))
+def tree_protocols(state: DesiredState, family: Family = Family.IPV4) -> frozenset[Protocol]:
+    """The protocols whose frontends routed in `family` are dispatched by a tree (dispatch_tree)."""
+
+    def routed(frontend: Frontend) -> bool:
+        return any(family is Family.IPV4 or b.ip6 for b in frontend.backends)
+
+    return frozenset(p for p in Protocol if dispatch_tree([f for f in state.pools(p).values() if routed(f)]))
 
 
 def compile_rules(
     state: DesiredState, options: Options = Options(), trees: Collection[Protocol] | None = None
 ) -> RuleSet:
-    """The rules of `state`. `trees`: the protocols dispatched by a tree (None: tree_protocols of `state`), for
-    the compile of a part of a state in the layout of the whole."""
+    """The rules of `options.family`: the frontends' backends of that family. `trees`: the protocols dispatched by
+    a tree (None: tree_protocols of `state`), for the compile of a part of a state in the layout of the whole.
+    IPv6 has no route_localnet: with --route-localhost, ::1 is still not routed (the rules of IPv6 ignore it)."""
+    family = options.family
     mark = f"{options.mark_bit:#x}/{options.mark_bit:#x}"
+    route_localhost = options.route_localhost and family is Family.IPV4
     # An empty pool is not routed: RST (TCP) or ICMP port unreachable (UDP) from the host.
-    routed = [f for f in state.every_frontend() if f.backends]
+    routed = [f for f in state.of_family(family).every_frontend() if f.backends]
     if options.listen_address:
-        local = f"-d {options.listen_address}/32"
+        local = f"-d {host(options.listen_address)}"
         output_match = local
     else:
         local = "-m addrtype --dst-type LOCAL"
         # Loopback destinations stay with the host unless asked for: DNAT of 127.0.0.1 needs route_localnet.
-        output_match = local if options.route_localhost else f"! -d 127.0.0.0/8 {local}"
+        output_match = local if route_localhost else f"! -d {_LOOPBACK[family]} {local}"
 
     if trees is None:
-        trees = tree_protocols(state)
+        trees = tree_protocols(state, family)
     dispatch = [
         dispatch_rules((f.port for f in routed if f.protocol is protocol), protocol, protocol in trees)
         for protocol in Protocol
@@ -477,7 +504,7 @@ def compile_rules(
     nat: dict[str, tuple[str, ...]] = {
         CANARY_CHAIN: (),
         FRONTENDS_CHAIN: tuple(rule for chains in dispatch for rule in chains.pop(FRONTENDS_CHAIN)),
-        POSTROUTING_CHAIN: _snat_rules(routed, mark, options),
+        POSTROUTING_CHAIN: _snat_rules(routed, mark, options, route_localhost),
     }
     for chains in dispatch:
         nat.update(chains)
@@ -488,12 +515,12 @@ def compile_rules(
             frontend, guarded_mark if frontend.access else mark
         )
 
-    filter_chains = {CANARY_CHAIN: (), **_forward_chains(routed, options.mark_bit)}
+    filter_chains = {CANARY_CHAIN: (), **_forward_chains(routed, options.mark_bit, family)}
     filter_hooks = [(options.forward_parent, f"-j {FORWARD_CHAIN}")]
     tables: Tables = {"nat": nat, "filter": filter_chains}
     hooks: dict[str, tuple[tuple[str, str], ...]] = {}
     inputs: list[str] = []
-    if options.route_localhost:
+    if route_localhost:
         # route_localnet also lets other machines reach 127.0.0.1 services (CVE-2020-8558): drop
         # martian packets to 127.0.0.0/8 that come from anywhere but loopback and were not DNATed.
         # The comment keeps the value route_localnet had before, for `cleanup` (it lives as long as the rule).

@@ -13,14 +13,16 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
 from .compiler import Options
 from .conntrack import forget_flows
+from .families import FamilySyncers
 from .labels import DEFAULT_UDP_PREFIX
 from .metrics import Metrics
+from .model import Family
 from .netfilter import Writer
 from .ownership import TablesLock
 from .probe import ProbePolicy, Prober
@@ -94,7 +96,7 @@ def build_providers(
 
 def serve(
     providers: Sequence[Provider],
-    writer: Writer,
+    writers: Mapping[Family, Writer],
     metrics: Metrics,
     owner_options: Callable[[], Options],
     prefix: str,
@@ -110,10 +112,18 @@ def serve(
     Returns 0 after a stop signal, 1 if the daemon could not go on (a thread died, the sync loop kept failing):
     a live process that has stopped working is worse than an exit its restart policy answers. Until `lock` is
     held, this is a hot standby: the providers are followed, nothing is written, and `owner_options()`, which may
-    change the host (route_localnet), is called only once the tables are ours.
+    change the host (route_localnet), is called only once the tables are ours. Each address family in `writers`
+    has its Syncer, over the same view.
     """
     # Given the owner's options before its first sync.
-    syncer = Syncer(writer, Options(), prefix, metrics, udp_prefix, None if keep_flows else forget_flows)
+    syncer = FamilySyncers(
+        {
+            family: Syncer(
+                writer, Options(family=family), prefix, metrics, udp_prefix, None if keep_flows else forget_flows
+            )
+            for family, writer in writers.items()
+        }
+    )
     tracker = ChangeTracker(prefix, [p.source for p in providers], udp_prefix=udp_prefix)
     runner = SyncRunner(tracker, syncer, metrics, timing)
     threads = [_guarded(runner, f"provider {p.source}", p.follow, runner.submit, runner.stopping) for p in providers]

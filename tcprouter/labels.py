@@ -138,15 +138,15 @@ def _container_port(
 
 def _local_endpoint(
     container: ContainerSnapshot, prefix: str, port: int, wanted: int | None, protocol: Protocol
-) -> tuple[str, int, str | None]:
-    """A container of this host: its address on a Docker network, a container port."""
+) -> tuple[str, int, str]:
+    """A container of this host: a container port and the Docker network it is reached on, where it has an IPv4
+    address (and, on a network created with --ipv6, an IPv6 one)."""
     exposed = sorted(container.exposed_ports(protocol))
     backend_port = _container_port(exposed, wanted, port, prefix, "exposes", protocol)
     network = _choose_network(container, f"{prefix}.network")
-    ip = container.networks[network]
-    if not ip:
+    if not container.networks[network]:
         raise LabelError("no_address", f"the container has no IPv4 address on network {network!r}")
-    return ip, backend_port, container.subnets.get(network)
+    return container.networks[network], backend_port, network
 
 
 def _remote_endpoint(
@@ -204,19 +204,21 @@ def parse_backend(
         if synproxy is None:
             raise LabelError("invalid_synproxy", f"label {prefix}.synproxy={synproxy_raw!r} is not true or false")
 
-    subnet = None
+    network = ""
     if container.host_address:
         ip, backend_port = _remote_endpoint(container, prefix, wanted_port, protocol)
     else:
-        ip, backend_port, subnet = _local_endpoint(container, prefix, port, wanted_port, protocol)
+        ip, backend_port, network = _local_endpoint(container, prefix, port, wanted_port, protocol)
     backend = Backend(
         container_id=container.id,
         name=container.name,
         ip=ip,
         port=backend_port,
         weight=weight or 1,
-        subnet=subnet,
+        subnet=container.subnets.get(network),
         node=container.node,
+        ip6=container.networks6.get(network, ""),
+        subnet6=container.subnets6.get(network),
     )
     if protocol is not Protocol.TCP:
         return BackendSpec(frontend_port=port, backend=backend, balance=balance)
@@ -233,12 +235,13 @@ def _allow(labels: Mapping[str, str], key: str) -> tuple[str, ...]:
     networks = []
     for entry in entries:
         try:
-            networks.append(str(ipaddress.IPv4Network(entry, strict=False)))
+            networks.append(str(ipaddress.ip_network(entry, strict=False)))
         except ValueError:
             raise LabelError(
-                "invalid_allow", f"label {key}={raw!r}: {entry!r} is not an IPv4 network like 192.0.2.0/24"
+                "invalid_allow",
+                f"label {key}={raw!r}: {entry!r} is not a network like 192.0.2.0/24 or 2001:db8::/32",
             ) from None
-    if "0.0.0.0/0" in networks:
+    if "0.0.0.0/0" in networks or "::/0" in networks:
         return ()  # every client (and iptables-save would print `-s 0.0.0.0/0` as no match at all)
     return tuple(dict.fromkeys(networks))  # in order, once each
 

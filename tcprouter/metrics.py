@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 
 from .compiler import Tables, frontend_of, refusal, rule_comment
 from .diff import SavedRule, owned
-from .model import DesiredState, Protocol
+from .model import DesiredState, Family, Protocol
 from .netfilter import Flavour, Iptables
 
 log = logging.getLogger(__name__)
@@ -43,9 +43,11 @@ K = TypeVar("K", bound=Hashable)
 KernelReader = Callable[[], tuple[Tables, list[tuple[str, SavedRule]]]]
 
 
-def kernel_reader(flavour: Flavour, netns: str | None = None, timeout: float = KERNEL_READ_TIMEOUT) -> KernelReader:
-    """Reads the tables with counters by a bounded `iptables-save -c`."""
-    iptables = Iptables(flavour, netns=netns, timeout=timeout)
+def kernel_reader(
+    flavour: Flavour, netns: str | None = None, timeout: float = KERNEL_READ_TIMEOUT, family: Family = Family.IPV4
+) -> KernelReader:
+    """Reads the tables with counters by a bounded `iptables-save -c` (`ip6tables-save -c` for IPv6)."""
+    iptables = Iptables(flavour, netns=netns, timeout=timeout, family=family)
     return lambda: iptables.read(counters=True)
 
 
@@ -159,18 +161,20 @@ class CarriedTotals(Generic[K]):
 
 @dataclass(frozen=True)
 class KernelFigures:
-    """What one read of the kernel gives the exposition."""
+    """What one read of the kernel (every family's rules) gives the exposition."""
 
-    rules: dict[tuple[str, str], int]  # (table, owned chain) -> its rule count
-    connections: dict[Protocol, dict[tuple[str, str], int]]  # protocol -> (frontend, backend) -> monotonic total
-    refusals: dict[tuple[str, str], int]  # (frontend, reason) -> monotonic total
+    rules: dict[tuple[str, str, Family], int]  # (table, owned chain, family) -> its rule count
+    # (protocol, family) -> (frontend, backend) -> monotonic total
+    connections: dict[tuple[Protocol, Family], dict[tuple[str, str], int]]
+    refusals: dict[Family, dict[tuple[str, str], int]]  # family -> (frontend, reason) -> monotonic total
 
 
 class StateCollector(Collector):
-    """Reads the published desired state when Prometheus scrapes, and the kernel's owned rules at most once per
-    `interval` (on `clock`): a scrape that finds the last read older starts a fresh one in the background (one at
-    a time) and answers at once with the last, so its time does not grow with the rules; only the first scrape
-    waits for a read. With `interval` 0 every scrape reads, and waits."""
+    """Reads the published desired states (one per address family routed) when Prometheus scrapes, and the kernel's
+    owned rules (iptables, and ip6tables with `read_kernel6`) at most once per `interval` (on `clock`): a scrape that
+    finds the last read older starts a fresh one in the background (one at a time) and answers at once with the
+    last, so its time does not grow with the rules; only the first scrape waits for a read. With `interval` 0 every
+    scrape reads, and waits."""
 
     def __init__(
         self,
@@ -178,15 +182,14 @@ class StateCollector(Collector):
         lingering: Lingering[tuple[str, str]] | None = None,
         interval: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
+        read_kernel6: KernelReader | None = None,
     ) -> None:
-        self._read_kernel = read_kernel
-        self._state = DesiredState(frontends={})
-        lingering = lingering or Lingering()
-        self.connections: CarriedTotals[tuple[str, str]] = CarriedTotals(lingering)  # (frontend, backend)
-        self.udp_connections: CarriedTotals[tuple[str, str]] = CarriedTotals(
-            Lingering(lingering.grace, lingering.clock)
-        )
-        self.refusals: CarriedTotals[tuple[str, str]] = CarriedTotals(Lingering(lingering.grace, lingering.clock))
+        self._readers = {Family.IPV4: read_kernel} | ({Family.IPV6: read_kernel6} if read_kernel6 else {})
+        self._states: dict[Family, DesiredState] = {}
+        self._lingering = lingering or Lingering()
+        # (protocol, family) -> connection (UDP: flow) totals per (frontend, backend); ("refused", family) ->
+        # refusal totals per (frontend, reason)
+        self._carried: dict[tuple[str, Family], CarriedTotals[tuple[str, str]]] = {}
         self.interval, self.clock = interval, clock
         self._figures: KernelFigures | None = None
         self._read_at = 0.0
@@ -196,43 +199,59 @@ class StateCollector(Collector):
         self._lock = threading.RLock()
         self._cache_lock = threading.Lock()  # the last read and the background one, held briefly
 
-    def publish(self, state: DesiredState) -> None:
-        self._state = state  # one reference swap: a scrape sees the old or the new state, whole
+    def carried(self, kind: str, family: Family = Family.IPV4) -> CarriedTotals[tuple[str, str]]:
+        """The totals of one kind (a protocol's connections, or "refused") in one family's rules."""
+        if (kind, family) not in self._carried:
+            self._carried[(kind, family)] = CarriedTotals(Lingering(self._lingering.grace, self._lingering.clock))
+        return self._carried[(kind, family)]
+
+    def publish(self, state: DesiredState, family: Family = Family.IPV4) -> None:
+        """The state a family's rules were written from (DesiredState.of_family): one reference swap, so a scrape
+        sees the old or the new state, whole."""
+        self._states = {**self._states, family: state}
 
     def connection_totals(
-        self, rules: list[tuple[str, SavedRule]], protocol: Protocol = Protocol.TCP
+        self, rules: list[tuple[str, SavedRule]], protocol: Protocol = Protocol.TCP, family: Family = Family.IPV4
     ) -> dict[tuple[str, str], int]:
         """Monotonic connection (UDP: flow) counts per (frontend, backend) of the frontends of `protocol`, from
-        successive reads of the kernel."""
+        successive reads of one family's rules."""
         chains = _frontend_chains(rules, protocol)
         current = {key: (count, chains.get(key[0])) for key, count in backend_connections(rules, protocol).items()}
-        carried = self.connections if protocol is Protocol.TCP else self.udp_connections
         with self._lock:
-            return carried.fold(current)
+            return self.carried(str(protocol), family).fold(current)
 
-    def refused_totals(self, rules: list[tuple[str, SavedRule]]) -> dict[tuple[str, str], int]:
+    def refused_totals(
+        self, rules: list[tuple[str, SavedRule]], family: Family = Family.IPV4
+    ) -> dict[tuple[str, str], int]:
         """Monotonic refusal counts per (frontend, reason); those of a frontend that dropped the label stay for
         the grace period."""
         with self._lock:
-            return self.refusals.fold(refused_connections(rules))
+            return self.carried("refused", family).fold(refused_connections(rules))
 
     def _read(self) -> KernelFigures | None:
-        """One read of the kernel, folded into the totals; None (and a warning) if it failed."""
+        """One read of every family's rules, folded into the totals; None (and a warning) if none could be read."""
         with self._lock:
             started = self.clock()
-            try:
-                tables, rules = self._read_kernel()
-            except Exception as error:  # a scrape must answer even when iptables does not
-                log.warning("metrics: cannot read the kernel rules: %s", error)
+            figures = KernelFigures({}, {}, {})
+            read = False
+            for family, read_kernel in self._readers.items():
+                try:
+                    tables, rules = read_kernel()
+                except Exception as error:  # a scrape must answer even when iptables does not
+                    log.warning("metrics: cannot read the kernel's %s rules: %s", family, error)
+                    continue
+                read = True
+                figures.rules.update(
+                    ((table, chain, family), len(specs))
+                    for table, chains in tables.items()
+                    for chain, specs in chains.items()
+                    if owned(chain)
+                )
+                for protocol in Protocol:
+                    figures.connections[(protocol, family)] = self.connection_totals(rules, protocol, family)
+                figures.refusals[family] = self.refused_totals(rules, family)
+            if not read:
                 return None
-            counts = {
-                (table, chain): len(specs)
-                for table, chains in tables.items()
-                for chain, specs in chains.items()
-                if owned(chain)
-            }
-            connections = {protocol: self.connection_totals(rules, protocol) for protocol in Protocol}
-            figures = KernelFigures(counts, connections, self.refused_totals(rules))
             with self._cache_lock:
                 self._figures, self._read_at = figures, started
             return figures
@@ -249,22 +268,24 @@ class StateCollector(Collector):
         return self._read()
 
     def collect(self) -> Iterator[Metric]:
-        state = self._state
+        states = self._states
+        # Frontends and rejections are the same in every family's state; backends are each family's own.
+        state = next((states[f] for f in Family if f in states), DesiredState(frontends={}))
         frontends = GaugeMetricFamily(
             "tcprouter_frontends", "Frontends (public ports) declared by labels", labels=["protocol"]
         )
         backends = GaugeMetricFamily(
             "tcprouter_backends",
-            "Backends in the rotation, by the node they run on",
-            labels=["frontend", "node", "protocol"],
+            "Backends in the rotation, by the node they run on and the address family they are reached in",
+            labels=["frontend", "node", "protocol", "family"],
         )
         for protocol in Protocol:
-            pools = state.pools(protocol)
-            frontends.add_metric([str(protocol)], len(pools))
-            for port, frontend in sorted(pools.items()):
-                nodes = Tally(b.node for b in frontend.backends) or Tally({"": 0})  # an empty pool still shows, at 0
-                for node, count in sorted(nodes.items()):
-                    backends.add_metric([str(port), node, str(protocol)], count)
+            frontends.add_metric([str(protocol)], len(state.pools(protocol)))
+            for family, routed in states.items():
+                for port, frontend in sorted(routed.pools(protocol).items()):
+                    nodes = Tally(b.node for b in frontend.backends) or Tally({"": 0})  # an empty pool shows, at 0
+                    for node, count in sorted(nodes.items()):
+                        backends.add_metric([str(port), node, str(protocol), str(family)], count)
         rejected = GaugeMetricFamily(
             "tcprouter_rejected_containers", "Labelled containers left out, by reason", labels=["reason"]
         )
@@ -276,26 +297,27 @@ class StateCollector(Collector):
         if figures is None:
             return
         counts = GaugeMetricFamily(
-            "tcprouter_rules", "Rules in owned chains, as the kernel holds them", labels=["table", "chain"]
+            "tcprouter_rules", "Rules in owned chains, as the kernel holds them", labels=["table", "chain", "family"]
         )
-        for (table, chain), count in sorted(figures.rules.items()):
-            counts.add_metric([table, chain], count)
+        for (table, chain, family), count in sorted(figures.rules.items()):
+            counts.add_metric([table, chain, str(family)], count)
         connections = CounterMetricFamily(
             "tcprouter_backend_connections",
             "New connections (UDP: flows) sent to each backend (DNAT packet counters)",
-            labels=["frontend", "backend", "protocol"],
+            labels=["frontend", "backend", "protocol", "family"],
         )
-        for protocol, per_backend in sorted(figures.connections.items()):
+        for (protocol, family), per_backend in sorted(figures.connections.items()):
             for (port, name), total in sorted(per_backend.items()):
-                connections.add_metric([port, name, str(protocol)], total)
+                connections.add_metric([port, name, str(protocol), str(family)], total)
         refusals = CounterMetricFamily(
             "tcprouter_refused_connections",
             "New connections refused with a reset by a frontend's access labels (allow, maxconn, rate), "
             "from the kernel's rule counters",
-            labels=["frontend", "reason"],
+            labels=["frontend", "reason", "family"],
         )
-        for (port, reason), total in sorted(figures.refusals.items()):
-            refusals.add_metric([port, reason], total)
+        for family, refused in sorted(figures.refusals.items()):
+            for (port, reason), total in sorted(refused.items()):
+                refusals.add_metric([port, reason, str(family)], total)
         yield from (counts, connections, refusals)
 
 
@@ -308,12 +330,13 @@ class Metrics:
         grace: float = SERIES_GRACE,
         clock: Callable[[], float] = time.monotonic,
         read_interval: float = 0.0,
+        read_kernel6: KernelReader | None = None,
     ) -> None:
         """`read_interval`: how often at most the kernel's counters are read (StateCollector); 0: at every scrape."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.grace, self.clock = grace, clock  # how long the counters of a backend that left stay
-        self.state = StateCollector(read_kernel, Lingering(grace, clock), read_interval, clock)
+        self.state = StateCollector(read_kernel, Lingering(grace, clock), read_interval, clock, read_kernel6)
         r.register(self.state)
         self.sync_duration = Histogram(
             "tcprouter_sync_duration_seconds",

@@ -5,6 +5,7 @@ Everything here is immutable and free of I/O, so each stage can be tested on its
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -18,6 +19,18 @@ class Protocol(StrEnum):
 
     TCP = "tcp"
     UDP = "udp"
+
+
+class Family(StrEnum):
+    """An address family: tcprouter writes the iptables rules of IPv4 and the ip6tables rules of IPv6 apart."""
+
+    IPV4 = "ipv4"
+    IPV6 = "ipv6"
+
+
+def family_of(address: str) -> Family:
+    """The family of an address or network in text form."""
+    return Family.IPV6 if ":" in address else Family.IPV4
 
 
 class Balance(StrEnum):
@@ -45,6 +58,8 @@ class ContainerSnapshot:
     networks: dict[str, str] = field(default_factory=dict)  # network name -> IPv4 address ("" if none)
     subnets: dict[str, str] = field(default_factory=dict)  # network name -> IPv4 subnet (CIDR), if known
     network_drivers: dict[str, str] = field(default_factory=dict)  # network name -> its driver, if known
+    networks6: dict[str, str] = field(default_factory=dict)  # network name -> IPv6 address (networks with --ipv6)
+    subnets6: dict[str, str] = field(default_factory=dict)  # network name -> IPv6 subnet (CIDR), if known
     internal_networks: frozenset[str] = frozenset()  # the names of its networks created with --internal
     exposed_tcp_ports: tuple[int, ...] = ()
     exposed_udp_ports: tuple[int, ...] = ()
@@ -81,10 +96,19 @@ class Backend:
     weight: int = 1
     subnet: str | None = None  # the backend network's subnet, for hairpin SNAT
     node: str = ""  # the host it runs on ("": this host)
+    ip6: str = ""  # its IPv6 address on the same network ("": none, it is not in the pool's IPv6 rules)
+    subnet6: str | None = None  # that network's IPv6 subnet, for hairpin SNAT over IPv6
 
     @property
     def endpoint(self) -> tuple[str, int]:
         return self.ip, self.port
+
+    def of_family(self, family: Family) -> Backend | None:
+        """This backend as the rules of `family` reach it (`ip` and `subnet` that family's), None if it has no
+        address of that family. Idempotent: the IPv6 form keeps `ip6`."""
+        if family is Family.IPV4:
+            return self
+        return dataclasses.replace(self, ip=self.ip6, subnet=self.subnet6) if self.ip6 else None
 
 
 @dataclass(frozen=True)
@@ -137,6 +161,22 @@ class DesiredState:
 
     def pools(self, protocol: Protocol) -> dict[int, Frontend]:
         return self.udp_frontends if protocol is Protocol.UDP else self.frontends
+
+    def of_family(self, family: Family) -> DesiredState:
+        """The state as the rules of `family` see it: each pool with its backends of that family only (addressed
+        in it). A pool without any keeps its frontend, empty: it is not routed in that family (no NAT64)."""
+        if family is Family.IPV4:
+            return self
+
+        def pools(frontends: dict[int, Frontend]) -> dict[int, Frontend]:
+            return {
+                port: dataclasses.replace(
+                    f, backends=tuple(v for b in f.backends if (v := b.of_family(family)) is not None)
+                )
+                for port, f in frontends.items()
+            }
+
+        return dataclasses.replace(self, frontends=pools(self.frontends), udp_frontends=pools(self.udp_frontends))
 
     def every_frontend(self) -> list[Frontend]:
         """TCP frontends, then UDP ones, each by port."""

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from .compiler import TABLES, Tables
 from .diff import SavedRule, parse_save
+from .model import Family
 
 log = logging.getLogger(__name__)
 LEGACY_TABLES = "/proc/net/ip_tables_names"  # the legacy tables of the reading namespace
@@ -49,16 +50,20 @@ class Writer(Protocol):
         ...
 
 
+_PROGRAMS = {Family.IPV4: "iptables", Family.IPV6: "ip6tables"}
+
+
 @dataclass(frozen=True)
 class Iptables:
-    """The iptables binaries of one flavour, optionally run inside a network namespace."""
+    """The iptables binaries of one flavour (ip6tables for IPv6), optionally run inside a network namespace."""
 
     flavour: Flavour
     netns: str | None = None
     timeout: float = 30.0
+    family: Family = Family.IPV4
 
     def _command(self, tool: str, *args: str) -> list[str]:
-        base = [f"iptables-{self.flavour}{tool}", *args]
+        base = [f"{_PROGRAMS[self.family]}-{self.flavour}{tool}", *args]
         if self.flavour is Flavour.LEGACY and tool in ("", "-restore"):
             base.insert(1, "-w")  # wait for the xtables lock instead of failing
         return ["ip", "netns", "exec", self.netns, *base] if self.netns else base
@@ -151,10 +156,28 @@ def detect_flavour() -> Flavour:
 WRITERS = ("auto", "restore", "iptc")
 
 
-def open_writer(kind: str, flavour: Flavour) -> Writer:
-    """The writer asked for: iptables-restore of the flavour, or libiptc on a legacy host."""
+def ipv6_available(flavour: Flavour, docker: bool = True) -> str | None:
+    """Why tcprouter's IPv6 rules do not go into the ip6tables of `flavour` here; None if they do: its binaries are
+    on PATH and read its tables, and (with `docker`) Docker programs them (`ip6tables` in its daemon.json: its
+    chains are there), so that IPv6 is routed where Docker gives containers IPv6, and nowhere else."""
+    if not (shutil.which(f"ip6tables-{flavour}-restore") and shutil.which(f"ip6tables-{flavour}-save")):
+        return f"ip6tables-{flavour}-restore or ip6tables-{flavour}-save is not on PATH"
+    try:
+        tables, _ = Iptables(flavour, timeout=10, family=Family.IPV6).read()
+    except NetfilterError as error:
+        return str(error)
+    if docker and not holds_docker_chains(tables):
+        return f"Docker's chains are not in the {flavour} ip6tables tables (Docker's ip6tables option is off)"
+    return None
+
+
+def open_writer(kind: str, flavour: Flavour, family: Family = Family.IPV4) -> Writer:
+    """The writer asked for: iptables-restore of the flavour, or libiptc on a legacy host. IPv6 rules are always
+    written by ip6tables-<flavour>-restore (the libiptc writer is IPv4 only)."""
     if kind not in WRITERS:
         raise NetfilterError(f"unknown writer {kind!r}: choose one of {', '.join(WRITERS)}")
+    if family is Family.IPV6:
+        return Iptables(flavour, family=family)
     if kind == "iptc":
         if flavour is not Flavour.LEGACY:
             raise NetfilterError(

@@ -116,7 +116,7 @@ class Syncer:
             except NetfilterError as error:
                 log.warning("cannot read the tables: %s", error)  # the write below reads them again, or fails
         candidates, touched = self.desired(view, full, changed, tables)
-        state = reachable_only(candidates, unreachable)
+        state = reachable_only(candidates, unreachable).of_family(self.options.family)  # this writer's family
         ports: set[int] | None = touched
         if unreachable or set(unreachable) != self._unreachable:
             ports = None  # the verdicts may reach any frontend
@@ -148,7 +148,7 @@ class Syncer:
         stale, self.retired = stale_flows(self.state, state, self.pools.containers, self.retired, ports)
         self.state, self.candidates = state, candidates
         self._forget(stale)
-        self.metrics.state.publish(state)
+        self.metrics.state.publish(state, self.options.family)
         if log.isEnabledFor(logging.DEBUG):  # counting 100,000 rules is not free
             log.debug("%s sync: %d owned rules", kind, rules.rule_count())
         return True
@@ -228,12 +228,12 @@ class Syncer:
         protocol's dispatch turning from flat to tree or back is a full compile."""
         last = self.rules
         hook = (options.forward_parent, f"-j {FORWARD_CHAIN}")
-        trees = tree_protocols(state)
+        trees = tree_protocols(state, options.family)
         if (
             last is None
             or ports is None
             or hook not in last.hooks.get("filter", ())
-            or trees != tree_protocols(self.state)
+            or trees != tree_protocols(self.state, options.family)
         ):
             return compile_rules(state, options), None
         if trees:  # a dispatch bucket's chain is its frontends' together: the ports sharing one with a change come too

@@ -5,6 +5,10 @@ optionally joined into a Swarm. This host is the front server between them and t
     node i  198.18.99.1i in namespace tcpr-<hex>-n<i>: dockerd on unix:///run/tcpr-<hex>-n<i>/docker.sock and on
             tcp://198.18.99.1i:2375 (reachable from the host over the bridge only), containers on 172.30.i.0/24
 
+With `subnet6` the bridge and the nodes have IPv6 addresses too (host <subnet6>1, node i <subnet6>1i, /64), and with
+`daemon_config` (ipv6, ip6tables...) each dockerd routes IPv6 itself. `add_client()` puts a client namespace on the
+bridge.
+
 Everything a lab creates is removed by `destroy()`, even after a partial `create()`. Only one lab per subnet runs on
 the host at a time (a file lock); the two session fixtures use different subnets, so both may be alive at once."""
 
@@ -18,7 +22,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -174,7 +178,10 @@ class DockerLab:
     subnet: str = "198.18.99"  # benchmarking range: host .1, node i .1i
     images: Sequence[str] = ()  # loaded into every node besides the backend image
     bridge: str = field(default_factory=lambda: unique("tcpr-br"))
+    subnet6: str | None = None  # an IPv6 /64 prefix like "fd00:97::": the bridge and the nodes get addresses in it
+    daemon_config: Mapping[str, object] = field(default_factory=dict)  # more daemon.json settings for every node
     members: list[Node] = field(init=False, default_factory=list)
+    clients: list[str] = field(init=False, default_factory=list)  # namespaces add_client() made
 
     def __post_init__(self) -> None:
         if not 1 <= self.nodes <= 9:
@@ -192,7 +199,7 @@ class DockerLab:
             for i in range(1, self.nodes + 1)
         ]
         self.host_address = f"{self.subnet}.1"
-        self._forward_rule: list[str] | None = None
+        self._forward_rules: list[list[str]] = []
         self._clients: dict[int, docker.APIClient] = {}
         self._lock: IO[str] | None = None
 
@@ -238,6 +245,33 @@ class DockerLab:
             self._clients[i] = docker.APIClient(base_url=self.node_url(i), version="auto", timeout=30)
         return self._clients[i]
 
+    def node_address6(self, i: int) -> str:
+        if self.subnet6 is None:
+            raise ValueError("this lab has no IPv6 subnet")
+        return f"{self.subnet6}1{self.node(i).index}"
+
+    def add_client(self, index: int) -> tuple[str, str, str | None]:
+        """A client namespace on the lab bridge, at <subnet>.<index> (and <subnet6><index>): (its name, its IPv4
+        and IPv6 addresses). Removed by `destroy()`."""
+        name = unique("tcpr-lcl-")
+        self.clients.append(name)
+        sh("ip", "netns", "add", name)
+        host_if = f"{self.bridge[-6:]}c{index}"
+        sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", name)
+        sh("ip", "link", "set", host_if, "master", self.bridge, "up")
+        address, address6 = f"{self.subnet}.{index}", f"{self.subnet6}{index}" if self.subnet6 else None
+        self._address(name, address, address6)
+        return name, address, address6
+
+    def _address(self, ns: str, address: str, address6: str | None) -> None:
+        """Addresses on `ns`'s eth0 (IPv6 without duplicate address detection: usable at once), link and lo up."""
+        in_ns = ("ip", "-n", ns)
+        sh(*in_ns, "addr", "add", f"{address}/24", "dev", "eth0")
+        if address6:
+            sh(*in_ns, "addr", "add", f"{address6}/64", "dev", "eth0", "nodad")
+        sh(*in_ns, "link", "set", "eth0", "up")
+        sh(*in_ns, "link", "set", "lo", "up")
+
     def link_down(self, i: int) -> None:
         """Set the host end of node i's veth down: the node is cut off, as by a cable pull."""
         sh("ip", "link", "set", self.node(i).host_if, "down")
@@ -281,9 +315,13 @@ class DockerLab:
                 attempt(f"deleting namespace {node.ns}", lambda node=node: sh("ip", "netns", "del", node.ns))
             if Path(f"/sys/class/net/{node.host_if}").exists():
                 attempt(f"deleting {node.host_if}", lambda node=node: sh("ip", "link", "del", node.host_if))
-        if (rule := self._forward_rule) is not None:
-            attempt("deleting the FORWARD rule", lambda: sh(rule[0], "-D", "FORWARD", *rule[1:]))
-            self._forward_rule = None
+        for client in self.clients:
+            if Path(f"/run/netns/{client}").exists():
+                attempt(f"deleting namespace {client}", lambda client=client: sh("ip", "netns", "del", client))
+        self.clients.clear()  # their veths go with their namespaces
+        for rule in self._forward_rules:
+            attempt(f"deleting the {rule[0]} FORWARD rule", lambda rule=rule: sh(rule[0], "-D", "FORWARD", *rule[1:]))
+        self._forward_rules = []
         if Path(f"/sys/class/net/{self.bridge}").exists():
             attempt(f"deleting bridge {self.bridge}", lambda: sh("ip", "link", "del", self.bridge))
         if self._lock is not None:
@@ -322,20 +360,22 @@ class DockerLab:
             raise RuntimeError(f"{self.host_address} is already on {holder[1]}: a lab of a killed test run?")
         sh("ip", "link", "add", self.bridge, "type", "bridge")
         sh("ip", "addr", "add", f"{self.host_address}/24", "dev", self.bridge)
+        if self.subnet6:
+            sh("ip", "addr", "add", f"{self.subnet6}1/64", "dev", self.bridge, "nodad")
         sh("ip", "link", "set", self.bridge, "up")
         # Bridge netfilter is on (Docker sets it): the host's FORWARD DROP policy would drop node-to-node frames.
-        rule = [f"iptables-{detect_flavour()}", "-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT"]
-        sh(rule[0], "-I", "FORWARD", "1", *rule[1:])
-        self._forward_rule = rule
+        flavour = detect_flavour()
+        for program in ("iptables", "ip6tables") if self.subnet6 else ("iptables",):
+            rule = [f"{program}-{flavour}", "-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT"]
+            sh(rule[0], "-I", "FORWARD", "1", *rule[1:])
+            self._forward_rules.append(rule)
         resolvers = _resolvers()
         for node in self.members:
             sh("ip", "netns", "add", node.ns)
             sh("ip", "link", "add", node.host_if, "type", "veth", "peer", "name", "eth0", "netns", node.ns)
             sh("ip", "link", "set", node.host_if, "master", self.bridge, "up")
             in_ns = ("ip", "-n", node.ns)
-            sh(*in_ns, "addr", "add", f"{node.address}/24", "dev", "eth0")
-            sh(*in_ns, "link", "set", "eth0", "up")
-            sh(*in_ns, "link", "set", "lo", "up")
+            self._address(node.ns, node.address, self.node_address6(node.index) if self.subnet6 else None)
             sh(*in_ns, "route", "add", "default", "via", self.host_address)
             for resolver in resolvers:  # an image pull fails at once instead of waiting ~20 s for DNS
                 sh(*in_ns, "route", "add", "unreachable", f"{resolver}/32")
@@ -346,7 +386,7 @@ class DockerLab:
         node.exec_root.mkdir(parents=True, exist_ok=True)
         # Not the host's /etc/docker/daemon.json, nor its /etc/docker/key.json: each engine has its own ID.
         config = node.exec_root / "daemon.json"
-        config.write_text(json.dumps({"deprecated-key-path": str(node.exec_root / "key.json")}))
+        config.write_text(json.dumps({"deprecated-key-path": str(node.exec_root / "key.json"), **self.daemon_config}))
         # Its own UTS namespace too, so that `docker info` and `docker node ls` name each node after its namespace.
         command = [
             "nsenter", f"--net={node.ns_path}", "unshare", "--uts",

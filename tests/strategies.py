@@ -15,6 +15,7 @@ names = st.from_regex(r"[a-z][a-z0-9_.-]{0,20}", fullmatch=True)
 @st.composite
 def backends(draw: st.DrawFn, index: int) -> Backend:
     subnet_octet = draw(st.integers(min_value=16, max_value=31))
+    dual = draw(st.booleans())  # on a network created with --ipv6: an IPv6 address too
     return Backend(
         container_id=f"{index:064x}",
         name=f"{draw(names)}-{index}",
@@ -22,11 +23,15 @@ def backends(draw: st.DrawFn, index: int) -> Backend:
         port=draw(ports),
         weight=draw(st.integers(min_value=1, max_value=4)),
         subnet=f"172.{subnet_octet}.0.0/16",
+        ip6=f"fd00:{subnet_octet:x}::{index + 2:x}" if dual else "",
+        subnet6=f"fd00:{subnet_octet:x}::/64" if dual else None,
     )
 
 
 networks = st.tuples(st.integers(0, 255), st.integers(0, 255), st.integers(8, 32)).map(
     lambda t: str(ipaddress.IPv4Network(f"{t[0]}.{t[1]}.0.0/{t[2]}", strict=False))
+) | st.tuples(st.integers(0, 0xFFFF), st.integers(16, 128)).map(
+    lambda t: str(ipaddress.IPv6Network(f"2001:db8:{t[0]:x}::/{t[1]}", strict=False))
 )
 accesses = st.builds(
     Access,

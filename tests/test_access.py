@@ -26,6 +26,8 @@ ACCESS_REASONS = {"invalid_allow", "invalid_maxconn", "invalid_rate", "invalid_b
         ({}, Access()),
         ({"tcp.allow": "10.1.2.3/16, 192.0.2.7,10.1.0.0/16"}, Access(allow=("10.1.0.0/16", "192.0.2.7/32"))),
         ({"tcp.allow": "10.0.0.0/8,0.0.0.0/0"}, Access()),  # everyone, said twice
+        ({"tcp.allow": "2001:DB8:0::1/32,10.0.0.0/8"}, Access(allow=("2001:db8::/32", "10.0.0.0/8"))),
+        ({"tcp.allow": "::/0"}, Access()),
         ({"tcp.maxconn": "2"}, Access(maxconn=2)),
         ({"tcp.rate": "10/s"}, Access(rate=10)),
         ({"tcp.rate": " 10/s ", "tcp.burst": "20"}, Access(rate=10, burst=20)),
@@ -41,7 +43,7 @@ def test_access_labels_are_read_and_normalised(labels, access):
         ({"tcp.allow": ""}, "invalid_allow"),
         ({"tcp.allow": "10.0.0.0/8,"}, "invalid_allow"),
         ({"tcp.allow": "10.0.0.0/33"}, "invalid_allow"),
-        ({"tcp.allow": "2001:db8::/32"}, "invalid_allow"),
+        ({"tcp.allow": "2001:db8::/129"}, "invalid_allow"),
         ({"tcp.allow": "example.com"}, "invalid_allow"),
         ({"tcp.allow": ",".join(f"10.0.{i}.0/24" for i in range(65))}, "invalid_allow"),
         ({"tcp.maxconn": "0"}, "invalid_maxconn"),

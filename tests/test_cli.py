@@ -71,6 +71,7 @@ def test_status_lists_every_valid_container_with_health_rotation_kernel_and_conn
         "container": "web-a",
         "id": "web-a0000000",
         "node": "",
+        "family": "ipv4",
         "address": "172.17.0.2:27017",
         "health": "none",
         "weight": 1,
@@ -99,14 +100,15 @@ def test_status_table_for_humans():
     text = status.render_status(status.status_report(CONTAINERS, kernel_for(CONTAINERS, [5, 4, 1]), "tcp"))
     lines = text.splitlines()
     assert lines[0].split() == [
-        "FRONTEND", "BALANCE", "CONTAINER", "NODE", "ADDRESS", "HEALTH", "WEIGHT", "IN", "ROTATION", "IN", "KERNEL",
-        "CONNECTIONS",
+        "FRONTEND", "BALANCE", "CONTAINER", "NODE", "FAMILY", "ADDRESS", "HEALTH", "WEIGHT", "IN", "ROTATION", "IN",
+        "KERNEL", "CONNECTIONS",
     ]  # fmt: skip
     assert lines[1].split() == [
         ":27017",
         "roundrobin",
         "web-a",
         "-",
+        "ipv4",
         "172.17.0.2:27017",
         "none",
         "1",
@@ -114,7 +116,7 @@ def test_status_table_for_humans():
         "yes",
         "6",
     ]
-    assert lines[3].split() == ["web-c", "-", "172.17.0.4:27017", "unhealthy", "1", "no", "no", "0"]
+    assert lines[3].split() == ["web-c", "-", "ipv4", "172.17.0.4:27017", "unhealthy", "1", "no", "no", "0"]
     assert lines[5].split()[:3] == ["REJECTED", "CONTAINER", "REASON"]
     assert lines[6].split()[:2] == ["bad", "invalid_port"]
     assert status.render_status(status.status_report([], [], "tcp")).startswith("no frontends")

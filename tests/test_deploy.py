@@ -150,7 +150,11 @@ class ComposeProject:
 def backends_in_rotation(metrics_text: str) -> float:
     for family in text_string_to_metric_families(metrics_text):
         for sample in family.samples:
-            if sample.name == "tcprouter_backends" and sample.labels.get("frontend") == str(DEMO_PORT):
+            labels = sample.labels
+            if sample.name == "tcprouter_backends" and (labels.get("frontend"), labels.get("family")) == (
+                str(DEMO_PORT),
+                "ipv4",
+            ):
                 return sample.value
     return 0
 

@@ -107,9 +107,9 @@ def test_three_replicas_on_three_nodes_rotate_exactly(swarm_lab, service, start_
     [frontend] = report["frontends"]
     assert {b["node"] for b in frontend["backends"]} == nodes
     assert all(b["in_rotation"] and b["in_kernel"] and b["connections"] >= 2 for b in frontend["backends"])
-    assert {f'tcprouter_backends{{frontend="{FRONT}",node="{node}",protocol="tcp"}} 1.0' for node in nodes} <= set(
-        router.metrics_text().splitlines()
-    )
+    assert {
+        f'tcprouter_backends{{family="ipv4",frontend="{FRONT}",node="{node}",protocol="tcp"}} 1.0' for node in nodes
+    } <= set(router.metrics_text().splitlines())
 
 
 def node_of(lab: DockerLab, task: dict) -> int:

@@ -98,7 +98,7 @@ def test_the_totals_of_backends_gone_past_the_grace_leave_the_exposition():
     assert totals(collector, pool(C), p27017=[0, 1]) == {"web-a": 3, "web-c": 4}  # still inside the grace
     clock.now += 1
     assert totals(collector, pool(C), p27017=[0, 1]) == {"web-c": 4}
-    assert dict(collector.connections.carried) == {("27017", "web-c"): 3}  # nothing of A is kept
+    assert dict(collector.carried("tcp").carried) == {("27017", "web-c"): 3}  # nothing of A is kept
     assert totals(collector, pool(A, C), p27017=[0, 2, 1]) == {"web-a": 2, "web-c": 5}  # back later: counts anew
 
 
@@ -109,7 +109,7 @@ def test_a_storm_of_short_lived_backends_keeps_only_the_recent_ones():
         backend = Backend(f"{i:064x}", f"job-{i}", "172.17.0.2", 1234)
         seen = totals(collector, pool(backend), p27017=[0, 1])
         clock.now += 60
-    assert len(seen) <= 300 / 60 + 1 and len(collector.connections.carried) <= 300 / 60 + 1
+    assert len(seen) <= 300 / 60 + 1 and len(collector.carried("tcp").carried) <= 300 / 60 + 1
 
 
 def test_a_count_that_drops_is_a_reset_even_if_the_chain_text_is_unchanged():
@@ -152,7 +152,9 @@ def test_refused_connections_come_from_the_reject_rules_and_stay_monotonic_over_
 def test_scrape_exposes_refused_connections_by_frontend_and_reason():
     state = DesiredState({80: Frontend(80, Balance.ROUNDROBIN, (A,), Access(maxconn=2))})
     metrics = Metrics(lambda: kernel({"TCPR-AC-80": [7]}, state))
-    assert scrape(metrics)["tcprouter_refused_connections"] == [({"frontend": "80", "reason": "maxconn"}, 7)]
+    assert scrape(metrics)["tcprouter_refused_connections"] == [
+        ({"frontend": "80", "reason": "maxconn", "family": "ipv4"}, 7)
+    ]
 
 
 def scrape(metrics: Metrics) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -177,16 +179,16 @@ def test_scrape_shows_the_published_state_and_the_kernel():
     seen = scrape(metrics)
     assert seen["tcprouter_frontends"] == [({"protocol": "tcp"}, 2), ({"protocol": "udp"}, 0)]
     assert seen["tcprouter_backends"] == [
-        ({"frontend": "1883", "node": "", "protocol": "tcp"}, 0),
-        ({"frontend": "27017", "node": "", "protocol": "tcp"}, 2),
+        ({"frontend": "1883", "node": "", "protocol": "tcp", "family": "ipv4"}, 0),
+        ({"frontend": "27017", "node": "", "protocol": "tcp", "family": "ipv4"}, 2),
     ]
     assert seen["tcprouter_rejected_containers"] == [
         ({"reason": "invalid_port"}, 2),
         ({"reason": "unknown_network"}, 1),
     ]
     assert seen["tcprouter_backend_connections"] == [
-        ({"frontend": "27017", "backend": "web-a", "protocol": "tcp"}, 2),
-        ({"frontend": "27017", "backend": "web-c", "protocol": "tcp"}, 1),
+        ({"frontend": "27017", "backend": "web-a", "protocol": "tcp", "family": "ipv4"}, 2),
+        ({"frontend": "27017", "backend": "web-c", "protocol": "tcp", "family": "ipv4"}, 1),
     ]
     rules = {(labels["table"], labels["chain"]): value for labels, value in seen["tcprouter_rules"]}
     assert rules[("nat", "TCPR-FE-27017")] == 4  # CONNMARK, two slots, fallback
@@ -215,7 +217,7 @@ def test_a_scrape_answers_when_iptables_fails():
     metrics = Metrics(broken)
     metrics.state.publish(pool(A))
     seen = scrape(metrics)
-    assert seen["tcprouter_backends"] == [({"frontend": "27017", "node": "", "protocol": "tcp"}, 1)]
+    assert seen["tcprouter_backends"] == [({"frontend": "27017", "node": "", "protocol": "tcp", "family": "ipv4"}, 1)]
     assert "tcprouter_rules" not in seen and "tcprouter_backend_connections" not in seen
 
 
@@ -255,7 +257,7 @@ def test_a_slow_scrape_blocks_no_sync_and_shows_one_whole_state():
     scraper.join(5)
     assert seen["tcprouter_frontends"] == [({"protocol": "tcp"}, 1), ({"protocol": "udp"}, 0)]
     assert seen["tcprouter_backends"] == [
-        ({"frontend": "27017", "node": "", "protocol": "tcp"}, 2)
+        ({"frontend": "27017", "node": "", "protocol": "tcp", "family": "ipv4"}, 2)
     ]  # the state the scrape began with, whole
 
 

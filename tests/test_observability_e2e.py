@@ -53,8 +53,12 @@ def test_metrics_every_family_with_its_labels_and_exact_connection_counts(backen
     rejected = backends.start({"tcp.port": "not-a-port"}, wait=False)
     router = start_router()
     third = backends.start({"tcp.port": str(FRONT)})  # after the start: a Docker event, measured to the kernel
-    tcp_pool = {(("frontend", str(FRONT)), ("node", ""), ("protocol", "tcp")): 3}
-    wait_until(lambda: values(scrape(router)["tcprouter_backends"]) == tcp_pool, 5)
+    tcp_pool = {(("family", "ipv4"), ("frontend", str(FRONT)), ("node", ""), ("protocol", "tcp")): 3}
+
+    def ipv4_backends() -> dict:  # (the host's containers have no IPv6 address: the IPv6 row is at 0)
+        return {k: v for k, v in values(scrape(router)["tcprouter_backends"]).items() if ("family", "ipv4") in k}
+
+    wait_until(lambda: ipv4_backends() == tcp_pool, 5)
 
     answers = greetings(client_host.name, client_host.host_ip, FRONT, 9)
     ips = [backends.ip(c) for c in [*first, third]]
@@ -62,14 +66,16 @@ def test_metrics_every_family_with_its_labels_and_exact_connection_counts(backen
 
     metrics = scrape(router)
     assert values(metrics["tcprouter_backend_connections"], "_total") == {
-        (("backend", name(c)), ("frontend", str(FRONT)), ("protocol", "tcp")): 3 for c in [*first, third]
+        (("backend", name(c)), ("family", "ipv4"), ("frontend", str(FRONT)), ("protocol", "tcp")): 3
+        for c in [*first, third]
     }
     assert metrics["tcprouter_backend_connections"].type == "counter"
     assert values(metrics["tcprouter_frontends"]) == {(("protocol", "tcp"),): 1, (("protocol", "udp"),): 0}
     assert values(metrics["tcprouter_rejected_containers"]) == {(("reason", "invalid_port"),): 1}
     assert name(rejected) not in {dict(k).get("backend") for k in values(metrics["tcprouter_backend_connections"])}
     rules = values(metrics["tcprouter_rules"])
-    assert rules[(("chain", f"TCPR-FE-{FRONT}"), ("table", "nat"))] == 5  # CONNMARK, 3 slots, fallback
+    fe_chain = (("chain", f"TCPR-FE-{FRONT}"), ("family", "ipv4"), ("table", "nat"))
+    assert rules[fe_chain] == 5  # CONNMARK, 3 slots, fallback
     assert {dict(k)["table"] for k in rules} == {"nat", "filter"}
 
     sync = metrics["tcprouter_sync_duration_seconds"]
@@ -109,7 +115,8 @@ def test_rule_counts_equal_iptables_save(backends, start_router, flavour):
             saved[(table, line[1:].split()[0])] += 0  # an empty owned chain counts too
         elif line.startswith("-A TCPR-"):
             saved[(table, line.split()[1])] += 1
-    metric = {(dict(k)["table"], dict(k)["chain"]): v for k, v in values(scrape(router)["tcprouter_rules"]).items()}
+    rules = values(scrape(router)["tcprouter_rules"]).items()
+    metric = {(dict(k)["table"], dict(k)["chain"]): v for k, v in rules if dict(k)["family"] == "ipv4"}
     assert metric == dict(saved)
     assert metric[("nat", "TCPR-FE-1883")] == 4 and metric[("nat", "TCPR-FRONTENDS")] == 2
 
@@ -173,8 +180,8 @@ def test_status_json_matches_the_kernel_and_docker(backends, start_router, clien
     ]
 
     table = tcprouter("status").stdout
-    assert re.search(rf"{name(pool[0])}\s+-\s+\S+:1234\s+none\s+1\s+yes\s+yes\s+3\n", table), table
-    assert re.search(rf"{name(starting)}\s+-\s+\S+:1234\s+starting\s+1\s+no\s+no\s+0\n", table), table
+    assert re.search(rf"{name(pool[0])}\s+-\s+ipv4\s+\S+:1234\s+none\s+1\s+yes\s+yes\s+3\n", table), table
+    assert re.search(rf"{name(starting)}\s+-\s+ipv4\s+\S+:1234\s+starting\s+1\s+no\s+no\s+0\n", table), table
     assert re.search(rf"{name(bad)}\s+invalid_weight\s+label tcp.weight='heavy'", table), table
 
 

@@ -250,3 +250,25 @@ def test_a_relist_inspects_concurrently_within_a_bound_and_keeps_the_list_order(
     found = list_labelled(api, "tcp")  # type: ignore[arg-type]
     assert [s.id for s in found] == [f"{i:064x}" for i in range(39)]  # in order, the gone one left out
     assert 1 < api.most_in_flight <= RELIST_WORKERS
+
+
+def test_a_container_on_a_network_created_with_ipv6_has_its_ipv6_address_and_subnet():
+    info = {
+        "Id": "e" * 64,
+        "Created": "2026-11-27T10:00:00Z",
+        "Config": {"Labels": {"tcp.port": "80"}},
+        "State": {"Running": True},
+        "NetworkSettings": {
+            "Networks": {
+                "v6net": {
+                    "IPAddress": "172.20.0.2",
+                    "IPPrefixLen": 16,
+                    "GlobalIPv6Address": "FD00:20:0::2",
+                    "GlobalIPv6PrefixLen": 64,
+                },
+                "bridge": {"IPAddress": "172.17.0.2", "IPPrefixLen": 16, "GlobalIPv6Address": ""},
+            }
+        },
+    }
+    snapshot = snapshot_from_inspect(info)
+    assert (snapshot.networks6, snapshot.subnets6) == ({"v6net": "fd00:20::2"}, {"v6net": "fd00:20::/64"})

@@ -1,4 +1,5 @@
-"""`tcprouter cleanup`: remove every owned chain and hook, and give the sysctls it set their values back."""
+"""`tcprouter cleanup`: remove every owned chain and hook (iptables, and ip6tables where it can be used), and give
+the sysctls it set their values back."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import logging
 from .. import sysctls
 from ..compiler import RuleSet
 from ..diff import restore_script
+from ..model import Family
+from ..netfilter import ipv6_available, open_writer
 from ..ownership import TablesLock
 from . import common
 
@@ -23,10 +26,18 @@ def command(args: argparse.Namespace) -> int:
             lock.holder_hint,
         )
         return 1
-    writer = common.writer(args)
-    current, _ = writer.read()
-    restored = all([s.give_back(current) for s in sysctls.RECORDED])  # first: the rules that record them go next
-    script = restore_script(current, RuleSet(chains={}))
-    writer.restore(script)
-    log.info("removed %d owned chains and their hooks from the %s tables", script.count("\n-X "), writer.flavour)
+    flavour = common.flavour(args)
+    # Whatever --ipv6 and --listen-address say now: an earlier run may have routed either family.
+    families = [Family.IPV4] + ([Family.IPV6] if ipv6_available(flavour, docker=False) is None else [])
+    restored = True
+    for family in families:
+        writer = open_writer(args.writer, flavour, family)
+        current, _ = writer.read()
+        if family is Family.IPV4:  # first: the rules that record the sysctls' values go next
+            restored = all([s.give_back(current) for s in sysctls.RECORDED])
+        script = restore_script(current, RuleSet(chains={}))
+        writer.restore(script)
+        log.info(
+            "removed %d owned chains and their hooks from the %s %s tables", script.count("\n-X "), flavour, family
+        )
     return 0 if restored else 1

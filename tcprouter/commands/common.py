@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from ..compiler import Options, Synproxy
 from ..daemon import Mode, build_providers, resolve_mode
 from ..metrics import Metrics
-from ..model import ContainerSnapshot
-from ..netfilter import Flavour, Writer, detect_flavour, open_writer
+from ..model import ContainerSnapshot, Family, family_of
+from ..netfilter import Flavour, Writer, detect_flavour, ipv6_available, open_writer
 from ..policy import COMPOSE_OWNER_LABEL, STACK_OWNER_LABEL, Policy
 
 
@@ -16,8 +17,27 @@ def flavour(args: argparse.Namespace) -> Flavour:
     return detect_flavour() if args.flavour == "auto" else Flavour(args.flavour)
 
 
-def writer(args: argparse.Namespace) -> Writer:
-    return open_writer(args.writer, flavour(args))
+log = logging.getLogger("tcprouter")
+
+
+def families(args: argparse.Namespace, flavour: Flavour) -> list[Family]:
+    """The address families to route: the --listen-address's only; else IPv4, and IPv6 too in local mode unless
+    --ipv6 off, or unless Docker does not program this host's ip6tables (then a warning says why)."""
+    if args.listen_address:
+        return [family_of(args.listen_address)]
+    if args.ipv6 == "off" or mode(args) is not Mode.LOCAL:
+        return [Family.IPV4]
+    problem = ipv6_available(flavour)
+    if problem:
+        log.warning("IPv4 only, no IPv6 rules: %s", problem)
+        return [Family.IPV4]
+    return [Family.IPV4, Family.IPV6]
+
+
+def writers(args: argparse.Namespace) -> dict[Family, Writer]:
+    """One writer per address family routed, of the same flavour (Docker's)."""
+    chosen = flavour(args)
+    return {family: open_writer(args.writer, chosen, family) for family in families(args, chosen)}
 
 
 def mode(args: argparse.Namespace) -> Mode:

@@ -1,22 +1,28 @@
-"""`tcprouter render`: the rules for Docker's current state, as an iptables-restore script (a dry run)."""
+"""`tcprouter render`: the rules for Docker's current state, as an iptables-restore script (ip6tables-restore with
+--family ipv6; a dry run)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from ..compiler import compile_rules
 from ..diff import restore_script
 from ..labels import desired_state
-from ..model import Protocol
+from ..model import Family, Protocol
 from ..netfilter import Iptables
 from ..sync import scan_busy_ports
 from . import common
 
 
 def command(args: argparse.Namespace) -> int:
-    options = common.options(args)
-    iptables = Iptables(common.flavour(args))  # only reads
+    family = Family(args.family)
+    options = dataclasses.replace(common.options(args), family=family)
+    iptables = Iptables(common.flavour(args), family=family)  # only reads
+    # Where `run` would hook its filter chain: Docker 20.10 makes no DOCKER-USER chain in ip6tables.
+    if iptables.list_chain("filter", "DOCKER-USER") is None:
+        options = dataclasses.replace(options, forward_parent="FORWARD")
     busy = {p: scan_busy_ports(iptables, options.route_localhost, p) for p in Protocol}
     state = desired_state(
         common.listed(args),

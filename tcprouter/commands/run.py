@@ -10,6 +10,7 @@ from .. import sysctls
 from ..compiler import Options
 from ..daemon import EXIT_TABLES_OWNED, build_providers, claim_tables, serve
 from ..metrics import Metrics, kernel_reader
+from ..model import Family
 from ..ownership import TablesLock
 from ..probe import ProbePolicy
 from ..runner import Timing
@@ -22,9 +23,15 @@ def command(args: argparse.Namespace) -> int:
     lock = TablesLock()
     if not claim_tables(lock, args.standby):
         return EXIT_TABLES_OWNED
-    writer = common.writer(args)
-    log.info("tcprouter starting: writing the %s tables with %r", writer.flavour, writer)
-    metrics = Metrics(kernel_reader(writer.flavour), read_interval=args.metrics_read_interval)
+    writers = common.writers(args)
+    for family, each in writers.items():
+        log.info("tcprouter starting: writing the %s %s tables with %r", each.flavour, family, each)
+    readers = {family: kernel_reader(each.flavour, family=family) for family, each in writers.items()}
+    metrics = Metrics(
+        readers.get(Family.IPV4, lambda: ({}, [])),
+        read_kernel6=readers.get(Family.IPV6),
+        read_interval=args.metrics_read_interval,
+    )
     mode = common.mode(args)
     providers = build_providers(
         mode,
@@ -39,8 +46,10 @@ def command(args: argparse.Namespace) -> int:
 
     def owner_options() -> Options:
         """route_localnet is set, or given back after an earlier --route-localhost run, by the owner only: a
-        standby must not change what the owner's rules rely on."""
-        tables, _ = writer.read()
+        standby must not change what the owner's rules rely on. IPv4 only: its rules record the value."""
+        if Family.IPV4 not in writers:
+            return options
+        tables, _ = writers[Family.IPV4].read()
         if not options.route_localhost:
             sysctls.ROUTE_LOCALNET.give_back(tables)  # an earlier --route-localhost run's rules go at the first sync
             return options
@@ -51,7 +60,7 @@ def command(args: argparse.Namespace) -> int:
     probing = ProbePolicy(args.probe_interval, args.probe_timeout, args.probe_fall, args.probe_rise)
     return serve(
         providers,
-        writer,
+        writers,
         metrics,
         owner_options,
         args.label_prefix,

@@ -9,11 +9,11 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 
 from .. import hostports
-from ..compiler import frontend_of
+from ..compiler import destination, frontend_of
 from ..diff import SavedRule
 from ..labels import DEFAULT_UDP_PREFIX, LabelError, desired_state, parse_backend
 from ..metrics import backend_connections, kernel_reader
-from ..model import ContainerSnapshot, Protocol
+from ..model import ContainerSnapshot, Family, Protocol
 from ..policy import DEFAULT_POLICY, Policy
 from . import common
 
@@ -39,21 +39,24 @@ def status_report(
     policy: Policy = DEFAULT_POLICY,
     udp_prefix: str = DEFAULT_UDP_PREFIX,
     udp_busy_ports: Mapping[int, str] | None = None,
+    kernel6: list[tuple[str, SavedRule]] | None = None,
 ) -> dict:
     """What Docker declares and what the kernel holds, per frontend and backend.
 
-    Every running container with valid labels is listed under its frontend, in rotation order; `in_rotation`
-    says whether it should receive connections now (running, not unhealthy or starting), `in_kernel` whether
-    a DNAT rule sends connections to it, `connections` what that rule counted since the pool last changed (UDP: new
-    flows). TCP frontends come first, then UDP ones.
+    Every running container with valid labels is listed under its frontend, in rotation order, once per address
+    family it is reached in (IPv6 too with `kernel6`, the ip6tables rules, when it has an IPv6 address);
+    `in_rotation` says whether it should receive connections now (running, not unhealthy or starting), `in_kernel`
+    whether a DNAT rule of its family sends connections to it, `connections` what that rule counted since the pool
+    last changed (UDP: new flows). TCP frontends come first, then UDP ones.
     """
     containers = sorted(containers, key=lambda c: c.age_order)
     state = desired_state(containers, prefix, busy_ports, policy, udp_prefix, udp_busy_ports)
     rejected = {(r.protocol, r.container_id) for r in state.rejections}
-    targets = _kernel_targets(kernel)
+    kernels = {Family.IPV4: kernel} | ({Family.IPV6: kernel6} if kernel6 is not None else {})
+    targets = {family: _kernel_targets(rules) for family, rules in kernels.items()}
     frontends = []
     for protocol, label_prefix in ((Protocol.TCP, prefix), (Protocol.UDP, udp_prefix)):
-        connections = backend_connections(kernel, protocol)
+        connections = {family: backend_connections(rules, protocol) for family, rules in kernels.items()}
         in_rotation = {b.container_id for frontend in state.pools(protocol).values() for b in frontend.backends}
         pools: dict[int, list[dict]] = {port: [] for port in state.pools(protocol)}
         for container in containers:
@@ -63,21 +66,26 @@ def status_report(
                 spec = parse_backend(container, label_prefix, protocol)
             except LabelError:
                 continue  # no frontend of this protocol (the labels of a valid one parse)
-            backend, port = spec.backend, spec.frontend_port
-            address = f"{backend.ip}:{backend.port}"
-            pools[port].append(
-                {
-                    "container": backend.name,
-                    "id": backend.container_id[:12],
-                    "node": backend.node,
-                    "address": address,
-                    "health": container.health or "none",
-                    "weight": backend.weight,
-                    "in_rotation": container.id in in_rotation,
-                    "in_kernel": (protocol, port, address) in targets,
-                    "connections": connections.get((str(port), backend.name), 0),
-                }
-            )
+            port = spec.frontend_port
+            for family in kernels:
+                backend = spec.backend.of_family(family)
+                if backend is None:
+                    continue  # no address of that family: not in its rules
+                address = destination(backend.ip, backend.port)
+                pools[port].append(
+                    {
+                        "container": backend.name,
+                        "id": backend.container_id[:12],
+                        "node": backend.node,
+                        "family": str(family),
+                        "address": address,
+                        "health": container.health or "none",
+                        "weight": backend.weight,
+                        "in_rotation": container.id in in_rotation,
+                        "in_kernel": (protocol, port, address) in targets[family],
+                        "connections": connections[family].get((str(port), backend.name), 0),
+                    }
+                )
         frontends += [
             {"port": port, "protocol": str(protocol), "balance": str(frontend.balance), "backends": pools[port]}
             for port, frontend in sorted(state.pools(protocol).items())
@@ -107,13 +115,14 @@ def render_status(report: dict) -> str:
         suffix = "" if frontend["protocol"] == Protocol.TCP else f"/{frontend['protocol']}"
         lead = [f":{frontend['port']}{suffix}", frontend["balance"]]
         if not frontend["backends"]:
-            rows.append([*lead, "(no backend)", "", "", "", "", "", "", ""])
+            rows.append([*lead, "(no backend)", "", "", "", "", "", "", "", ""])
         for i, b in enumerate(frontend["backends"]):
             rows.append(
                 [
                     *(lead if i == 0 else ["", ""]),
                     b["container"],
                     b["node"] or "-",
+                    b["family"],
                     b["address"],
                     b["health"],
                     b["weight"],
@@ -122,7 +131,18 @@ def render_status(report: dict) -> str:
                     b["connections"],
                 ]
             )
-    headers = ["FRONTEND", "BALANCE", "CONTAINER", "NODE", "ADDRESS", "HEALTH", "WEIGHT", "IN ROTATION", "IN KERNEL"]
+    headers = [
+        "FRONTEND",
+        "BALANCE",
+        "CONTAINER",
+        "NODE",
+        "FAMILY",
+        "ADDRESS",
+        "HEALTH",
+        "WEIGHT",
+        "IN ROTATION",
+        "IN KERNEL",
+    ]
     lines = _table([*headers, "CONNECTIONS"], rows) if rows else ["no frontends: no running container is labelled"]
     if report["rejected"]:
         rejected = ([r["container"], r["reason"], r["detail"]] for r in report["rejected"])
@@ -133,7 +153,9 @@ def render_status(report: dict) -> str:
 
 def command(args: argparse.Namespace) -> int:
     containers = common.listed(args)
-    tables, kernel = kernel_reader(common.flavour(args))()
+    flavour = common.flavour(args)
+    tables, kernel = kernel_reader(flavour)()
+    kernel6 = kernel_reader(flavour, family=Family.IPV6)()[1] if Family.IPV6 in common.families(args, flavour) else None
     options = common.options(args)
     docker_chain = tables.get("nat", {}).get(hostports.DOCKER_NAT_CHAIN, ())
     busy = {p: hostports.busy_ports(docker_chain, options.route_localhost, p) for p in Protocol}
@@ -145,6 +167,7 @@ def command(args: argparse.Namespace) -> int:
         options.policy,
         args.udp_label_prefix,
         busy[Protocol.UDP],
+        kernel6,
     )
     sys.stdout.write(json.dumps(report, indent=2) + "\n" if args.json else render_status(report))
     return 0

@@ -117,6 +117,8 @@ def snapshot_from_inspect(
     networks = settings.get("Networks") or {}
     addresses: dict[str, str] = {}
     subnets: dict[str, str] = {}
+    addresses6: dict[str, str] = {}
+    subnets6: dict[str, str] = {}
     drivers: dict[str, str] = {}
     internal: set[str] = set()
     for name, net in networks.items():
@@ -128,6 +130,9 @@ def snapshot_from_inspect(
             internal.add(name)
         if net.get("IPAddress") and net.get("IPPrefixLen"):
             subnets[name] = _subnet(net["IPAddress"], int(net["IPPrefixLen"]))
+        if net.get("GlobalIPv6Address") and net.get("GlobalIPv6PrefixLen"):  # a network created with --ipv6
+            interface = ipaddress.IPv6Interface(f"{net['GlobalIPv6Address']}/{int(net['GlobalIPv6PrefixLen'])}")
+            addresses6[name], subnets6[name] = str(interface.ip), str(interface.network)
     exposed = {
         protocol: tuple(
             sorted(
@@ -152,6 +157,8 @@ def snapshot_from_inspect(
         networks=addresses,
         subnets=subnets,
         network_drivers=drivers,
+        networks6=addresses6,
+        subnets6=subnets6,
         internal_networks=frozenset(internal),
         exposed_tcp_ports=exposed[Protocol.TCP],
         exposed_udp_ports=exposed[Protocol.UDP],
