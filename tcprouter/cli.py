@@ -201,7 +201,7 @@ def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         choices=["auto", "off"],
         default="auto",
         help="auto: route over IPv6 too (ip6tables of the same flavour), to the IPv6 addresses of backends on "
-        "networks created with --ipv6, when ip6tables can be used here (local mode); off: IPv4 only",
+        "networks created with --ipv6, where Docker programs ip6tables (local mode); off: IPv4 only",
     )
     common.add_argument(
         "--snat",
