@@ -36,8 +36,10 @@ class FamilySyncers:
         unreachable: Collection[Endpoint] = (),
         full: bool = False,
         causes: Mapping[str | Endpoint, str] | None = None,
+        changed: Mapping[str, ContainerSnapshot | None] | None = None,
     ) -> bool:
-        results = [syncer.sync(view, unreachable, full, causes) for syncer in self.syncers.values()]
+        """Syncer.sync of each family, every one whatever the others did (a failed family resyncs in full)."""
+        results = [syncer.sync(view, unreachable, full, causes, changed) for syncer in self.syncers.values()]
         return all(results)
 
     def drifted(self) -> bool:

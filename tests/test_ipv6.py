@@ -198,3 +198,14 @@ def test_status_lists_a_dual_stack_backend_once_per_family_with_its_own_kernel_r
     ]
     (v6_row,) = [line for line in status.render_status(report).splitlines() if "ipv6" in line]
     assert v6_row.split()[:4] == ["c1", "-", "ipv6", "[fd00:9::2]:80"]
+
+
+def test_a_partial_sync_with_the_tracker_s_changes_reaches_every_family():
+    """The runner passes the changed containers (ChangeTracker.take_changes) as its fifth argument."""
+    syncers, kernel4, _ = _pair(kernel6 := FakeKernel())
+    first = _dual(1)
+    assert syncers.sync([first], (), True, {}, None)
+    joined = _dual(2)
+    assert syncers.sync([first, joined], (), False, {}, {joined.id: joined})
+    assert any(rule.endswith("10.9.0.3:80") for rule in kernel4.tables["nat"]["TCPR-FE-80"])
+    assert any(rule.endswith("[fd00:9::3]:80") for rule in kernel6.tables["nat"]["TCPR-FE-80"])
