@@ -11,6 +11,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import Protocol
 
 from .compiler import TABLES, Tables
@@ -18,7 +19,8 @@ from .diff import SavedRule, parse_save
 from .model import Family
 
 log = logging.getLogger(__name__)
-LEGACY_TABLES = "/proc/net/ip_tables_names"  # the legacy tables of the reading namespace
+# The legacy tables that exist in the reading namespace, per family.
+LEGACY_TABLES = {Family.IPV4: "/proc/net/ip_tables_names", Family.IPV6: "/proc/net/ip6_tables_names"}
 
 
 class Flavour(StrEnum):
@@ -91,7 +93,14 @@ class Iptables:
         (and so a hook on every packet); tcprouter's raw chains exist only with synproxy. nft's save creates none."""
         if self.flavour is Flavour.NFT:
             return TABLES
-        names = self._run(["ip", "netns", "exec", self.netns] * bool(self.netns) + ["cat", LEGACY_TABLES]).split()
+        path = Path(LEGACY_TABLES[self.family])
+        if self.netns:  # /proc/net is the reader's namespace's: look from inside that one
+            names = self._run(["ip", "netns", "exec", self.netns, "cat", str(path)]).split()
+        else:
+            try:
+                names = path.read_text().split()
+            except OSError:  # no legacy table at all (the module is not loaded)
+                names = []
         return tuple(table for table in TABLES if table != "raw" or table in names)
 
     def list_chain(self, table: str, chain: str) -> tuple[str, ...] | None:

@@ -69,10 +69,15 @@ class Pools:
         changed.update((cid, None) for cid in self.containers.keys() - seen)
         return changed
 
-    def update(self, changed: Mapping[str, ContainerSnapshot | None], busy_ports: BusyPorts) -> set[int]:
-        """Fold changed containers (id -> snapshot, None: gone) and the host's busy ports in; the frontend ports
-        (of either protocol) whose result may have changed."""
+    def update(
+        self, changed: Mapping[str, ContainerSnapshot | None], busy_ports: BusyPorts, policy: Policy | None = None
+    ) -> set[int]:
+        """Fold changed containers (id -> snapshot, None: gone), the host's busy ports and the policy (None: the
+        same) in; the frontend ports (of either protocol) whose result may have changed."""
         dirty: set[Group] = set()
+        if policy is not None and policy != self.policy:
+            self.policy = policy
+            dirty.update(self._members)  # who may claim which port changed: every group again
         for cid, snapshot in changed.items():
             for old in self._groups_of.pop(cid, ()):
                 del self._members[old][cid]

@@ -84,7 +84,7 @@ class Syncer:
             changed = self.pools.changes(view)
         if full:
             self.busy_ports = self._scan(tables)
-        touched = self.pools.update(changed, self.busy_ports)
+        touched = self.pools.update(changed, self.busy_ports, self.options.policy)
         state = self.pools.state()
         if not full and any(
             p in state.pools(k) and p not in self.candidates.pools(k) for p in touched for k in Protocol

@@ -16,6 +16,7 @@ from tcprouter.labels import desired_state
 from tcprouter.metrics import Metrics
 from tcprouter.model import ContainerSnapshot
 from tcprouter.netfilter import NetfilterError
+from tcprouter.policy import Policy, parse_ports
 from tcprouter.runner import SyncRunner, Timing
 from tcprouter.sync import Syncer
 from tcprouter.tracker import Change, ChangeTracker, Relist
@@ -352,3 +353,16 @@ def test_a_full_sync_reads_the_tables_once(kernel, syncer, monkeypatch):
     assert syncer.sync(view, full=True)
     assert kernel.reads == reads + 1 and listed == []
     assert [r.reason for r in syncer.state.rejections] == ["port_in_use"]  # 81 is Docker's, seen in that read
+
+
+def test_the_owner_s_policy_set_after_construction_is_applied(kernel, syncer):
+    """The daemon builds its syncers first and gives them the owner's options later (run.owner_options): the
+    policy in them decides who may claim a port from the next sync on."""
+    view = [container(1, labels={"tcp.port": "80"}), container(2, labels={"tcp.port": "9000"})]
+    assert syncer.sync(view, full=True)
+    assert set(syncer.state.frontends) == {80, 9000}
+    syncer.options = dataclasses.replace(syncer.options, policy=Policy(allowed_ports=parse_ports("80")))
+    assert syncer.sync(view)
+    assert set(syncer.state.frontends) == {80}
+    assert [r.reason for r in syncer.state.rejections] == ["port_not_allowed"]
+    assert "TCPR-FE-9000" not in owned(kernel)["nat"]
