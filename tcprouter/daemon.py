@@ -23,7 +23,7 @@ from .families import FamilySyncers
 from .labels import DEFAULT_UDP_PREFIX
 from .metrics import Metrics
 from .model import Family
-from .netfilter import Writer
+from .netfilter import Flavour, Writer, ruleset_generation
 from .ownership import TablesLock
 from .probe import ProbePolicy, Prober
 from .providers import Provider
@@ -122,7 +122,9 @@ def serve(
                 writer, Options(family=family), prefix, metrics, udp_prefix, None if keep_flows else forget_flows
             )
             for family, writer in writers.items()
-        }
+        },
+        # The nft ruleset's generation, when every writer writes nft tables (the legacy tables have none).
+        ruleset_generation if all(w.flavour is Flavour.NFT for w in writers.values()) else None,
     )
     tracker = ChangeTracker(prefix, [p.source for p in providers], udp_prefix=udp_prefix)
     runner = SyncRunner(tracker, syncer, metrics, timing)

@@ -9,50 +9,44 @@ and a foreign rule is never moved.
 
 from __future__ import annotations
 
-import re
 import shlex
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .compiler import PREFIX, TABLES, RuleSet, Tables
 
 # Chains where the operator puts their own filter rules: our hook goes after them, so that theirs win.
 OPERATOR_CHAINS = frozenset({"DOCKER-USER"})
-_COUNTERS = re.compile(r"^\[\d+:\d+\]\s+")
 
 
-@dataclass(frozen=True)
-class SavedRule:
+class SavedRule(NamedTuple):
     chain: str
     spec: str
     packets: int
 
 
 def parse_save(text: str) -> tuple[Tables, list[tuple[str, SavedRule]]]:
-    """Parse `iptables-save [-c]` output into table -> chain -> rules, and the rules with counters."""
-    tables: Tables = {}
+    """Parse `iptables-save [-c]` output into table -> chain -> rules, and the rules with counters. One pass over
+    the lines, a list per chain (110,000 rules at 10,000 frontends: this runs at every full resync)."""
+    chains: dict[str, dict[str, list[str]]] = {}
     counted: list[tuple[str, SavedRule]] = []
-    table: dict[str, tuple[str, ...]] | None = None
+    table: dict[str, list[str]] | None = None
     table_name = ""
     for line in text.splitlines():
-        if line.startswith("*"):
-            table_name = line[1:].strip()
-            table = tables.setdefault(table_name, {})
-        elif table is None or not line or line.startswith("#") or line == "COMMIT":
-            continue
-        elif line.startswith(":"):
-            table.setdefault(line[1:].split()[0], ())
-        else:
-            packets = 0
-            match = _COUNTERS.match(line)
-            if match:
-                packets = int(line[1 : line.index(":")])
-                line = line[match.end() :]
-            if not line.startswith("-A "):
-                continue
+        packets = 0
+        if line.startswith("["):  # -c: "[packets:bytes] -A chain spec"
+            counters, _, line = line.partition("] ")
+            packets = int(counters[1:].partition(":")[0])
+        if line.startswith("-A ") and table is not None:
             chain, _, spec = line[3:].partition(" ")
-            table[chain] = (*table.get(chain, ()), spec)
+            table.setdefault(chain, []).append(spec)
             counted.append((table_name, SavedRule(chain, spec, packets)))
+        elif line.startswith("*"):
+            table_name = line[1:].strip()
+            table = chains.setdefault(table_name, {})
+        elif line.startswith(":") and table is not None:
+            table.setdefault(line[1:].split(maxsplit=1)[0], [])
+    tables: Tables = {name: {chain: tuple(rules) for chain, rules in held.items()} for name, held in chains.items()}
     return tables, counted
 
 

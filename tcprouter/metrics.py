@@ -83,11 +83,11 @@ def refused_connections(rules: list[tuple[str, SavedRule]]) -> dict[tuple[str, s
 
 def _chain_rules(rules: list[tuple[str, SavedRule]], table: str) -> dict[str, tuple[str, ...]]:
     """chain -> the rule texts of one table's chains (counters excluded)."""
-    chains: dict[str, tuple[str, ...]] = {}
+    chains: dict[str, list[str]] = {}
     for in_table, rule in rules:
         if in_table == table:
-            chains[rule.chain] = (*chains.get(rule.chain, ()), rule.spec)
-    return chains
+            chains.setdefault(rule.chain, []).append(rule.spec)
+    return {chain: tuple(specs) for chain, specs in chains.items()}
 
 
 def _frontend_port(chain: str, protocol: Protocol) -> int | None:

@@ -11,16 +11,17 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
 from typing import Protocol
+
+from pyroute2 import netns as pyroute2_netns
+from pyroute2.netlink import NLM_F_REQUEST
+from pyroute2.netlink.nfnetlink.nftsocket import NFT_MSG_GETGEN, NFTSocket, nfgen_msg
 
 from .compiler import TABLES, Tables
 from .diff import SavedRule, parse_save
 from .model import Family
 
 log = logging.getLogger(__name__)
-# The legacy tables that exist in the reading namespace, per family.
-LEGACY_TABLES = {Family.IPV4: "/proc/net/ip_tables_names", Family.IPV6: "/proc/net/ip6_tables_names"}
 
 
 class Flavour(StrEnum):
@@ -81,27 +82,16 @@ class Iptables:
             raise NetfilterError(f"{' '.join(command)} failed ({done.returncode}): {done.stderr.strip()}")
         return done.stdout
 
-    def save(self, table: str, counters: bool = False) -> str:
-        return self._run(self._command("-save", "-t", table, *(["-c"] if counters else [])))
+    def save(self, table: str | None = None, counters: bool = False) -> str:
+        """`iptables-save` of one table, or of every table that exists (None): the legacy save prints only the
+        tables already loaded, and reading one by name would create it (and so a hook on every packet)."""
+        return self._run(self._command("-save", *(["-t", table] if table else []), *(["-c"] if counters else [])))
 
     def read(self, counters: bool = False) -> tuple[Tables, list[tuple[str, SavedRule]]]:
-        text = "".join(self.save(table, counters) for table in self._tables())
-        return parse_save(text)
-
-    def _tables(self) -> tuple[str, ...]:
-        """The tables to read: a legacy raw table only if it exists, since reading a legacy table creates it
-        (and so a hook on every packet); tcprouter's raw chains exist only with synproxy. nft's save creates none."""
-        if self.flavour is Flavour.NFT:
-            return TABLES
-        path = Path(LEGACY_TABLES[self.family])
-        if self.netns:  # /proc/net is the reader's namespace's: look from inside that one
-            names = self._run(["ip", "netns", "exec", self.netns, "cat", str(path)]).split()
-        else:
-            try:
-                names = path.read_text().split()
-            except OSError:  # no legacy table at all (the module is not loaded)
-                names = []
-        return tuple(table for table in TABLES if table != "raw" or table in names)
+        """The nat, filter and raw tables, from one save of them all: iptables-nft-save fetches the whole ruleset
+        whichever table it prints, so one call costs a third of three."""
+        tables, rules = parse_save(self.save(counters=counters))
+        return {t: tables[t] for t in TABLES if t in tables}, [(t, rule) for t, rule in rules if t in TABLES]
 
     def list_chain(self, table: str, chain: str) -> tuple[str, ...] | None:
         """The rules of one chain (None if it does not exist): cheaper than a full save."""
@@ -118,6 +108,28 @@ class Iptables:
     def restore(self, script: str, test: bool = False) -> None:
         if script:
             self._run(self._command("-restore", "--noflush", *(["--test"] if test else [])), stdin=script)
+
+
+def ruleset_generation(netns: str | None = None) -> int:
+    """The nf_tables ruleset generation of the namespace (this process's, or `netns`): the kernel counts one per
+    committed transaction, whoever commits it (iptables-nft-restore commits once per table of its input), in any
+    table of any family. Asking costs one netlink round trip; an unchanged generation means an unchanged ruleset.
+    NetfilterError if it cannot be read. The legacy tables have no such count."""
+    try:
+        if netns:
+            pyroute2_netns.pushns(netns)  # this thread only: the socket is opened in that namespace
+        try:
+            sock = NFTSocket()
+        finally:
+            if netns:
+                pyroute2_netns.popns()
+        try:
+            (answer,) = sock.request_get(nfgen_msg(), NFT_MSG_GETGEN, msg_flags=NLM_F_REQUEST)
+        finally:
+            sock.close()
+    except (OSError, ValueError) as error:  # pyroute2's NetlinkError is an OSError
+        raise NetfilterError(f"cannot read the nf_tables generation: {error}") from error
+    return int(answer.get_attr("NFTA_GEN_ID"))
 
 
 def holds_docker_chains(tables: Tables) -> bool:

@@ -69,6 +69,7 @@ class Syncer:
         self.retired: dict[str, Endpoint] = {}  # container id -> endpoint of TCP backends that left while running
         self.pools = Pools(prefix, options.policy, udp_prefix)  # the desired state, kept per frontend
         self.rules: RuleSet | None = None  # the rules of `state`, as last written
+        self.commits = 0  # table commits made by this syncer's writes (one per table of a restore script)
 
     def desired(
         self,
@@ -105,12 +106,15 @@ class Syncer:
         full: bool = False,
         causes: Mapping[str | Endpoint, str] | None = None,
         changed: Mapping[str, ContainerSnapshot | None] | None = None,
+        read_kernel: bool = True,
     ) -> bool:
         """Write the difference between the desired rules and the kernel (full) or our last write. `changed`:
-        the containers that changed since the last call (ChangeTracker.take_changes); None: compare the view."""
+        the containers that changed since the last call (ChangeTracker.take_changes); None: compare the view.
+        A full sync without `read_kernel` (the caller knows the tables are as the last write left them) still
+        compares the whole view and rescans the busy ports, but diffs against the last write instead of a read."""
         kind = "full" if full else "partial"
         tables = None
-        if full:
+        if full and (read_kernel or self.applied is None):
             try:
                 tables = self.writer.read()[0]  # once: the busy ports and the diff both come from this read
             except NetfilterError as error:
@@ -204,6 +208,7 @@ class Syncer:
             script = restore_script(before, RuleSet(chains=after))
         if script:
             self.writer.restore(script)
+            self.commits += script.splitlines().count("COMMIT")
         if full or touched is None:
             self.applied = believed_tables(rules)
         else:

@@ -31,7 +31,9 @@ class FakeClock:
 
 class FakeKernel:
     """nat, filter and raw tables in memory. `restore` commits each table of a script whole or not at all (an error
-    raises NetfilterError, as iptables-restore fails); `scripts` records what was written, `reads` the full reads."""
+    raises NetfilterError, as iptables-restore fails); `scripts` records what was written, `reads` the full reads,
+    `listed` the chains listed one by one. `generation` counts commits as nf_tables does: one per table restored,
+    one per edit behind tcprouter's back."""
 
     flavour = Flavour.NFT
 
@@ -42,7 +44,7 @@ class FakeKernel:
             for chain, rules in chains.items():
                 self.tables.setdefault(table, {})[chain] = list(rules)
         self.scripts: list[str] = []
-        self.reads = 0
+        self.reads = self.listed = self.generation = 0
 
     def read(self, counters: bool = False) -> tuple[Tables, list[tuple[str, SavedRule]]]:
         self.reads += 1
@@ -53,6 +55,7 @@ class FakeKernel:
         return tables, counted
 
     def list_chain(self, table: str, chain: str) -> tuple[str, ...] | None:
+        self.listed += 1
         rules = self.tables.get(table, {}).get(chain)
         return None if rules is None else tuple(rules)
 
@@ -62,18 +65,22 @@ class FakeKernel:
             for op in operations:
                 _apply(changed, op)
             self.tables[table] = changed
+            self.generation += 1
         self.scripts.append(script)
 
     # Drift: what another program may do to the tables behind tcprouter's back.
 
     def flush(self, table: str, chain: str) -> None:
         self.tables[table][chain] = []
+        self.generation += 1
 
     def delete_rule(self, table: str, chain: str, index: int = 0) -> str:
+        self.generation += 1
         return self.tables[table][chain].pop(index)
 
     def insert_rule(self, table: str, chain: str, rule: str, index: int = 0) -> None:
         self.tables[table][chain].insert(index, rule)
+        self.generation += 1
 
     def foreign(self) -> dict[str, dict[str, list[str]]]:
         """Everything that is not tcprouter's: chains without the TCPR- prefix, without the jumps into ours."""

@@ -18,6 +18,8 @@ log = logging.getLogger("tcprouter")
 
 
 def command(args: argparse.Namespace) -> int:
+    flavour = common.flavour(args)
+    writer4 = open_writer(args.writer, flavour)  # a writer that cannot work here is reported before anything else
     lock = TablesLock()  # held until the process exits: no daemon starts writing halfway through
     if not lock.acquire():
         log.error(
@@ -26,12 +28,12 @@ def command(args: argparse.Namespace) -> int:
             lock.holder_hint,
         )
         return 1
-    flavour = common.flavour(args)
     # Whatever --ipv6 and --listen-address say now: an earlier run may have routed either family.
-    families = [Family.IPV4] + ([Family.IPV6] if ipv6_available(flavour, docker=False) is None else [])
+    writers = {Family.IPV4: writer4}
+    if ipv6_available(flavour, docker=False) is None:
+        writers[Family.IPV6] = open_writer(args.writer, flavour, Family.IPV6)
     restored = True
-    for family in families:
-        writer = open_writer(args.writer, flavour, family)
+    for family, writer in writers.items():
         current, _ = writer.read()
         if family is Family.IPV4:  # first: the rules that record the sysctls' values go next
             restored = all([s.give_back(current) for s in sysctls.RECORDED])
