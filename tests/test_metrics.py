@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import stat
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from tcprouter.netfilter import Flavour
 from tcprouter.providers.engine import EngineProvider
 
 from .fakes import FakeClock
-from .support import wait_until
+from .support import free_port, wait_until
 
 A = Backend("a" * 64, "web-a", "172.17.0.2", 1234)
 B = Backend("b" * 64, "web-b", "172.17.0.3", 1234, weight=2)
@@ -305,3 +307,53 @@ def test_with_a_read_interval_of_0_every_scrape_reads():
     for _ in range(3):
         scrape(metrics)
     assert len(reads) == 3
+
+
+def _served(port: int, gzipped: bool) -> tuple[str | None, dict[str, list[tuple[dict[str, str], float]]]]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics")
+    if gzipped:
+        request.add_header("Accept-Encoding", "gzip")
+    with urllib.request.urlopen(request, timeout=5) as reply:
+        encoding, body = reply.headers.get("Content-Encoding"), reply.read()
+    text = (gzip.decompress(body) if gzipped else body).decode()  # two gzip members read as one, as Go's reader does
+    families = text_string_to_metric_families(text)
+    return encoding, {f.name: [(s.labels, s.value) for s in f.samples] for f in families}
+
+
+@pytest.mark.parametrize("gzipped", [False, True])
+def test_the_endpoint_serves_the_instruments_live_and_the_state_as_last_built(gzipped):
+    clock = FakeClock()
+    metrics = Metrics(lambda: kernel({"TCPR-FE-27017": [0, 2, 1]}, pool(A, C)), clock=clock, read_interval=10)
+    metrics.state.publish(pool(A, C))
+    port = free_port()
+    metrics.serve(f"127.0.0.1:{port}")
+    encoding, seen = wait_until(lambda: _served(port, gzipped), 5, what="the endpoint")
+    assert encoding == ("gzip" if gzipped else None)
+    assert seen["tcprouter_backends"] == [({"frontend": "27017", "node": "", "protocol": "tcp", "family": "ipv4"}, 2)]
+    assert len(seen["tcprouter_backend_connections"]) == 2
+    metrics.sync_failures.inc()  # an instrument: seen at the next scrape
+    metrics.state.publish(pool(A))  # the state: built again in the background, served once built
+    assert ({}, 1.0) in _served(port, gzipped)[1]["tcprouter_sync_failures"]
+    wait_until(lambda: _served(port, gzipped)[1]["tcprouter_backends"][0][1] == 1, 5, what="the new state's text")
+
+
+def test_a_scrape_is_served_the_last_text_while_a_slow_read_runs():
+    clock = FakeClock()
+    release = threading.Event()
+    reads: list[int] = []
+
+    def slow_kernel() -> tuple[Tables, list[tuple[str, SavedRule]]]:
+        reads.append(1)
+        if len(reads) > 1:
+            release.wait(5)
+        return kernel({"TCPR-FE-27017": [0, 2, 1]}, pool(A, C))
+
+    metrics = Metrics(slow_kernel, clock=clock, read_interval=10)
+    first = metrics.exposition()
+    assert b"tcprouter_backend_connections" in first and len(reads) == 1  # the first scrape waits for a build
+    clock.now += 10
+    started = time.monotonic()
+    assert metrics.exposition() == first  # the read is due: it runs in the background
+    assert time.monotonic() - started < 2
+    release.set()
+    wait_until(lambda: len(reads) == 2, 5, what="the background read")

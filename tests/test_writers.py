@@ -218,6 +218,21 @@ options = st.builds(
     first_options=options,
     second_options=options,
 )
+@example(  # found by CI: the raw table created by the write (synproxy) must be read back from the writer's namespace
+    first=DesiredState(frontends={}),
+    second=DesiredState(
+        frontends={
+            1: Frontend(
+                1,
+                Balance.ROUNDROBIN,
+                (Backend("1".zfill(64), "a-1", "172.16.0.3", 1, subnet="172.16.0.0/16"),),
+                synproxy=True,
+            )
+        }
+    ),
+    first_options=Options(mark_bit=0x100000, synproxy=Synproxy.LABEL, forward_parent="DOCKER-USER"),
+    second_options=Options(mark_bit=0x100000, synproxy=Synproxy.LABEL, forward_parent="DOCKER-USER"),
+)
 def test_restore_and_iptc_writers_leave_identical_tables(first, second, first_options, second_options):
     with private_netns() as ns_restore, private_netns() as ns_iptc:
         restore, iptc = Restore(ns_restore), Iptc(ns_iptc)

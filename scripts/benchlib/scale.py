@@ -224,25 +224,32 @@ def daemon_probe(frontends: int, repeats: int) -> dict:
             metrics = Metrics(reader, read_interval=10.0)
         except TypeError:  # the old commit reads the kernel at every scrape
             metrics = Metrics(reader)
-        syncer = Syncer(iptables, OPTIONS, "tcp", metrics)
+        syncer = _runner_syncer(Syncer(iptables, OPTIONS, "tcp", metrics), flavour, ns)
         tracker = ChangeTracker("tcp")
         containers = snapshots(frontends)
         tracker.apply(Relist(tuple(containers)))
         ok, full = _timed(syncer.sync, tracker.view(), (), True)
         assert ok, "full sync failed"
         noops = [_timed(syncer.sync, tracker.view(), (), True)[1] for _ in range(repeats)]
+        if hasattr(tracker, "take_changes"):
+            tracker.take_changes()  # the relist's changes were synced
         victim = containers[(frontends // 2) * BACKENDS_PER_FRONTEND + 3]
         partials = []
         for i in range(4 * repeats):
             change = Change(victim.id, "die", 0, gone=True) if i % 2 == 0 else Change(victim.id, "start", 0, victim)
             started = time.perf_counter()
             tracker.apply(change)
-            assert syncer.sync(tracker.view(), (), False), "partial sync failed"
+            # as the runner passes them: the containers that changed (older code: the view is compared)
+            changed = {"changed": tracker.take_changes()} if hasattr(tracker, "take_changes") else {}
+            assert syncer.sync(tracker.view(), (), False, **changed), "partial sync failed"
             partials.append(time.perf_counter() - started)
+        # What the endpoint answers to Prometheus (which asks for gzip); the old code formatted its registry.
+        scrape = (lambda: metrics.exposition(True)) if hasattr(metrics, "exposition") else None
+        scrape = scrape or (lambda: generate_latest(metrics.registry))
         scrapes = []
         for _ in range(5 * repeats):
             started = time.perf_counter()
-            generate_latest(metrics.registry)
+            scrape()
             scrapes.append(time.perf_counter() - started)
         current, _ = iptables.read()
         consistent = restore_script(current, compile_rules(desired_state(containers), OPTIONS)) == ""
@@ -258,6 +265,21 @@ def daemon_probe(frontends: int, repeats: int) -> dict:
         "vmrss_kb": field("VmRSS:"),
         "peak_kb": field("VmHWM:"),
     }
+
+
+def _runner_syncer(syncer, flavour: Flavour, netns: str):
+    """The syncer as the daemon's runner drives it: FamilySyncers with the nft ruleset generation (older code: the
+    Syncer alone)."""
+    try:
+        from tcprouter.families import FamilySyncers
+        from tcprouter.netfilter import ruleset_generation
+    except ImportError:
+        return syncer
+    generation = (lambda: ruleset_generation(netns)) if flavour is Flavour.NFT else None
+    try:
+        return FamilySyncers({OPTIONS.family: syncer}, generation)
+    except TypeError:  # FamilySyncers without the generation
+        return syncer
 
 
 def daemon_figures(sizes: list[int], repeats: int, code: Path | None = None) -> list[dict]:
