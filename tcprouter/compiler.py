@@ -31,6 +31,7 @@ import re
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from itertools import islice
 
 from .model import Access, Backend, Balance, DesiredState, Family, Frontend, Protocol, family_of
 from .policy import Policy
@@ -471,9 +472,12 @@ def tree_protocols(state: DesiredState, family: Family = Family.IPV4) -> frozens
     """The protocols whose frontends routed in `family` are dispatched by a tree (dispatch_tree)."""
 
     def routed(frontend: Frontend) -> bool:
-        return any(family is Family.IPV4 or b.ip6 for b in frontend.backends)
+        return bool(frontend.backends) if family is Family.IPV4 else any(b.ip6 for b in frontend.backends)
 
-    return frozenset(p for p in Protocol if dispatch_tree([f for f in state.pools(p).values() if routed(f)]))
+    def first_routed(protocol: Protocol) -> list[int]:  # enough of them to decide: this runs at every sync
+        return list(islice((port for port, f in state.pools(protocol).items() if routed(f)), FLAT_DISPATCH_MAX + 1))
+
+    return frozenset(p for p in Protocol if dispatch_tree(first_routed(p)))
 
 
 def compile_rules(

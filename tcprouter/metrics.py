@@ -229,8 +229,11 @@ class StateCollector(Collector):
 
     def publish(self, state: DesiredState, family: Family = Family.IPV4) -> None:
         """The state a family's rules were written from (DesiredState.of_family): one reference swap, so a scrape
-        sees the old or the new state, whole."""
+        sees the old or the new state, whole. The first one starts the first build of the text (with an interval),
+        so that the first scrape does not wait for a read of every rule."""
         self._states = {**self._states, family: state}
+        if self.interval > 0 and self._built is None:
+            self._start_build()
 
     def connection_totals(
         self, rules: list[tuple[str, SavedRule]], protocol: Protocol = Protocol.TCP, family: Family = Family.IPV4
@@ -300,15 +303,21 @@ class StateCollector(Collector):
         if self.interval <= 0:
             return self._build(read=True)
         with self._cache_lock:
-            built, refreshing = self._built, self._refreshing
+            built = self._built
             due = built is None or built.states is not self._states or self.clock() - self._read_at >= self.interval
-            if due and not (refreshing and refreshing.is_alive()):
-                refreshing = self._refreshing = threading.Thread(target=self._build, name="metrics-build", daemon=True)
-                refreshing.start()
+        refreshing = self._start_build() if due else None
         if built is None and refreshing is not None:
             refreshing.join()
             built = self._built
         return built or self._build(read=False)
+
+    def _start_build(self) -> threading.Thread | None:
+        """A background _build, unless one is running (then that one)."""
+        with self._cache_lock:
+            if not (self._refreshing and self._refreshing.is_alive()):
+                self._refreshing = threading.Thread(target=self._build, name="metrics-build", daemon=True)
+                self._refreshing.start()
+            return self._refreshing
 
     def _build(self, read: bool = False) -> Exposition:
         """The text of the published states and the kernel's figures (read first if due, or if `read`)."""

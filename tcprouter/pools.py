@@ -128,10 +128,10 @@ class Pools:
     def state(self) -> DesiredState:
         """The desired state of every container held (as labels.desired_state gives it, up to the order of the
         rejections and warnings)."""
-        ordered = sorted(self._frontends.items())
+        held = self._frontends.items()  # in no particular order: whoever needs an order sorts (every_frontend)
         return DesiredState(
-            frontends={port: f for (protocol, port), f in ordered if protocol is Protocol.TCP},
-            udp_frontends={port: f for (protocol, port), f in ordered if protocol is Protocol.UDP},
+            frontends={port: f for (protocol, port), f in held if protocol is Protocol.TCP},
+            udp_frontends={port: f for (protocol, port), f in held if protocol is Protocol.UDP},
             rejections=tuple(r for rs in self._rejections.values() for r in rs),
             warnings=tuple(w for ws in self._warnings.values() for w in ws),
         )

@@ -235,22 +235,31 @@ def daemon_probe(frontends: int, repeats: int) -> dict:
             tracker.take_changes()  # the relist's changes were synced
         victim = containers[(frontends // 2) * BACKENDS_PER_FRONTEND + 3]
         partials = []
-        for i in range(4 * repeats):
+
+        def event(i: int) -> float:
+            """One Docker event (the victim dies, or starts again) and the sync the runner makes of it."""
             change = Change(victim.id, "die", 0, gone=True) if i % 2 == 0 else Change(victim.id, "start", 0, victim)
             started = time.perf_counter()
             tracker.apply(change)
             # as the runner passes them: the containers that changed (older code: the view is compared)
             changed = {"changed": tracker.take_changes()} if hasattr(tracker, "take_changes") else {}
             assert syncer.sync(tracker.view(), (), False, **changed), "partial sync failed"
-            partials.append(time.perf_counter() - started)
-        # What the endpoint answers to Prometheus (which asks for gzip); the old code formatted its registry.
+            return time.perf_counter() - started
+
+        partials = [event(i) for i in range(4 * repeats)]
+        # What the endpoint answers to Prometheus (which asks for gzip); the old code formatted its registry. The
+        # first scrape after the start; then each one after an event, as on a host where containers come and go
+        # between scrapes (the state changed: the new code builds its text again in the background meanwhile).
         scrape = (lambda: metrics.exposition(True)) if hasattr(metrics, "exposition") else None
         scrape = scrape or (lambda: generate_latest(metrics.registry))
         scrapes = []
-        for _ in range(5 * repeats):
+        for i in range(5 * repeats + 1):
+            if i:
+                event(i)
             started = time.perf_counter()
             scrape()
             scrapes.append(time.perf_counter() - started)
+        first_scrape, scrapes = scrapes[0], scrapes[1:]
         current, _ = iptables.read()
         consistent = restore_script(current, compile_rules(desired_state(containers), OPTIONS)) == ""
     status = Path("/proc/self/status").read_text()
@@ -260,6 +269,7 @@ def daemon_probe(frontends: int, repeats: int) -> dict:
         "full_sync_s": full,
         "noop_resync_s": {"p50": median(noops), "max": max(noops)},
         "partial_sync_s": {"p50": median(partials), "p90": percentile(partials, 90), "max": max(partials)},
+        "first_scrape_s": first_scrape,
         "scrape_s": {"p50": median(scrapes), "p99": percentile(scrapes, 99), "max": max(scrapes)},
         "consistent_after": consistent,
         "vmrss_kb": field("VmRSS:"),
@@ -300,6 +310,38 @@ def daemon_figures(sizes: list[int], repeats: int, code: Path | None = None) -> 
         rows.append(json.loads(done.stdout))
         log(f"daemon {frontends}x{BACKENDS_PER_FRONTEND} ({code or 'this tree'}): {rows[-1]}")
     return rows
+
+
+def _pair(was: dict, now: dict, get, scale: float = 1.0, digits: int = 2) -> str:
+    """`old / new` of one figure (`-` where the old code has none)."""
+    a, b = get(was), get(now)
+    old = f"{a * scale:,.{digits}f}" if a is not None else "-"
+    return f"{old} / {b * scale:,.{digits}f}"
+
+
+def compare_daemons(old: Path, sizes: list[int], repeats: int) -> str:
+    """daemon_probe of the tcprouter in `old` (a checkout, e.g. a `git worktree` of an earlier commit) and of this
+    tree, one after the other at each size: a markdown table, old / new in each cell."""
+    rows = [
+        "| size | full sync s | no-op resync s | partial sync ms p50 (new p90) | first scrape s "
+        "| scrape ms p50 | scrape ms p99 | VmRSS MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for frontends in sizes:
+        was, now = (daemon_figures([frontends], repeats, code)[0] for code in (old, None))
+        rows.append(
+            f"| {frontends:,} x {BACKENDS_PER_FRONTEND} "
+            f"| {_pair(was, now, lambda r: r['full_sync_s'])} "
+            f"| {_pair(was, now, lambda r: r['noop_resync_s']['p50'], digits=3)} "
+            f"| {_pair(was, now, lambda r: r['partial_sync_s']['p50'], 1e3, 1)} "
+            f"({now['partial_sync_s']['p90'] * 1e3:.1f}) "
+            f"| {_pair(was, now, lambda r: r.get('first_scrape_s'))} "
+            f"| {_pair(was, now, lambda r: r['scrape_s']['p50'], 1e3, 1)} "
+            f"| {_pair(was, now, lambda r: r['scrape_s']['p99'], 1e3, 1)} "
+            f"| {_pair(was, now, lambda r: r['vmrss_kb'], 1 / 1024, 0)} |"
+        )
+        print(rows[-1], file=sys.stderr, flush=True)
+    return "\n".join(rows)
 
 
 # ---- resident memory ----------------------------------------------------------------------------------
@@ -619,5 +661,7 @@ if __name__ == "__main__":
         print(json.dumps(listener_probe(int(sys.argv[2]))))
     elif sys.argv[1] == "daemon":
         print(json.dumps(daemon_probe(int(sys.argv[2]), int(sys.argv[3]))))
+    elif sys.argv[1] == "compare":  # python -m benchlib.scale compare OLD_CHECKOUT 10,100,1000,10000 REPEATS
+        print(compare_daemons(Path(sys.argv[2]), [int(n) for n in sys.argv[3].split(",")], int(sys.argv[4])))
     elif sys.argv[1] == "dispatch":  # alone: python -m scripts.benchlib.scale dispatch FRONTENDS SAMPLES
         print(json.dumps(dispatch_figures(int(sys.argv[2]), int(sys.argv[3]))))
