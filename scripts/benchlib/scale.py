@@ -261,7 +261,7 @@ def daemon_probe(frontends: int, repeats: int) -> dict:
             scrapes.append(time.perf_counter() - started)
         first_scrape, scrapes = scrapes[0], scrapes[1:]
         current, _ = iptables.read()
-        consistent = restore_script(current, compile_rules(desired_state(containers), OPTIONS)) == ""
+        consistent = restore_script(current, compile_rules(desired_state(tracker.view()), OPTIONS)) == ""
     status = Path("/proc/self/status").read_text()
     field = lambda key: int(next(x for x in status.splitlines() if x.startswith(key)).split()[1])  # noqa: E731
     return {
