@@ -440,3 +440,50 @@ def test_bad_labels_and_port_conflicts_leave_the_rest_working(backends, start_ro
         assert "label tcp.port='not-a-port' is not an integer" in log
         assert f"{squatter.get_wrapped_container().name}" in log and "already listens" in log
         assert not any(f"--dport {busy} " in line for line in owned_rules_in_host(host_tables))
+
+
+class CountingApi:
+    """A real Docker API client that counts its container inspects."""
+
+    def __init__(self, api) -> None:
+        self.api, self.inspected, self.lock = api, [], threading.Lock()
+
+    def __getattr__(self, name: str):
+        return getattr(self.api, name)
+
+    def inspect_container(self, container_id: str) -> dict:
+        with self.lock:
+            self.inspected.append(container_id)
+        return self.api.inspect_container(container_id)
+
+
+def test_a_relist_inspects_only_the_containers_whose_list_entries_changed(backends, docker_api):
+    """Real containers: Docker's list entries agree with what their inspects gave (labels, state, health,
+    addresses), so a relist holding those snapshots inspects none; a container on a new network, or seen
+    stopping, is inspected again."""
+    prefix = unique("relist")
+    check = {"test": ["CMD-SHELL", "true"], "interval": 300_000_000}
+    plain = [backends.start({f"{prefix}.port": "80"}, wait=False) for _ in range(2)]
+    healthy = backends.start({f"{prefix}.port": "80"}, wait=False, healthcheck=check)
+    wrapped = healthy.get_wrapped_container()
+    wait_until(lambda: wrapped.reload() or wrapped.attrs["State"]["Health"]["Status"] == "healthy", 10)
+    api = CountingApi(connect(None, timeout=10))
+    first = list_labelled(api, prefix)
+    assert len(first) == 3 and len(api.inspected) == 3
+    assert {s.health for s in first} == {None, "healthy"}
+    held = {s.id: s for s in first}
+    api.inspected.clear()
+    assert list_labelled(api, prefix, held=held) == first and api.inspected == []
+    moved = plain[0].get_wrapped_container()
+    network = docker_api.networks.create(unique("tcpr-relist-"))
+    try:
+        network.connect(moved.id)
+        again = list_labelled(api, prefix, held=held)
+        assert api.inspected == [moved.id]
+        assert network.name in next(s for s in again if s.id == moved.id).networks
+        api.inspected.clear()
+        list_labelled(api, prefix, held={s.id: s for s in again}, suspect={plain[1].get_wrapped_container().id})
+        assert api.inspected == [plain[1].get_wrapped_container().id]
+    finally:
+        network.disconnect(moved.id, force=True)
+        network.remove()

@@ -19,9 +19,11 @@ from tcprouter.providers.engine import (
     Network,
     NetworkDrivers,
     ends_container,
+    health_in_status,
     list_labelled,
     published_tcp_ports,
     snapshot_from_inspect,
+    still_as_held,
 )
 from tcprouter.providers.swarm import node_address, node_names, task_changes, task_snapshot
 
@@ -272,3 +274,91 @@ def test_a_container_on_a_network_created_with_ipv6_has_its_ipv6_address_and_sub
     }
     snapshot = snapshot_from_inspect(info)
     assert (snapshot.networks6, snapshot.subnets6) == ({"v6net": "fd00:20::2"}, {"v6net": "fd00:20::/64"})
+
+
+NETWORKS = {
+    "app": {"NetworkID": "n1", "IPAddress": "172.18.0.3", "IPPrefixLen": 16, "GlobalIPv6Address": ""},
+    "v6": {"IPAddress": "172.20.0.2", "IPPrefixLen": 16, "GlobalIPv6Address": "fd00:20::2", "GlobalIPv6PrefixLen": 64},
+}
+INSPECT = {
+    "Id": "f" * 64,
+    "Created": "2026-12-03T10:00:00.123456789Z",
+    "Config": {"Labels": {"tcp.port": "80"}, "StopSignal": "SIGQUIT"},
+    "State": {"Running": True, "StartedAt": "2026-12-03T10:00:01Z", "Health": {"Status": "healthy"}},
+    "NetworkSettings": {"Networks": NETWORKS, "Ports": {"80/tcp": [{"HostIp": "0.0.0.0", "HostPort": "8080"}]}},
+}
+SUMMARY = {
+    "Id": "f" * 64,
+    "Labels": {"tcp.port": "80"},
+    "State": "running",
+    "Status": "Up 2 minutes (healthy)",
+    "Ports": [{"IP": "0.0.0.0", "PrivatePort": 80, "PublicPort": 8080, "Type": "tcp"}],
+    "NetworkSettings": {"Networks": NETWORKS},
+}
+
+
+@pytest.mark.parametrize("host", [None, Host("node2", "198.18.99.12")])
+def test_a_list_entry_that_shows_what_was_inspected_keeps_the_snapshot(host):
+    assert still_as_held(SUMMARY, snapshot_from_inspect(INSPECT, host))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"State": "exited"},
+        {"State": "paused"},
+        {"Status": "Up 2 minutes (unhealthy)"},
+        {"Status": "Up 2 minutes"},
+        {"Labels": {"tcp.port": "81"}},
+        {"NetworkSettings": {"Networks": {"app": NETWORKS["app"]}}},
+        {"NetworkSettings": {"Networks": {**NETWORKS, "app": {**NETWORKS["app"], "IPAddress": "172.18.0.9"}}}},
+        {"NetworkSettings": None, "Ports": "odd"},
+    ],
+)
+def test_a_list_entry_that_differs_in_anything_a_snapshot_holds_is_inspected_again(change):
+    assert not still_as_held({**SUMMARY, **change}, snapshot_from_inspect(INSPECT))
+
+
+def test_a_remote_containers_published_ports_are_compared_too():
+    remote = snapshot_from_inspect(INSPECT, Host("node2", "198.18.99.12"))
+    moved = [{"IP": "0.0.0.0", "PrivatePort": 80, "PublicPort": 8081, "Type": "tcp"}]
+    assert not still_as_held({**SUMMARY, "Ports": moved}, remote)
+    assert still_as_held(
+        {**SUMMARY, "Ports": moved}, snapshot_from_inspect(INSPECT)
+    )  # a local one is not reached there
+
+
+@pytest.mark.parametrize(
+    ("status", "health"),
+    [
+        ("Up 3 seconds (health: starting)", "starting"),
+        ("Up 2 hours (healthy)", "healthy"),
+        ("Up 1 second (unhealthy)", "unhealthy"),
+        ("Up 5 minutes", None),
+        ("Exited (0) 3 seconds ago", None),
+    ],
+)
+def test_health_as_a_list_entry_shows_it(status, health):
+    assert health_in_status(status) == health
+
+
+class ListingApi(SlowInspectApi):
+    """Lists containers with full entries (those of SUMMARY, but their ids), counting inspects."""
+
+    def containers(self, filters: dict) -> list[dict]:
+        return [{**SUMMARY, "Id": f"{i:064x}"} for i in range(self.count)] if filters == {"label": "tcp.port"} else []
+
+    def inspect_container(self, container_id: str) -> dict:
+        self.inspected = getattr(self, "inspected", 0) + 1
+        return {**INSPECT, "Id": container_id}
+
+
+def test_a_relist_reuses_held_snapshots_but_not_those_of_suspects_or_of_new_containers():
+    api = ListingApi(5)
+    first = list_labelled(api, "tcp")  # type: ignore[arg-type]
+    assert api.inspected == 5
+    held = {s.id: s for s in first[:4]}  # the fifth is new to the next relist
+    again = list_labelled(api, "tcp", held=held, suspect={first[0].id})  # type: ignore[arg-type]
+    assert api.inspected == 5 + 2  # the suspect and the new one
+    assert [s.id for s in again] == [s.id for s in first]  # in the list's order
+    assert all(again[i] is held[again[i].id] for i in (1, 2, 3))

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import signal
 import socket
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -115,24 +116,14 @@ def snapshot_from_inspect(
     config = info.get("Config") or {}
     settings = info.get("NetworkSettings") or {}
     networks = settings.get("Networks") or {}
-    addresses: dict[str, str] = {}
-    subnets: dict[str, str] = {}
-    addresses6: dict[str, str] = {}
-    subnets6: dict[str, str] = {}
+    addresses, subnets, addresses6, subnets6 = network_addresses(networks)
     drivers: dict[str, str] = {}
     internal: set[str] = set()
     for name, net in networks.items():
-        net = net or {}
-        addresses[name] = net.get("IPAddress") or ""
-        known = driver_of(net["NetworkID"]) if net.get("NetworkID") else Network()
+        known = driver_of(net["NetworkID"]) if net and net.get("NetworkID") else Network()
         drivers[name] = known.driver
         if known.internal:
             internal.add(name)
-        if net.get("IPAddress") and net.get("IPPrefixLen"):
-            subnets[name] = _subnet(net["IPAddress"], int(net["IPPrefixLen"]))
-        if net.get("GlobalIPv6Address") and net.get("GlobalIPv6PrefixLen"):  # a network created with --ipv6
-            interface = ipaddress.IPv6Interface(f"{net['GlobalIPv6Address']}/{int(net['GlobalIPv6PrefixLen'])}")
-            addresses6[name], subnets6[name] = str(interface.ip), str(interface.network)
     exposed = {
         protocol: tuple(
             sorted(
@@ -166,6 +157,69 @@ def snapshot_from_inspect(
         host_address=host.address if host else "",
         published_tcp_ports=published_tcp_ports(ports) if host else {},
         published_udp_ports=published_tcp_ports(ports, Protocol.UDP) if host else {},
+    )
+
+
+def network_addresses(networks: Mapping[str, dict | None]) -> tuple[dict[str, str], ...]:
+    """Each network's IPv4 address ("" if none) and subnet, and its IPv6 address and subnet (networks created with
+    --ipv6), from NetworkSettings.Networks as inspect and the list endpoint both give it."""
+    addresses: dict[str, str] = {}
+    subnets: dict[str, str] = {}
+    addresses6: dict[str, str] = {}
+    subnets6: dict[str, str] = {}
+    for name, net in networks.items():
+        net = net or {}
+        addresses[name] = net.get("IPAddress") or ""
+        if net.get("IPAddress") and net.get("IPPrefixLen"):
+            subnets[name] = _subnet(net["IPAddress"], int(net["IPPrefixLen"]))
+        if net.get("GlobalIPv6Address") and net.get("GlobalIPv6PrefixLen"):
+            interface = ipaddress.IPv6Interface(f"{net['GlobalIPv6Address']}/{int(net['GlobalIPv6PrefixLen'])}")
+            addresses6[name], subnets6[name] = str(interface.ip), str(interface.network)
+    return addresses, subnets, addresses6, subnets6
+
+
+_HEALTH_IN_STATUS = re.compile(r"\((healthy|unhealthy|health: starting)\)$")
+
+
+def health_in_status(status: str) -> str | None:
+    """The health a list entry's Status shows ("Up 2 minutes (healthy)"), as inspect's State.Health.Status."""
+    found = _HEALTH_IN_STATUS.search(status)
+    return None if found is None else found.group(1).removeprefix("health: ")
+
+
+def listed_published_ports(ports: list, wanted: Protocol) -> dict[int, int]:
+    """published_tcp_ports from a list entry's Ports ([{IP, PrivatePort, PublicPort, Type}])."""
+    published: dict[int, int] = {}
+    for port in ports:
+        loopback = ipaddress.ip_address(port.get("IP") or "0.0.0.0").is_loopback
+        if port.get("Type") == wanted and port.get("PublicPort") and not loopback:
+            published.setdefault(int(port["PrivatePort"]), int(port["PublicPort"]))
+    return published
+
+
+def still_as_held(summary: dict, held: ContainerSnapshot) -> bool:
+    """Whether a list entry shows nothing that differs from the snapshot held of the same container: labels,
+    running, health, every network's addresses and subnets, and (remote) published ports. Creation time, stop
+    signal and exposed ports do not change while the container exists; a restart changes its start time, which
+    the list does not show: a container seen stopping (a drain) is inspected again whatever its entry says."""
+    try:
+        settings = summary.get("NetworkSettings") or {}
+        addresses = network_addresses(settings.get("Networks") or {})
+        ports = summary.get("Ports") or []
+        published = (
+            (listed_published_ports(ports, Protocol.TCP), listed_published_ports(ports, Protocol.UDP))
+            if held.host_address
+            else ({}, {})
+        )
+    except (AttributeError, KeyError, TypeError, ValueError):  # an odd entry: inspect it
+        return False
+    return (
+        not held.malformed
+        and (summary.get("Labels") or {}) == held.labels
+        and (summary.get("State") == "running") == held.running
+        and health_in_status(summary.get("Status") or "") == held.health
+        and addresses == (held.networks, held.subnets, held.networks6, held.subnets6)
+        and published == (held.published_tcp_ports, held.published_udp_ports)
     )
 
 
@@ -225,24 +279,35 @@ def list_labelled(
     host: Host | None = None,
     driver_of: NetworkLookup | None = None,
     udp_prefix: str = DEFAULT_UDP_PREFIX,
+    held: Mapping[str, ContainerSnapshot] | None = None,
+    suspect: Collection[str] = (),
 ) -> list[ContainerSnapshot]:
     """The labelled containers (`<prefix>.port` or `<udp_prefix>.port`). Local ones (no `host`) with their
     networks' drivers (listed if none is given).
 
     The list endpoint lacks what a snapshot needs (creation time to the nanosecond, StartedAt, StopSignal, exposed
-    ports, health), so each container is inspected, RELIST_WORKERS at a time: a relist of 1,000 containers after a
-    reconnect does not wait for 1,000 round trips one after the other."""
+    ports), so a container is inspected unless `held` has a snapshot of it that its list entry still agrees with
+    (still_as_held) and it is not in `suspect`: a relist after a reconnect inspects only what changed. Inspects run
+    RELIST_WORKERS at a time."""
     if driver_of is None:
         driver_of = _unknown_driver if host else NetworkDrivers(api)
+    held = held or {}
     # Docker's label filters all have to match: one listing per label, each container once.
-    ids = list(
-        {s["Id"]: None for label in port_labels(prefix, udp_prefix) for s in api.containers(filters={"label": label})}
-    )
-    if not ids:
-        return []
-    with ThreadPoolExecutor(min(RELIST_WORKERS, len(ids)), thread_name_prefix="relist") as pool:
-        snapshots = pool.map(lambda cid: inspect(api, cid, host, driver_of), ids)
-        return [snapshot for snapshot in snapshots if snapshot is not None]
+    listed = {s["Id"]: s for label in port_labels(prefix, udp_prefix) for s in api.containers(filters={"label": label})}
+    kept = {
+        cid: held[cid]
+        for cid, summary in listed.items()
+        if cid in held and cid not in suspect and still_as_held(summary, held[cid])
+    }
+    unknown = [cid for cid in listed if cid not in kept]
+    inspected: dict[str, ContainerSnapshot | None] = {}
+    if unknown:
+        with ThreadPoolExecutor(min(RELIST_WORKERS, len(unknown)), thread_name_prefix="relist") as pool:
+            inspected = dict(
+                zip(unknown, pool.map(lambda cid: inspect(api, cid, host, driver_of), unknown), strict=True)
+            )
+    snapshots = (kept.get(cid) or inspected.get(cid) for cid in listed)
+    return [snapshot for snapshot in snapshots if snapshot is not None]
 
 
 def open_events(api: docker.APIClient) -> Iterator[dict]:
@@ -320,6 +385,10 @@ class EngineProvider:
         self.timeout = timeout
         self.remote = remote
         self.source = url if remote and url else LOCAL
+        # The last snapshot of each labelled container (the tracker holds the same objects), and the ones seen
+        # stopping since: a relist after a reconnect inspects only what its list entries show changed.
+        self._held: dict[str, ContainerSnapshot] = {}
+        self._suspect: set[str] = set()
         for action in sorted(CONTAINER_ACTIONS | NETWORK_ACTIONS):
             metrics.docker_events.labels(action)  # series exist at 0, so rate() and alerts see the first event
         metrics.docker_connected.labels(self.source)
@@ -343,10 +412,11 @@ class EngineProvider:
             stream = open_events(api)  # subscribe first: nothing falls between list and stream
             drivers = None if host else NetworkDrivers(api)
             try:
-                labelled = list_labelled(api, self.prefix, host, drivers, self.udp_prefix)
+                labelled = list_labelled(api, self.prefix, host, drivers, self.udp_prefix, self._held, self._suspect)
             except BaseException:
                 stream.close()
                 raise
+            self._held, self._suspect = {s.id: s for s in labelled}, set()
             sink(Relist(tuple(labelled), source=self.source))
             log.info("%s: Docker connected: %d labelled containers", self.source, len(labelled))
             known = {s.id: s.stop_signal for s in labelled}
@@ -375,8 +445,12 @@ class EngineProvider:
                     continue
                 if change.gone:
                     session.known.pop(change.container_id, None)
+                    self._held.pop(change.container_id, None)
                 elif change.snapshot is not None:
                     session.known[change.container_id] = change.snapshot.stop_signal
+                    self._held[change.container_id] = change.snapshot
+                if change.drain:
+                    self._suspect.add(change.container_id)
                 self.metrics.docker_events.labels(change.action).inc()
                 sink(change)
             raise ConnectionError("the Docker event stream ended")
