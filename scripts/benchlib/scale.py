@@ -204,7 +204,7 @@ def _medians(rows: list[dict[str, float]]) -> dict[str, float]:
 # ---- the daemon's own syncs, old code beside new ------------------------------------------------------
 
 
-def daemon_probe(frontends: int, repeats: int) -> dict:
+def daemon_probe(frontends: int, repeats: int, flavour: Flavour | None = None) -> dict:
     """Runs in a fresh interpreter, with whichever tcprouter is first on sys.path (the old commit's or this one's):
     the daemon's ChangeTracker and Syncer against a private namespace's tables. A full sync from empty tables, a
     resync with nothing changed, one backend leaving and coming back as Docker events (tracker.apply, then the
@@ -215,7 +215,7 @@ def daemon_probe(frontends: int, repeats: int) -> dict:
     from tcprouter.metrics import Metrics, kernel_reader
     from tcprouter.tracker import Change, ChangeTracker, Relist
 
-    flavour = detect_flavour()
+    flavour = flavour or detect_flavour()  # a namespace's tables: either flavour can be measured on any host
     with contextlib.ExitStack() as stack:
         ns = netns_add(stack, "tcpr-bench-d-")
         iptables = Iptables(flavour, netns=ns, timeout=300)
@@ -660,7 +660,8 @@ if __name__ == "__main__":
     elif sys.argv[1] == "listeners":
         print(json.dumps(listener_probe(int(sys.argv[2]))))
     elif sys.argv[1] == "daemon":
-        print(json.dumps(daemon_probe(int(sys.argv[2]), int(sys.argv[3]))))
+        flavour = Flavour(sys.argv[4]) if len(sys.argv) > 4 else None  # daemon FRONTENDS REPEATS [nft|legacy]
+        print(json.dumps(daemon_probe(int(sys.argv[2]), int(sys.argv[3]), flavour)))
     elif sys.argv[1] == "compare":  # python -m benchlib.scale compare OLD_CHECKOUT 10,100,1000,10000 REPEATS
         print(compare_daemons(Path(sys.argv[2]), [int(n) for n in sys.argv[3].split(",")], int(sys.argv[4])))
     elif sys.argv[1] == "dispatch":  # alone: python -m scripts.benchlib.scale dispatch FRONTENDS SAMPLES
