@@ -39,6 +39,8 @@ KERNEL_READ_TIMEOUT = 5.0
 SERIES_GRACE = 300.0
 # The daemon reads the kernel's counters at most this often (`iptables-save -c` of 110,000 rules takes seconds).
 KERNEL_READ_INTERVAL = 10.0
+# The first scrape waits this long at most for the first text (Prometheus' default scrape timeout is 10 s).
+FIRST_BUILD_WAIT = 5.0
 K = TypeVar("K", bound=Hashable)
 
 # The nat and filter tables (chains and rules) and their rules with packet counters, as Iptables.read returns them.
@@ -215,6 +217,7 @@ class StateCollector(Collector):
         self._figures: KernelFigures | None = None
         self._read_at = 0.0
         self._built: Exposition | None = None
+        self.first_wait = FIRST_BUILD_WAIT
         self._refreshing: threading.Thread | None = None
         # Serialises reads (read and fold together: a stale read folded after a newer one would look like
         # a reset). The reconciler never takes it; nor does a scrape that is served the last read.
@@ -299,7 +302,8 @@ class StateCollector(Collector):
     def exposition(self) -> Exposition:
         """What collect() yields, as text. With a read interval, the last build is served at once: a new one (a
         kernel read if one is due, then the text) starts in the background when the published states changed or
-        the read is due, one at a time; only the first scrape waits for one. Without, it is built now."""
+        the read is due, one at a time; only the first scrape waits for one, at most `first_wait` seconds (then
+        the state's series come at a later scrape, rather than the scrape timing out). Without, it is built now."""
         if self.interval <= 0:
             return self._build(read=True)
         with self._cache_lock:
@@ -307,8 +311,10 @@ class StateCollector(Collector):
             due = built is None or built.states is not self._states or self.clock() - self._read_at >= self.interval
         refreshing = self._start_build() if due else None
         if built is None and refreshing is not None:
-            refreshing.join()
+            refreshing.join(self.first_wait)
             built = self._built
+            if built is None:
+                return Exposition({}, b"", gzip.compress(b""))
         return built or self._build(read=False)
 
     def _start_build(self) -> threading.Thread | None:

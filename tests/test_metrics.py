@@ -357,3 +357,20 @@ def test_a_scrape_is_served_the_last_text_while_a_slow_read_runs():
     assert time.monotonic() - started < 2
     release.set()
     wait_until(lambda: len(reads) == 2, 5, what="the background read")
+
+
+def test_the_first_scrape_waits_a_bounded_time_for_a_slow_first_read():
+    release = threading.Event()
+
+    def slow_kernel() -> tuple[Tables, list[tuple[str, SavedRule]]]:
+        release.wait(10)  # the first read of 110,000 rules
+        return kernel({"TCPR-FE-27017": [0, 2, 1]}, pool(A, C))
+
+    metrics = Metrics(slow_kernel, read_interval=10)
+    metrics.state.first_wait = 0.2
+    started = time.monotonic()
+    first = metrics.exposition().decode()
+    assert time.monotonic() - started < 2
+    assert "tcprouter_sync_failures_total" in first and "tcprouter_backend_connections" not in first
+    release.set()
+    wait_until(lambda: b"tcprouter_backend_connections" in metrics.exposition(), 5, what="the state's series")
