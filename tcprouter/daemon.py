@@ -139,6 +139,7 @@ def serve(
             probing.fall,
             probing.rise,
         )
+    metrics.leader.set(1 if lock.held else 0)  # before the first scrape: a starting owner is no standby
     if metrics_address:
         metrics.serve(metrics_address, Liveness(runner, threads, timing, lock))
 
@@ -165,7 +166,6 @@ def _own_tables(lock: TablesLock, stopping: threading.Event, metrics: Metrics) -
     nothing: its first sync, once it owns the tables, reads them and writes only what differs (nothing, when it
     takes over from an owner that saw the same Docker)."""
     if not lock.held:
-        metrics.leader.set(0)
         log.info("standby: another tcprouter owns this host's tables; following Docker, taking over when it stops")
         if not lock.wait(stopping):
             return False

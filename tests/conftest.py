@@ -112,10 +112,24 @@ def backends() -> Iterator[Backends]:
     pool.remove_all()
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """A failing test's report ends with the log of every router it started (see `start_router`)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for router in getattr(item, "routers", ()):
+            report.sections.append((f"tcprouter log {router.log_path}", router.log()[-LOG_TAIL:]))
+
+
+LOG_TAIL = 30_000  # characters of each router's log in a failure report
+
+
 @pytest.fixture
-def start_router(host_tables: str) -> Iterator[Callable[..., Router]]:
+def start_router(host_tables: str, request: pytest.FixtureRequest) -> Iterator[Callable[..., Router]]:
     """Start `tcprouter run` with extra arguments; stopped and cleaned up after the test."""
     routers: list[Router] = []
+    request.node.routers = routers
 
     def start(*args: str) -> Router:
         router = Router(*args).start()

@@ -16,10 +16,11 @@ import urllib.request
 import pytest
 
 from tcprouter.compiler import Options
-from tcprouter.daemon import Liveness, _guarded
+from tcprouter.daemon import Liveness, _guarded, serve
 from tcprouter.labels import desired_state
 from tcprouter.metrics import Metrics
 from tcprouter.ownership import TablesLock
+from tcprouter.probe import ProbePolicy
 from tcprouter.providers.docker_api import follow_forever
 from tcprouter.providers.engine import read_inspect
 from tcprouter.providers.swarm import read_task
@@ -146,6 +147,42 @@ def test_healthz_is_200_only_while_the_threads_run_and_the_loop_syncs():
     worker.join(5)
     assert healthz(port) == (503, "stopped: provider local")
     assert b"tcprouter_internal_errors_total" in urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read()
+
+
+class QuitAtOnce:
+    """A provider whose thread ends at once: the daemon stops with an error, so that `serve` returns."""
+
+    source, remote = "local", False
+
+    def follow(self, submit: object, stopping: threading.Event) -> None:
+        return None
+
+
+class FirstScrapeMetrics(Metrics):
+    """Metrics that record what the first scrape would say about leadership instead of serving it."""
+
+    leader_when_served: float | None = None
+
+    def serve(self, address: str, liveness: object) -> None:
+        self.leader_when_served = self.leader._value.get()
+
+
+@pytest.mark.parametrize("owner", [True, False])
+def test_the_first_scrape_already_tells_an_owner_from_a_standby(owner):
+    """tcprouter_leader is right before the metrics endpoint opens: a starting owner never shows 0 (which would
+    wake an operator's standby alert, and made the tests take a starting router for a standby)."""
+    lock = TablesLock(unique("tcpr-test-"))
+    other = TablesLock(lock.name)
+    assert (lock if owner else other).acquire()
+    metrics = FirstScrapeMetrics(lambda: ({}, []))
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        serve([QuitAtOnce()], {}, metrics, Options, "tcp", Timing(), ProbePolicy(), lock, "127.0.0.1:0")  # type: ignore[list-item]
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        other.release()
+    assert metrics.leader_when_served == (1.0 if owner else 0.0)
 
 
 def test_the_tables_lock_is_held_by_one_process_of_a_network_namespace_and_freed_when_it_dies():
