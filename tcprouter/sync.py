@@ -172,7 +172,8 @@ class Syncer:
                 )
                 continue
             self.metrics.flows_forgotten.labels(str(protocol)).inc(deleted)
-            log.info(
+            log.log(
+                logging.INFO if deleted else logging.DEBUG,
                 "deleted %d %s conntrack entries of backends that left (%s)",
                 deleted,
                 protocol.upper(),
