@@ -6,10 +6,14 @@ Everything here is immutable and free of I/O, so each stage can be tested on its
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
+from types import MappingProxyType
+from typing import Any
 
 _FRACTION = re.compile(r"\.(\d+)")
 
@@ -38,7 +42,29 @@ class Balance(StrEnum):
     RANDOM = "random"
 
 
-@dataclass(frozen=True)
+EMPTY: Mapping = MappingProxyType({})
+
+
+@functools.lru_cache(maxsize=4096)
+def _shared(items: tuple[tuple[object, object], ...]) -> Mapping:
+    return MappingProxyType(dict(items))
+
+
+def shared(mapping: Mapping) -> Mapping:
+    """A read-only map equal to `mapping`, the same object for every equal one (a bounded cache)."""
+    return _shared(tuple(mapping.items())) if mapping else EMPTY
+
+
+def no_entries() -> Any:
+    """The default of a map field: the shared empty map."""
+    return field(default_factory=lambda: EMPTY)
+
+
+# The maps that the containers of one network, or the tasks of one service, have in common.
+SHARED_FIELDS = ("subnets", "network_drivers", "networks6", "subnets6", "published_tcp_ports", "published_udp_ports")
+
+
+@dataclass(frozen=True, slots=True)
 class ContainerSnapshot:
     """What tcprouter needs to know about one container (or Swarm task), whatever provider found it.
 
@@ -55,20 +81,25 @@ class ContainerSnapshot:
     health: str | None = None  # None: no HEALTHCHECK; else "starting" | "healthy" | "unhealthy"
     draining: bool = False  # a stop/kill was seen: leave the rotation before the process exits
     started_at: str = ""  # Docker's State.StartedAt: tells one run of the container from the next
-    networks: dict[str, str] = field(default_factory=dict)  # network name -> IPv4 address ("" if none)
-    subnets: dict[str, str] = field(default_factory=dict)  # network name -> IPv4 subnet (CIDR), if known
-    network_drivers: dict[str, str] = field(default_factory=dict)  # network name -> its driver, if known
-    networks6: dict[str, str] = field(default_factory=dict)  # network name -> IPv6 address (networks with --ipv6)
-    subnets6: dict[str, str] = field(default_factory=dict)  # network name -> IPv6 subnet (CIDR), if known
+    networks: Mapping[str, str] = no_entries()  # network name -> IPv4 address ("" if none)
+    subnets: Mapping[str, str] = no_entries()  # network name -> IPv4 subnet (CIDR), if known
+    network_drivers: Mapping[str, str] = no_entries()  # network name -> its driver, if known
+    networks6: Mapping[str, str] = no_entries()  # network name -> IPv6 address (networks with --ipv6)
+    subnets6: Mapping[str, str] = no_entries()  # network name -> IPv6 subnet (CIDR), if known
     internal_networks: frozenset[str] = frozenset()  # the names of its networks created with --internal
     exposed_tcp_ports: tuple[int, ...] = ()
     exposed_udp_ports: tuple[int, ...] = ()
     stop_signal: str = "SIGTERM"  # what `docker stop` sends it (Config.StopSignal): its kill event means it is ending
     node: str = ""  # the host it runs on, for status, logs and metrics ("": this host)
     host_address: str = ""  # remote only: the address of that host, where its published ports are reached
-    published_tcp_ports: dict[int, int] = field(default_factory=dict)  # remote only: container port -> host port
-    published_udp_ports: dict[int, int] = field(default_factory=dict)  # remote only: the same for UDP
+    published_tcp_ports: Mapping[int, int] = no_entries()  # remote only: container port -> host port
+    published_udp_ports: Mapping[int, int] = no_entries()  # remote only: the same for UDP
     malformed: str = ""  # why Docker's data for it could not be read: it is rejected, nothing else is affected
+
+    def __post_init__(self) -> None:
+        # The containers of one network share one copy of its maps (100,000 snapshots at 10,000 x 10).
+        for name in SHARED_FIELDS:
+            object.__setattr__(self, name, shared(getattr(self, name)))
 
     @property
     def age_order(self) -> tuple[int, str]:

@@ -349,8 +349,6 @@ def compare_daemons(old: Path, sizes: list[int], repeats: int) -> str:
 
 def rss_probe(frontends: int) -> dict[str, int]:
     """Runs in a fresh interpreter: import the daemon's modules, then hold what the daemon holds at this size."""
-    from prometheus_client import generate_latest
-
     from tcprouter import cli  # noqa: F401  (the daemon's imports: docker, requests, prometheus_client, tenacity)
     from tcprouter.diff import SavedRule
     from tcprouter.metrics import Metrics
@@ -368,9 +366,9 @@ def rss_probe(frontends: int) -> dict[str, int]:
             for chain, specs in chains.items()
             for spec in specs
         ]
-        metrics = Metrics(lambda: counted)
+        metrics = Metrics(lambda: (applied, counted))
         metrics.state.publish(state)
-        exposition = generate_latest(metrics.registry)  # one scrape
+        exposition = metrics.exposition(gzipped=True)  # one scrape (it waits for the first text)
         held = [containers, state, rules, applied, metrics]
         del script, exposition
     gc.collect()
