@@ -112,6 +112,9 @@ def backends() -> Iterator[Backends]:
     pool.remove_all()
 
 
+LOG_TAIL = 30_000  # characters of each router's log in a failure report
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
     """A failing test's report ends with the log of every router it started (see `start_router`)."""
@@ -120,9 +123,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
     if report.failed:
         for router in getattr(item, "routers", ()):
             report.sections.append((f"tcprouter log {router.log_path}", router.log()[-LOG_TAIL:]))
-
-
-LOG_TAIL = 30_000  # characters of each router's log in a failure report
 
 
 @pytest.fixture
