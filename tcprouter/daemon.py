@@ -20,7 +20,7 @@ from enum import StrEnum
 from .compiler import Options
 from .conntrack import forget_flows
 from .families import FamilySyncers
-from .labels import DEFAULT_UDP_PREFIX
+from .labels import DEFAULT_UDP_PREFIX, LabelKeys
 from .metrics import Metrics
 from .model import Family
 from .netfilter import Flavour, Writer, ruleset_generation
@@ -77,21 +77,20 @@ def sources_problem(mode: Mode, urls: Sequence[str]) -> str | None:
 def build_providers(
     mode: Mode,
     urls: Sequence[str],
-    prefix: str,
+    keys: LabelKeys,
     metrics: Metrics,
     timeout: float = 10.0,
     poll_interval: float = 0.5,
-    udp_prefix: str = DEFAULT_UDP_PREFIX,
 ) -> list[Provider]:
     """The providers of a mode; ValueError with an operator's sentence for a combination that cannot work."""
     problem = sources_problem(mode, urls)
     if problem:
         raise ValueError(problem)
     if mode is Mode.SWARM:
-        return [SwarmProvider(urls[0] if urls else None, prefix, metrics, timeout, poll_interval)]
+        return [SwarmProvider(urls[0] if urls else None, keys, metrics, timeout, poll_interval)]
     if mode is Mode.ENGINES:
-        return [EngineProvider(url, prefix, metrics, timeout, True, udp_prefix) for url in urls]
-    return [EngineProvider(urls[0] if urls else None, prefix, metrics, timeout, udp_prefix=udp_prefix)]
+        return [EngineProvider(url, keys, metrics, timeout, True) for url in urls]
+    return [EngineProvider(urls[0] if urls else None, keys, metrics, timeout)]
 
 
 def serve(

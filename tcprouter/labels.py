@@ -41,6 +41,37 @@ def has_port_label(labels: Mapping[str, str], prefix: str, udp_prefix: str) -> b
     return any(label in labels for label in port_labels(prefix, udp_prefix))
 
 
+@dataclass(frozen=True)
+class LabelKeys:
+    """The labels tcprouter reads: its TCP and UDP prefixes' and the owner label, the only ones a provider keeps.
+
+    A Compose container carries a dozen others (its project's paths and config hash, its image's OCI labels); at
+    100,000 containers they would be a large part of the daemon's memory. Without them the replicas of one service
+    have equal labels, and their snapshots share one map (model.SHARED_FIELDS)."""
+
+    prefix: str = DEFAULT_PREFIX
+    udp_prefix: str = DEFAULT_UDP_PREFIX
+    owner: str = ""
+
+    def port_labels(self) -> tuple[str, ...]:
+        return port_labels(self.prefix, self.udp_prefix)
+
+    def has_port_label(self, labels: Mapping[str, str]) -> bool:
+        return has_port_label(labels, self.prefix, self.udp_prefix)
+
+    def kept(self, labels: Mapping[str, str]) -> dict[str, str]:
+        """The labels of `labels` that tcprouter reads."""
+        namespaces = (f"{self.prefix}.", f"{self.udp_prefix}.")
+        return {key: value for key, value in labels.items() if key.startswith(namespaces) or key == self.owner}
+
+
+def kept_labels(labels: object, keys: LabelKeys | None) -> dict[str, str]:
+    """What a snapshot keeps of a Docker object's labels: those of `keys` (all without it); none if not a map."""
+    if not isinstance(labels, dict):
+        return {}
+    return keys.kept(labels) if keys else dict(labels)
+
+
 class LabelError(ValueError):
     """A label value that breaks the contract; `reason` is a stable key for metrics."""
 
@@ -246,7 +277,7 @@ def _allow(labels: Mapping[str, str], key: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(networks))  # in order, once each
 
 
-def parse_access(labels: dict[str, str], prefix: str = DEFAULT_PREFIX) -> Access:
+def parse_access(labels: Mapping[str, str], prefix: str = DEFAULT_PREFIX) -> Access:
     """The access labels of a container (tcp.allow, tcp.maxconn, tcp.rate, tcp.burst), validated."""
     maxconn = _integer(labels, f"{prefix}.maxconn", 1, 65535)
     rate_raw = labels.get(f"{prefix}.rate")

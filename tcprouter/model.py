@@ -60,8 +60,17 @@ def no_entries() -> Any:
     return field(default_factory=lambda: EMPTY)
 
 
-# The maps that the containers of one network, or the tasks of one service, have in common.
-SHARED_FIELDS = ("subnets", "network_drivers", "networks6", "subnets6", "published_tcp_ports", "published_udp_ports")
+# The maps that the containers of one network, or the replicas of one service, have in common (their labels too,
+# as the providers keep only the ones tcprouter reads).
+SHARED_FIELDS = (
+    "labels",
+    "subnets",
+    "network_drivers",
+    "networks6",
+    "subnets6",
+    "published_tcp_ports",
+    "published_udp_ports",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +85,7 @@ class ContainerSnapshot:
     id: str
     name: str
     created: str  # RFC 3339 timestamp from Docker (fractions of any length, `Z` or an offset)
-    labels: dict[str, str]
+    labels: Mapping[str, str]
     running: bool
     health: str | None = None  # None: no HEALTHCHECK; else "starting" | "healthy" | "unhealthy"
     draining: bool = False  # a stop/kill was seen: leave the rotation before the process exits

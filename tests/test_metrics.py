@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tcprouter.compiler import Tables, compile_rules
 from tcprouter.diff import SavedRule, parse_save
+from tcprouter.labels import LabelKeys
 from tcprouter.metrics import Lingering, Metrics, StateCollector, backend_connections, kernel_reader
 from tcprouter.model import Access, Backend, Balance, DesiredState, Frontend, Rejection
 from tcprouter.netfilter import Flavour
@@ -201,7 +202,7 @@ def test_scrape_shows_the_published_state_and_the_kernel():
 
 def test_labelled_series_exist_before_anything_happened():
     metrics = Metrics(lambda: ({}, []))
-    EngineProvider(None, "tcp", metrics)  # the local provider declares its series
+    EngineProvider(None, LabelKeys(), metrics)  # the local provider declares its series
     seen = scrape(metrics)
     kinds = {labels["kind"] for labels, _ in seen["tcprouter_sync_duration_seconds"]}
     assert kinds == {"full", "partial"}

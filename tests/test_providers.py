@@ -9,9 +9,9 @@ import docker.errors
 import pytest
 
 from tcprouter.daemon import Mode, build_providers, resolve_mode
-from tcprouter.labels import desired_state
+from tcprouter.labels import LabelKeys, desired_state
 from tcprouter.metrics import Metrics
-from tcprouter.model import timestamp_ns
+from tcprouter.model import ContainerSnapshot, timestamp_ns
 from tcprouter.providers.docker_api import url_host
 from tcprouter.providers.engine import (
     RELIST_WORKERS,
@@ -182,15 +182,15 @@ def test_modes_and_the_flag_combinations_that_cannot_work():
     assert resolve_mode(None, ["tcp://a:2376", "tcp://b:2376"]) is Mode.ENGINES
     assert resolve_mode("swarm", ["tcp://m:2376"]) is Mode.SWARM
     metrics = Metrics(lambda: ({}, []))
-    engines = build_providers(Mode.ENGINES, ["tcp://198.18.99.11:2375", "ssh://ops@edge2"], "tcp", metrics)
+    engines = build_providers(Mode.ENGINES, ["tcp://198.18.99.11:2375", "ssh://ops@edge2"], LabelKeys(), metrics)
     assert [p.source for p in engines] == ["tcp://198.18.99.11:2375", "ssh://ops@edge2"]
     assert all(p.remote for p in engines)
     with pytest.raises(ValueError, match="tcp://"):
-        build_providers(Mode.ENGINES, ["unix:///run/node1/docker.sock"], "tcp", metrics)
+        build_providers(Mode.ENGINES, ["unix:///run/node1/docker.sock"], LabelKeys(), metrics)
     with pytest.raises(ValueError, match="one manager"):
-        build_providers(Mode.SWARM, ["tcp://a:1", "tcp://b:1"], "tcp", metrics)
+        build_providers(Mode.SWARM, ["tcp://a:1", "tcp://b:1"], LabelKeys(), metrics)
     with pytest.raises(ValueError, match="--engines"):
-        build_providers(Mode.LOCAL, ["tcp://a:1", "tcp://b:1"], "tcp", metrics)
+        build_providers(Mode.LOCAL, ["tcp://a:1", "tcp://b:1"], LabelKeys(), metrics)
     assert url_host("ssh://ops@edge2:22") == "edge2" and url_host("unix:///var/run/docker.sock") == ""
 
 
@@ -249,7 +249,7 @@ class SlowInspectApi:
 
 def test_a_relist_inspects_concurrently_within_a_bound_and_keeps_the_list_order():
     api = SlowInspectApi(40)
-    found = list_labelled(api, "tcp")  # type: ignore[arg-type]
+    found = list_labelled(api, LabelKeys())  # type: ignore[arg-type]
     assert [s.id for s in found] == [f"{i:064x}" for i in range(39)]  # in order, the gone one left out
     assert 1 < api.most_in_flight <= RELIST_WORKERS
 
@@ -295,6 +295,46 @@ SUMMARY = {
     "Ports": [{"IP": "0.0.0.0", "PrivatePort": 80, "PublicPort": 8080, "Type": "tcp"}],
     "NetworkSettings": {"Networks": NETWORKS},
 }
+
+
+COMPOSE_LABELS = {  # what `docker compose up` and an image put beside ours on a real container
+    "com.docker.compose.project": "shop",
+    "com.docker.compose.service": "db",
+    "com.docker.compose.container-number": "2",
+    "com.docker.compose.config-hash": "9" * 64,
+    "com.docker.compose.project.working_dir": "/srv/shop",
+    "org.opencontainers.image.version": "7.0.4",
+}
+KEYS = LabelKeys("tcp", "udp", "com.docker.compose.project")
+
+
+def test_a_snapshot_keeps_only_the_labels_tcprouter_reads():
+    labels = {**COMPOSE_LABELS, "tcp.port": "27017", "tcp.weight": "2", "udp.port": "53", "tcpx.port": "1"}
+    kept = snapshot_from_inspect({**INSPECT, "Config": {"Labels": labels}}, keys=KEYS).labels
+    assert kept == {"tcp.port": "27017", "tcp.weight": "2", "udp.port": "53", "com.docker.compose.project": "shop"}
+    assert snapshot_from_inspect({**INSPECT, "Config": {"Labels": labels}}).labels == labels  # no keys: all of them
+    service = {**SERVICE, "Spec": {**SERVICE["Spec"], "Labels": {**COMPOSE_LABELS, "tcp.port": "80"}}}
+    assert task_snapshot(task(), service, NODE, keys=LabelKeys("tcp", "udp", "com.docker.stack.namespace")).labels == {
+        "tcp.port": "80"
+    }
+
+
+def test_replicas_of_one_service_share_one_map_of_their_labels():
+    def replica(number: int, container_id: str) -> ContainerSnapshot:
+        labels = {**COMPOSE_LABELS, "com.docker.compose.container-number": str(number), "tcp.port": "27017"}
+        return snapshot_from_inspect({**INSPECT, "Id": container_id, "Config": {"Labels": labels}}, keys=KEYS)
+
+    first, second = replica(1, "a" * 64), replica(2, "b" * 64)
+    assert first.labels is second.labels
+
+
+def test_a_list_entry_is_compared_by_the_labels_a_snapshot_keeps():
+    held = snapshot_from_inspect({**INSPECT, "Config": {"Labels": {**COMPOSE_LABELS, "tcp.port": "80"}}}, keys=KEYS)
+    entry = {**SUMMARY, "Labels": {**COMPOSE_LABELS, "tcp.port": "80"}}
+    assert still_as_held(entry, held, KEYS)  # the labels it left out do not make every relist inspect it again
+    assert still_as_held({**entry, "Labels": {**entry["Labels"], "com.docker.compose.config-hash": "0"}}, held, KEYS)
+    assert not still_as_held({**entry, "Labels": {**entry["Labels"], "tcp.weight": "3"}}, held, KEYS)
+    assert not still_as_held({**entry, "Labels": {**entry["Labels"], "com.docker.compose.project": "x"}}, held, KEYS)
 
 
 @pytest.mark.parametrize("host", [None, Host("node2", "198.18.99.12")])
@@ -355,10 +395,10 @@ class ListingApi(SlowInspectApi):
 
 def test_a_relist_reuses_held_snapshots_but_not_those_of_suspects_or_of_new_containers():
     api = ListingApi(5)
-    first = list_labelled(api, "tcp")  # type: ignore[arg-type]
+    first = list_labelled(api, LabelKeys())  # type: ignore[arg-type]
     assert api.inspected == 5
     held = {s.id: s for s in first[:4]}  # the fifth is new to the next relist
-    again = list_labelled(api, "tcp", held=held, suspect={first[0].id})  # type: ignore[arg-type]
+    again = list_labelled(api, LabelKeys(), held=held, suspect={first[0].id})  # type: ignore[arg-type]
     assert api.inspected == 5 + 2  # the suspect and the new one
     assert [s.id for s in again] == [s.id for s in first]  # in the list's order
     assert all(again[i] is held[again[i].id] for i in (1, 2, 3))

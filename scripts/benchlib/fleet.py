@@ -26,6 +26,7 @@ from pathlib import Path
 
 import docker
 
+from tcprouter.labels import LabelKeys
 from tcprouter.netfilter import detect_flavour
 from tcprouter.providers.docker_api import connect
 from tcprouter.providers.engine import list_labelled
@@ -92,7 +93,7 @@ def relist_figures(prefix: str, rounds: int) -> dict[str, float]:
             api = connect(None, timeout=60)  # a new connection, as after a reconnect
             counted = _Counting(api)
             started = time.perf_counter()
-            found = list_labelled(counted, prefix, held=held if holding else None)
+            found = list_labelled(counted, LabelKeys(prefix), held=held if holding else None)
             took = time.perf_counter() - started
             (held_times if holding else fresh).append(took)
             if holding:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from tcprouter.compiler import Options, RuleSet, compile_rules
 from tcprouter.diff import believed_tables, restore_script
-from tcprouter.labels import desired_state
+from tcprouter.labels import LabelKeys, desired_state
 from tcprouter.metrics import Metrics
 from tcprouter.model import ContainerSnapshot, DesiredState, Protocol
 from tcprouter.netfilter import Flavour, Iptables, detect_flavour
@@ -347,15 +347,53 @@ def compare_daemons(old: Path, sizes: list[int], repeats: int) -> str:
 # ---- resident memory ----------------------------------------------------------------------------------
 
 
-def rss_probe(frontends: int) -> dict[str, int]:
-    """Runs in a fresh interpreter: import the daemon's modules, then hold what the daemon holds at this size."""
+def compose_inspect(frontend: int, replica: int) -> dict:
+    """What `docker inspect` shows of replica `replica` of Compose service `frontend` (its labels as Compose and
+    a typical image set them), on one bridge network."""
+    k = frontend * BACKENDS_PER_FRONTEND + replica
+    labels = {
+        "tcp.port": str(FIRST_PORT + frontend),
+        "tcp.backend_port": "80",
+        "com.docker.compose.project": f"app{frontend}",
+        "com.docker.compose.service": "server",
+        "com.docker.compose.container-number": str(replica + 1),
+        "com.docker.compose.oneoff": "False",
+        "com.docker.compose.version": "2.29.7",
+        "com.docker.compose.image": "sha256:" + f"{frontend:064x}",
+        "com.docker.compose.config-hash": f"{frontend + 1:064x}",
+        "com.docker.compose.depends_on": "",
+        "com.docker.compose.project.working_dir": f"/srv/apps/app{frontend}",
+        "com.docker.compose.project.config_files": f"/srv/apps/app{frontend}/compose.yml",
+        "org.opencontainers.image.source": "https://github.com/example/server",
+        "org.opencontainers.image.version": "1.4.2",
+    }
+    network = {"NetworkID": "n" * 64, "IPAddress": _address(k), "IPPrefixLen": 15, "GlobalIPv6Address": ""}
+    return {
+        "Id": f"{k:064x}",
+        "Name": f"/app{frontend}-server-{replica + 1}",
+        "Created": f"2026-01-01T00:00:{k:06d}.123456789Z",
+        "Config": {"Labels": labels, "ExposedPorts": {"80/tcp": {}}},
+        "State": {"Running": True, "StartedAt": "2026-01-01T01:00:00Z"},
+        "NetworkSettings": {"Networks": {"bench": network}, "Ports": {"80/tcp": None}},
+    }
+
+
+def rss_probe(frontends: int, all_labels: bool = False) -> dict[str, int]:
+    """Runs in a fresh interpreter: import the daemon's modules, then hold what the daemon holds at this size.
+
+    The snapshots come from the engine provider's own snapshot_from_inspect, given what Docker shows of Compose
+    containers; `all_labels`: keeping every label (as tcprouter did up to 9da1b48), not only those it reads."""
     from tcprouter import cli  # noqa: F401  (the daemon's imports: docker, requests, prometheus_client, tenacity)
     from tcprouter.diff import SavedRule
     from tcprouter.metrics import Metrics
+    from tcprouter.policy import COMPOSE_OWNER_LABEL
+    from tcprouter.providers.engine import snapshot_from_inspect
 
     held: list[object] = []
     if frontends:
-        containers = {c.id: c for c in snapshots(frontends)}
+        keys = None if all_labels else LabelKeys(owner=COMPOSE_OWNER_LABEL)
+        inspects = (compose_inspect(f, r) for f in range(frontends) for r in range(BACKENDS_PER_FRONTEND))
+        containers = {c.id: c for c in (snapshot_from_inspect(info, keys=keys) for info in inspects)}
         state = desired_state(containers.values())
         rules = compile_rules(state, OPTIONS)
         script = restore_script({}, rules)  # the first write's script
@@ -653,8 +691,8 @@ def run(sizes: list[int], repeats: int, samples: int) -> dict:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "rss":
-        print(json.dumps(rss_probe(int(sys.argv[2]))))
+    if sys.argv[1] == "rss":  # rss FRONTENDS [all-labels]
+        print(json.dumps(rss_probe(int(sys.argv[2]), sys.argv[3:] == ["all-labels"])))
     elif sys.argv[1] == "listeners":
         print(json.dumps(listener_probe(int(sys.argv[2]))))
     elif sys.argv[1] == "daemon":

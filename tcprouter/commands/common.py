@@ -7,6 +7,7 @@ import logging
 
 from ..compiler import Options, Synproxy
 from ..daemon import Mode, build_providers, resolve_mode
+from ..labels import LabelKeys
 from ..metrics import Metrics
 from ..model import ContainerSnapshot, Family, family_of
 from ..netfilter import Flavour, Writer, detect_flavour, ipv6_available, open_writer
@@ -65,10 +66,13 @@ def policy(args: argparse.Namespace) -> Policy:
     return Policy(allowed_ports=args.ports, owner_label=owner_label)
 
 
+def label_keys(args: argparse.Namespace) -> LabelKeys:
+    """The labels the providers keep of each container: the prefixes' and the owner label."""
+    return LabelKeys(args.label_prefix, args.udp_label_prefix, policy(args).owner_label)
+
+
 def listed(args: argparse.Namespace) -> list[ContainerSnapshot]:
     """One listing of every source's labelled containers (or tasks)."""
     metrics = Metrics(lambda: ({}, []))
-    providers = build_providers(
-        mode(args), args.docker_url, args.label_prefix, metrics, udp_prefix=args.udp_label_prefix
-    )
+    providers = build_providers(mode(args), args.docker_url, label_keys(args), metrics)
     return [snapshot for provider in providers for snapshot in provider.list()]

@@ -34,12 +34,7 @@ def command(args: argparse.Namespace) -> int:
     )
     mode = common.mode(args)
     providers = build_providers(
-        mode,
-        args.docker_url,
-        args.label_prefix,
-        metrics,
-        poll_interval=args.swarm_poll_interval,
-        udp_prefix=args.udp_label_prefix,
+        mode, args.docker_url, common.label_keys(args), metrics, poll_interval=args.swarm_poll_interval
     )
     log.info("backends from %s: %s", mode, ", ".join(p.source for p in providers))
     options = common.options(args)

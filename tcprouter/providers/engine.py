@@ -21,7 +21,7 @@ import docker
 import docker.errors
 from docker.types import CancellableStream
 
-from ..labels import DEFAULT_UDP_PREFIX, has_port_label, port_labels
+from ..labels import LabelKeys, kept_labels
 from ..metrics import Metrics
 from ..model import ContainerSnapshot, Protocol
 from ..tracker import LOCAL, Change, Relist
@@ -105,11 +105,12 @@ def _unknown_driver(network_id: str) -> Network:
 
 
 def snapshot_from_inspect(
-    info: dict, host: Host | None = None, driver_of: NetworkLookup = _unknown_driver
+    info: dict, host: Host | None = None, driver_of: NetworkLookup = _unknown_driver, keys: LabelKeys | None = None
 ) -> ContainerSnapshot:
     """Build a snapshot from `docker inspect` output (a pure function, given `driver_of`:
     network ID -> its driver and internal flag).
-    With `host`, the container is remote: reached at that host's address and the ports it publishes there."""
+    With `host`, the container is remote: reached at that host's address and the ports it publishes there.
+    With `keys`, only the labels tcprouter reads are kept."""
     if not isinstance(info.get("Id"), str) or not isinstance(info.get("Created", ""), str):
         raise TypeError("Id and Created must be strings")
     state = info.get("State") or {}
@@ -140,7 +141,7 @@ def snapshot_from_inspect(
         id=info["Id"],
         name=(info.get("Name") or info["Id"][:12]).lstrip("/"),
         created=info.get("Created") or "",
-        labels=dict(config.get("Labels") or {}),
+        labels=kept_labels(config.get("Labels"), keys),
         running=bool(state.get("Running")) and not state.get("Paused") and not state.get("Restarting"),
         health=health or None,
         started_at=state.get("StartedAt") or "",
@@ -197,11 +198,12 @@ def listed_published_ports(ports: list, wanted: Protocol) -> dict[int, int]:
     return published
 
 
-def still_as_held(summary: dict, held: ContainerSnapshot) -> bool:
+def still_as_held(summary: dict, held: ContainerSnapshot, keys: LabelKeys | None = None) -> bool:
     """Whether a list entry shows nothing that differs from the snapshot held of the same container: labels,
     running, health, every network's addresses and subnets, and (remote) published ports. Creation time, stop
     signal and exposed ports do not change while the container exists; a restart changes its start time, which
-    the list does not show: a container seen stopping (a drain) is inspected again whatever its entry says."""
+    the list does not show: a container seen stopping (a drain) is inspected again whatever its entry says.
+    `keys`: the ones the held snapshot kept of its labels."""
     try:
         settings = summary.get("NetworkSettings") or {}
         addresses = network_addresses(settings.get("Networks") or {})
@@ -215,7 +217,7 @@ def still_as_held(summary: dict, held: ContainerSnapshot) -> bool:
         return False
     return (
         not held.malformed
-        and (summary.get("Labels") or {}) == held.labels
+        and kept_labels(summary.get("Labels"), keys) == held.labels
         and (summary.get("State") == "running") == held.running
         and health_in_status(summary.get("Status") or "") == held.health
         and addresses == (held.networks, held.subnets, held.networks6, held.subnets6)
@@ -245,29 +247,33 @@ def inspect(
     container_id: str,
     host: Host | None = None,
     driver_of: NetworkLookup = _unknown_driver,
+    keys: LabelKeys | None = None,
 ) -> ContainerSnapshot | None:
     """The container's snapshot, or None if it no longer exists."""
     try:
         info = api.inspect_container(container_id)
     except docker.errors.NotFound:
         return None
-    return read_inspect(info, container_id, host, driver_of)
+    return read_inspect(info, container_id, host, driver_of, keys)
 
 
 def read_inspect(
-    info: object, container_id: str, host: Host | None = None, driver_of: NetworkLookup = _unknown_driver
+    info: object,
+    container_id: str,
+    host: Host | None = None,
+    driver_of: NetworkLookup = _unknown_driver,
+    keys: LabelKeys | None = None,
 ) -> ContainerSnapshot:
     """snapshot_from_inspect, or, for data of an unexpected shape, a snapshot that says why it is rejected."""
     try:
-        return snapshot_from_inspect(info, host, driver_of)  # type: ignore[arg-type]
+        return snapshot_from_inspect(info, host, driver_of, keys)  # type: ignore[arg-type]
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         config = info.get("Config") if isinstance(info, dict) else None
-        labels = config.get("Labels") if isinstance(config, dict) else None
         return ContainerSnapshot(
             id=container_id,
             name=container_id[:12],
             created="",
-            labels=dict(labels) if isinstance(labels, dict) else {},
+            labels=kept_labels(config.get("Labels") if isinstance(config, dict) else None, keys),
             running=True,
             malformed=f"Docker's inspect data has an unexpected shape ({type(error).__name__}: {error})",
         )
@@ -275,15 +281,14 @@ def read_inspect(
 
 def list_labelled(
     api: docker.APIClient,
-    prefix: str,
+    keys: LabelKeys,
     host: Host | None = None,
     driver_of: NetworkLookup | None = None,
-    udp_prefix: str = DEFAULT_UDP_PREFIX,
     held: Mapping[str, ContainerSnapshot] | None = None,
     suspect: Collection[str] = (),
 ) -> list[ContainerSnapshot]:
-    """The labelled containers (`<prefix>.port` or `<udp_prefix>.port`). Local ones (no `host`) with their
-    networks' drivers (listed if none is given).
+    """The labelled containers (`<prefix>.port` or `<udp_prefix>.port`), with the labels of `keys` only. Local
+    ones (no `host`) with their networks' drivers (listed if none is given).
 
     The list endpoint lacks what a snapshot needs (creation time to the nanosecond, StartedAt, StopSignal, exposed
     ports), so a container is inspected unless `held` has a snapshot of it that its list entry still agrees with
@@ -293,18 +298,18 @@ def list_labelled(
         driver_of = _unknown_driver if host else NetworkDrivers(api)
     held = held or {}
     # Docker's label filters all have to match: one listing per label, each container once.
-    listed = {s["Id"]: s for label in port_labels(prefix, udp_prefix) for s in api.containers(filters={"label": label})}
+    listed = {s["Id"]: s for label in keys.port_labels() for s in api.containers(filters={"label": label})}
     kept = {
         cid: held[cid]
         for cid, summary in listed.items()
-        if cid in held and cid not in suspect and still_as_held(summary, held[cid])
+        if cid in held and cid not in suspect and still_as_held(summary, held[cid], keys)
     }
     unknown = [cid for cid in listed if cid not in kept]
     inspected: dict[str, ContainerSnapshot | None] = {}
     if unknown:
         with ThreadPoolExecutor(min(RELIST_WORKERS, len(unknown)), thread_name_prefix="relist") as pool:
             inspected = dict(
-                zip(unknown, pool.map(lambda cid: inspect(api, cid, host, driver_of), unknown), strict=True)
+                zip(unknown, pool.map(lambda cid: inspect(api, cid, host, driver_of, keys), unknown), strict=True)
             )
     snapshots = (kept.get(cid) or inspected.get(cid) for cid in listed)
     return [snapshot for snapshot in snapshots if snapshot is not None]
@@ -318,12 +323,11 @@ def open_events(api: docker.APIClient) -> Iterator[dict]:
 def to_change(
     api: docker.APIClient,
     event: dict,
-    prefix: str,
+    keys: LabelKeys,
     known: Mapping[str, str],
     host: Host | None = None,
     source: str = LOCAL,
     driver_of: NetworkLookup = _unknown_driver,
-    udp_prefix: str = DEFAULT_UDP_PREFIX,
 ) -> Change | None:
     """Turn one Docker event into a Change, inspecting the container when its state matters.
 
@@ -339,7 +343,7 @@ def to_change(
             return None
     elif kind == "container" and action in CONTAINER_ACTIONS:
         container_id = actor.get("ID") or event.get("id") or ""
-        if not has_port_label(attributes, prefix, udp_prefix) and container_id not in known:
+        if not keys.has_port_label(attributes) and container_id not in known:
             return None
     else:
         return None
@@ -347,7 +351,7 @@ def to_change(
     stop_signal = known.get(container_id) or "SIGTERM"
     if action == "stop" or (action == "kill" and ends_container(attributes.get("signal", ""), stop_signal)):
         return Change(container_id, action, time_ns, drain=True, source=source)
-    snapshot = inspect(api, container_id, host, driver_of)
+    snapshot = inspect(api, container_id, host, driver_of, keys)
     return Change(container_id, action, time_ns, snapshot=snapshot, gone=snapshot is None, source=source)
 
 
@@ -367,11 +371,10 @@ class EngineProvider:
     def __init__(
         self,
         url: str | None,
-        prefix: str,
+        keys: LabelKeys,
         metrics: Metrics,
         timeout: float = 10.0,
         remote: bool = False,
-        udp_prefix: str = DEFAULT_UDP_PREFIX,
     ) -> None:
         if remote and not (url and url_host(url)):
             raise ValueError(
@@ -379,8 +382,7 @@ class EngineProvider:
                 f"(its published ports are reached at that address), not {url!r}"
             )
         self.url = url
-        self.prefix = prefix
-        self.udp_prefix = udp_prefix
+        self.keys = keys
         self.metrics = metrics
         self.timeout = timeout
         self.remote = remote
@@ -403,7 +405,7 @@ class EngineProvider:
         return Host(node=name, address=socket.gethostbyname(name))
 
     def list(self) -> list[ContainerSnapshot]:
-        return list_labelled(connect(self.url, self.timeout), self.prefix, self._host(), udp_prefix=self.udp_prefix)
+        return list_labelled(connect(self.url, self.timeout), self.keys, self._host())
 
     def follow(self, sink: Sink, stopping: threading.Event) -> None:
         def start() -> _Session:
@@ -412,7 +414,7 @@ class EngineProvider:
             stream = open_events(api)  # subscribe first: nothing falls between list and stream
             drivers = None if host else NetworkDrivers(api)
             try:
-                labelled = list_labelled(api, self.prefix, host, drivers, self.udp_prefix, self._held, self._suspect)
+                labelled = list_labelled(api, self.keys, host, drivers, self._held, self._suspect)
             except BaseException:
                 stream.close()
                 raise
@@ -431,16 +433,7 @@ class EngineProvider:
                 if session.drivers and event.get("Type") == "network" and event.get("Action") == "destroy":
                     session.drivers.forget()
                 driver_of = session.drivers or _unknown_driver
-                change = to_change(
-                    session.api,
-                    event,
-                    self.prefix,
-                    session.known,
-                    session.host,
-                    self.source,
-                    driver_of,
-                    self.udp_prefix,
-                )
+                change = to_change(session.api, event, self.keys, session.known, session.host, self.source, driver_of)
                 if change is None:
                     continue
                 if change.gone:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import docker
 from docker.types import CancellableStream
 
+from ..labels import LabelKeys, kept_labels
 from ..metrics import Metrics
 from ..model import ContainerSnapshot, timestamp_ns
 from ..tracker import Change, Relist
@@ -62,9 +63,11 @@ def _hostname(node: dict) -> str:
     return (node.get("Description") or {}).get("Hostname") or node.get("ID", "")[:12]
 
 
-def task_snapshot(task: dict, service: dict, node: dict | None, node_name: str = "") -> ContainerSnapshot:
+def task_snapshot(
+    task: dict, service: dict, node: dict | None, node_name: str = "", keys: LabelKeys | None = None
+) -> ContainerSnapshot:
     """A pure function: one task of a labelled service as a backend candidate. It serves while its state is
-    `running`, it is meant to run, and its node is up."""
+    `running`, it is meant to run, and its node is up. With `keys`, only the labels tcprouter reads are kept."""
     spec = service.get("Spec") or {}
     status = task.get("Status") or {}
     node = node or {}
@@ -75,7 +78,7 @@ def task_snapshot(task: dict, service: dict, node: dict | None, node_name: str =
         id=task["ID"],
         name=f"{spec.get('Name', service.get('ID', '')[:12])}.{slot}",
         created=task.get("CreatedAt") or "",
-        labels=dict(spec.get("Labels") or {}),
+        labels=kept_labels(spec.get("Labels"), keys),
         running=status.get("State") == "running" and task.get("DesiredState") == "running" and node_ready,
         started_at=status.get("Timestamp") or "",
         node=node_name,
@@ -84,32 +87,38 @@ def task_snapshot(task: dict, service: dict, node: dict | None, node_name: str =
     )
 
 
-def swarm_snapshots(api: docker.APIClient, prefix: str) -> list[ContainerSnapshot]:
+def swarm_snapshots(api: docker.APIClient, keys: LabelKeys) -> list[ContainerSnapshot]:
     """The tasks meant to run of every service labelled `<prefix>.port`: three list calls to the manager."""
-    services = {s["ID"]: s for s in api.services(filters={"label": f"{prefix}.port"})}
+    services = {s["ID"]: s for s in api.services(filters={"label": f"{keys.prefix}.port"})}
     if not services:
         return []
     nodes = {n["ID"]: n for n in api.nodes()}
     names = node_names(nodes.values())
     return [
         read_task(
-            task, services[task["ServiceID"]], nodes.get(task.get("NodeID", "")), names.get(task.get("NodeID", ""), "")
+            task,
+            services[task["ServiceID"]],
+            nodes.get(task.get("NodeID", "")),
+            names.get(task.get("NodeID", ""), ""),
+            keys,
         )
         for task in api.tasks(filters={"desired-state": "running"})
         if task.get("ServiceID") in services
     ]
 
 
-def read_task(task: dict, service: dict, node: dict | None, node_name: str) -> ContainerSnapshot:
+def read_task(
+    task: dict, service: dict, node: dict | None, node_name: str, keys: LabelKeys | None = None
+) -> ContainerSnapshot:
     """task_snapshot, or, for data of an unexpected shape, a snapshot that says why it is rejected."""
     try:
-        return task_snapshot(task, service, node, node_name)
+        return task_snapshot(task, service, node, node_name, keys)
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         return ContainerSnapshot(
             id=str(task.get("ID", "")),
             name=str(task.get("ID", ""))[:12],
             created="",
-            labels=dict((service.get("Spec") or {}).get("Labels") or {}),
+            labels=kept_labels((service.get("Spec") or {}).get("Labels"), keys),
             running=True,
             malformed=f"the manager's task data has an unexpected shape ({type(error).__name__}: {error})",
         )
@@ -152,10 +161,10 @@ class SwarmProvider:
     source = SOURCE
 
     def __init__(
-        self, url: str | None, prefix: str, metrics: Metrics, timeout: float = 10.0, poll_interval: float = 0.5
+        self, url: str | None, keys: LabelKeys, metrics: Metrics, timeout: float = 10.0, poll_interval: float = 0.5
     ) -> None:
         self.url = url
-        self.prefix = prefix
+        self.keys = keys
         self.metrics = metrics
         self.timeout = timeout
         self.poll_interval = poll_interval
@@ -163,14 +172,14 @@ class SwarmProvider:
         metrics.docker_reconnects.labels(SOURCE)
 
     def list(self) -> list[ContainerSnapshot]:
-        return swarm_snapshots(connect(self.url, self.timeout), self.prefix)
+        return swarm_snapshots(connect(self.url, self.timeout), self.keys)
 
     def follow(self, sink: Sink, stopping: threading.Event) -> None:
         def start() -> _Session:
             api = connect(self.url, self.timeout)
             stream = api.events(decode=True, filters={"type": ["service", "node"]})  # subscribe before listing
             try:
-                tasks = {s.id: s for s in swarm_snapshots(api, self.prefix)}
+                tasks = {s.id: s for s in swarm_snapshots(api, self.keys)}
             except BaseException:
                 stream.close()
                 raise
@@ -188,7 +197,7 @@ class SwarmProvider:
                     return
                 if session.lost.is_set():
                     raise ConnectionError("the Swarm manager's event stream ended")
-                current = {s.id: s for s in swarm_snapshots(session.api, self.prefix)}
+                current = {s.id: s for s in swarm_snapshots(session.api, self.keys)}
                 for change in task_changes(session.tasks, current, time.time_ns()):
                     sink(change)
                 session.tasks = current
