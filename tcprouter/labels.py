@@ -66,10 +66,18 @@ class LabelKeys:
 
 
 def kept_labels(labels: object, keys: LabelKeys | None) -> dict[str, str]:
-    """What a snapshot keeps of a Docker object's labels: those of `keys` (all without it); none if not a map."""
-    if not isinstance(labels, dict):
+    """What a snapshot keeps of a Docker object's labels (None: none): those of `keys`, or all without it.
+    TypeError for labels of another shape, which the provider reports as malformed data."""
+    if not labels:
         return {}
+    if not isinstance(labels, Mapping):
+        raise TypeError(f"labels must be a map, not {type(labels).__name__}")
     return keys.kept(labels) if keys else dict(labels)
+
+
+def labels_if_map(labels: object) -> Mapping[str, str] | None:
+    """The labels of data already found malformed, if they at least are a map (for the rejection's report)."""
+    return labels if isinstance(labels, Mapping) else None
 
 
 class LabelError(ValueError):

@@ -17,7 +17,7 @@ import pytest
 
 from tcprouter.compiler import Options
 from tcprouter.daemon import Liveness, _guarded, serve
-from tcprouter.labels import desired_state
+from tcprouter.labels import LabelKeys, desired_state
 from tcprouter.metrics import Metrics
 from tcprouter.ownership import TablesLock
 from tcprouter.probe import ProbePolicy
@@ -47,6 +47,7 @@ GOOD = {
         {"NetworkSettings": {"Networks": ["bridge"]}},
         {"State": "running"},
         {"Id": None},
+        {"Config": {"Labels": ["tcp.port=80"]}},
     ],
 )
 def test_malformed_inspect_data_rejects_that_container_and_nothing_else(broken):
@@ -61,6 +62,14 @@ def test_malformed_inspect_data_rejects_that_container_and_nothing_else(broken):
 def test_a_malformed_task_is_rejected_by_name():
     snapshot = read_task({"ID": "t1", "Status": "running"}, {"Spec": {"Labels": {"tcp.port": "80"}}}, None, "")
     assert snapshot.malformed and desired_state([snapshot]).rejections[0].reason == "malformed"
+
+
+@pytest.mark.parametrize("keys", [None, LabelKeys()])
+def test_labels_that_are_not_a_map_make_the_data_malformed_not_unlabelled(keys):
+    container = read_inspect({**GOOD, "Config": {"Labels": "tcp.port=80"}}, GOOD["Id"], keys=keys)
+    task = read_task({"ID": "t1", "Status": {}}, {"Spec": {"Labels": ["tcp.port=80"]}}, None, "", keys)
+    assert container.malformed and task.malformed
+    assert container.labels == {} and task.labels == {}
 
 
 class BrokenSyncer:

@@ -21,7 +21,7 @@ import docker
 import docker.errors
 from docker.types import CancellableStream
 
-from ..labels import LabelKeys, kept_labels
+from ..labels import LabelKeys, kept_labels, labels_if_map
 from ..metrics import Metrics
 from ..model import ContainerSnapshot, Protocol
 from ..tracker import LOCAL, Change, Relist
@@ -213,11 +213,12 @@ def still_as_held(summary: dict, held: ContainerSnapshot, keys: LabelKeys | None
             if held.host_address
             else ({}, {})
         )
+        labels = kept_labels(summary.get("Labels"), keys)
     except (AttributeError, KeyError, TypeError, ValueError):  # an odd entry: inspect it
         return False
     return (
         not held.malformed
-        and kept_labels(summary.get("Labels"), keys) == held.labels
+        and labels == held.labels
         and (summary.get("State") == "running") == held.running
         and health_in_status(summary.get("Status") or "") == held.health
         and addresses == (held.networks, held.subnets, held.networks6, held.subnets6)
@@ -273,7 +274,7 @@ def read_inspect(
             id=container_id,
             name=container_id[:12],
             created="",
-            labels=kept_labels(config.get("Labels") if isinstance(config, dict) else None, keys),
+            labels=kept_labels(labels_if_map(config.get("Labels")) if isinstance(config, dict) else None, keys),
             running=True,
             malformed=f"Docker's inspect data has an unexpected shape ({type(error).__name__}: {error})",
         )

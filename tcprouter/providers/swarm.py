@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import docker
 from docker.types import CancellableStream
 
-from ..labels import LabelKeys, kept_labels
+from ..labels import LabelKeys, kept_labels, labels_if_map
 from ..metrics import Metrics
 from ..model import ContainerSnapshot, timestamp_ns
 from ..tracker import Change, Relist
@@ -118,7 +118,7 @@ def read_task(
             id=str(task.get("ID", "")),
             name=str(task.get("ID", ""))[:12],
             created="",
-            labels=kept_labels((service.get("Spec") or {}).get("Labels"), keys),
+            labels=kept_labels(labels_if_map((service.get("Spec") or {}).get("Labels")), keys),
             running=True,
             malformed=f"the manager's task data has an unexpected shape ({type(error).__name__}: {error})",
         )
