@@ -178,6 +178,15 @@ class Frontend:
     access: Access = OPEN  # TCP only: a UDP frontend is open to every client
     synproxy: bool = False  # TCP only: SYN-flood protection, the kernel's SYNPROXY answers SYNs with cookies
     protocol: Protocol = Protocol.TCP
+    # Frontends are dict keys at every event (compiler.pool_rules' cache): the hash of ten backends is kept.
+    _hash: int = field(init=False, repr=False, compare=False, default=0)
+
+    def __post_init__(self) -> None:
+        fields = (self.port, self.balance, self.backends, self.access, self.synproxy, self.protocol)
+        object.__setattr__(self, "_hash", hash(fields))
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 @dataclass(frozen=True)

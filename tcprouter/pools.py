@@ -42,7 +42,7 @@ class Pools:
         self.containers: dict[str, ContainerSnapshot] = {}
         self._groups_of: dict[str, tuple[Group, ...]] = {}
         self._members: dict[Group, dict[str, ContainerSnapshot]] = {}
-        self._frontends: dict[tuple[Protocol, int], Frontend] = {}
+        self._pools: dict[Protocol, dict[int, Frontend]] = {p: {} for p in Protocol}  # the state's, per protocol
         self._rejections: dict[Group, tuple[Rejection, ...]] = {}
         self._warnings: dict[Group, tuple[str, ...]] = {}
 
@@ -121,17 +121,17 @@ class Pools:
                 kept.pop(group, None)
         if protocol is not None and isinstance(key, int):
             if result.frontend is None:
-                self._frontends.pop((protocol, key), None)
+                self._pools[protocol].pop(key, None)
             else:
-                self._frontends[(protocol, key)] = result.frontend
+                self._pools[protocol][key] = result.frontend
 
     def state(self) -> DesiredState:
         """The desired state of every container held (as labels.desired_state gives it, up to the order of the
-        rejections and warnings)."""
-        held = self._frontends.items()  # in no particular order: whoever needs an order sorts (every_frontend)
+        rejections and warnings). The pools are copies (a dict copy, not a loop in Python: this runs at every event),
+        in no particular order: whoever needs an order sorts (every_frontend)."""
         return DesiredState(
-            frontends={port: f for (protocol, port), f in held if protocol is Protocol.TCP},
-            udp_frontends={port: f for (protocol, port), f in held if protocol is Protocol.UDP},
+            frontends=dict(self._pools[Protocol.TCP]),
+            udp_frontends=dict(self._pools[Protocol.UDP]),
             rejections=tuple(r for rs in self._rejections.values() for r in rs),
             warnings=tuple(w for ws in self._warnings.values() for w in ws),
         )

@@ -69,6 +69,7 @@ class Syncer:
         self.retired: dict[str, Endpoint] = {}  # container id -> endpoint of TCP backends that left while running
         self.pools = Pools(prefix, options.policy, udp_prefix)  # the desired state, kept per frontend
         self.rules: RuleSet | None = None  # the rules of `state`, as last written
+        self._synproxied: set[int] = set()  # the ports of `rules` whose SYNs SYNPROXY answers
         self.commits = 0  # table commits made by this syncer's writes (one per table of a restore script)
 
     def desired(
@@ -187,7 +188,8 @@ class Syncer:
         if current is None:
             current = self.applied if self.applied is not None else self.writer.read()[0]
         parent = "DOCKER-USER" if "DOCKER-USER" in current.get("filter", {}) else "FORWARD"
-        options = self._tcp_loose(state, current, dataclasses.replace(self.options, forward_parent=parent))
+        synproxied = self._synproxied_ports(state, ports)
+        options = self._tcp_loose(bool(synproxied), current, dataclasses.replace(self.options, forward_parent=parent))
         rules, touched = self._compile(state, ports, options)
         if full or touched is None:
             script = restore_script(current, rules)
@@ -219,8 +221,16 @@ class Syncer:
                         self.applied.setdefault(table, {})[chain] = rules.chains[table][chain]  # type: ignore[union-attr]
                     else:
                         self.applied.get(table, {}).pop(chain, None)  # type: ignore[union-attr]
-        self.rules = rules
+        self.rules, self._synproxied = rules, synproxied
         return rules
+
+    def _synproxied_ports(self, state: DesiredState, ports: set[int] | None) -> set[int]:
+        """synproxy_ports of `state`; given the `ports` whose frontends may have changed since the last write, from
+        that write's set and those frontends only (not every frontend at every event)."""
+        if ports is None or self.rules is None:
+            return set(synproxy_ports(state.frontends.values(), self.options))
+        changed = [state.frontends[port] for port in ports if port in state.frontends]
+        return (self._synproxied - ports) | set(synproxy_ports(changed, self.options))
 
     def _compile(
         self, state: DesiredState, ports: set[int] | None, options: Options
@@ -265,10 +275,10 @@ class Syncer:
         return RuleSet(chains=chains, hooks=last.hooks), touched
 
     @staticmethod
-    def _tcp_loose(state: DesiredState, current: Tables, options: Options) -> Options:
+    def _tcp_loose(synproxied: bool, current: Tables, options: Options) -> Options:
         """Synproxy needs nf_conntrack_tcp_loose=0: set it (recording the earlier value) while a frontend
-        has synproxy, give the recorded value back once none has; synproxy is off if it cannot be set."""
-        if not synproxy_ports(state.frontends.values(), options):
+        has synproxy (`synproxied`), give the recorded value back once none has; synproxy is off if it cannot be set."""
+        if not synproxied:
             TCP_LOOSE.give_back(current)  # before the rules that record it go
             return options
         before = TCP_LOOSE.take(current)
