@@ -72,6 +72,8 @@ _COMMENT_MAX = 64
 # them), other characters but whitespace, whitespace between words; anything else is an unclosed quote.
 _SEGMENT = re.compile(r'"((?:[^"\\]|\\.)*)"|([^\s"]+)|(\s+)|(")', re.DOTALL)
 _ESCAPED = re.compile(r"\\(.)", re.DOTALL)
+# A comment match and its argument, double-quoted or bare (save_string's two forms), a word of its own.
+_COMMENT = re.compile(r'(?:^|\s)-m comment --comment (?:"((?:[^"\\]|\\.)*)"|([^\s"]+))(?=\s|$)', re.DOTALL)
 
 # The tables tcprouter reads and owns chains in, in the order a script writes them (raw only with synproxy:
 # last, so that SYNPROXY is in place before the SYNs it answers go untracked).
@@ -187,12 +189,14 @@ def split_words(spec: str) -> list[str]:
 
 
 def rule_comment(spec: str) -> str | None:
-    """The text of a rule's comment match (the backend's name in a DNAT rule), None if it has none."""
-    words = split_words(spec)
-    for i in range(len(words) - 3):
-        if words[i : i + 3] == ["-m", "comment", "--comment"]:
-            return words[i + 3]
-    return None
+    """The text of a rule's comment match (the backend's name in a DNAT rule), None if it has none. As split_words
+    would read its argument (one word, as save_string writes it), without splitting the whole rule: the metrics
+    read this out of every DNAT rule of the kernel's tables, 110,000 at 10,000 frontends."""
+    match = _COMMENT.search(spec)
+    if match is None:
+        return None
+    quoted, bare = match.groups()
+    return bare if bare is not None else _ESCAPED.sub(r"\1", quoted)
 
 
 def refusal(spec: str) -> tuple[int, str] | None:

@@ -65,11 +65,17 @@ def backend_connections(
     A backend with several rotation slots (a weight) sums them.
     """
     totals: Tally[tuple[str, str]] = Tally()
+    ports: dict[str, str | None] = {}  # chain -> its frontend's port, worked out once per chain
     for table, rule in rules:
-        port = _frontend_port(rule.chain, protocol) if table == "nat" else None
-        name = rule_comment(rule.spec) if port is not None and "-j DNAT" in rule.spec else None
+        if table != "nat" or "-j DNAT" not in rule.spec:
+            continue
+        if rule.chain not in ports:
+            port = _frontend_port(rule.chain, protocol)
+            ports[rule.chain] = None if port is None else str(port)
+        port_text = ports[rule.chain]
+        name = rule_comment(rule.spec) if port_text is not None else None
         if name is not None:
-            totals[(str(port), name)] += rule.packets
+            totals[(port_text, name)] += rule.packets
     return dict(totals)
 
 
