@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import Counter
 
@@ -379,6 +380,22 @@ def test_a_comment_reads_back_as_written(name: str):
     assert split_words(f"-m comment --comment {save_string(name)}") == ["-m", "comment", "--comment", name]
     spec = f"! -s 172.17.0.2/32 -p tcp -m comment --comment {save_string(name)} -m statistic --mode nth"
     assert rule_comment(spec + " --every 2 --packet 0 -j DNAT --to-destination 172.17.0.2:1234") == name
+
+
+@given(backends(1), backends(2), st.sampled_from(list(Balance)), st.booleans())
+def test_a_frontend_s_kept_hash_follows_its_value(one: Backend, two: Backend, balance: Balance, synproxy: bool):
+    """pool_rules' cache keys on frontends, whose hash is computed once, when built: equal frontends (built apart,
+    or copied with a field changed) hash alike, and a changed field changes the hash."""
+
+    def rebuilt(frontend: Frontend) -> Frontend:
+        copies = tuple(dataclasses.replace(b) for b in frontend.backends)
+        return Frontend(frontend.port, frontend.balance, copies, frontend.access, frontend.synproxy, frontend.protocol)
+
+    frontend = Frontend(80, balance, (one, two), synproxy=synproxy)
+    assert rebuilt(frontend) == frontend and hash(rebuilt(frontend)) == hash(frontend)
+    for change in ({"port": 81}, {"synproxy": not synproxy}, {"access": Access(maxconn=1)}, {"protocol": Protocol.UDP}):
+        other = dataclasses.replace(frontend, **change)
+        assert other != frontend and hash(other) != hash(frontend) and hash(rebuilt(other)) == hash(other)
 
 
 @given(backends(1))

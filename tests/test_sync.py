@@ -274,12 +274,19 @@ def frontends(count: int, first_port: int = 1000) -> dict[int, ContainerSnapshot
 )
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_partial_syncs_keep_the_kernel_equal_to_the_compiled_view(kernel, base, ports, data):
+def test_partial_syncs_keep_the_kernel_equal_to_the_compiled_view(kernel, base, ports, data, tmp_path, monkeypatch):
+    """Whatever joins, leaves or changes its labels (access, synproxy: the SYN proxy's chains are the union of the
+    frontends that have it, kept per changed frontend), the kernel holds what a compile of the whole view gives."""
+    loose = dataclasses.replace(sync.TCP_LOOSE, root=tmp_path)  # a file standing in for /proc/sys
+    loose.path.parent.mkdir(parents=True, exist_ok=True)
+    loose.path.write_text("1\n")
+    monkeypatch.setattr(sync, "TCP_LOOSE", loose)
     steps = data.draw(
         st.lists(
             st.tuples(
                 st.integers(0, 5),
                 st.sampled_from([*ports, None]),
+                st.booleans(),
                 st.booleans(),
                 st.sampled_from([("tcp",), ("udp",), ("tcp", "udp")]),
             ),
@@ -289,11 +296,15 @@ def test_partial_syncs_keep_the_kernel_equal_to_the_compiled_view(kernel, base, 
     syncer = Syncer(kernel, Options(), "tcp", Metrics(lambda: ({}, [])))
     view = {i: container(i) for i in range(3)} if base == 3 else frontends(base)
     assert syncer.sync(list(view.values()), full=True)
-    for index, port, limited, protocols in steps:
+    for index, port, limited, proxied, protocols in steps:
         if port is None:
             view.pop(index, None)
         else:
-            labels = {f"{p}.port": port for p in protocols} | ({"tcp.maxconn": "5"} if limited else {})
+            labels = (
+                {f"{p}.port": port for p in protocols}
+                | ({"tcp.maxconn": "5"} if limited else {})
+                | ({"tcp.synproxy": "true"} if proxied else {})
+            )
             subnet = f"10.{index % 2}.0"
             view[index] = dataclasses.replace(
                 view.get(index, container(index)),
@@ -303,6 +314,7 @@ def test_partial_syncs_keep_the_kernel_equal_to_the_compiled_view(kernel, base, 
             )
         assert syncer.sync(list(view.values()))
         assert owned(kernel) == expected(list(view.values()))
+        assert loose.path.read_text().strip() == ("0" if "raw" in owned(kernel) else "1")
 
 
 def test_in_a_tree_a_frontend_joining_rewrites_its_bucket_and_its_chain_without_a_full_compile(
