@@ -207,8 +207,8 @@ class StateCollector(Collector):
     """Reads the published desired states (one per address family routed) when Prometheus scrapes, and the kernel's
     owned rules (iptables, and ip6tables with `read_kernel6`) at most once per `interval` (on `clock`): a scrape that
     finds the last read older starts a fresh one in the background (one at a time) and answers at once with the
-    last, so its time does not grow with the rules; only the first scrape waits for a read. With `interval` 0 every
-    scrape reads, and waits."""
+    last, so its time does not grow with the rules; no scrape waits for a read (the first text is the state's
+    alone). With `interval` 0 every scrape reads, and waits."""
 
     def __init__(
         self,
@@ -228,6 +228,7 @@ class StateCollector(Collector):
         self._figures: KernelFigures | None = None
         self._read_at = 0.0
         self._built: Exposition | None = None
+        self._first_text = threading.Event()  # set once there is a text to serve
         self.first_wait = FIRST_BUILD_WAIT
         self._refreshing: threading.Thread | None = None
         # Serialises reads (read and fold together: a stale read folded after a newer one would look like
@@ -313,8 +314,9 @@ class StateCollector(Collector):
     def exposition(self) -> Exposition:
         """What collect() yields, as text. With a read interval, the last build is served at once: a new one (a
         kernel read if one is due, then the text) starts in the background when the published states changed or
-        the read is due, one at a time; only the first scrape waits for one, at most `first_wait` seconds (then
-        the state's series come at a later scrape, rather than the scrape timing out). Without, it is built now."""
+        the read is due, one at a time; only the first scrape waits for a text, the state's alone (see _build), at
+        most `first_wait` seconds (then it answers with nothing of the state rather than time out). Without an
+        interval, the text is built now."""
         if self.interval <= 0:
             return self._build(read=True)
         with self._cache_lock:
@@ -322,7 +324,7 @@ class StateCollector(Collector):
             due = built is None or built.states is not self._states or self.clock() - self._read_at >= self.interval
         refreshing = self._start_build() if due else None
         if built is None and refreshing is not None:
-            refreshing.join(self.first_wait)
+            self._first_text.wait(self.first_wait)
             built = self._built
             if built is None:
                 return Exposition({}, gzip.compress(b""))
@@ -337,16 +339,25 @@ class StateCollector(Collector):
             return self._refreshing
 
     def _build(self, read: bool = False) -> Exposition:
-        """The text of the published states and the kernel's figures (read first if due, or if `read`)."""
+        """The text of the published states and the kernel's figures (read first if due, or if `read`). The first
+        build serves the state's series before its first read (110,000 rules take seconds to read, as long as a
+        scrape may wait): the kernel's series come with the next text, a read later."""
         states = self._states
         with self._cache_lock:
             figures = None if read or self.clock() - self._read_at >= self.interval else self._figures
+        if figures is None and self._built is None and not read:
+            self._serve(states, None)
         if figures is None:
             figures = self._read()
+        return self._serve(states, figures)
+
+    def _serve(self, states: Mapping[Family, DesiredState], figures: KernelFigures | None) -> Exposition:
+        """The text of `states` and `figures` (None: the state's series only), served from now on."""
         text = generate_latest(_Families(list(self._families(states, lambda: figures))))  # type: ignore[arg-type]
         built = Exposition(states, gzip.compress(text, compresslevel=1))
         with self._cache_lock:
             self._built = built
+        self._first_text.set()
         return built
 
     def _families(
