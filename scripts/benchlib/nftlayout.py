@@ -11,17 +11,42 @@ and back, rewritten the way that layout allows (*partial*, the writer process's 
   `numgen inc mod n map { 0 : addr . port, ... }`; partial: flush the chain, add the rule.
 - nft-named-T: as nft-anon-T, with the map a named one per frontend, a counter per element (per-backend connection
   counts, which the kernel updates on lookup); partial: flush the chain and the map, add elements and the rule.
+- nft-named-T-netlink: nft-named-T loaded the same way, but a writer without the nft CLI (which reads its whole cache
+  before each command): the partial is one nf_tables batch sent by this process with pyroute2 (flush the map, add the
+  elements, replace the rule by handle), timed from building it to the last ack; the socket is opened and the rule's
+  handle looked up beforehand, and each write is checked afterwards with nft (elements and modulus).
 
-Usage: python -m benchlib.nftlayout [FRONTENDS,... [RUNS]]   (from scripts/, as root; default 1000,10000 5)
+Usage: python -m benchlib.nftlayout [FRONTENDS,... [RUNS [LAYOUT,...]]]   (from scripts/, as root; default
+1000,10000 5, all layouts)
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
+import socket
+import struct
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyroute2 import netns as pyroute2_netns
+from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST
+from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES, nfgen_msg
+from pyroute2.netlink.nfnetlink.nftsocket import (
+    NFPROTO_IPV4,
+    NFT_MSG_DELSETELEM,
+    NFT_MSG_NEWRULE,
+    NFT_MSG_NEWSETELEM,
+    Cmp,
+    Meta,
+    NFTSocket,
+    Regs,
+    nft_rule_msg,
+    nft_set_elem_list_msg,
+)
 
 from .common import median, netns_add, sh
 
@@ -103,6 +128,167 @@ class NftLayout:
         sh("ip", "netns", "exec", netns, "nft", "-f", "-", input=text, timeout=600)
 
 
+# nf_tables constants pyroute2 does not name (linux/netfilter/nfnetlink.h, nf_tables.h)
+NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
+NFT_CT_MARK, NFT_BITWISE_BOOL, NFT_NG_INCREMENTAL, NFT_NAT_DNAT = 3, 0, 0, 1
+
+Attrs = list[tuple[str, Any]]
+
+
+def _expr(name: str, *attrs: tuple[str, Any]) -> dict[str, Attrs]:
+    return {"attrs": [("NFTA_EXPR_NAME", name), ("NFTA_EXPR_DATA", {"attrs": list(attrs)})]}
+
+
+def _value(data: bytes) -> dict[str, Attrs]:
+    return {"attrs": [("NFTA_DATA_VALUE", data)]}
+
+
+def _host32(value: int) -> bytes:
+    return struct.pack("=I", value)
+
+
+def _rule_expressions(port: int, backends: int) -> list[dict[str, Attrs]]:
+    """What nft 1.0.6 sends for NftLayout._rule (`nft --debug=netlink`), attribute for attribute, except the set id
+    nft adds beside the map's name (an id only names a set created in the same batch; the kernel tries the name
+    first). pyroute2 leaves NLA_F_NESTED off the nests, which nf_tables' parser does not require."""
+    reg, mark = Regs.NFT_REG_1, int(MARK, 16)
+    return [
+        _expr("meta", ("NFTA_META_KEY", Meta.NFT_META_L4PROTO), ("NFTA_META_DREG", reg)),
+        _expr(
+            "cmp",
+            ("NFTA_CMP_SREG", reg),
+            ("NFTA_CMP_OP", Cmp.NFT_CMP_EQ),
+            ("NFTA_CMP_DATA", _value(bytes([socket.IPPROTO_TCP]))),
+        ),
+        _expr("ct", ("NFTA_CT_KEY", NFT_CT_MARK), ("NFTA_CT_DREG", reg)),
+        _expr(  # ct mark | MARK, as nft writes it: (reg & ~MARK) ^ MARK
+            "bitwise",
+            ("NFTA_BITWISE_SREG", reg),
+            ("NFTA_BITWISE_DREG", reg),
+            ("NFTA_BITWISE_OP", NFT_BITWISE_BOOL),
+            ("NFTA_BITWISE_LEN", 4),
+            ("NFTA_BITWISE_MASK", _value(_host32(~mark & 0xFFFFFFFF))),
+            ("NFTA_BITWISE_XOR", _value(_host32(mark))),
+        ),
+        _expr("ct", ("NFTA_CT_KEY", NFT_CT_MARK), ("NFTA_CT_SREG", reg)),
+        _expr(
+            "numgen",
+            ("NFTA_NG_DREG", reg),
+            ("NFTA_NG_MODULUS", backends),
+            ("NFTA_NG_TYPE", NFT_NG_INCREMENTAL),
+            ("NFTA_NG_OFFSET", 0),
+        ),
+        _expr("lookup", ("NFTA_LOOKUP_SREG", reg), ("NFTA_LOOKUP_DREG", reg), ("NFTA_LOOKUP_SET", f"b{port}")),
+        _expr(  # the address in reg 1, the port in the next 32-bit register (the concatenation's second field)
+            "nat",
+            ("NFTA_NAT_TYPE", NFT_NAT_DNAT),
+            ("NFTA_NAT_FAMILY", NFPROTO_IPV4),
+            ("NFTA_NAT_REG_ADDR_MIN", reg),
+            ("NFTA_NAT_REG_PROTO_MIN", Regs.NFT_REG32_01),
+        ),
+    ]
+
+
+def _element(slot: int, address: str, port: int) -> dict[str, Attrs]:
+    """slot (numgen's output, host order) : address . port (the port padded to its 32-bit register), a counter."""
+    return {
+        "attrs": [
+            ("NFTA_SET_ELEM_KEY", _value(_host32(slot))),
+            ("NFTA_SET_ELEM_DATA", _value(socket.inet_aton(address) + struct.pack(">H2x", port))),
+            ("NFTA_SET_ELEM_EXPR", _expr("counter")),
+        ]
+    }
+
+
+def _message(cls: type[nfgen_msg], msg_type: int, flags: int, attrs: Attrs) -> nfgen_msg:
+    msg = cls()
+    msg["nfgen_family"] = NFPROTO_IPV4
+    msg["attrs"] = attrs
+    msg["header"]["type"] = NFNL_SUBSYS_NFTABLES << 8 | msg_type
+    msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK | flags
+    return msg
+
+
+def _batch_marker(msg_type: int) -> nfgen_msg:
+    msg = nfgen_msg()
+    msg["res_id"] = NFNL_SUBSYS_NFTABLES
+    msg["header"]["type"] = msg_type
+    msg["header"]["flags"] = NLM_F_REQUEST
+    return msg
+
+
+@dataclass(frozen=True)
+class NftNetlinkLayout(NftLayout):
+    named: bool = field(default=True, init=False)
+
+    @property
+    def name(self) -> str:
+        return f"{super().name}-netlink"
+
+    @staticmethod
+    def batch(table: str, frontend: int, backends: int, handle: int) -> list[nfgen_msg]:
+        """One transaction: flush map b<port> (DELSETELEM without elements), add the pool's elements, replace the
+        chain's rule (NEWRULE with NLM_F_REPLACE and its handle) by one of the new modulus."""
+        port = FIRST_PORT + frontend
+        where = [("NFTA_SET_ELEM_LIST_TABLE", table), ("NFTA_SET_ELEM_LIST_SET", f"b{port}")]
+        elements = [_element(slot, _address(frontend, slot), 8080) for slot in range(backends)]
+        rule = [
+            ("NFTA_RULE_TABLE", table),
+            ("NFTA_RULE_CHAIN", f"fe{port}"),
+            ("NFTA_RULE_HANDLE", handle),
+            ("NFTA_RULE_EXPRESSIONS", _rule_expressions(port, backends)),
+        ]
+        return [
+            _batch_marker(NFNL_MSG_BATCH_BEGIN),
+            _message(nft_set_elem_list_msg, NFT_MSG_DELSETELEM, 0, where),
+            _message(
+                nft_set_elem_list_msg,
+                NFT_MSG_NEWSETELEM,
+                NLM_F_CREATE,
+                [*where, ("NFTA_SET_ELEM_LIST_ELEMENTS", elements)],
+            ),
+            _message(nft_rule_msg, NFT_MSG_NEWRULE, NLM_F_REPLACE, rule),
+            _batch_marker(NFNL_MSG_BATCH_END),
+        ]
+
+    def write_pools(self, netns: str, frontend: int, frontends: int, pools: list[int]) -> list[float]:
+        """Each pool size in turn, one batch each: the seconds from building the batch to its last ack (an error
+        ack raises NetlinkError), each write then checked with nft."""
+        table, port = f"tcpr{self._table_of(frontend, frontends)}", FIRST_PORT + frontend
+        pyroute2_netns.pushns(netns)  # this thread only: the socket is opened in that namespace
+        try:
+            sock = NFTSocket()
+        finally:
+            pyroute2_netns.popns()
+        try:
+            handle = _check_named(netns, table, port, _pool(frontend, BACKENDS))
+            seconds = []
+            for backends in pools:
+                started = time.perf_counter()
+                sock.nlm_request_batch(self.batch(table, frontend, backends, handle))
+                seconds.append(time.perf_counter() - started)
+                handle = _check_named(netns, table, port, _pool(frontend, backends))
+        finally:
+            sock.close()
+        return seconds
+
+
+def _check_named(netns: str, table: str, port: int, pool: list[str]) -> int:
+    """The handle of chain fe<port>'s rule, once checked that map b<port> holds exactly this pool (slot i :
+    pool[i]) and that the chain holds one rule, of the pool's size as modulus; RuntimeError if not."""
+    nft = ("ip", "netns", "exec", netns, "nft")
+    listed = sh(*nft, "list", "map", "ip", table, f"b{port}")
+    elements = sorted(re.findall(r"(\d+) counter packets \d+ bytes \d+ : (\S+ \. \d+)", listed))
+    if elements != sorted((str(slot), address) for slot, address in enumerate(pool)):
+        raise RuntimeError(f"map {table} b{port} holds {elements}, not the pool {pool}")
+    chain = sh(*nft, "-a", "list", "chain", "ip", table, f"fe{port}")
+    rules = [line for line in chain.splitlines() if "# handle" in line and "{" not in line]
+    found = re.search(rf"numgen inc mod (\d+) map @b{port} # handle (\d+)$", rules[0]) if len(rules) == 1 else None
+    if not found or int(found[1]) != len(pool):
+        raise RuntimeError(f"chain {table} fe{port} is not one rule of modulus {len(pool)}:\n{chain}")
+    return int(found[2])
+
+
 class IptablesLayout:
     name = "iptables-nft"
 
@@ -138,6 +324,7 @@ LAYOUTS = [
     NftLayout(tables=1, named=True),
     NftLayout(tables=64, named=False),
     NftLayout(tables=64, named=True),
+    NftNetlinkLayout(tables=64),
 ]
 
 
@@ -153,19 +340,27 @@ def measure(layout: NftLayout | IptablesLayout, frontends: int, runs: int) -> di
         full_text = layout.full(frontends)
         full = _seconds(lambda: layout.load(netns, full_text))
         victim = frontends // 2
-        partial = []
-        for run in range(2 * runs):  # 10 -> 9 backends, then back
-            text = layout.partial(victim, frontends, BACKENDS - 1 if run % 2 == 0 else BACKENDS)
-            partial.append(_seconds(lambda text=text: layout.load(netns, text)))
+        pools = [BACKENDS - 1 if run % 2 == 0 else BACKENDS for run in range(2 * runs)]  # 10 -> 9 backends, then back
+        if isinstance(layout, NftNetlinkLayout):
+            partial = layout.write_pools(netns, victim, frontends, pools)
+        else:
+            partial = []
+            for backends in pools:
+                text = layout.partial(victim, frontends, backends)
+                partial.append(_seconds(lambda text=text: layout.load(netns, text)))
         return {"full_s": full, "partial_ms_p50": median(partial) * 1e3, "partial_ms_max": max(partial) * 1e3}
 
 
 def main(argv: list[str]) -> None:
     sizes = [int(n) for n in (argv[0] if argv else "1000,10000").split(",")]
     runs = int(argv[1]) if len(argv) > 1 else 5
+    known = {layout.name: layout for layout in LAYOUTS}
+    names = argv[2].split(",") if len(argv) > 2 else list(known)
+    if unknown := [name for name in names if name not in known]:
+        raise SystemExit(f"unknown layout(s) {', '.join(unknown)}; known: {', '.join(known)}")
     print(f"| layout | {' | '.join(f'{n:,} x {BACKENDS}: full s / partial ms p50 (max)' for n in sizes)} |")
     print(f"|---|{'---|' * len(sizes)}")
-    for layout in LAYOUTS:
+    for layout in (known[name] for name in names):
         cells = []
         for frontends in sizes:
             figures = measure(layout, frontends, runs)
