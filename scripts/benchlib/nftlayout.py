@@ -11,10 +11,14 @@ and back, rewritten the way that layout allows (*partial*, the writer process's 
   `numgen inc mod n map { 0 : addr . port, ... }`; partial: flush the chain, add the rule.
 - nft-named-T: as nft-anon-T, with the map a named one per frontend, a counter per element (per-backend connection
   counts, which the kernel updates on lookup); partial: flush the chain and the map, add elements and the rule.
-- nft-named-T-netlink: nft-named-T loaded the same way, but a writer without the nft CLI (which reads its whole cache
-  before each command): the partial is one nf_tables batch sent by this process with pyroute2 (flush the map, add the
-  elements, replace the rule by handle), timed from building it to the last ack; the socket is opened and the rule's
-  handle looked up beforehand, and each write is checked afterwards with nft (elements and modulus).
+- nft-named-T-netlink: nft-named-T written by a writer without the nft CLI (which reads its whole cache before each
+  command): each write is one nf_tables batch built with pyroute2 and sent by this process, timed from building it
+  to the last ack, the socket opened beforehand. Full: the very messages `nft -f` sends for nft-named-T's text, one
+  transaction; its cell shows, in brackets, the part of the full seconds spent building and encoding it, the rest
+  being sendmsg (in which the kernel processes and commits the batch) and the ack. Checked afterwards by counting
+  tables, chains, maps, elements and rules, and before each size by comparing `nft -a list ruleset` with nft -f's
+  at 3 frontends. Partial: flush the map, add the elements, replace the rule by handle (looked up beforehand), each
+  write checked afterwards with nft (elements and modulus).
 
 Usage: python -m benchlib.nftlayout [FRONTENDS,... [RUNS [LAYOUT,...]]]   (from scripts/, as root; default
 1000,10000 5, all layouts)
@@ -23,29 +27,40 @@ Usage: python -m benchlib.nftlayout [FRONTENDS,... [RUNS [LAYOUT,...]]]   (from 
 from __future__ import annotations
 
 import contextlib
+import difflib
+import itertools
+import json
+import os
 import re
 import socket
 import struct
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from pyroute2 import netns as pyroute2_netns
-from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST
+from pyroute2.netlink import NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES, nfgen_msg
 from pyroute2.netlink.nfnetlink.nftsocket import (
     NFPROTO_IPV4,
     NFT_MSG_DELSETELEM,
+    NFT_MSG_NEWCHAIN,
     NFT_MSG_NEWRULE,
+    NFT_MSG_NEWSET,
     NFT_MSG_NEWSETELEM,
+    NFT_MSG_NEWTABLE,
     Cmp,
     Meta,
     NFTSocket,
     Regs,
+    nft_chain_msg,
     nft_rule_msg,
     nft_set_elem_list_msg,
+    nft_set_msg,
+    nft_table_msg,
 )
 
 from .common import median, netns_add, sh
@@ -133,6 +148,7 @@ NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NFT_CT_MARK, NFT_BITWISE_BOOL, NFT_NG_INCREMENTAL, NFT_NAT_DNAT = 3, 0, 0, 1
 
 Attrs = list[tuple[str, Any]]
+T = TypeVar("T")
 
 
 def _expr(name: str, *attrs: tuple[str, Any]) -> dict[str, Attrs]:
@@ -147,11 +163,12 @@ def _host32(value: int) -> bytes:
     return struct.pack("=I", value)
 
 
-def _rule_expressions(port: int, backends: int) -> list[dict[str, Attrs]]:
-    """What nft 1.0.6 sends for NftLayout._rule (`nft --debug=netlink`), attribute for attribute, except the set id
-    nft adds beside the map's name (an id only names a set created in the same batch; the kernel tries the name
-    first). pyroute2 leaves NLA_F_NESTED off the nests, which nf_tables' parser does not require."""
+def _rule_expressions(port: int, backends: int, set_id: int | None = None) -> list[dict[str, Attrs]]:
+    """What nft 1.0.6 sends for NftLayout._rule (`nft --debug=netlink`), attribute for attribute; the set id nft adds
+    beside the map's name only if given (an id only names a set created in the same batch; the kernel tries the
+    name first). pyroute2 leaves NLA_F_NESTED off the nests, which nf_tables' parser does not require."""
     reg, mark = Regs.NFT_REG_1, int(MARK, 16)
+    lookup_id = [("NFTA_LOOKUP_SET_ID", set_id)] if set_id else []
     return [
         _expr("meta", ("NFTA_META_KEY", Meta.NFT_META_L4PROTO), ("NFTA_META_DREG", reg)),
         _expr(
@@ -178,7 +195,13 @@ def _rule_expressions(port: int, backends: int) -> list[dict[str, Attrs]]:
             ("NFTA_NG_TYPE", NFT_NG_INCREMENTAL),
             ("NFTA_NG_OFFSET", 0),
         ),
-        _expr("lookup", ("NFTA_LOOKUP_SREG", reg), ("NFTA_LOOKUP_DREG", reg), ("NFTA_LOOKUP_SET", f"b{port}")),
+        _expr(
+            "lookup",
+            ("NFTA_LOOKUP_SREG", reg),
+            ("NFTA_LOOKUP_DREG", reg),
+            ("NFTA_LOOKUP_SET", f"b{port}"),
+            *lookup_id,
+        ),
         _expr(  # the address in reg 1, the port in the next 32-bit register (the concatenation's second field)
             "nat",
             ("NFTA_NAT_TYPE", NFT_NAT_DNAT),
@@ -205,7 +228,7 @@ def _message(cls: type[nfgen_msg], msg_type: int, flags: int, attrs: Attrs) -> n
     msg["nfgen_family"] = NFPROTO_IPV4
     msg["attrs"] = attrs
     msg["header"]["type"] = NFNL_SUBSYS_NFTABLES << 8 | msg_type
-    msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK | flags
+    msg["header"]["flags"] = NLM_F_REQUEST | flags
     return msg
 
 
@@ -217,6 +240,127 @@ def _batch_marker(msg_type: int) -> nfgen_msg:
     return msg
 
 
+# Sets as nft 1.0.6 declares NftLayout's maps: NFTA_SET_USERDATA is libnftnl TLVs that only nft reads back (to print
+# the map as declared): key and data byte order, the typeof expressions, data interval 0.
+VMAP_USERDATA = bytes.fromhex("000402000000010400000000060400000000")  # type inet_service : verdict
+POOL_USERDATA = bytes.fromhex(  # typeof numgen inc mod 2 : ip daddr . tcp dport
+    "000401000000"
+    "010400000000"
+    "031a0004170000000112000400000000010402000000020400000000"
+    "043400040d000000012c0014000407000000010c00040c00000001040c0000000114000407000000010c00040800000001040200"
+    "0000"
+    "060400000000"
+)
+TYPE_INTEGER, TYPE_IPADDR, TYPE_INET_SERVICE, NFT_DATA_VERDICT = 4, 7, 13, 0xFFFFFF00  # nft's datatypes
+PORT_KEY, VERDICT_DATA = (TYPE_INET_SERVICE, 2), (NFT_DATA_VERDICT, 0)  # (datatype, length) of a key or data
+SLOT_KEY, BACKEND_DATA = (TYPE_INTEGER, 4), (TYPE_IPADDR << 6 | TYPE_INET_SERVICE, 8)  # a concatenation: a << 6 | b
+NFT_GOTO, NF_ACCEPT, NF_INET_PRE_ROUTING = -4, 1, 0
+NFTA_FIB_F_DADDR, NFT_PAYLOAD_TRANSPORT_HEADER, RTN_LOCAL = 2, 2, 2
+NETLINK_NETFILTER, SO_SNDBUFFORCE, NLMSG_ERROR = 12, 32, 2
+
+
+def _set(table: str, name: str, set_id: int, key: tuple[int, int], data: tuple[int, int], userdata: bytes) -> Attrs:
+    """A map named name in table; key and data are (nft datatype, length)."""
+    return [
+        ("NFTA_SET_TABLE", table),
+        ("NFTA_SET_NAME", name),
+        ("NFTA_SET_FLAGS", {"NFT_SET_MAP"}),
+        ("NFTA_SET_KEY_TYPE", key[0]),
+        ("NFTA_SET_KEY_LEN", key[1]),
+        ("NFTA_SET_DATA_TYPE", data[0]),
+        ("NFTA_SET_DATA_LEN", data[1]),
+        ("NFTA_SET_ID", set_id),
+        ("NFTA_SET_USERDATA", userdata),
+    ]
+
+
+def _element_list(table: str, name: str, set_id: int, elements: list[dict[str, Attrs]]) -> Attrs:
+    return [
+        ("NFTA_SET_ELEM_LIST_TABLE", table),
+        ("NFTA_SET_ELEM_LIST_SET", name),
+        ("NFTA_SET_ELEM_LIST_SET_ID", set_id),
+        ("NFTA_SET_ELEM_LIST_ELEMENTS", elements),
+    ]
+
+
+def _goto(port: int) -> dict[str, Attrs]:
+    verdict = [("NFTA_VERDICT_CODE", NFT_GOTO), ("NFTA_VERDICT_CHAIN", f"fe{port}")]
+    return {
+        "attrs": [
+            ("NFTA_SET_ELEM_KEY", _value(struct.pack(">H", port))),
+            ("NFTA_SET_ELEM_DATA", {"attrs": [("NFTA_DATA_VERDICT", {"attrs": verdict})]}),
+        ]
+    }
+
+
+def _dispatch_expressions(set_id: int) -> list[dict[str, Attrs]]:
+    """`fib daddr type local tcp dport vmap @frontends`, as nft 1.0.6 sends it."""
+    reg = Regs.NFT_REG_1
+    return [
+        _expr(  # pyroute2 maps NFTA_FIB_RESULT as bit flags: bits 0 and 1 are the value 3, NFT_FIB_RESULT_ADDRTYPE
+            "fib",
+            ("NFTA_FIB_FLAGS", NFTA_FIB_F_DADDR),
+            ("NFTA_FIB_RESULT", frozenset({"NFT_FIB_RESULT_UNSPEC", "NFT_FIB_RESULT_OIF"})),
+            ("NFTA_FIB_DREG", reg),
+        ),
+        _expr(
+            "cmp",
+            ("NFTA_CMP_SREG", reg),
+            ("NFTA_CMP_OP", Cmp.NFT_CMP_EQ),
+            ("NFTA_CMP_DATA", _value(_host32(RTN_LOCAL))),
+        ),
+        _expr("meta", ("NFTA_META_KEY", Meta.NFT_META_L4PROTO), ("NFTA_META_DREG", reg)),
+        _expr(
+            "cmp",
+            ("NFTA_CMP_SREG", reg),
+            ("NFTA_CMP_OP", Cmp.NFT_CMP_EQ),
+            ("NFTA_CMP_DATA", _value(bytes([socket.IPPROTO_TCP]))),
+        ),
+        _expr(
+            "payload",
+            ("NFTA_PAYLOAD_DREG", reg),
+            ("NFTA_PAYLOAD_BASE", NFT_PAYLOAD_TRANSPORT_HEADER),
+            ("NFTA_PAYLOAD_OFFSET", 2),
+            ("NFTA_PAYLOAD_LEN", 2),
+        ),
+        _expr(
+            "lookup",
+            ("NFTA_LOOKUP_SREG", reg),
+            ("NFTA_LOOKUP_DREG", Regs.NFT_REG_VERDICT),
+            ("NFTA_LOOKUP_SET", "frontends"),
+            ("NFTA_LOOKUP_SET_ID", set_id),
+        ),
+    ]
+
+
+def _encode(messages: list[nfgen_msg]) -> bytes:
+    """The messages as one buffer, numbered 0, 1, ... as nft numbers a batch (no pyroute2 socket: its batch request
+    grows one bytes object message by message)."""
+    for seq, msg in enumerate(messages):
+        msg["header"]["sequence_number"] = seq
+        msg.encode()
+    return b"".join(msg.data for msg in messages)
+
+
+def _transact(sock: socket.socket, data: bytes, last_seq: int) -> None:
+    """Sends a batch in one sendmsg (nf_tables processes and commits it before sendmsg returns), then reads up to
+    the ack of message last_seq, the only one asking for one; OSError on an error reply."""
+    sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, len(data))  # netlink refuses a message over the send buffer
+    sock.send(data)
+    while True:
+        reply = sock.recv(1 << 16)
+        offset = 0
+        while offset < len(reply):
+            length, msg_type, _, seq, _ = struct.unpack_from("=IHHII", reply, offset)
+            if msg_type == NLMSG_ERROR:
+                (error,) = struct.unpack_from("=i", reply, offset + 16)
+                if error:
+                    raise OSError(-error, f"nf_tables refused batch message {seq}: {os.strerror(-error)}")
+                if seq == last_seq:
+                    return
+            offset += (length + 3) & ~3
+
+
 @dataclass(frozen=True)
 class NftNetlinkLayout(NftLayout):
     named: bool = field(default=True, init=False)
@@ -224,6 +368,55 @@ class NftNetlinkLayout(NftLayout):
     @property
     def name(self) -> str:
         return f"{super().name}-netlink"
+
+    def full_batch(self, frontends: int) -> list[nfgen_msg]:
+        """The transaction `nft -f` sends for self.full(frontends) (nft 1.0.6, read with strace), message for
+        message: per table NEWTABLE, the base chain and the frontend chains, the vmap, each pool map with its
+        elements, the rules, then the vmap's elements. Each set is also named by the id nft numbers it with, and
+        no message asks for an ack, as with nft (errors are acked anyway)."""
+        messages, set_ids = [_batch_marker(NFNL_MSG_BATCH_BEGIN)], itertools.count(1)
+
+        def add(cls: type[nfgen_msg], msg_type: int, attrs: Attrs, flags: int = NLM_F_CREATE) -> None:
+            messages.append(_message(cls, msg_type, flags, attrs))
+
+        for number in range(self.tables):
+            table = f"tcpr{number}"
+            ports = [FIRST_PORT + f for f in range(frontends) if self._table_of(f, frontends) == number]
+            add(nft_table_msg, NFT_MSG_NEWTABLE, [("NFTA_TABLE_NAME", table), ("NFTA_TABLE_FLAGS", 0)], flags=0)
+            hook = {"attrs": [("NFTA_HOOK_HOOKNUM", NF_INET_PRE_ROUTING), ("NFTA_HOOK_PRIORITY", -101)]}
+            base = [("NFTA_CHAIN_TYPE", "nat"), ("NFTA_CHAIN_POLICY", NF_ACCEPT), ("NFTA_CHAIN_HOOK", hook)]
+            for chain, attrs in [("prerouting", base), *((f"fe{port}", []) for port in ports)]:
+                add(nft_chain_msg, NFT_MSG_NEWCHAIN, [("NFTA_CHAIN_TABLE", table), ("NFTA_CHAIN_NAME", chain), *attrs])
+            vmap = next(set_ids)
+            add(nft_set_msg, NFT_MSG_NEWSET, _set(table, "frontends", vmap, PORT_KEY, VERDICT_DATA, VMAP_USERDATA))
+            rules = [("prerouting", _dispatch_expressions(vmap))]
+            for port in ports:
+                pool, name = next(set_ids), f"b{port}"
+                pool_map = _set(table, name, pool, SLOT_KEY, BACKEND_DATA, POOL_USERDATA)
+                add(nft_set_msg, NFT_MSG_NEWSET, [*pool_map, ("NFTA_SET_EXPR", _expr("counter"))])  # `counter;`
+                elements = [_element(slot, _address(port - FIRST_PORT, slot), 8080) for slot in range(BACKENDS)]
+                add(nft_set_elem_list_msg, NFT_MSG_NEWSETELEM, _element_list(table, name, pool, elements))
+                rules.append((f"fe{port}", _rule_expressions(port, BACKENDS, pool)))
+            for chain, expressions in rules:
+                rule = [("NFTA_RULE_TABLE", table), ("NFTA_RULE_CHAIN", chain), ("NFTA_RULE_EXPRESSIONS", expressions)]
+                add(nft_rule_msg, NFT_MSG_NEWRULE, rule, flags=NLM_F_CREATE | NLM_F_APPEND)
+            if ports:
+                gotos = [_goto(port) for port in ports]
+                add(nft_set_elem_list_msg, NFT_MSG_NEWSETELEM, _element_list(table, "frontends", vmap, gotos))
+        return [*messages, _batch_marker(NFNL_MSG_BATCH_END)]
+
+    def load_full(self, netns: str, frontends: int) -> tuple[float, float]:
+        """self.full(frontends) as one transaction from this process: (seconds building and encoding the batch,
+        seconds sending it and reading its last message's ack). The socket is opened beforehand."""
+        sock = _in_netns(netns, lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER))
+        with sock:
+            started = time.perf_counter()
+            messages = self.full_batch(frontends)
+            messages[-2]["header"]["flags"] |= NLM_F_ACK  # one ack, sent once the batch is committed
+            data = _encode(messages)
+            encoded = time.perf_counter()
+            _transact(sock, data, len(messages) - 2)
+            return encoded - started, time.perf_counter() - encoded
 
     @staticmethod
     def batch(table: str, frontend: int, backends: int, handle: int) -> list[nfgen_msg]:
@@ -240,26 +433,48 @@ class NftNetlinkLayout(NftLayout):
         ]
         return [
             _batch_marker(NFNL_MSG_BATCH_BEGIN),
-            _message(nft_set_elem_list_msg, NFT_MSG_DELSETELEM, 0, where),
+            _message(nft_set_elem_list_msg, NFT_MSG_DELSETELEM, NLM_F_ACK, where),
             _message(
                 nft_set_elem_list_msg,
                 NFT_MSG_NEWSETELEM,
-                NLM_F_CREATE,
+                NLM_F_ACK | NLM_F_CREATE,
                 [*where, ("NFTA_SET_ELEM_LIST_ELEMENTS", elements)],
             ),
-            _message(nft_rule_msg, NFT_MSG_NEWRULE, NLM_F_REPLACE, rule),
+            _message(nft_rule_msg, NFT_MSG_NEWRULE, NLM_F_ACK | NLM_F_REPLACE, rule),
             _batch_marker(NFNL_MSG_BATCH_END),
         ]
+
+    def check_equivalent(self, frontends: int = 3) -> None:
+        """RuntimeError unless load_full gives, rule handles included, the ruleset `nft -f` gives for the same
+        text (in two namespaces of their own)."""
+        with contextlib.ExitStack() as stack:
+            ours, theirs = netns_add(stack, "tbl"), netns_add(stack, "tbl")
+            self.load_full(ours, frontends)
+            self.load(theirs, self.full(frontends))
+            listed = [sh("ip", "netns", "exec", netns, "nft", "-a", "list", "ruleset") for netns in (ours, theirs)]
+        if listed[0] != listed[1]:
+            diff = "\n".join(
+                difflib.unified_diff(*(text.splitlines() for text in listed), "netlink", "nft -f", lineterm="")
+            )
+            raise RuntimeError(f"{self.name}: the netlink full load differs from nft -f's:\n{diff}")
+
+    def check_counts(self, netns: str, frontends: int) -> None:
+        """RuntimeError unless netns holds the tables, chains, maps, map elements and rules of self.full."""
+        listed = json.loads(sh("ip", "netns", "exec", netns, "nft", "-j", "list", "ruleset", timeout=600))
+        objects = [next(iter(item.items())) for item in listed["nftables"]]
+        counts = Counter(kind for kind, _ in objects)
+        counts["element"] = sum(len(body.get("elem", [])) for kind, body in objects if kind == "map")
+        tables = self.tables
+        expected = {"table": tables, "chain": tables + frontends, "map": tables + frontends}
+        expected |= {"rule": tables + frontends, "element": frontends * (BACKENDS + 1)}
+        if found := {kind: counts[kind] for kind in expected if counts[kind] != expected[kind]}:
+            raise RuntimeError(f"{self.name}: {frontends} frontends loaded as {found}, not {expected}")
 
     def write_pools(self, netns: str, frontend: int, frontends: int, pools: list[int]) -> list[float]:
         """Each pool size in turn, one batch each: the seconds from building the batch to its last ack (an error
         ack raises NetlinkError), each write then checked with nft."""
         table, port = f"tcpr{self._table_of(frontend, frontends)}", FIRST_PORT + frontend
-        pyroute2_netns.pushns(netns)  # this thread only: the socket is opened in that namespace
-        try:
-            sock = NFTSocket()
-        finally:
-            pyroute2_netns.popns()
+        sock = _in_netns(netns, NFTSocket)
         try:
             handle = _check_named(netns, table, port, _pool(frontend, BACKENDS))
             seconds = []
@@ -271,6 +486,15 @@ class NftNetlinkLayout(NftLayout):
         finally:
             sock.close()
         return seconds
+
+
+def _in_netns(netns: str, opener: Callable[[], T]) -> T:
+    """A socket opened in netns (pushns switches this thread only)."""
+    pyroute2_netns.pushns(netns)
+    try:
+        return opener()
+    finally:
+        pyroute2_netns.popns()
 
 
 def _check_named(netns: str, table: str, port: int, pool: list[str]) -> int:
@@ -337,8 +561,15 @@ def _seconds(action: Callable[[], None]) -> float:
 def measure(layout: NftLayout | IptablesLayout, frontends: int, runs: int) -> dict[str, float]:
     with contextlib.ExitStack() as stack:
         netns = netns_add(stack, "tbl")
-        full_text = layout.full(frontends)
-        full = _seconds(lambda: layout.load(netns, full_text))
+        figures = {}
+        if isinstance(layout, NftNetlinkLayout):
+            layout.check_equivalent()
+            figures["full_encode_s"], send = layout.load_full(netns, frontends)
+            full = figures["full_encode_s"] + send
+            layout.check_counts(netns, frontends)
+        else:
+            full_text = layout.full(frontends)
+            full = _seconds(lambda: layout.load(netns, full_text))
         victim = frontends // 2
         pools = [BACKENDS - 1 if run % 2 == 0 else BACKENDS for run in range(2 * runs)]  # 10 -> 9 backends, then back
         if isinstance(layout, NftNetlinkLayout):
@@ -348,7 +579,12 @@ def measure(layout: NftLayout | IptablesLayout, frontends: int, runs: int) -> di
             for backends in pools:
                 text = layout.partial(victim, frontends, backends)
                 partial.append(_seconds(lambda text=text: layout.load(netns, text)))
-        return {"full_s": full, "partial_ms_p50": median(partial) * 1e3, "partial_ms_max": max(partial) * 1e3}
+        return {
+            **figures,
+            "full_s": full,
+            "partial_ms_p50": median(partial) * 1e3,
+            "partial_ms_max": max(partial) * 1e3,
+        }
 
 
 def main(argv: list[str]) -> None:
@@ -358,13 +594,16 @@ def main(argv: list[str]) -> None:
     names = argv[2].split(",") if len(argv) > 2 else list(known)
     if unknown := [name for name in names if name not in known]:
         raise SystemExit(f"unknown layout(s) {', '.join(unknown)}; known: {', '.join(known)}")
-    print(f"| layout | {' | '.join(f'{n:,} x {BACKENDS}: full s / partial ms p50 (max)' for n in sizes)} |")
+    header = "full s [encoding s] / partial ms p50 (max)"
+    print(f"| layout | {' | '.join(f'{n:,} x {BACKENDS}: {header}' for n in sizes)} |")
     print(f"|---|{'---|' * len(sizes)}")
     for layout in (known[name] for name in names):
         cells = []
         for frontends in sizes:
             figures = measure(layout, frontends, runs)
-            cells.append(f"{figures['full_s']:.2f} / {figures['partial_ms_p50']:.0f} ({figures['partial_ms_max']:.0f})")
+            encoding = f" [{figures['full_encode_s']:.2f}]" if "full_encode_s" in figures else ""
+            partial = f"{figures['partial_ms_p50']:.0f} ({figures['partial_ms_max']:.0f})"
+            cells.append(f"{figures['full_s']:.2f}{encoding} / {partial}")
         print(f"| {layout.name} | {' | '.join(cells)} |", flush=True)
 
 
