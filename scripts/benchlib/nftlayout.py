@@ -163,6 +163,17 @@ def _host32(value: int) -> bytes:
     return struct.pack("=I", value)
 
 
+def _equals(reg: int, data: bytes) -> dict[str, Attrs]:
+    """cmp eq: the register holds `data`."""
+    return _expr("cmp", ("NFTA_CMP_SREG", reg), ("NFTA_CMP_OP", Cmp.NFT_CMP_EQ), ("NFTA_CMP_DATA", _value(data)))
+
+
+def _is_tcp(reg: int) -> list[dict[str, Attrs]]:
+    """`meta l4proto tcp`, through `reg`."""
+    protocol = _expr("meta", ("NFTA_META_KEY", Meta.NFT_META_L4PROTO), ("NFTA_META_DREG", reg))
+    return [protocol, _equals(reg, bytes([socket.IPPROTO_TCP]))]
+
+
 def _rule_expressions(port: int, backends: int, set_id: int | None = None) -> list[dict[str, Attrs]]:
     """What nft 1.0.6 sends for NftLayout._rule (`nft --debug=netlink`), attribute for attribute; the set id nft adds
     beside the map's name only if given (an id only names a set created in the same batch; the kernel tries the
@@ -170,13 +181,7 @@ def _rule_expressions(port: int, backends: int, set_id: int | None = None) -> li
     reg, mark = Regs.NFT_REG_1, int(MARK, 16)
     lookup_id = [("NFTA_LOOKUP_SET_ID", set_id)] if set_id else []
     return [
-        _expr("meta", ("NFTA_META_KEY", Meta.NFT_META_L4PROTO), ("NFTA_META_DREG", reg)),
-        _expr(
-            "cmp",
-            ("NFTA_CMP_SREG", reg),
-            ("NFTA_CMP_OP", Cmp.NFT_CMP_EQ),
-            ("NFTA_CMP_DATA", _value(bytes([socket.IPPROTO_TCP]))),
-        ),
+        *_is_tcp(reg),
         _expr("ct", ("NFTA_CT_KEY", NFT_CT_MARK), ("NFTA_CT_DREG", reg)),
         _expr(  # ct mark | MARK, as nft writes it: (reg & ~MARK) ^ MARK
             "bitwise",
@@ -303,19 +308,8 @@ def _dispatch_expressions(set_id: int) -> list[dict[str, Attrs]]:
             ("NFTA_FIB_RESULT", frozenset({"NFT_FIB_RESULT_UNSPEC", "NFT_FIB_RESULT_OIF"})),
             ("NFTA_FIB_DREG", reg),
         ),
-        _expr(
-            "cmp",
-            ("NFTA_CMP_SREG", reg),
-            ("NFTA_CMP_OP", Cmp.NFT_CMP_EQ),
-            ("NFTA_CMP_DATA", _value(_host32(RTN_LOCAL))),
-        ),
-        _expr("meta", ("NFTA_META_KEY", Meta.NFT_META_L4PROTO), ("NFTA_META_DREG", reg)),
-        _expr(
-            "cmp",
-            ("NFTA_CMP_SREG", reg),
-            ("NFTA_CMP_OP", Cmp.NFT_CMP_EQ),
-            ("NFTA_CMP_DATA", _value(bytes([socket.IPPROTO_TCP]))),
-        ),
+        _equals(reg, _host32(RTN_LOCAL)),
+        *_is_tcp(reg),
         _expr(
             "payload",
             ("NFTA_PAYLOAD_DREG", reg),
