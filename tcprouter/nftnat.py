@@ -1,0 +1,182 @@
+"""The nat side in nftables tables of tcprouter's own: the layout that meets 10,000 frontends (BENCHMARKS.md, "Rule
+layouts"), as `nft -f` text. Pure: the desired state in, text out.
+
+In iptables every new connection's first packet walks a frontend chain of one statistic rule per rotation slot,
+and a write to the nat table makes the kernel validate all 110,000 of its rules at 10,000 x 10. Here:
+  - the frontends are spread over TABLES tables by port (a change validates one table, ~1/64 of the rules);
+  - in each table, base chains at prerouting and output (priority PRIORITY, before the iptables nat chains)
+    dispatch a new connection to a local address by `meta l4proto . th dport vmap @ports` (one lookup, whatever
+    the number of frontends) to its frontend's chain;
+  - a frontend's chain marks the connection (the FORWARD lock and masquerade, in iptables, match the mark as
+    before), sends a backend's own connection to another backend (map `self-...`: a bridge drops a packet DNATed
+    back out of the port it came in on), and picks a backend with `numgen` over map `slots-...`: strict
+    round-robin (`inc`) or random, a slot per unit of weight; each slot's counter counts its connections.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .compiler import Options, access_bit, rotation
+from .model import Balance, DesiredState, Family, Frontend, Protocol
+
+TABLES = 64
+PRIORITY = -101  # dstnat - 1: before the iptables nat table's chains (Docker's published ports)
+TABLE_PREFIX = "tcprouter-"
+_FAMILIES = {Family.IPV4: "ip", Family.IPV6: "ip6"}
+_ADDRESS_TYPES = {Family.IPV4: "ipv4_addr", Family.IPV6: "ipv6_addr"}
+_LOOPBACK = {Family.IPV4: "127.0.0.0/8", Family.IPV6: "::1"}
+_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")  # nft strings have no escapes; Docker names are made of these
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One rotation slot: the backend it sends to."""
+
+    address: str
+    port: int
+    name: str  # the backend's, in the element's comment (per-backend counts sum its slots)
+
+
+@dataclass(frozen=True)
+class NatPool:
+    """What one routed frontend of one family is in the kernel."""
+
+    protocol: Protocol
+    port: int
+    mark: int  # the conntrack mark bits the chain sets
+    random: bool  # numgen random rather than inc
+    slots: tuple[Slot, ...]
+    fallbacks: tuple[tuple[str, Slot], ...]  # a backend's address -> where its own connections go
+    unrouted: tuple[str, ...]  # backend addresses with nowhere else to go: their own connections are not DNATed
+
+    @property
+    def chain(self) -> str:
+        return f"{self.protocol}-{self.port}"
+
+
+def table_of(port: int) -> str:
+    """The table a frontend port's objects live in (TCP and UDP frontends of one port share it)."""
+    return f"{TABLE_PREFIX}{port % TABLES:02d}"
+
+
+def nat_pool(frontend: Frontend, options: Options) -> NatPool:
+    """The nat objects of one routed frontend (backends of options.family, at least one)."""
+    backends = frontend.backends
+    random = frontend.balance is Balance.RANDOM
+    order = [b for b in backends for _ in range(b.weight)] if random else rotation(backends)  # random: weighted
+    slots = tuple(Slot(b.ip, b.port, _NAME_UNSAFE.sub("_", b.name or b.container_id[:12])) for b in order)
+    fallbacks: list[tuple[str, Slot]] = []
+    unrouted: list[str] = []
+    for address in dict.fromkeys(slot.address for slot in slots):  # each address once, in slot order
+        other = next((slot for slot in slots if slot.address != address), None)
+        if other is None:
+            unrouted.append(address)
+        else:
+            fallbacks.append((address, other))
+    mark = options.mark_bit | (access_bit(options.mark_bit) if frontend.access else 0)
+    return NatPool(
+        frontend.protocol,
+        frontend.port,
+        mark,
+        random,
+        slots,
+        tuple(fallbacks),
+        tuple(unrouted),
+    )
+
+
+def nat_pools(state: DesiredState, options: Options) -> dict[tuple[Protocol, int], NatPool]:
+    """Every routed frontend of options.family (the state as DesiredState.of_family gives it): an empty pool is not
+    routed (the host answers: a reset, or ICMP port unreachable)."""
+    family_state = state.of_family(options.family)
+    return {(f.protocol, f.port): nat_pool(f, options) for f in family_state.every_frontend() if f.backends}
+
+
+def _destination(slot: Slot) -> str:
+    return f"{slot.address} . {slot.port}"
+
+
+def _slots(pool: NatPool, family: Family) -> str:
+    """The pool's slot map: slot number -> address . port, each with its counter and backend's name."""
+    protocol_field = f"{pool.protocol} dport"
+    address_field = "ip daddr" if family is Family.IPV4 else "ip6 daddr"
+    elements = ", ".join(
+        f'{number} comment "{slot.name}" : {_destination(slot)}' for number, slot in enumerate(pool.slots)
+    )
+    return (
+        f"\tmap slots-{pool.chain} {{\n"
+        f"\t\ttypeof numgen inc mod {len(pool.slots)} : {address_field} . {protocol_field}\n"
+        "\t\tcounter\n"
+        f"\t\telements = {{ {elements} }}\n"
+        "\t}\n"
+    )
+
+
+def _chain(pool: NatPool, family: Family) -> str:
+    """The frontend's chain (and its fallback map): mark, skip self, pick."""
+    nft_family = _FAMILIES[family]
+    address_type = _ADDRESS_TYPES[family]
+    parts = []
+    rules = [f"ct mark set ct mark | {pool.mark:#010x}"]
+    if pool.fallbacks:
+        elements = ", ".join(f"{address} : {_destination(slot)}" for address, slot in pool.fallbacks)
+        parts.append(
+            f"\tmap self-{pool.chain} {{\n"
+            f"\t\ttype {address_type} : {address_type} . inet_service\n"
+            f"\t\telements = {{ {elements} }}\n"
+            "\t}\n"
+        )
+        rules.append(f"meta l4proto {pool.protocol} dnat {nft_family} to {nft_family} saddr map @self-{pool.chain}")
+    if pool.unrouted:
+        rules.append(f"{nft_family} saddr {{ {', '.join(pool.unrouted)} }} return")
+    generator = "random" if pool.random else "inc"
+    pick = f"numgen {generator} mod {len(pool.slots)} map @slots-{pool.chain}"
+    rules.append(f"meta l4proto {pool.protocol} dnat {nft_family} to {pick}")
+    body = "".join(f"\t\t{rule}\n" for rule in rules)
+    return "".join(parts) + _slots(pool, family) + f"\tchain {pool.chain} {{\n{body}\t}}\n"
+
+
+def _dispatch(options: Options) -> str:
+    """The base chains: a new connection to a local address (or the listen address) and a frontend's port goes to
+    the frontend's chain. From the host itself (output), loopback destinations stay the host's unless asked."""
+    family = options.family
+    nft_family = _FAMILIES[family]
+    if options.listen_address:
+        local = f"{nft_family} daddr {options.listen_address}"
+        output = local
+    else:
+        local = "fib daddr type local"
+        route_localhost = options.route_localhost and family is Family.IPV4
+        output = local if route_localhost else f"{nft_family} daddr != {_LOOPBACK[family]} {local}"
+    lookup = "meta l4proto . th dport vmap @ports"
+    return "".join(
+        f"\tchain {hook} {{\n\t\ttype nat hook {hook} priority {PRIORITY}; policy accept;\n\t\t{match} {lookup}\n\t}}\n"
+        for hook, match in (("prerouting", local), ("output", output))
+    )
+
+
+def ruleset_text(pools: Iterable[NatPool], options: Options) -> str:
+    """The `nft -f` input that replaces every table of options.family's with `pools`, in one transaction (each table
+    is declared, deleted and declared again with its content: created if missing, replaced whole if not)."""
+    family = options.family
+    nft_family = _FAMILIES[family]
+    by_table: dict[str, list[NatPool]] = {f"{TABLE_PREFIX}{n:02d}": [] for n in range(TABLES)}
+    for pool in pools:
+        by_table[table_of(pool.port)].append(pool)
+    text = []
+    for table, members in by_table.items():
+        gotos = ", ".join(f"{p.protocol} . {p.port} : goto {p.chain}" for p in members)
+        elements = f"\t\telements = {{ {gotos} }}\n" if members else ""
+        text.append(
+            f"table {nft_family} {table} {{}}\n"
+            f"delete table {nft_family} {table}\n"
+            f"table {nft_family} {table} {{\n"
+            f"\tmap ports {{\n\t\ttype inet_proto . inet_service : verdict\n{elements}\t}}\n"
+            + "".join(_chain(pool, family) for pool in members)
+            + _dispatch(options)
+            + "}\n"
+        )
+    return "".join(text)

@@ -1,0 +1,111 @@
+"""The nftables nat layout (tcprouter/nftnat.py) in a real kernel: loaded with `nft -f` into a private router
+namespace, real TCP connections from a client namespace, each backend a listener that greets with its name."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+
+from tcprouter.compiler import Options
+from tcprouter.model import Backend, Balance, DesiredState, Frontend
+from tcprouter.nftnat import nat_pools, ruleset_text, table_of
+
+from .support import greetings, in_netns, private_netns, sh, unique
+
+ROUTER, CLIENT = "10.99.0.1", "10.99.0.2"
+SERVERS = ("10.99.0.11", "10.99.0.12", "10.99.0.13")  # the router's other addresses, where its backends listen
+
+
+@contextmanager
+def greeter(ns: str, address: str, name: str) -> Iterator[int]:
+    """A listener in `ns` that answers each connection with `Hi from <name>`; its port."""
+    listener = in_netns(ns, lambda: socket.create_server((address, 0), backlog=64))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(f"Hi from {name}\n".encode())
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+
+
+@contextmanager
+def router_and_client() -> Iterator[tuple[str, str]]:
+    with private_netns() as router, private_netns() as client:
+        here, there = unique("tcpr"), unique("tcpr")
+        sh("ip", "link", "add", here, "netns", router, "type", "veth", "peer", "name", there, "netns", client)
+        for ns, dev, addresses in ((router, here, (ROUTER, *SERVERS)), (client, there, (CLIENT,))):
+            for address in addresses:
+                sh("ip", "-n", ns, "addr", "add", f"{address}/24", "dev", dev)
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+        sh("ip", "-n", router, "link", "set", "lo", "up")  # the router's connections to itself go over loopback
+        yield router, client
+
+
+def load(ns: str, state: DesiredState) -> None:
+    options = Options()
+    sh("ip", "netns", "exec", ns, "nft", "-f", "-", input=ruleset_text(nat_pools(state, options).values(), options))
+
+
+def slot_counts(ns: str, port: int) -> list[int]:
+    """The packets counted by each slot of the frontend's map, in slot order."""
+    listed = sh("ip", "netns", "exec", ns, "nft", "-j", "list", "map", "ip", table_of(port), f"slots-tcp-{port}")
+    (found,) = [item["map"] for item in json.loads(listed)["nftables"] if "map" in item]
+    keys = [key["elem"] for key, _ in found["elem"]]  # [{"elem": {"val": slot, "counter": {...}}}, address . port]
+    return [key["counter"]["packets"] for key in sorted(keys, key=lambda key: key["val"])]
+
+
+def test_connections_follow_the_weighted_rotation_exactly_and_each_slot_counts_its_own():
+    with router_and_client() as (router, client), ExitStack() as stack:
+        a, b, c = (
+            stack.enter_context(greeter(router, address, name)) for address, name in zip(SERVERS, "abc", strict=True)
+        )
+        pool = (
+            Backend("a" * 64, "a", SERVERS[0], a),
+            Backend("b" * 64, "b", SERVERS[1], b, weight=2),
+            Backend("c" * 64, "c", SERVERS[2], c),
+        )
+        load(router, DesiredState({27017: Frontend(27017, Balance.ROUNDROBIN, pool)}))
+        seen = greetings(client, ROUTER, 27017, 8)
+        assert seen == ["b", "a", "c", "b"] * 2  # compiler.rotation's smooth order, strictly, twice
+        assert slot_counts(router, 27017) == [2, 2, 2, 2]
+        assert greetings(router, ROUTER, 27017, 4) == ["b", "a", "c", "b"]  # from the host itself: the output hook
+
+
+def test_a_backend_s_own_connection_goes_to_another_backend_without_moving_the_rotation():
+    with router_and_client() as (router, client), ExitStack() as stack:
+        own = stack.enter_context(greeter(client, CLIENT, "own"))
+        other = stack.enter_context(greeter(router, SERVERS[0], "other"))
+        pool = (Backend("a" * 64, "own", CLIENT, own), Backend("b" * 64, "other", SERVERS[0], other))
+        load(router, DesiredState({27018: Frontend(27018, Balance.ROUNDROBIN, pool)}))
+        assert greetings(client, ROUTER, 27018, 3) == ["other"] * 3
+        assert slot_counts(router, 27018) == [0, 0]
+        assert greetings(router, ROUTER, 27018, 2) == ["own", "other"]  # anyone else: the rotation
+
+
+def test_a_port_without_a_frontend_is_left_to_the_host_and_a_reload_replaces_the_tables():
+    with router_and_client() as (router, client), ExitStack() as stack:
+        a = stack.enter_context(greeter(router, ROUTER, "a"))
+        b = stack.enter_context(greeter(router, ROUTER, "b"))
+        first = Frontend(27019, Balance.ROUNDROBIN, (Backend("a" * 64, "a", ROUTER, a),))
+        load(router, DesiredState({27019: first}))
+        assert greetings(client, ROUTER, 27019, 2) == ["a", "a"]
+        moved = Frontend(27083, Balance.ROUNDROBIN, (Backend("b" * 64, "b", ROUTER, b),))  # same table, 27019 gone
+        load(router, DesiredState({27083: moved}))
+        assert greetings(client, ROUTER, 27083, 2) == ["b", "b"]
+        refused = in_netns(client, lambda: socket.socket())
+        with refused:
+            refused.settimeout(3)
+            assert refused.connect_ex((ROUTER, 27019)) != 0  # nothing listens there: the host's reset

@@ -1,0 +1,75 @@
+"""The nftables nat layout, as pure functions (the kernel's side: test_kernel_nftnat.py)."""
+
+from __future__ import annotations
+
+import re
+
+from hypothesis import given
+
+from tcprouter.compiler import DEFAULT_MARK_BIT, Options, access_bit, rotation
+from tcprouter.model import Access, Backend, Balance, DesiredState, Frontend, Protocol
+from tcprouter.nftnat import TABLES, Slot, nat_pool, nat_pools, ruleset_text, table_of
+
+from .strategies import desired_states
+
+A = Backend("a" * 64, "web-a", "10.0.0.2", 80)
+B = Backend("b" * 64, "web-b", "10.0.0.3", 80, weight=2)
+C = Backend("c" * 64, "web-c", "10.0.0.4", 8080)
+
+
+def test_round_robin_slots_follow_the_compiler_s_rotation_and_random_ones_the_weights():
+    pool = nat_pool(Frontend(80, Balance.ROUNDROBIN, (A, B, C)), Options())
+    assert [(s.address, s.port) for s in pool.slots] == [(b.ip, b.port) for b in rotation((A, B, C))]
+    assert not pool.random
+    random = nat_pool(Frontend(80, Balance.RANDOM, (A, B)), Options())
+    assert random.random and [s.name for s in random.slots] == ["web-a", "web-b", "web-b"]
+
+
+def test_a_backend_s_own_connections_go_to_the_first_other_slot_and_a_lone_backend_s_are_not_routed():
+    pool = nat_pool(Frontend(80, Balance.ROUNDROBIN, (A, B)), Options())
+    first = pool.slots[0]
+    assert dict(pool.fallbacks) == {
+        "10.0.0.3": next(s for s in pool.slots if s.address != "10.0.0.3"),
+        "10.0.0.2": first if first.address != "10.0.0.2" else pool.slots[1],
+    }
+    assert pool.unrouted == ()
+    lone = nat_pool(Frontend(80, Balance.ROUNDROBIN, (A,)), Options())
+    assert lone.fallbacks == () and lone.unrouted == ("10.0.0.2",)
+
+
+def test_the_mark_carries_the_access_bit_for_frontends_with_access_labels():
+    assert nat_pool(Frontend(80, Balance.ROUNDROBIN, (A,)), Options()).mark == DEFAULT_MARK_BIT
+    guarded = nat_pool(Frontend(80, Balance.ROUNDROBIN, (A,), Access(maxconn=5)), Options())
+    assert guarded.mark == DEFAULT_MARK_BIT | access_bit(DEFAULT_MARK_BIT)
+
+
+def test_names_that_nft_strings_cannot_hold_are_made_safe():
+    odd = Backend("d" * 64, 'web "d"', "10.0.0.5", 80)
+    assert nat_pool(Frontend(80, Balance.ROUNDROBIN, (odd,)), Options()).slots == (Slot("10.0.0.5", 80, "web__d_"),)
+
+
+def _tables(text: str) -> dict[str, str]:
+    """table name -> its declared content (the last declaration: the one after its delete)."""
+    return dict(re.findall(r"^table ip (\S+) \{\n(.*?)^\}$", text, re.MULTILINE | re.DOTALL))
+
+
+@given(desired_states(udp=True))
+def test_every_routed_frontend_is_dispatched_once_in_its_port_s_table_and_empty_pools_nowhere(state: DesiredState):
+    options = Options()
+    text = ruleset_text(nat_pools(state, options).values(), options)
+    tables = _tables(text)
+    assert len(tables) == TABLES and text.count("\ndelete table ip ") + text.startswith("delete") == TABLES
+    for frontend in state.every_frontend():
+        goto = f"{frontend.protocol} . {frontend.port} : goto {frontend.protocol}-{frontend.port}"
+        holding = [name for name, body in tables.items() if goto in body]
+        assert holding == ([table_of(frontend.port)] if frontend.backends else [])
+
+
+def test_udp_frontends_match_their_protocol_before_the_nat():
+    pools = nat_pools(
+        DesiredState({}, udp_frontends={5683: Frontend(5683, Balance.ROUNDROBIN, (A,), protocol=Protocol.UDP)}),
+        Options(),
+    )
+    text = ruleset_text(pools.values(), Options())
+    assert "meta l4proto udp dnat ip to numgen inc mod 1 map @slots-udp-5683" in text
+    assert "typeof numgen inc mod 1 : ip daddr . udp dport" in text
