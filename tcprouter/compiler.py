@@ -100,6 +100,7 @@ class Options:
     forward_parent: str = "DOCKER-USER"  # where the filter hook goes: DOCKER-USER if it exists, else FORWARD
     family: Family = Family.IPV4  # the rules of which family (iptables or ip6tables): its backends only
     policy: Policy = field(default_factory=Policy)  # who may claim a port: applied by labels.desired_state
+    nat_tables: bool = False  # the frontends' dispatch and DNAT live in nftables tables of their own (nftnat.py)
 
 
 @dataclass(frozen=True)
@@ -503,25 +504,12 @@ def compile_rules(
         # Loopback destinations stay with the host unless asked for: DNAT of 127.0.0.1 needs route_localnet.
         output_match = local if route_localhost else f"! -d {_LOOPBACK[family]} {local}"
 
-    if trees is None:
-        trees = tree_protocols(state, family)
-    dispatch = [
-        dispatch_rules((f.port for f in routed if f.protocol is protocol), protocol, protocol in trees)
-        for protocol in Protocol
-    ]
     nat: dict[str, tuple[str, ...]] = {
         CANARY_CHAIN: (),
-        FRONTENDS_CHAIN: tuple(rule for chains in dispatch for rule in chains.pop(FRONTENDS_CHAIN)),
         POSTROUTING_CHAIN: _snat_rules(routed, mark, options, route_localhost),
     }
-    for chains in dispatch:
-        nat.update(chains)
-    guarded_bits = options.mark_bit | access_bit(options.mark_bit)
-    guarded_mark = f"{guarded_bits:#x}/{guarded_bits:#x}"
-    for frontend in routed:
-        nat[frontend_chain(frontend.port, frontend.protocol)] = pool_rules(
-            frontend, guarded_mark if frontend.access else mark
-        )
+    if not options.nat_tables:
+        nat.update(_frontend_chains(state, routed, options, trees))
 
     filter_chains = {CANARY_CHAIN: (), **_forward_chains(routed, options.mark_bit, family)}
     filter_hooks = [(options.forward_parent, f"-j {FORWARD_CHAIN}")]
@@ -547,12 +535,33 @@ def compile_rules(
     if inputs:
         filter_chains[INPUT_CHAIN] = tuple(inputs)
         filter_hooks.append(("INPUT", f"-j {INPUT_CHAIN}"))
-    hooks |= {
-        "nat": (
-            ("PREROUTING", f"{local} -j {FRONTENDS_CHAIN}"),
-            ("OUTPUT", f"{output_match} -j {FRONTENDS_CHAIN}"),
-            ("POSTROUTING", f"-j {POSTROUTING_CHAIN}"),
-        ),
-        "filter": tuple(filter_hooks),
-    }
+    dispatch_hooks = (
+        ()
+        if options.nat_tables
+        else (("PREROUTING", f"{local} -j {FRONTENDS_CHAIN}"), ("OUTPUT", f"{output_match} -j {FRONTENDS_CHAIN}"))
+    )
+    hooks |= {"nat": (*dispatch_hooks, ("POSTROUTING", f"-j {POSTROUTING_CHAIN}")), "filter": tuple(filter_hooks)}
     return RuleSet(chains=tables, hooks=hooks)
+
+
+def _frontend_chains(
+    state: DesiredState, routed: Sequence[Frontend], options: Options, trees: Collection[Protocol] | None
+) -> dict[str, tuple[str, ...]]:
+    """The nat chains that dispatch a new connection (TCPR-FRONTENDS and the tree's) and the frontends' chains."""
+    mark = f"{options.mark_bit:#x}/{options.mark_bit:#x}"
+    if trees is None:
+        trees = tree_protocols(state, options.family)
+    dispatch = [
+        dispatch_rules((f.port for f in routed if f.protocol is protocol), protocol, protocol in trees)
+        for protocol in Protocol
+    ]
+    nat = {FRONTENDS_CHAIN: tuple(rule for chains in dispatch for rule in chains.pop(FRONTENDS_CHAIN))}
+    for chains in dispatch:
+        nat.update(chains)
+    guarded_bits = options.mark_bit | access_bit(options.mark_bit)
+    guarded_mark = f"{guarded_bits:#x}/{guarded_bits:#x}"
+    for frontend in routed:
+        nat[frontend_chain(frontend.port, frontend.protocol)] = pool_rules(
+            frontend, guarded_mark if frontend.access else mark
+        )
+    return nat

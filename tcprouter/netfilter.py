@@ -110,6 +110,28 @@ class Iptables:
             self._run(self._command("-restore", "--noflush", *(["--test"] if test else [])), stdin=script)
 
 
+@dataclass(frozen=True)
+class Nft:
+    """The nft tool, optionally run inside a network namespace: tcprouter's own nftables tables (nftnat.py)."""
+
+    netns: str | None = None
+    timeout: float = 30.0
+
+    def load(self, text: str) -> None:
+        """`nft -f -`: one transaction, all of it or nothing."""
+        if text:
+            command = ["nft", "-f", "-"]
+            command = ["ip", "netns", "exec", self.netns, *command] if self.netns else command
+            try:
+                done = subprocess.run(
+                    command, input=text, capture_output=True, text=True, timeout=self.timeout, check=False
+                )
+            except (OSError, subprocess.TimeoutExpired) as error:
+                raise NetfilterError(f"nft: {error}") from error
+            if done.returncode != 0:
+                raise NetfilterError(f"nft -f failed ({done.returncode}): {done.stderr.strip()}")
+
+
 def ruleset_generation(netns: str | None = None) -> int:
     """The nf_tables ruleset generation of the namespace (this process's, or `netns`): the kernel counts one per
     committed transaction, whoever commits it (iptables-nft-restore commits once per table of its input), in any

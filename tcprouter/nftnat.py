@@ -16,7 +16,7 @@ and a write to the nat table makes the kernel validate all 110,000 of its rules 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from .compiler import Options, access_bit, rotation
@@ -158,12 +158,17 @@ def _dispatch(options: Options) -> str:
     )
 
 
-def ruleset_text(pools: Iterable[NatPool], options: Options) -> str:
-    """The `nft -f` input that replaces every table of options.family's with `pools`, in one transaction (each table
-    is declared, deleted and declared again with its content: created if missing, replaced whole if not)."""
+def table_names() -> list[str]:
+    return [f"{TABLE_PREFIX}{n:02d}" for n in range(TABLES)]
+
+
+def ruleset_text(pools: Iterable[NatPool], options: Options, tables: Collection[str] | None = None) -> str:
+    """The `nft -f` input that replaces every table of options.family's (or those named in `tables`) with `pools`
+    (all of those tables' pools), in one transaction: each table is declared, deleted and declared again with its
+    content (created if missing, replaced whole if not)."""
     family = options.family
     nft_family = _FAMILIES[family]
-    by_table: dict[str, list[NatPool]] = {f"{TABLE_PREFIX}{n:02d}": [] for n in range(TABLES)}
+    by_table: dict[str, list[NatPool]] = {name: [] for name in (table_names() if tables is None else tables)}
     for pool in pools:
         by_table[table_of(pool.port)].append(pool)
     text = []

@@ -35,7 +35,8 @@ from .diff import believed_tables, hook_in_place, owned, restore_script
 from .labels import DEFAULT_UDP_PREFIX, reachable_only
 from .metrics import Metrics
 from .model import ContainerSnapshot, DesiredState, Protocol
-from .netfilter import NetfilterError, Writer
+from .netfilter import NetfilterError, Nft, Writer
+from .nftnat import NatPool, nat_pool, nat_pools, ruleset_text, table_names, table_of
 from .pools import Pools
 from .sysctls import TCP_LOOSE
 from .tracker import Endpoint
@@ -54,8 +55,11 @@ class Syncer:
         metrics: Metrics,
         udp_prefix: str = DEFAULT_UDP_PREFIX,
         forget_flows: FlowForgetter | None = None,
+        nat_writer: Nft | None = None,
     ) -> None:
+        """`nat_writer`: the nft tool that writes tcprouter's own nftables tables, with options.nat_tables."""
         self.writer = writer
+        self.nat_writer = nat_writer or Nft()
         self.options = options
         self.prefix = prefix
         self.udp_prefix = udp_prefix
@@ -70,6 +74,7 @@ class Syncer:
         self.pools = Pools(prefix, options.policy, udp_prefix)  # the desired state, kept per frontend
         self.rules: RuleSet | None = None  # the rules of `state`, as last written
         self._synproxied: set[int] = set()  # the ports of `rules` whose SYNs SYNPROXY answers
+        self._nat: dict[str, dict[tuple[Protocol, int], NatPool]] | None = None  # nft table -> its pools, as written
         self.commits = 0  # table commits made by this syncer's writes (one per table of a restore script)
 
     def desired(
@@ -212,6 +217,8 @@ class Syncer:
         if script:
             self.writer.restore(script)
             self.commits += script.splitlines().count("COMMIT")
+        if self.options.nat_tables:
+            self._write_nat(state, None if full or touched is None else ports)
         if full or touched is None:
             self.applied = believed_tables(rules)
         else:
@@ -223,6 +230,39 @@ class Syncer:
                         self.applied.get(table, {}).pop(chain, None)  # type: ignore[union-attr]
         self.rules, self._synproxied = rules, synproxied
         return rules
+
+    def _write_nat(self, state: DesiredState, ports: set[int] | None) -> None:
+        """Bring tcprouter's nftables tables (options.nat_tables) to `state`: all of them when `ports` is None or
+        what they hold is unknown, else the tables of the frontends on `ports` whose pools changed, each replaced
+        whole (a table holds 1/64 of the frontends), in one transaction."""
+        known, self._nat = self._nat, None  # unknown until the write succeeds
+        if ports is None or known is None:
+            pools = nat_pools(state, self.options)
+            self.nat_writer.load(ruleset_text(pools.values(), self.options))
+            self.commits += 1
+            self._nat = {table: {} for table in table_names()}
+            for key, pool in pools.items():
+                self._nat[table_of(key[1])][key] = pool
+            return
+        changed: dict[tuple[Protocol, int], NatPool | None] = {}
+        for port in ports:
+            for protocol in Protocol:
+                frontend = state.pools(protocol).get(port)
+                pool = nat_pool(frontend, self.options) if frontend and frontend.backends else None
+                if known[table_of(port)].get((protocol, port)) != pool:
+                    changed[(protocol, port)] = pool
+        tables = {table_of(port) for _, port in changed}
+        for key, pool in changed.items():
+            held = known[table_of(key[1])]
+            if pool is None:
+                held.pop(key, None)
+            else:
+                held[key] = pool
+        if tables:
+            members = [pool for table in tables for pool in known[table].values()]
+            self.nat_writer.load(ruleset_text(members, self.options, tables))
+            self.commits += 1
+        self._nat = known
 
     def _synproxied_ports(self, state: DesiredState, ports: set[int] | None) -> set[int]:
         """synproxy_ports of `state`; given the `ports` whose frontends may have changed since the last write, from

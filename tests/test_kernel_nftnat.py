@@ -10,12 +10,30 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
 from tcprouter.compiler import Options
+from tcprouter.metrics import Metrics
 from tcprouter.model import Backend, Balance, DesiredState, Frontend
+from tcprouter.netfilter import Iptables, Nft, detect_flavour
 from tcprouter.nftnat import nat_pools, ruleset_text, table_of
+from tcprouter.sync import Syncer
 
+from .strategies import container
 from .support import greetings, in_netns, private_netns, sh, unique
 
 ROUTER, CLIENT = "10.99.0.1", "10.99.0.2"
+
+
+class RecordingNft(Nft):
+    """The nft tool of a namespace, keeping each text it loads."""
+
+    def __init__(self, netns: str, loads: list[str]) -> None:
+        super().__init__(netns)
+        object.__setattr__(self, "loads", loads)
+
+    def load(self, text: str) -> None:
+        self.loads.append(text)
+        super().load(text)
+
+
 SERVERS = ("10.99.0.11", "10.99.0.12", "10.99.0.13")  # the router's other addresses, where its backends listen
 
 
@@ -109,3 +127,43 @@ def test_a_port_without_a_frontend_is_left_to_the_host_and_a_reload_replaces_the
         with refused:
             refused.settimeout(3)
             assert refused.connect_ex((ROUTER, 27019)) != 0  # nothing listens there: the host's reset
+
+
+def test_the_syncer_routes_through_the_nft_tables_and_rewrites_only_a_changed_frontend_s_table():
+    """Options.nat_tables: the iptables nat table keeps only masquerade and the canary; the dispatch and the DNAT
+    are the nft tables'. A backend leaving rewrites its frontend's table, not the 63 others."""
+    with router_and_client() as (router, client), ExitStack() as stack:
+        a, b = (
+            stack.enter_context(greeter(router, address, name)) for address, name in zip(SERVERS, "ab", strict=False)
+        )
+        view = [
+            container(
+                i,
+                name=name,
+                labels={"tcp.port": "27017", "tcp.backend_port": str(port)},
+                networks={"n": address},
+                subnets={"n": "10.99.0.0/24"},
+            )
+            for i, (name, port, address) in enumerate((("a", a, SERVERS[0]), ("b", b, SERVERS[1])))
+        ]
+        loads: list[str] = []
+        flavour = detect_flavour()
+        syncer = Syncer(
+            Iptables(flavour, netns=router),
+            Options(nat_tables=True, forward_parent="FORWARD"),
+            "tcp",
+            Metrics(lambda: ({}, [])),
+            nat_writer=RecordingNft(router, loads),
+        )
+        assert syncer.sync(view, full=True)
+        assert sorted(greetings(client, ROUTER, 27017, 4)) == ["a", "a", "b", "b"]
+        nat = Iptables(flavour, netns=router).read()[0]["nat"]
+        assert not [chain for chain in nat if chain.startswith(("TCPR-FE-", "TCPR-FRONTENDS"))]
+        assert len(loads) == 1 and loads[0].count("delete table ip ") == 64
+        assert syncer.sync(view[1:])  # a leaves
+        assert greetings(client, ROUTER, 27017, 3) == ["b"] * 3
+        assert (
+            len(loads) == 2
+            and loads[1].count("delete table ip ") == 1
+            and f"delete table ip {table_of(27017)}" in loads[1]
+        )
