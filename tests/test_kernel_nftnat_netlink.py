@@ -1,0 +1,172 @@
+"""One frontend's change written over netlink (tcprouter/nftnat_netlink.py) in a real kernel: the layout of a state S1
+loaded with `nft -f` into a private namespace, one change_batch sent to reach S2, then compared, object by object,
+with `nft -f` of S2 in another namespace: `nft list` (declarations, elements, comments, rules as nft reads them
+back) and `nft --debug=netlink list` (the rules' expressions and registers, the elements' bytes and userdata)."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+
+import pytest
+
+from tcprouter.compiler import Options
+from tcprouter.model import Access, Backend, Balance, DesiredState, Family, Frontend, Protocol
+from tcprouter.nftnat import nat_pools, ruleset_text, table_of
+from tcprouter.nftnat_netlink import NatSocket, TransactionRefused, change_batch
+
+from .support import private_netns, sh
+
+A = Backend("a" * 64, "web-a", "10.0.0.2", 80, ip6="fd00::2")
+B = Backend("b" * 64, "web-b", "10.0.0.3", 80, ip6="fd00::3")
+C = Backend("c" * 64, "web-c", "10.0.0.4", 8080, ip6="fd00::4")
+D = Backend("d" * 64, "web-d", "10.0.0.5", 8080, ip6="fd00::5")
+NEIGHBOUR = Frontend(8064, Balance.ROUNDROBIN, (C, D))  # 8000's table mate (8000 % 64 == 8064 % 64)
+OTHER = Frontend(9001, Balance.RANDOM, (A,))  # in another table
+NFT_FAMILIES = {Family.IPV4: "ip", Family.IPV6: "ip6"}
+
+
+def tcp(*frontends: Frontend) -> DesiredState:
+    return DesiredState({f.port: f for f in frontends})
+
+
+def udp(*frontends: Frontend) -> DesiredState:
+    return DesiredState({}, udp_frontends={f.port: f for f in frontends})
+
+
+def rr(*backends: Backend, port: int = 8000, **kwargs: object) -> Frontend:
+    return Frontend(port, Balance.ROUNDROBIN, backends, **kwargs)
+
+
+@dataclass(frozen=True)
+class Change:
+    before: DesiredState
+    after: DesiredState
+    frontend: tuple[Protocol, int] = (Protocol.TCP, 8000)
+    family: Family = Family.IPV4
+
+
+CHANGES = {
+    "new frontend": Change(tcp(NEIGHBOUR, OTHER), tcp(rr(A, B, C), NEIGHBOUR, OTHER)),
+    "new frontend in an empty table": Change(tcp(OTHER), tcp(rr(A, B), OTHER)),
+    "removed frontend": Change(tcp(rr(A, B, C), NEIGHBOUR, OTHER), tcp(NEIGHBOUR, OTHER)),
+    "removed last frontend of its table": Change(tcp(rr(A), OTHER), tcp(OTHER)),
+    "3 -> 2 backends": Change(tcp(rr(A, B, C), NEIGHBOUR), tcp(rr(A, C), NEIGHBOUR)),
+    "same size, other backends": Change(tcp(rr(A, B), NEIGHBOUR), tcp(rr(C, D), NEIGHBOUR)),
+    "round-robin -> random": Change(
+        tcp(rr(A, B, C), NEIGHBOUR), tcp(Frontend(8000, Balance.RANDOM, (A, B, C)), NEIGHBOUR)
+    ),
+    "weights": Change(
+        tcp(rr(A, B), NEIGHBOUR), tcp(rr(A, Backend("b" * 64, "web-b", "10.0.0.3", 80, weight=3)), NEIGHBOUR)
+    ),
+    "a lone backend gains a second (self- map appears)": Change(tcp(rr(A), NEIGHBOUR), tcp(rr(A, B), NEIGHBOUR)),
+    "two backends -> one (self- map goes, return rule comes)": Change(tcp(rr(A, B)), tcp(rr(B))),
+    "access labels: the mark": Change(tcp(rr(A, B)), tcp(rr(A, B, access=Access(maxconn=5)))),
+    "udp 3 -> 2 backends": Change(
+        udp(rr(A, B, C, protocol=Protocol.UDP)), udp(rr(A, C, protocol=Protocol.UDP)), (Protocol.UDP, 8000)
+    ),
+    "udp new frontend beside a tcp one": Change(
+        tcp(rr(A, B)),
+        DesiredState({8000: rr(A, B)}, udp_frontends={8000: rr(C, protocol=Protocol.UDP)}),
+        (Protocol.UDP, 8000),
+    ),
+    "ipv6 3 -> 2 backends": Change(tcp(rr(A, B, C), NEIGHBOUR), tcp(rr(B, C), NEIGHBOUR), family=Family.IPV6),
+    "ipv6 new frontend": Change(tcp(NEIGHBOUR), tcp(rr(A, B), NEIGHBOUR), family=Family.IPV6),
+    "ipv6 lone backend, random -> two": Change(
+        tcp(Frontend(8000, Balance.RANDOM, (A,))), tcp(rr(A, B)), family=Family.IPV6
+    ),
+    "ipv6 removed frontend": Change(tcp(rr(A, B), NEIGHBOUR), tcp(NEIGHBOUR), family=Family.IPV6),
+}
+
+
+def load(ns: str, state: DesiredState, family: Family) -> None:
+    options = Options(family=family)
+    sh("ip", "netns", "exec", ns, "nft", "-f", "-", input=ruleset_text(nat_pools(state, options).values(), options))
+
+
+def nft(ns: str, *args: str) -> str:
+    return sh("ip", "netns", "exec", ns, "nft", *args)
+
+
+def objects(listing: str) -> dict[tuple[str, str], str]:
+    """`nft list` output as (table, `map X` / `chain X`) -> body, counters at 0: the listing's order is the
+    objects' creation order, which a change does not keep."""
+    found, table = {}, ""
+    for block in re.findall(r"^(table .+?|\t(?:map|chain) \S+ \{\n.*?^\t\})$", listing, re.MULTILINE | re.DOTALL):
+        if block.startswith("table"):
+            table = block
+        else:
+            head, body = block.split("\n", 1)
+            found[(table, head.strip())] = re.sub(r"packets \d+ bytes \d+", "packets 0 bytes 0", body)
+    return found
+
+
+def expressions(listing: str) -> dict[str, list[str]]:
+    """`nft --debug=netlink list table` output as set -> its element lines (sorted: hash order) and chain -> its
+    rules' expression lines (in order), without handles."""
+    found: dict[str, list[str]] = {}
+    debug = re.split(r"^table ", listing, maxsplit=1, flags=re.MULTILINE)[0]  # the plain listing follows
+    for head, body in re.findall(r"^(\S+ \S+ \S+)[^\n]*\n((?:(?:\t|  ).*\n?)*)", debug, re.MULTILINE):
+        name = head.split()[2]
+        lines = [line for line in body.splitlines() if line.strip()]
+        if name.startswith("@"):
+            found[name] = sorted(lines)
+        else:
+            found.setdefault(name, []).append("\n".join(lines))
+    return found
+
+
+def assert_same_layout(changed: str, reference: str, family: Family, table: str) -> None:
+    ours, theirs = (objects(nft(ns, "list", "ruleset")) for ns in (changed, reference))
+    assert len(theirs) >= 3 * 64 and ours == theirs  # each table: ports, prerouting, output, and its frontends'
+    debug = ("--debug=netlink", "list", "table", NFT_FAMILIES[family], table)
+    ours, theirs = (expressions(nft(ns, *debug)) for ns in (changed, reference))
+    assert "prerouting" in theirs and ours == theirs
+
+
+@pytest.mark.parametrize("change", CHANGES.values(), ids=CHANGES.keys())
+def test_a_change_written_over_netlink_leaves_what_nft_f_of_the_new_state_makes(change: Change):
+    options = Options(family=change.family)
+    before = nat_pools(change.before, options).get(change.frontend)
+    after = nat_pools(change.after, options).get(change.frontend)
+    assert before != after
+    with private_netns() as changed, private_netns() as reference:
+        load(changed, change.before, change.family)
+        with NatSocket(changed) as sock:
+            sock.send(change_batch(before, after, change.family))
+        load(reference, change.after, change.family)
+        assert_same_layout(changed, reference, change.family, table_of(change.frontend[1]))
+
+
+def test_changes_of_several_frontends_go_in_one_transaction_and_the_socket_serves_several():
+    first, second = tcp(rr(A, B, C), NEIGHBOUR, OTHER), tcp(rr(A, B), Frontend(9001, Balance.RANDOM, (A, B)))
+    third = tcp(rr(A), rr(C, D, port=8128))  # 8128: another frontend of 8000's table
+    pools = [nat_pools(state, Options()) for state in (first, second, third)]
+    with private_netns() as changed, private_netns() as reference:
+        load(changed, first, Family.IPV4)
+        with NatSocket(changed) as sock:
+            for old, new in itertools.pairwise(pools):
+                keys = dict.fromkeys([*old, *new])
+                sock.send([msg for key in keys for msg in change_batch(old.get(key), new.get(key), Family.IPV4)])
+        load(reference, third, Family.IPV4)
+        assert_same_layout(changed, reference, Family.IPV4, table_of(8000))
+
+
+def test_a_refused_batch_raises_and_changes_nothing_and_the_socket_still_works():
+    state = tcp(rr(A, B, C), NEIGHBOUR)
+    pools = nat_pools(state, Options())
+    valid = change_batch(pools[(Protocol.TCP, 8000)], None, Family.IPV4)  # would remove 8000
+    ipv6 = nat_pools(state, Options(family=Family.IPV6))[(Protocol.TCP, 8064)]
+    with private_netns() as ns:
+        load(ns, state, Family.IPV4)  # no ip6 table at all
+        listed = nft(ns, "-a", "list", "ruleset")
+        with NatSocket(ns) as sock:
+            with pytest.raises(TransactionRefused, match=r"add chain ip6 tcprouter-00 tcp-8064: No such file"):
+                sock.send([*valid, *change_batch(None, ipv6, Family.IPV6)])
+            assert nft(ns, "-a", "list", "ruleset") == listed
+            with pytest.raises(TransactionRefused, match=r"add chain ip tcprouter-00 tcp-8064: File exists"):
+                sock.send(change_batch(None, pools[(Protocol.TCP, 8064)], Family.IPV4))  # it exists: not merged
+            assert nft(ns, "-a", "list", "ruleset") == listed
+            sock.send(change_batch(pools[(Protocol.TCP, 8000)], None, Family.IPV4))
+        assert "tcp-8000" not in nft(ns, "list", "ruleset")
