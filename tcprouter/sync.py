@@ -37,6 +37,7 @@ from .metrics import Metrics
 from .model import ContainerSnapshot, DesiredState, Protocol
 from .netfilter import NetfilterError, Nft, Writer
 from .nftnat import NatPool, nat_pool, nat_pools, ruleset_text, table_names, table_of
+from .nftnat_netlink import NatSocket, change_batch
 from .pools import Pools
 from .sysctls import TCP_LOOSE
 from .tracker import Endpoint
@@ -75,6 +76,7 @@ class Syncer:
         self.rules: RuleSet | None = None  # the rules of `state`, as last written
         self._synproxied: set[int] = set()  # the ports of `rules` whose SYNs SYNPROXY answers
         self._nat: dict[str, dict[tuple[Protocol, int], NatPool]] | None = None  # nft table -> its pools, as written
+        self._nat_sock: NatSocket | None = None
         self.commits = 0  # table commits made by this syncer's writes (one per table of a restore script)
 
     def desired(
@@ -232,9 +234,9 @@ class Syncer:
         return rules
 
     def _write_nat(self, state: DesiredState, ports: set[int] | None) -> None:
-        """Bring tcprouter's nftables tables (options.nat_tables) to `state`: all of them when `ports` is None or
-        what they hold is unknown, else the tables of the frontends on `ports` whose pools changed, each replaced
-        whole (a table holds 1/64 of the frontends), in one transaction."""
+        """Bring tcprouter's nftables tables (options.nat_tables) to `state`: all of them, through `nft -f`, when
+        `ports` is None or what they hold is unknown; else the objects of the frontends on `ports` whose pools
+        changed, in one netlink transaction (nftnat_netlink: milliseconds, where nft reads its whole cache first)."""
         known, self._nat = self._nat, None  # unknown until the write succeeds
         if ports is None or known is None:
             pools = nat_pools(state, self.options)
@@ -251,18 +253,28 @@ class Syncer:
                 pool = nat_pool(frontend, self.options) if frontend and frontend.backends else None
                 if known[table_of(port)].get((protocol, port)) != pool:
                     changed[(protocol, port)] = pool
-        tables = {table_of(port) for _, port in changed}
+        messages = []
         for key, pool in changed.items():
             held = known[table_of(key[1])]
+            messages += change_batch(held.get(key), pool, self.options.family)
             if pool is None:
                 held.pop(key, None)
             else:
                 held[key] = pool
-        if tables:
-            members = [pool for table in tables for pool in known[table].values()]
-            self.nat_writer.load(ruleset_text(members, self.options, tables))
+        if messages:
+            try:
+                self._nat_socket().send(messages)
+            except OSError as error:  # TransactionRefused, a timeout: the kernel's tables are reloaded whole
+                self._nat_sock = None
+                raise NetfilterError(f"nf_tables refused the nat change: {error}") from error
             self.commits += 1
         self._nat = known
+
+    def _nat_socket(self) -> NatSocket:
+        """The netlink socket of the nat writes, opened once (in the writer's namespace)."""
+        if self._nat_sock is None:
+            self._nat_sock = NatSocket(self.nat_writer.netns)
+        return self._nat_sock
 
     def _synproxied_ports(self, state: DesiredState, ports: set[int] | None) -> set[int]:
         """synproxy_ports of `state`; given the `ports` whose frontends may have changed since the last write, from
