@@ -23,7 +23,7 @@ from .families import FamilySyncers
 from .labels import DEFAULT_UDP_PREFIX, LabelKeys
 from .metrics import Metrics
 from .model import Family
-from .netfilter import Flavour, Writer, ruleset_generation
+from .netfilter import Flavour, Nft, Writer, ruleset_generation
 from .ownership import TablesLock
 from .probe import ProbePolicy, Prober
 from .providers import Provider
@@ -118,7 +118,13 @@ def serve(
     syncer = FamilySyncers(
         {
             family: Syncer(
-                writer, Options(family=family), prefix, metrics, udp_prefix, None if keep_flows else forget_flows
+                writer,
+                Options(family=family),
+                prefix,
+                metrics,
+                udp_prefix,
+                None if keep_flows else forget_flows,
+                nat_writer=Nft(),
             )
             for family, writer in writers.items()
         },

@@ -14,12 +14,21 @@ from enum import StrEnum
 from typing import Protocol
 
 from pyroute2 import netns as pyroute2_netns
-from pyroute2.netlink import NLM_F_REQUEST
-from pyroute2.netlink.nfnetlink.nftsocket import NFT_MSG_GETGEN, NFTSocket, nfgen_msg
+from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST
+from pyroute2.netlink.nfnetlink.nftsocket import (
+    NFPROTO_IPV4,
+    NFPROTO_IPV6,
+    NFT_MSG_GETGEN,
+    NFT_MSG_GETTABLE,
+    NFTSocket,
+    nfgen_msg,
+    nft_table_msg,
+)
 
 from .compiler import TABLES, Tables
 from .diff import SavedRule, parse_save
 from .model import Family
+from .nftnat import nft_family
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +140,41 @@ class Nft:
             if done.returncode != 0:
                 raise NetfilterError(f"nft -f failed ({done.returncode}): {done.stderr.strip()}")
 
+    def tables(self, family: Family) -> list[str]:
+        """The names of the nftables tables of `family`: a netlink dump of the tables alone (the nft tool would
+        fetch every rule of every table first, seconds at 10,000 frontends). NetfilterError if it fails."""
+        try:
+            sock = _nft_socket(self.netns)
+            try:
+                request = nft_table_msg()
+                request["nfgen_family"] = _NFPROTO[family]
+                found = sock.request_get(request, NFT_MSG_GETTABLE, msg_flags=NLM_F_REQUEST | NLM_F_DUMP)
+                return [table.get_attr("NFTA_TABLE_NAME") for table in found]
+            finally:
+                sock.close()
+        except (OSError, ValueError) as error:
+            raise NetfilterError(f"cannot list the nftables tables: {error}") from error
+
+    def drop(self, family: Family, prefix: str) -> int:
+        """Delete the tables of `family` whose names start with `prefix`, in one transaction; how many."""
+        names = [name for name in self.tables(family) if name.startswith(prefix)]
+        self.load("".join(f"delete table {nft_family(family)} {name}\n" for name in names))
+        return len(names)
+
+
+_NFPROTO = {Family.IPV4: NFPROTO_IPV4, Family.IPV6: NFPROTO_IPV6}
+
+
+def _nft_socket(netns: str | None) -> NFTSocket:
+    """A netlink socket to nf_tables, opened in `netns` (this thread's namespace if None)."""
+    if not netns:
+        return NFTSocket()
+    pyroute2_netns.pushns(netns)  # this thread only: the socket is opened in that namespace
+    try:
+        return NFTSocket()
+    finally:
+        pyroute2_netns.popns()
+
 
 def ruleset_generation(netns: str | None = None) -> int:
     """The nf_tables ruleset generation of the namespace (this process's, or `netns`): the kernel counts one per
@@ -138,13 +182,7 @@ def ruleset_generation(netns: str | None = None) -> int:
     table of any family. Asking costs one netlink round trip; an unchanged generation means an unchanged ruleset.
     NetfilterError if it cannot be read. The legacy tables have no such count."""
     try:
-        if netns:
-            pyroute2_netns.pushns(netns)  # this thread only: the socket is opened in that namespace
-        try:
-            sock = NFTSocket()
-        finally:
-            if netns:
-                pyroute2_netns.popns()
+        sock = _nft_socket(netns)
         try:
             (answer,) = sock.request_get(nfgen_msg(), NFT_MSG_GETGEN, msg_flags=NLM_F_REQUEST)
         finally:

@@ -57,6 +57,11 @@ class NatPool:
         return f"{self.protocol}-{self.port}"
 
 
+def nft_family(family: Family) -> str:
+    """The nftables family of an address family's tables."""
+    return _FAMILIES[family]
+
+
 def table_of(port: int) -> str:
     """The table a frontend port's objects live in (TCP and UDP frontends of one port share it)."""
     return f"{TABLE_PREFIX}{port % TABLES:02d}"

@@ -36,7 +36,7 @@ from .labels import DEFAULT_UDP_PREFIX, reachable_only
 from .metrics import Metrics
 from .model import ContainerSnapshot, DesiredState, Protocol
 from .netfilter import NetfilterError, Nft, Writer
-from .nftnat import NatPool, nat_pool, nat_pools, ruleset_text, table_names, table_of
+from .nftnat import TABLE_PREFIX, NatPool, nat_pool, nat_pools, ruleset_text, table_names, table_of
 from .nftnat_netlink import NatSocket, change_batch
 from .pools import Pools
 from .sysctls import TCP_LOOSE
@@ -58,9 +58,10 @@ class Syncer:
         forget_flows: FlowForgetter | None = None,
         nat_writer: Nft | None = None,
     ) -> None:
-        """`nat_writer`: the nft tool that writes tcprouter's own nftables tables, with options.nat_tables."""
+        """`nat_writer`: the nft tool of tcprouter's own nftables tables (options.nat_tables; without, it deletes
+        those an earlier run left); None: this syncer never touches nftables tables (options.nat_tables is off)."""
         self.writer = writer
-        self.nat_writer = nat_writer or Nft()
+        self.nat_writer = nat_writer
         self.options = options
         self.prefix = prefix
         self.udp_prefix = udp_prefix
@@ -216,11 +217,13 @@ class Syncer:
                 for t, names in touched.items()
             }
             script = restore_script(before, RuleSet(chains=after))
+        if self.options.nat_tables:  # first: the nft chains take new connections before iptables' nat chains
+            self._write_nat(state, None if full or touched is None else ports)
         if script:
             self.writer.restore(script)
             self.commits += script.splitlines().count("COMMIT")
-        if self.options.nat_tables:
-            self._write_nat(state, None if full or touched is None else ports)
+        if not self.options.nat_tables and self.nat_writer and (full or self._nat is not None):
+            self._drop_nat_tables()  # after: the iptables nat chains took over
         if full or touched is None:
             self.applied = believed_tables(rules)
         else:
@@ -237,6 +240,8 @@ class Syncer:
         """Bring tcprouter's nftables tables (options.nat_tables) to `state`: all of them, through `nft -f`, when
         `ports` is None or what they hold is unknown; else the objects of the frontends on `ports` whose pools
         changed, in one netlink transaction (nftnat_netlink: milliseconds, where nft reads its whole cache first)."""
+        if self.nat_writer is None:
+            raise NetfilterError("the nat side in nftables tables needs the nft tool (a Syncer with a nat_writer)")
         known, self._nat = self._nat, None  # unknown until the write succeeds
         if ports is None or known is None:
             pools = nat_pools(state, self.options)
@@ -269,6 +274,14 @@ class Syncer:
                 raise NetfilterError(f"nf_tables refused the nat change: {error}") from error
             self.commits += 1
         self._nat = known
+
+    def _drop_nat_tables(self) -> None:
+        """Delete tcprouter's nftables tables of this family, if an earlier run (options.nat_tables) made any."""
+        dropped = self.nat_writer.drop(self.options.family, TABLE_PREFIX)  # type: ignore[union-attr]
+        if dropped:
+            self.commits += 1
+            log.info("deleted %d nftables tables of the nat side (now in iptables)", dropped)
+        self._nat = None
 
     def _nat_socket(self) -> NatSocket:
         """The netlink socket of the nat writes, opened once (in the writer's namespace)."""

@@ -11,7 +11,7 @@ from contextlib import ExitStack, contextmanager
 
 from tcprouter.compiler import Options
 from tcprouter.metrics import Metrics
-from tcprouter.model import Backend, Balance, DesiredState, Frontend
+from tcprouter.model import Backend, Balance, DesiredState, Family, Frontend
 from tcprouter.netfilter import Iptables, Nft, detect_flavour
 from tcprouter.nftnat import nat_pools, ruleset_text, table_of
 from tcprouter.sync import Syncer
@@ -163,3 +163,33 @@ def test_the_syncer_routes_through_the_nft_tables_and_writes_a_change_over_netli
         assert syncer.sync(view[1:])  # a leaves
         assert greetings(client, ROUTER, 27017, 3) == ["b"] * 3
         assert len(loads) == 1  # the change went over netlink, not through nft -f
+
+
+def test_switching_the_nat_side_between_iptables_and_nftables_keeps_routing_and_leaves_one_of_them():
+    """A restart with the other --nat: the new side is written first (the nft chains come before iptables' nat
+    chains), the old one removed after; each time only one holds the frontends."""
+    with router_and_client() as (router, client), ExitStack() as stack:
+        (a,) = (stack.enter_context(greeter(router, SERVERS[0], "a")),)
+        view = [
+            container(
+                0,
+                name="a",
+                labels={"tcp.port": "27017", "tcp.backend_port": str(a)},
+                networks={"n": SERVERS[0]},
+                subnets={"n": "10.99.0.0/24"},
+            )
+        ]
+        flavour, nft = detect_flavour(), Nft(router)
+        iptables = Iptables(flavour, netns=router)
+
+        def restart(nat_tables: bool) -> None:
+            options = Options(nat_tables=nat_tables, forward_parent="FORWARD")
+            syncer = Syncer(iptables, options, "tcp", Metrics(lambda: ({}, [])), nat_writer=nft)
+            assert syncer.sync(view, full=True)
+            assert greetings(client, ROUTER, 27017, 2) == ["a", "a"]
+            in_iptables = "TCPR-FE-27017" in iptables.read()[0]["nat"]
+            in_nft = [name for name in nft.tables(Family.IPV4) if name.startswith("tcprouter-")]
+            assert (in_iptables, len(in_nft)) == ((False, 64) if nat_tables else (True, 0))
+
+        for nat_tables in (False, True, False, True):
+            restart(nat_tables)

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 
 from .. import sysctls
 from ..compiler import RuleSet
 from ..diff import restore_script
 from ..model import Family
-from ..netfilter import ipv6_available, open_writer
+from ..netfilter import Nft, ipv6_available, open_writer
+from ..nftnat import TABLE_PREFIX
 from ..ownership import TablesLock
 from . import common
 
@@ -42,4 +44,6 @@ def command(args: argparse.Namespace) -> int:
         log.info(
             "removed %d owned chains and their hooks from the %s %s tables", script.count("\n-X "), flavour, family
         )
+        if shutil.which("nft"):  # the nat side of `--nat nftables`: tcprouter's own tables
+            log.info("removed %d nftables tables of tcprouter's (%s)", Nft().drop(family, TABLE_PREFIX), family)
     return 0 if restored else 1

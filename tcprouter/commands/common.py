@@ -54,6 +54,7 @@ def options(args: argparse.Namespace) -> Options:
         route_localhost=args.route_localhost,
         synproxy=Synproxy.ALL if args.synproxy else Synproxy.LABEL,
         policy=policy(args),
+        nat_tables=args.nat == "nftables",
     )
 
 
