@@ -27,7 +27,8 @@ from prometheus_client.registry import Collector
 from .compiler import Tables, frontend_of, refusal, rule_comment
 from .diff import SavedRule, owned
 from .model import DesiredState, Family, Protocol
-from .netfilter import Flavour, Iptables
+from .netfilter import Flavour, Iptables, Nft
+from .nftnat import rules_of_listing
 
 log = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -48,11 +49,25 @@ KernelReader = Callable[[], tuple[Tables, list[tuple[str, SavedRule]]]]
 
 
 def kernel_reader(
-    flavour: Flavour, netns: str | None = None, timeout: float = KERNEL_READ_TIMEOUT, family: Family = Family.IPV4
+    flavour: Flavour,
+    netns: str | None = None,
+    timeout: float = KERNEL_READ_TIMEOUT,
+    family: Family = Family.IPV4,
+    nat_tables: bool = False,
 ) -> KernelReader:
-    """Reads the tables with counters by a bounded `iptables-save -c` (`ip6tables-save -c` for IPv6)."""
+    """Reads the tables with counters by a bounded `iptables-save -c` (`ip6tables-save -c` for IPv6); with
+    `nat_tables` (--nat nftables), tcprouter's nftables tables too, their slots read as DNAT rules
+    (nftnat.rules_of_listing)."""
     iptables = Iptables(flavour, netns=netns, timeout=timeout, family=family)
-    return lambda: iptables.read(counters=True)
+    if not nat_tables:
+        return lambda: iptables.read(counters=True)
+    nft = Nft(netns, timeout)
+
+    def read() -> tuple[Tables, list[tuple[str, SavedRule]]]:
+        tables, rules = iptables.read(counters=True)
+        return tables, rules + rules_of_listing(nft.listing(family))
+
+    return read
 
 
 def backend_connections(

@@ -10,10 +10,10 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
 from tcprouter.compiler import Options
-from tcprouter.metrics import Metrics
+from tcprouter.metrics import Metrics, backend_connections
 from tcprouter.model import Backend, Balance, DesiredState, Family, Frontend
 from tcprouter.netfilter import Iptables, Nft, detect_flavour
-from tcprouter.nftnat import nat_pools, ruleset_text, table_of
+from tcprouter.nftnat import nat_pools, rules_of_listing, ruleset_text, table_of
 from tcprouter.sync import Syncer
 
 from .strategies import container
@@ -99,6 +99,9 @@ def test_connections_follow_the_weighted_rotation_exactly_and_each_slot_counts_i
         seen = greetings(client, ROUTER, 27017, 8)
         assert seen == ["b", "a", "c", "b"] * 2  # compiler.rotation's smooth order, strictly, twice
         assert slot_counts(router, 27017) == [2, 2, 2, 2]
+        # what the metrics and `status` read: the slots as the DNAT rules iptables would hold, with their counts
+        read = rules_of_listing(Nft(router).listing(Family.IPV4))
+        assert backend_connections(read) == {("27017", "a"): 2, ("27017", "b"): 4, ("27017", "c"): 2}
         assert greetings(router, ROUTER, 27017, 4) == ["b", "a", "c", "b"]  # from the host itself: the output hook
 
 

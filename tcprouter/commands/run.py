@@ -26,7 +26,10 @@ def command(args: argparse.Namespace) -> int:
     writers = common.writers(args)
     for family, each in writers.items():
         log.info("tcprouter starting: writing the %s %s tables with %r", each.flavour, family, each)
-    readers = {family: kernel_reader(each.flavour, family=family) for family, each in writers.items()}
+    nat_tables = common.options(args).nat_tables
+    readers = {
+        family: kernel_reader(each.flavour, family=family, nat_tables=nat_tables) for family, each in writers.items()
+    }
     metrics = Metrics(
         readers.get(Family.IPV4, lambda: ({}, [])),
         read_kernel6=readers.get(Family.IPV6),

@@ -154,9 +154,10 @@ def render_status(report: dict) -> str:
 def command(args: argparse.Namespace) -> int:
     containers = common.listed(args)
     flavour = common.flavour(args)
-    tables, kernel = kernel_reader(flavour)()
-    kernel6 = kernel_reader(flavour, family=Family.IPV6)()[1] if Family.IPV6 in common.families(args, flavour) else None
     options = common.options(args)
+    read = {family: kernel_reader(flavour, family=family, nat_tables=options.nat_tables) for family in Family}
+    tables, kernel = read[Family.IPV4]()
+    kernel6 = read[Family.IPV6]()[1] if Family.IPV6 in common.families(args, flavour) else None
     docker_chain = tables.get("nat", {}).get(hostports.DOCKER_NAT_CHAIN, ())
     busy = {p: hostports.busy_ports(docker_chain, options.route_localhost, p) for p in Protocol}
     report = status_report(
