@@ -67,7 +67,7 @@ _REFUSAL = re.compile(r"refused-([0-9]+)-([a-z]+)")
 DEFAULT_MARK_BIT = 0x100000
 LOCALNET_RECORD = "route_localnet-before-"  # + the value, in the comment of TCPR-INPUT's rule
 TCP_LOOSE_RECORD = "tcp_loose-before-"  # + nf_conntrack_tcp_loose's value, in the comment of TCPR-INPUT's jump
-_COMMENT_MAX = 64
+COMMENT_MAX = 64
 # A rule's text as iptables-restore splits it: double-quoted parts (a backslash escapes any character in
 # them), other characters but whitespace, whitespace between words; anything else is an unclosed quote.
 _SEGMENT = re.compile(r'"((?:[^"\\]|\\.)*)"|([^\s"]+)|(\s+)|(")', re.DOTALL)
@@ -309,7 +309,7 @@ def _forward_chains(routed: Sequence[Frontend], mark_bit: int, family: Family) -
 
 
 def _dnat(backend: Backend, protocol: Protocol, condition: str = "", skip_self: bool = True) -> str:
-    comment = save_string(backend.name[:_COMMENT_MAX] or backend.container_id[:12])
+    comment = save_string(backend.name[:COMMENT_MAX] or backend.container_id[:12])
     statistic = f" -m statistic {condition}" if condition else ""
     source = f"! -s {host(backend.ip)} " if skip_self else ""
     return (

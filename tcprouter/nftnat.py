@@ -20,7 +20,7 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .compiler import Options, access_bit, destination, frontend_chain, rotation, save_string
+from .compiler import COMMENT_MAX, Options, access_bit, destination, frontend_chain, rotation, save_string
 from .diff import SavedRule
 from .model import Balance, DesiredState, Family, Frontend, Protocol
 
@@ -69,12 +69,17 @@ def table_of(port: int) -> str:
     return f"{TABLE_PREFIX}{port % TABLES:02d}"
 
 
+def _slot_name(name: str) -> str:
+    """A backend's name as an element's comment: as long as the iptables rules' comments, in Docker's characters."""
+    return _NAME_UNSAFE.sub("_", name[:COMMENT_MAX])
+
+
 def nat_pool(frontend: Frontend, options: Options) -> NatPool:
     """The nat objects of one routed frontend (backends of options.family, at least one)."""
     backends = frontend.backends
     random = frontend.balance is Balance.RANDOM
     order = [b for b in backends for _ in range(b.weight)] if random else rotation(backends)  # random: weighted
-    slots = tuple(Slot(b.ip, b.port, _NAME_UNSAFE.sub("_", b.name or b.container_id[:12])) for b in order)
+    slots = tuple(Slot(b.ip, b.port, _slot_name(b.name or b.container_id[:12])) for b in order)
     fallbacks: list[tuple[str, Slot]] = []
     unrouted: list[str] = []
     for address in dict.fromkeys(slot.address for slot in slots):  # each address once, in slot order
