@@ -277,10 +277,17 @@ class Syncer:
 
     def _drop_nat_tables(self) -> None:
         """Delete tcprouter's nftables tables of this family, if an earlier run (options.nat_tables) made any."""
-        dropped = self.nat_writer.drop(self.options.family, TABLE_PREFIX)  # type: ignore[union-attr]
-        if dropped:
+        writer, family = self.nat_writer, self.options.family
+        assert writer is not None
+        try:
+            leftovers = [name for name in writer.tables(family) if name.startswith(TABLE_PREFIX)]
+        except NetfilterError as error:  # no nf_tables in this kernel: no tables to delete either
+            log.debug("no nftables tables of the nat side to look for: %s", error)
+            return
+        if leftovers:
+            writer.drop(family, TABLE_PREFIX)  # a failure is the write's: retried, then reported
             self.commits += 1
-            log.info("deleted %d nftables tables of the nat side (now in iptables)", dropped)
+            log.info("deleted %d nftables tables of the nat side (now in iptables)", len(leftovers))
         self._nat = None
 
     def _nat_socket(self) -> NatSocket:

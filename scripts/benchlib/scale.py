@@ -12,6 +12,7 @@ ever sent to them. The first-packet test routes only to a server namespace behin
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -22,7 +23,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 from tcprouter.compiler import Options, RuleSet, compile_rules
@@ -30,7 +31,7 @@ from tcprouter.diff import believed_tables, restore_script
 from tcprouter.labels import LabelKeys, desired_state
 from tcprouter.metrics import Metrics
 from tcprouter.model import ContainerSnapshot, DesiredState, Protocol
-from tcprouter.netfilter import Flavour, Iptables, detect_flavour
+from tcprouter.netfilter import Flavour, Iptables, Nft, detect_flavour
 from tcprouter.sync import Syncer
 from tests.support import in_netns
 
@@ -204,7 +205,7 @@ def _medians(rows: list[dict[str, float]]) -> dict[str, float]:
 # ---- the daemon's own syncs, old code beside new ------------------------------------------------------
 
 
-def daemon_probe(frontends: int, repeats: int, flavour: Flavour | None = None) -> dict:
+def daemon_probe(frontends: int, repeats: int, flavour: Flavour | None = None, nat_tables: bool = False) -> dict:
     """Runs in a fresh interpreter, with whichever tcprouter is first on sys.path (the old commit's or this one's):
     the daemon's ChangeTracker and Syncer against a private namespace's tables. A full sync from empty tables, a
     resync with nothing changed, one backend leaving and coming back as Docker events (tracker.apply, then the
@@ -229,12 +230,14 @@ def daemon_probe(frontends: int, repeats: int, flavour: Flavour | None = None) -
                     restores.append(time.perf_counter() - started)
 
         iptables = TimedIptables(flavour, netns=ns, timeout=300)
-        reader = kernel_reader(flavour, ns, timeout=300)
+        options = dataclasses.replace(OPTIONS, nat_tables=True) if nat_tables else OPTIONS  # --nat nftables
+        reader = kernel_reader(flavour, ns, timeout=300, **({"nat_tables": True} if nat_tables else {}))
         try:
             metrics = Metrics(reader, read_interval=10.0)
         except TypeError:  # the old commit reads the kernel at every scrape
             metrics = Metrics(reader)
-        syncer = _runner_syncer(Syncer(iptables, OPTIONS, "tcp", metrics), flavour, ns)
+        nat = {"nat_writer": Nft(ns, timeout=300)} if nat_tables else {}  # older code: no such writer
+        syncer = _runner_syncer(Syncer(iptables, options, "tcp", metrics, **nat), flavour, ns)
         tracker = ChangeTracker("tcp")
         containers = snapshots(frontends)
         tracker.apply(Relist(tuple(containers)))
@@ -277,7 +280,7 @@ def daemon_probe(frontends: int, repeats: int, flavour: Flavour | None = None) -
             scrapes.append(time.perf_counter() - started)
         first_scrape, scrapes = scrapes[0], scrapes[1:]
         current, _ = iptables.read()
-        consistent = restore_script(current, compile_rules(desired_state(tracker.view()), OPTIONS)) == ""
+        consistent = restore_script(current, compile_rules(desired_state(tracker.view()), options)) == ""
     status = Path("/proc/self/status").read_text()
     field = lambda key: int(next(x for x in status.splitlines() if x.startswith(key)).split()[1])  # noqa: E731
     return {
@@ -309,15 +312,16 @@ def _runner_syncer(syncer, flavour: Flavour, netns: str):
         return syncer
 
 
-def daemon_figures(sizes: list[int], repeats: int, code: Path | None = None) -> list[dict]:
-    """daemon_probe at each size, each in a fresh interpreter, with the tcprouter of `code` (a checkout) or this one."""
+def daemon_figures(sizes: list[int], repeats: int, code: Path | None = None, variant: Sequence[str] = ()) -> list[dict]:
+    """daemon_probe at each size, each in a fresh interpreter, with the tcprouter of `code` (a checkout) or this one;
+    `variant`: the probe's further arguments (flavour, nat side)."""
     scripts = Path(__file__).resolve().parent.parent
     path = [str(code)] if code else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([*path, str(scripts), str(scripts.parent)])}
     rows = []
     for frontends in sizes:
         done = subprocess.run(
-            [sys.executable, "-m", "benchlib.scale", "daemon", str(frontends), str(repeats)],
+            [sys.executable, "-m", "benchlib.scale", "daemon", str(frontends), str(repeats), *variant],
             capture_output=True,
             text=True,
             check=True,
@@ -339,13 +343,25 @@ def _pair(was: dict, now: dict, get, scale: float = 1.0, digits: int = 2) -> str
 def compare_daemons(old: Path, sizes: list[int], repeats: int) -> str:
     """daemon_probe of the tcprouter in `old` (a checkout, e.g. a `git worktree` of an earlier commit) and of this
     tree, one after the other at each size: a markdown table, old / new in each cell."""
+    return _comparison(sizes, lambda frontends: [daemon_figures([frontends], repeats, code)[0] for code in (old, None)])
+
+
+def compare_nat_sides(sizes: list[int], repeats: int) -> str:
+    """daemon_probe of this tree on an nft host with the nat side in iptables, then in tcprouter's nftables tables
+    (--nat nftables), one after the other at each size: iptables / nftables in each cell."""
+    sides = (("nft", "iptables"), ("nft", "nftables"))
+    return _comparison(sizes, lambda frontends: [daemon_figures([frontends], repeats, None, s)[0] for s in sides])
+
+
+def _comparison(sizes: list[int], figures: Callable[[int], list[dict]]) -> str:
+    """A markdown table of two daemon_probe figures per size (`figures(size)`): `first / second` in each cell."""
     rows = [
         "| size | full sync s | no-op resync s | partial sync ms p50 (new p90) | of which outside iptables-restore "
         "ms p50 | first scrape s | scrape ms p50 | scrape ms p99 | VmRSS MiB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for frontends in sizes:
-        was, now = (daemon_figures([frontends], repeats, code)[0] for code in (old, None))
+        was, now = figures(frontends)
         rows.append(
             f"| {frontends:,} x {BACKENDS_PER_FRONTEND} "
             f"| {_pair(was, now, lambda r: r['full_sync_s'])} "
@@ -714,8 +730,12 @@ if __name__ == "__main__":
     elif sys.argv[1] == "listeners":
         print(json.dumps(listener_probe(int(sys.argv[2]))))
     elif sys.argv[1] == "daemon":
-        flavour = Flavour(sys.argv[4]) if len(sys.argv) > 4 else None  # daemon FRONTENDS REPEATS [nft|legacy]
-        print(json.dumps(daemon_probe(int(sys.argv[2]), int(sys.argv[3]), flavour)))
+        # daemon FRONTENDS REPEATS [nft|legacy [iptables|nftables]]: the flavour, and where the nat side lives
+        flavour = Flavour(sys.argv[4]) if len(sys.argv) > 4 else None
+        nat_tables = sys.argv[5:] == ["nftables"]
+        print(json.dumps(daemon_probe(int(sys.argv[2]), int(sys.argv[3]), flavour, nat_tables)))
+    elif sys.argv[1] == "nat":  # python -m benchlib.scale nat 10,100,1000,10000 REPEATS: iptables / nftables
+        print(compare_nat_sides([int(n) for n in sys.argv[2].split(",")], int(sys.argv[3])))
     elif sys.argv[1] == "compare":  # python -m benchlib.scale compare OLD_CHECKOUT 10,100,1000,10000 REPEATS
         print(compare_daemons(Path(sys.argv[2]), [int(n) for n in sys.argv[3].split(",")], int(sys.argv[4])))
     elif sys.argv[1] == "dispatch":  # alone: python -m scripts.benchlib.scale dispatch FRONTENDS SAMPLES
