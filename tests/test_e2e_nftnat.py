@@ -27,6 +27,15 @@ from .support import (
 )
 
 pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(autouse=True)
+def nft_host(flavour: str) -> None:
+    """--nat nftables runs on nft hosts only (the daemon refuses it on a legacy one)."""
+    if flavour != "nft":
+        pytest.skip("--nat nftables runs on nft hosts only")
+
+
 FRONT = 27017
 COAP = 5683
 TABLES = 64
