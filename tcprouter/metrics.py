@@ -27,8 +27,8 @@ from prometheus_client.registry import Collector
 from .compiler import Tables, frontend_of, refusal, rule_comment
 from .diff import SavedRule, owned
 from .model import DesiredState, Family, Protocol
-from .netfilter import Flavour, Iptables, Nft
-from .nftnat import rules_of_listing
+from .netfilter import Flavour, Iptables
+from .nftnat_read import slot_rules
 
 log = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -56,16 +56,15 @@ def kernel_reader(
     nat_tables: bool = False,
 ) -> KernelReader:
     """Reads the tables with counters by a bounded `iptables-save -c` (`ip6tables-save -c` for IPv6); with
-    `nat_tables` (--nat nftables), tcprouter's nftables tables too, their slots read as DNAT rules
-    (nftnat.rules_of_listing)."""
+    `nat_tables` (--nat nftables), tcprouter's nftables tables too, their slots read over netlink as the DNAT rules
+    iptables would hold (nftnat_read.slot_rules: ~1.4 s at 10,000 x 10, where `nft -j list` takes ~19 s)."""
     iptables = Iptables(flavour, netns=netns, timeout=timeout, family=family)
     if not nat_tables:
         return lambda: iptables.read(counters=True)
-    nft = Nft(netns, timeout)
 
     def read() -> tuple[Tables, list[tuple[str, SavedRule]]]:
         tables, rules = iptables.read(counters=True)
-        return tables, rules + rules_of_listing(nft.listing(family))
+        return tables, rules + slot_rules(family, netns, timeout)
 
     return read
 

@@ -6,7 +6,6 @@ The default writer pipes a script into `iptables-restore --noflush`: one atomic 
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import subprocess
@@ -155,18 +154,6 @@ class Nft:
                 sock.close()
         except (OSError, ValueError) as error:
             raise NetfilterError(f"cannot list the nftables tables: {error}") from error
-
-    def listing(self, family: Family) -> dict:
-        """`nft -j list ruleset` of `family`'s tables."""
-        command = ["nft", "-j", "list", "ruleset", nft_family(family)]
-        command = ["ip", "netns", "exec", self.netns, *command] if self.netns else command
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=self.timeout, check=False)
-        except (OSError, subprocess.TimeoutExpired) as error:
-            raise NetfilterError(f"nft: {error}") from error
-        if done.returncode != 0:
-            raise NetfilterError(f"nft list ruleset failed ({done.returncode}): {done.stderr.strip()}")
-        return json.loads(done.stdout or "{}")
 
     def drop(self, family: Family, prefix: str) -> int:
         """Delete the tables of `family` whose names start with `prefix`, in one transaction; how many."""

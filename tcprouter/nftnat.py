@@ -16,12 +16,10 @@ and a write to the nat table makes the kernel validate all 110,000 of its rules 
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
-from typing import Any
 
-from .compiler import COMMENT_MAX, Options, access_bit, destination, frontend_chain, rotation, save_string
-from .diff import SavedRule
+from .compiler import COMMENT_MAX, Options, access_bit, rotation
 from .model import Balance, DesiredState, Family, Frontend, Protocol
 
 TABLES = 64
@@ -197,33 +195,3 @@ def ruleset_text(pools: Iterable[NatPool], options: Options, tables: Collection[
             + "}\n"
         )
     return "".join(text)
-
-
-_SLOTS_MAP = re.compile(r"slots-(tcp|udp)-([0-9]+)")
-
-
-def rules_of_listing(listing: Mapping[str, Any]) -> list[tuple[str, SavedRule]]:
-    """The slot maps of tcprouter's tables in `nft -j list ruleset`'s answer, as the DNAT rules iptables would hold
-    for them: table nat, chain TCPR-FE-<port> (TCPR-UDP-<port>), the backend's name as comment, the slot's counter
-    as packets, in slot order. What the metrics and `status` read of the kernel, whichever side holds the nat."""
-    rules: list[tuple[str, SavedRule]] = []
-    for item in listing.get("nftables", []):
-        found = item.get("map") if isinstance(item, dict) else None
-        ours = found is not None and found.get("table", "").startswith(TABLE_PREFIX)
-        name = _SLOTS_MAP.fullmatch(found.get("name", "")) if found and ours else None
-        if found is None or name is None:
-            continue
-        protocol, port = Protocol(name.group(1)), int(name.group(2))
-        chain = frontend_chain(port, protocol)
-        slots = []
-        for key, value in found.get("elem", []):  # [{"elem": {"val": slot, "comment": ..., "counter": ...}}, target]
-            element = key.get("elem", {}) if isinstance(key, dict) else {}
-            address, target_port = value["concat"]
-            slots.append((element.get("val", 0), element, address, target_port))
-        for _, element, address, target_port in sorted(slots, key=lambda slot: slot[0]):
-            spec = (
-                f"-p {protocol} -m comment --comment {save_string(element.get('comment', ''))} "
-                f"-j DNAT --to-destination {destination(address, target_port)}"
-            )
-            rules.append(("nat", SavedRule(chain, spec, element.get("counter", {}).get("packets", 0))))
-    return rules

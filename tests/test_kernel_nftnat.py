@@ -13,9 +13,10 @@ from tcprouter.compiler import Options
 from tcprouter.metrics import Metrics, backend_connections
 from tcprouter.model import Backend, Balance, DesiredState, Family, Frontend
 from tcprouter.netfilter import Iptables, Nft, detect_flavour
-from tcprouter.nftnat import nat_pools, rules_of_listing, ruleset_text, table_of
+from tcprouter.nftnat import nat_pools, ruleset_text, table_of
 from tcprouter.sync import Syncer
 
+from .nft_listing import listing, rules_of_listing
 from .strategies import container
 from .support import greetings, in_netns, private_netns, sh, unique
 
@@ -100,7 +101,7 @@ def test_connections_follow_the_weighted_rotation_exactly_and_each_slot_counts_i
         assert seen == ["b", "a", "c", "b"] * 2  # compiler.rotation's smooth order, strictly, twice
         assert slot_counts(router, 27017) == [2, 2, 2, 2]
         # what the metrics and `status` read: the slots as the DNAT rules iptables would hold, with their counts
-        read = rules_of_listing(Nft(router).listing(Family.IPV4))
+        read = rules_of_listing(listing(router, Family.IPV4))
         assert backend_connections(read) == {("27017", "a"): 2, ("27017", "b"): 4, ("27017", "c"): 2}
         assert greetings(router, ROUTER, 27017, 4) == ["b", "a", "c", "b"]  # from the host itself: the output hook
 
