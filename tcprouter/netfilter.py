@@ -81,15 +81,7 @@ class Iptables:
         return ["ip", "netns", "exec", self.netns, *base] if self.netns else base
 
     def _run(self, command: list[str], stdin: str | None = None) -> str:
-        try:
-            done = subprocess.run(
-                command, input=stdin, capture_output=True, text=True, timeout=self.timeout, check=False
-            )
-        except (OSError, subprocess.TimeoutExpired) as error:
-            raise NetfilterError(f"{command[0]}: {error}") from error
-        if done.returncode != 0:
-            raise NetfilterError(f"{' '.join(command)} failed ({done.returncode}): {done.stderr.strip()}")
-        return done.stdout
+        return _run(command, self.timeout, stdin)
 
     def save(self, table: str | None = None, counters: bool = False) -> str:
         """`iptables-save` of one table, or of every table that exists (None): the legacy save prints only the
@@ -130,15 +122,7 @@ class Nft:
         """`nft -f -`: one transaction, all of it or nothing."""
         if text:
             command = ["nft", "-f", "-"]
-            command = ["ip", "netns", "exec", self.netns, *command] if self.netns else command
-            try:
-                done = subprocess.run(
-                    command, input=text, capture_output=True, text=True, timeout=self.timeout, check=False
-                )
-            except (OSError, subprocess.TimeoutExpired) as error:
-                raise NetfilterError(f"nft: {error}") from error
-            if done.returncode != 0:
-                raise NetfilterError(f"nft -f failed ({done.returncode}): {done.stderr.strip()}")
+            _run(["ip", "netns", "exec", self.netns, *command] if self.netns else command, self.timeout, text)
 
     def tables(self, family: Family) -> list[str]:
         """The names of the nftables tables of `family`: a netlink dump of the tables alone (the nft tool would
@@ -163,6 +147,17 @@ class Nft:
 
 
 _NFPROTO = {Family.IPV4: NFPROTO_IPV4, Family.IPV6: NFPROTO_IPV6}
+
+
+def _run(command: list[str], timeout: float, stdin: str | None = None) -> str:
+    """A tool's output; NetfilterError if it cannot run, times out or fails."""
+    try:
+        done = subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise NetfilterError(f"{command[0]}: {error}") from error
+    if done.returncode != 0:
+        raise NetfilterError(f"{' '.join(command)} failed ({done.returncode}): {done.stderr.strip()}")
+    return done.stdout
 
 
 def _nft_socket(netns: str | None) -> NFTSocket:

@@ -500,3 +500,26 @@ def invalid_segment_crosses(sender: str, source: str, receiver: str, destination
             return wait_until(arrived, timeout, what="the INVALID segment to arrive")
         except AssertionError:
             return False
+
+
+@contextmanager
+def greeter(ns: str, address: str, name: str, port: int = 0) -> Iterator[int]:
+    """A listener in `ns` on `address`:`port` (0: any free one) that answers each connection with `Hi from <name>`
+    and closes it; its port."""
+    listener = in_netns(ns, lambda: socket.create_server((address, port), backlog=64))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(f"Hi from {name}\n".encode())
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()

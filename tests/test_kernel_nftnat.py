@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
@@ -18,7 +17,7 @@ from tcprouter.sync import Syncer
 
 from .nft_listing import listing, rules_of_listing
 from .strategies import container
-from .support import greetings, in_netns, private_netns, sh, unique
+from .support import greeter, greetings, in_netns, private_netns, sh, unique
 
 ROUTER, CLIENT = "10.99.0.1", "10.99.0.2"
 
@@ -36,28 +35,6 @@ class RecordingNft(Nft):
 
 
 SERVERS = ("10.99.0.11", "10.99.0.12", "10.99.0.13")  # the router's other addresses, where its backends listen
-
-
-@contextmanager
-def greeter(ns: str, address: str, name: str) -> Iterator[int]:
-    """A listener in `ns` that answers each connection with `Hi from <name>`; its port."""
-    listener = in_netns(ns, lambda: socket.create_server((address, 0), backlog=64))
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            with conn:
-                conn.sendall(f"Hi from {name}\n".encode())
-
-    threading.Thread(target=serve, daemon=True).start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        listener.shutdown(socket.SHUT_RDWR)
-        listener.close()
 
 
 @contextmanager
@@ -86,16 +63,22 @@ def slot_counts(ns: str, port: int) -> list[int]:
     return [key["counter"]["packets"] for key in sorted(keys, key=lambda key: key["val"])]
 
 
-def test_connections_follow_the_weighted_rotation_exactly_and_each_slot_counts_its_own():
-    with router_and_client() as (router, client), ExitStack() as stack:
-        a, b, c = (
+@contextmanager
+def weighted_pool(router: str) -> Iterator[tuple[Backend, ...]]:
+    """Backends a, b (weight 2) and c: greeters on the router's SERVERS addresses."""
+    with ExitStack() as stack:
+        ports = [
             stack.enter_context(greeter(router, address, name)) for address, name in zip(SERVERS, "abc", strict=True)
+        ]
+        yield (
+            Backend("a" * 64, "a", SERVERS[0], ports[0]),
+            Backend("b" * 64, "b", SERVERS[1], ports[1], weight=2),
+            Backend("c" * 64, "c", SERVERS[2], ports[2]),
         )
-        pool = (
-            Backend("a" * 64, "a", SERVERS[0], a),
-            Backend("b" * 64, "b", SERVERS[1], b, weight=2),
-            Backend("c" * 64, "c", SERVERS[2], c),
-        )
+
+
+def test_connections_follow_the_weighted_rotation_exactly_and_each_slot_counts_its_own():
+    with router_and_client() as (router, client), weighted_pool(router) as pool:
         load(router, DesiredState({27017: Frontend(27017, Balance.ROUNDROBIN, pool)}))
         seen = greetings(client, ROUTER, 27017, 8)
         assert seen == ["b", "a", "c", "b"] * 2  # compiler.rotation's smooth order, strictly, twice

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from contextlib import ExitStack
 
 import pytest
 
@@ -21,7 +20,7 @@ from tcprouter.nftnat_read import slot_rules
 
 from .nft_listing import listing, rules_of_listing
 from .support import greetings, private_netns, sh, unique
-from .test_kernel_nftnat import ROUTER, SERVERS, greeter, router_and_client
+from .test_kernel_nftnat import ROUTER, router_and_client, weighted_pool
 
 pytestmark = pytest.mark.kernel
 
@@ -109,15 +108,7 @@ def test_slot_rules_are_the_rules_of_the_nft_listing(name: str, path: str, monke
 @pytest.mark.parametrize("path", PATHS)
 def test_counters_count_real_connections(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     PATHS[path](monkeypatch)
-    with router_and_client() as (router, client), ExitStack() as stack:
-        a, b, c = (
-            stack.enter_context(greeter(router, address, name)) for address, name in zip(SERVERS, "abc", strict=True)
-        )
-        pool = (
-            Backend("a" * 64, "a", SERVERS[0], a),
-            Backend("b" * 64, "b", SERVERS[1], b, weight=2),
-            Backend("c" * 64, "c", SERVERS[2], c),
-        )
+    with router_and_client() as (router, client), weighted_pool(router) as pool:
         load(router, state(rr(*pool, port=27017), rnd(*pool, port=27081)), Family.IPV4)
         assert greetings(client, ROUTER, 27017, 8) == ["b", "a", "c", "b"] * 2
         assert len(greetings(client, ROUTER, 27081, 5)) == 5

@@ -10,11 +10,8 @@ creates no conntrack entry at all (without synproxy, the same burst creates one 
 
 from __future__ import annotations
 
-import socket
 import subprocess
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 
 import pytest
 
@@ -22,7 +19,7 @@ from tcprouter.compiler import Options, Synproxy, compile_rules
 from tcprouter.model import Backend, Balance, DesiredState, Frontend
 from tcprouter.sysctls import TCP_LOOSE
 
-from .support import greetings, in_netns, sh
+from .support import greeter, greetings, in_netns, sh
 from .test_kernel_perimeter import BACKEND, FLAVOURS, Lab, apply, lab
 
 pytestmark = pytest.mark.kernel
@@ -71,26 +68,9 @@ def spoofed_burst(client: str, address: str) -> None:
     )
 
 
-@contextmanager
-def second_backend(net: Lab) -> Iterator[None]:
+def second_backend(net: Lab) -> AbstractContextManager[int]:
     """A listener on 10.70.9.2:8081 in the backend namespace that greets 'second'."""
-    listener = in_netns(net.backend, lambda: socket.create_server(("10.70.9.2", 8081), backlog=64))
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            with conn:
-                conn.sendall(b"Hi from second\n")
-
-    threading.Thread(target=serve, daemon=True).start()
-    try:
-        yield
-    finally:
-        listener.shutdown(socket.SHUT_RDWR)
-        listener.close()
+    return greeter(net.backend, "10.70.9.2", "second", 8081)
 
 
 def synproxy_packets(net: Lab) -> int:
