@@ -270,7 +270,7 @@ class Syncer:
             try:
                 self._nat_socket().send(messages)
             except OSError as error:  # TransactionRefused, a timeout: the kernel's tables are reloaded whole
-                self._nat_sock = None
+                self._close_nat_socket()
                 raise NetfilterError(f"nf_tables refused the nat change: {error}") from error
             self.commits += 1
         self._nat = known
@@ -293,8 +293,14 @@ class Syncer:
     def _nat_socket(self) -> NatSocket:
         """The netlink socket of the nat writes, opened once (in the writer's namespace)."""
         if self._nat_sock is None:
-            self._nat_sock = NatSocket(self.nat_writer.netns)
+            self._nat_sock = NatSocket(self.nat_writer.netns if self.nat_writer else None)
         return self._nat_sock
+
+    def _close_nat_socket(self) -> None:
+        """After a failed transaction: the next write opens a fresh socket (no stale answers to skip)."""
+        if self._nat_sock is not None:
+            self._nat_sock.close()
+            self._nat_sock = None
 
     def _synproxied_ports(self, state: DesiredState, ports: set[int] | None) -> set[int]:
         """synproxy_ports of `state`; given the `ports` whose frontends may have changed since the last write, from

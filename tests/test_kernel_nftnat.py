@@ -180,3 +180,32 @@ def test_switching_the_nat_side_between_iptables_and_nftables_keeps_routing_and_
 
         for nat_tables in (False, True, False, True):
             restart(nat_tables)
+
+
+def test_a_change_the_kernel_refuses_is_retried_as_a_reload_of_every_table():
+    """Someone deletes the frontend's table: the next change over netlink is refused (the objects it edits are gone),
+    the sync's retry reloads all 64 tables with `nft -f`, and the frontend routes again."""
+    with router_and_client() as (router, client), weighted_pool(router) as pool:
+        view = [
+            container(
+                i,
+                name=backend.name,
+                labels={"tcp.port": "27017", "tcp.backend_port": str(backend.port)},
+                networks={"n": backend.ip},
+                subnets={"n": "10.99.0.0/24"},
+            )
+            for i, backend in enumerate(pool)
+        ]
+        loads: list[str] = []
+        syncer = Syncer(
+            Iptables(detect_flavour(), netns=router),
+            Options(nat_tables=True, forward_parent="FORWARD"),
+            "tcp",
+            Metrics(lambda: ({}, [])),
+            nat_writer=RecordingNft(router, loads),
+        )
+        assert syncer.sync(view, full=True) and len(loads) == 1
+        sh("ip", "netns", "exec", router, "nft", "delete", "table", "ip", table_of(27017))
+        assert syncer.sync(view[1:])  # c0 leaves: refused over netlink, then reloaded whole
+        assert len(loads) == 2 and loads[1].count("delete table ip ") == 64
+        assert sorted(set(greetings(client, ROUTER, 27017, 6))) == ["b", "c"]
