@@ -89,7 +89,7 @@ _LAYOUTS = {
 }
 
 
-def _host32(value: int) -> bytes:
+def host32(value: int) -> bytes:
     return struct.pack("=I", value)
 
 
@@ -102,29 +102,30 @@ def _tlv(kind: int, value: bytes) -> bytes:
 
 def _typeof(expression: int, *fields: bytes) -> bytes:
     """An expression of `typeof`: its type, then its own attributes (numbered from 0)."""
-    return _tlv(0, _host32(expression)) + _tlv(1, b"".join(_tlv(n, value) for n, value in enumerate(fields)))
+    return _tlv(0, host32(expression)) + _tlv(1, b"".join(_tlv(n, value) for n, value in enumerate(fields)))
 
 
 def _payload_typeof(desc: int, field: int) -> bytes:
-    return _typeof(EXPR_PAYLOAD, _host32(desc), _host32(field))
+    return _typeof(EXPR_PAYLOAD, host32(desc), host32(field))
 
 
 def _set_userdata(key_order: int, key_typeof: bytes | None, data_typeof: bytes | None) -> Attrs:
     userdata: Attrs = [
-        ("NFTNL_UDATA_SET_KEYBYTEORDER", _host32(key_order)),
-        ("NFTNL_UDATA_SET_DATABYTEORDER", _host32(BYTEORDER_INVALID)),
+        ("NFTNL_UDATA_SET_KEYBYTEORDER", host32(key_order)),
+        ("NFTNL_UDATA_SET_DATABYTEORDER", host32(BYTEORDER_INVALID)),
     ]
     if key_typeof is not None:
         userdata.append(("NFTNL_UDATA_SET_KEY_TYPEOF", key_typeof))
     if data_typeof is not None:
         userdata.append(("NFTNL_UDATA_SET_DATA_TYPEOF", data_typeof))
-    return [*userdata, ("NFTNL_UDATA_SET_DATA_INTERVAL", _host32(0))]
+    return [*userdata, ("NFTNL_UDATA_SET_DATA_INTERVAL", host32(0))]
 
 
 # --- messages ---
 
 
-def _message(cls: type[nfgen_msg], msg_type: int, flags: int, family: Family, attrs: Attrs) -> nfgen_msg:
+def message(cls: type[nfgen_msg], msg_type: int, flags: int, family: Family, attrs: Attrs) -> nfgen_msg:
+    """A request of nf_tables of `family` (its type, flags and attributes), as one of a batch."""
     msg = cls()
     msg["nfgen_family"] = _LAYOUTS[family].nfproto
     msg["attrs"] = attrs
@@ -133,7 +134,8 @@ def _message(cls: type[nfgen_msg], msg_type: int, flags: int, family: Family, at
     return msg
 
 
-def _batch_marker(msg_type: int) -> nfgen_msg:
+def batch_marker(msg_type: int) -> nfgen_msg:
+    """A batch's begin or end (NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END) for nf_tables."""
     msg = nfgen_msg()
     msg["res_id"] = NFNL_SUBSYS_NFTABLES
     msg["header"]["type"] = msg_type
@@ -141,11 +143,11 @@ def _batch_marker(msg_type: int) -> nfgen_msg:
     return msg
 
 
-def _expr(name: str, *attrs: tuple[str, Any]) -> Nest:
+def expression(name: str, *attrs: tuple[str, Any]) -> Nest:
     return {"attrs": [("NFTA_EXPR_NAME", name), ("NFTA_EXPR_DATA", {"attrs": list(attrs)})]}
 
 
-def _value(data: bytes) -> Nest:
+def data_value(data: bytes) -> Nest:
     return {"attrs": [("NFTA_DATA_VALUE", data)]}
 
 
@@ -178,7 +180,7 @@ def _concat_type(layout: _FamilyLayout) -> int:
 def _slots_map(pool: NatPool, family: Family) -> _Map:
     """`typeof numgen inc mod N : ip daddr . <protocol> dport`, `counter`: slot -> address . port, commented."""
     layout = _LAYOUTS[family]
-    key_typeof = _typeof(EXPR_NUMGEN, _host32(NFT_NG_INCREMENTAL), _host32(len(pool.slots)), _host32(0))
+    key_typeof = _typeof(EXPR_NUMGEN, host32(NFT_NG_INCREMENTAL), host32(len(pool.slots)), host32(0))
     data_typeof = _typeof(
         EXPR_CONCAT,
         _payload_typeof(*layout.daddr),
@@ -191,13 +193,13 @@ def _slots_map(pool: NatPool, family: Family) -> _Map:
         ("NFTA_SET_DATA_TYPE", _concat_type(layout)),
         ("NFTA_SET_DATA_LEN", layout.address_len + 4),
         ("NFTA_SET_USERDATA", _set_userdata(BYTEORDER_HOST, key_typeof, data_typeof)),
-        ("NFTA_SET_EXPR", _expr("counter")),  # each element gets a counter of its own
+        ("NFTA_SET_EXPR", expression("counter")),  # each element gets a counter of its own
     ]
     elements = [
         {
             "attrs": [
-                ("NFTA_SET_ELEM_KEY", _value(_host32(number))),
-                ("NFTA_SET_ELEM_DATA", _value(_destination(slot, layout))),
+                ("NFTA_SET_ELEM_KEY", data_value(host32(number))),
+                ("NFTA_SET_ELEM_DATA", data_value(_destination(slot, layout))),
                 ("NFTA_SET_ELEM_USERDATA", [("NFTNL_UDATA_SET_ELEM_COMMENT", slot.name)]),
             ]
         }
@@ -221,8 +223,8 @@ def _self_map(pool: NatPool, family: Family) -> _Map:
     elements = [
         {
             "attrs": [
-                ("NFTA_SET_ELEM_KEY", _value(layout.pack(address))),
-                ("NFTA_SET_ELEM_DATA", _value(_destination(slot, layout))),
+                ("NFTA_SET_ELEM_KEY", data_value(layout.pack(address))),
+                ("NFTA_SET_ELEM_DATA", data_value(_destination(slot, layout))),
             ]
         }
         for address, slot in pool.fallbacks
@@ -240,7 +242,7 @@ def _maps(pool: NatPool | None, family: Family) -> dict[str, _Map]:
 def _ports_element(pool: NatPool, with_verdict: bool) -> Nest:
     """`<protocol> . <port> : goto <chain>` of map ports (each field padded to its 32-bit register)."""
     key = struct.pack("=B3x", IPPROTOS[pool.protocol]) + struct.pack(">H2x", pool.port)
-    attrs: Attrs = [("NFTA_SET_ELEM_KEY", _value(key))]
+    attrs: Attrs = [("NFTA_SET_ELEM_KEY", data_value(key))]
     if with_verdict:
         attrs.append(("NFTA_SET_ELEM_DATA", _verdict(NFT_GOTO, pool.chain)))
     return {"attrs": attrs}
@@ -251,18 +253,18 @@ def _ports_element(pool: NatPool, with_verdict: bool) -> Nest:
 
 def _l4proto(protocol: Protocol) -> list[Nest]:
     return [
-        _expr("meta", ("NFTA_META_KEY", Meta.NFT_META_L4PROTO), ("NFTA_META_DREG", Regs.NFT_REG_1)),
-        _expr(
+        expression("meta", ("NFTA_META_KEY", Meta.NFT_META_L4PROTO), ("NFTA_META_DREG", Regs.NFT_REG_1)),
+        expression(
             "cmp",
             ("NFTA_CMP_SREG", Regs.NFT_REG_1),
             ("NFTA_CMP_OP", Cmp.NFT_CMP_EQ),
-            ("NFTA_CMP_DATA", _value(bytes([IPPROTOS[protocol]]))),
+            ("NFTA_CMP_DATA", data_value(bytes([IPPROTOS[protocol]]))),
         ),
     ]
 
 
 def _saddr(layout: _FamilyLayout) -> Nest:
-    return _expr(
+    return expression(
         "payload",
         ("NFTA_PAYLOAD_DREG", Regs.NFT_REG_1),
         ("NFTA_PAYLOAD_BASE", NFT_PAYLOAD_NETWORK_HEADER),
@@ -274,13 +276,13 @@ def _saddr(layout: _FamilyLayout) -> Nest:
 def _dnat_through(map_name: str, layout: _FamilyLayout) -> list[Nest]:
     """Look reg 1 up in the map, DNAT to the address . port found (the port in the register after the address)."""
     return [
-        _expr(
+        expression(
             "lookup",
             ("NFTA_LOOKUP_SREG", Regs.NFT_REG_1),
             ("NFTA_LOOKUP_DREG", Regs.NFT_REG_1),
             ("NFTA_LOOKUP_SET", map_name),
         ),
-        _expr(
+        expression(
             "nat",
             ("NFTA_NAT_TYPE", NFT_NAT_DNAT),
             ("NFTA_NAT_FAMILY", layout.nfproto),
@@ -293,17 +295,17 @@ def _dnat_through(map_name: str, layout: _FamilyLayout) -> list[Nest]:
 def _mark(mark: int) -> list[Nest]:
     """`ct mark set ct mark | mark`, as nft writes it: (reg & ~mark) ^ mark, host order."""
     return [
-        _expr("ct", ("NFTA_CT_KEY", NFT_CT_MARK), ("NFTA_CT_DREG", Regs.NFT_REG_1)),
-        _expr(
+        expression("ct", ("NFTA_CT_KEY", NFT_CT_MARK), ("NFTA_CT_DREG", Regs.NFT_REG_1)),
+        expression(
             "bitwise",
             ("NFTA_BITWISE_SREG", Regs.NFT_REG_1),
             ("NFTA_BITWISE_DREG", Regs.NFT_REG_1),
             ("NFTA_BITWISE_OP", NFT_BITWISE_BOOL),
             ("NFTA_BITWISE_LEN", 4),
-            ("NFTA_BITWISE_MASK", _value(_host32(~mark & 0xFFFFFFFF))),
-            ("NFTA_BITWISE_XOR", _value(_host32(mark))),
+            ("NFTA_BITWISE_MASK", data_value(host32(~mark & 0xFFFFFFFF))),
+            ("NFTA_BITWISE_XOR", data_value(host32(mark))),
         ),
-        _expr("ct", ("NFTA_CT_KEY", NFT_CT_MARK), ("NFTA_CT_SREG", Regs.NFT_REG_1)),
+        expression("ct", ("NFTA_CT_KEY", NFT_CT_MARK), ("NFTA_CT_SREG", Regs.NFT_REG_1)),
     ]
 
 
@@ -314,13 +316,13 @@ def _unrouted(pool: NatPool, layout: _FamilyLayout) -> list[Nest]:
         raise ValueError(f"{pool.chain}: {len(pool.unrouted)} unrouted addresses, the netlink writer takes one")
     return [
         _saddr(layout),
-        _expr(
+        expression(
             "cmp",
             ("NFTA_CMP_SREG", Regs.NFT_REG_1),
             ("NFTA_CMP_OP", Cmp.NFT_CMP_EQ),
-            ("NFTA_CMP_DATA", _value(layout.pack(pool.unrouted[0]))),
+            ("NFTA_CMP_DATA", data_value(layout.pack(pool.unrouted[0]))),
         ),
-        _expr(
+        expression(
             "immediate", ("NFTA_IMMEDIATE_DREG", Regs.NFT_REG_VERDICT), ("NFTA_IMMEDIATE_DATA", _verdict(NFT_RETURN))
         ),
     ]
@@ -328,7 +330,7 @@ def _unrouted(pool: NatPool, layout: _FamilyLayout) -> list[Nest]:
 
 def _pick(pool: NatPool, layout: _FamilyLayout) -> list[Nest]:
     """`meta l4proto <protocol> dnat to numgen inc|random mod N map @slots-...`."""
-    numgen = _expr(
+    numgen = expression(
         "numgen",
         ("NFTA_NG_DREG", Regs.NFT_REG_1),
         ("NFTA_NG_MODULUS", len(pool.slots)),
@@ -364,7 +366,7 @@ class _Objects:
     chain: str
 
     def _message(self, cls: type[nfgen_msg], msg_type: int, attrs: Attrs, flags: int = 0) -> nfgen_msg:
-        return _message(cls, msg_type, flags, self.family, attrs)
+        return message(cls, msg_type, flags, self.family, attrs)
 
     def chain_message(self, msg_type: int, flags: int = 0) -> nfgen_msg:
         attrs = [("NFTA_CHAIN_TABLE", self.table), ("NFTA_CHAIN_NAME", self.chain)]
@@ -495,7 +497,7 @@ class NatSocket:
         """The messages between a batch's begin and end, as one buffer; the batch's sequence numbers. Numbers the
         messages (new numbers each batch) and asks for the last one's ack: the kernel acks it, and reports any
         error, once it has committed or aborted the whole batch."""
-        begin, end = _batch_marker(NFNL_MSG_BATCH_BEGIN), _batch_marker(NFNL_MSG_BATCH_END)
+        begin, end = batch_marker(NFNL_MSG_BATCH_BEGIN), batch_marker(NFNL_MSG_BATCH_END)
         batch = [begin, *messages, end]
         for number, msg in enumerate(batch, self._sequence):
             msg["header"]["sequence_number"] = number

@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from pyroute2 import netns as pyroute2_netns
-from pyroute2.netlink import NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST
-from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES, nfgen_msg
+from pyroute2.netlink import NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REPLACE
+from pyroute2.netlink.nfnetlink import nfgen_msg
 from pyroute2.netlink.nfnetlink.nftsocket import (
     NFPROTO_IPV4,
     NFT_MSG_DELSETELEM,
@@ -61,6 +61,21 @@ from pyroute2.netlink.nfnetlink.nftsocket import (
     nft_set_elem_list_msg,
     nft_set_msg,
     nft_table_msg,
+)
+
+from tcprouter.model import Family
+from tcprouter.nftnat_netlink import (
+    NFNL_MSG_BATCH_BEGIN,
+    NFNL_MSG_BATCH_END,
+    NFT_BITWISE_BOOL,
+    NFT_CT_MARK,
+    NFT_NAT_DNAT,
+    NFT_NG_INCREMENTAL,
+    batch_marker,
+    data_value,
+    expression,
+    host32,
+    message,
 )
 
 from .common import median, netns_add, sh
@@ -143,34 +158,20 @@ class NftLayout:
         sh("ip", "netns", "exec", netns, "nft", "-f", "-", input=text, timeout=600)
 
 
-# nf_tables constants pyroute2 does not name (linux/netfilter/nfnetlink.h, nf_tables.h)
-NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
-NFT_CT_MARK, NFT_BITWISE_BOOL, NFT_NG_INCREMENTAL, NFT_NAT_DNAT = 3, 0, 0, 1
-
 Attrs = list[tuple[str, Any]]
 T = TypeVar("T")
 
 
-def _expr(name: str, *attrs: tuple[str, Any]) -> dict[str, Attrs]:
-    return {"attrs": [("NFTA_EXPR_NAME", name), ("NFTA_EXPR_DATA", {"attrs": list(attrs)})]}
-
-
-def _value(data: bytes) -> dict[str, Attrs]:
-    return {"attrs": [("NFTA_DATA_VALUE", data)]}
-
-
-def _host32(value: int) -> bytes:
-    return struct.pack("=I", value)
-
-
 def _equals(reg: int, data: bytes) -> dict[str, Attrs]:
     """cmp eq: the register holds `data`."""
-    return _expr("cmp", ("NFTA_CMP_SREG", reg), ("NFTA_CMP_OP", Cmp.NFT_CMP_EQ), ("NFTA_CMP_DATA", _value(data)))
+    return expression(
+        "cmp", ("NFTA_CMP_SREG", reg), ("NFTA_CMP_OP", Cmp.NFT_CMP_EQ), ("NFTA_CMP_DATA", data_value(data))
+    )
 
 
 def _is_tcp(reg: int) -> list[dict[str, Attrs]]:
     """`meta l4proto tcp`, through `reg`."""
-    protocol = _expr("meta", ("NFTA_META_KEY", Meta.NFT_META_L4PROTO), ("NFTA_META_DREG", reg))
+    protocol = expression("meta", ("NFTA_META_KEY", Meta.NFT_META_L4PROTO), ("NFTA_META_DREG", reg))
     return [protocol, _equals(reg, bytes([socket.IPPROTO_TCP]))]
 
 
@@ -182,32 +183,32 @@ def _rule_expressions(port: int, backends: int, set_id: int | None = None) -> li
     lookup_id = [("NFTA_LOOKUP_SET_ID", set_id)] if set_id else []
     return [
         *_is_tcp(reg),
-        _expr("ct", ("NFTA_CT_KEY", NFT_CT_MARK), ("NFTA_CT_DREG", reg)),
-        _expr(  # ct mark | MARK, as nft writes it: (reg & ~MARK) ^ MARK
+        expression("ct", ("NFTA_CT_KEY", NFT_CT_MARK), ("NFTA_CT_DREG", reg)),
+        expression(  # ct mark | MARK, as nft writes it: (reg & ~MARK) ^ MARK
             "bitwise",
             ("NFTA_BITWISE_SREG", reg),
             ("NFTA_BITWISE_DREG", reg),
             ("NFTA_BITWISE_OP", NFT_BITWISE_BOOL),
             ("NFTA_BITWISE_LEN", 4),
-            ("NFTA_BITWISE_MASK", _value(_host32(~mark & 0xFFFFFFFF))),
-            ("NFTA_BITWISE_XOR", _value(_host32(mark))),
+            ("NFTA_BITWISE_MASK", data_value(host32(~mark & 0xFFFFFFFF))),
+            ("NFTA_BITWISE_XOR", data_value(host32(mark))),
         ),
-        _expr("ct", ("NFTA_CT_KEY", NFT_CT_MARK), ("NFTA_CT_SREG", reg)),
-        _expr(
+        expression("ct", ("NFTA_CT_KEY", NFT_CT_MARK), ("NFTA_CT_SREG", reg)),
+        expression(
             "numgen",
             ("NFTA_NG_DREG", reg),
             ("NFTA_NG_MODULUS", backends),
             ("NFTA_NG_TYPE", NFT_NG_INCREMENTAL),
             ("NFTA_NG_OFFSET", 0),
         ),
-        _expr(
+        expression(
             "lookup",
             ("NFTA_LOOKUP_SREG", reg),
             ("NFTA_LOOKUP_DREG", reg),
             ("NFTA_LOOKUP_SET", f"b{port}"),
             *lookup_id,
         ),
-        _expr(  # the address in reg 1, the port in the next 32-bit register (the concatenation's second field)
+        expression(  # the address in reg 1, the port in the next 32-bit register (the concatenation's second field)
             "nat",
             ("NFTA_NAT_TYPE", NFT_NAT_DNAT),
             ("NFTA_NAT_FAMILY", NFPROTO_IPV4),
@@ -221,28 +222,15 @@ def _element(slot: int, address: str, port: int) -> dict[str, Attrs]:
     """slot (numgen's output, host order) : address . port (the port padded to its 32-bit register), a counter."""
     return {
         "attrs": [
-            ("NFTA_SET_ELEM_KEY", _value(_host32(slot))),
-            ("NFTA_SET_ELEM_DATA", _value(socket.inet_aton(address) + struct.pack(">H2x", port))),
-            ("NFTA_SET_ELEM_EXPR", _expr("counter")),
+            ("NFTA_SET_ELEM_KEY", data_value(host32(slot))),
+            ("NFTA_SET_ELEM_DATA", data_value(socket.inet_aton(address) + struct.pack(">H2x", port))),
+            ("NFTA_SET_ELEM_EXPR", expression("counter")),
         ]
     }
 
 
 def _message(cls: type[nfgen_msg], msg_type: int, flags: int, attrs: Attrs) -> nfgen_msg:
-    msg = cls()
-    msg["nfgen_family"] = NFPROTO_IPV4
-    msg["attrs"] = attrs
-    msg["header"]["type"] = NFNL_SUBSYS_NFTABLES << 8 | msg_type
-    msg["header"]["flags"] = NLM_F_REQUEST | flags
-    return msg
-
-
-def _batch_marker(msg_type: int) -> nfgen_msg:
-    msg = nfgen_msg()
-    msg["res_id"] = NFNL_SUBSYS_NFTABLES
-    msg["header"]["type"] = msg_type
-    msg["header"]["flags"] = NLM_F_REQUEST
-    return msg
+    return message(cls, msg_type, flags, Family.IPV4, attrs)
 
 
 # Sets as nft 1.0.6 declares NftLayout's maps: NFTA_SET_USERDATA is libnftnl TLVs that only nft reads back (to print
@@ -292,7 +280,7 @@ def _goto(port: int) -> dict[str, Attrs]:
     verdict = [("NFTA_VERDICT_CODE", NFT_GOTO), ("NFTA_VERDICT_CHAIN", f"fe{port}")]
     return {
         "attrs": [
-            ("NFTA_SET_ELEM_KEY", _value(struct.pack(">H", port))),
+            ("NFTA_SET_ELEM_KEY", data_value(struct.pack(">H", port))),
             ("NFTA_SET_ELEM_DATA", {"attrs": [("NFTA_DATA_VERDICT", {"attrs": verdict})]}),
         ]
     }
@@ -302,22 +290,22 @@ def _dispatch_expressions(set_id: int) -> list[dict[str, Attrs]]:
     """`fib daddr type local tcp dport vmap @frontends`, as nft 1.0.6 sends it."""
     reg = Regs.NFT_REG_1
     return [
-        _expr(  # pyroute2 maps NFTA_FIB_RESULT as bit flags: bits 0 and 1 are the value 3, NFT_FIB_RESULT_ADDRTYPE
+        expression(  # pyroute2 maps NFTA_FIB_RESULT as bit flags: bits 0 and 1 are the value 3, NFT_FIB_RESULT_ADDRTYPE
             "fib",
             ("NFTA_FIB_FLAGS", NFTA_FIB_F_DADDR),
             ("NFTA_FIB_RESULT", frozenset({"NFT_FIB_RESULT_UNSPEC", "NFT_FIB_RESULT_OIF"})),
             ("NFTA_FIB_DREG", reg),
         ),
-        _equals(reg, _host32(RTN_LOCAL)),
+        _equals(reg, host32(RTN_LOCAL)),
         *_is_tcp(reg),
-        _expr(
+        expression(
             "payload",
             ("NFTA_PAYLOAD_DREG", reg),
             ("NFTA_PAYLOAD_BASE", NFT_PAYLOAD_TRANSPORT_HEADER),
             ("NFTA_PAYLOAD_OFFSET", 2),
             ("NFTA_PAYLOAD_LEN", 2),
         ),
-        _expr(
+        expression(
             "lookup",
             ("NFTA_LOOKUP_SREG", reg),
             ("NFTA_LOOKUP_DREG", Regs.NFT_REG_VERDICT),
@@ -368,7 +356,7 @@ class NftNetlinkLayout(NftLayout):
         message: per table NEWTABLE, the base chain and the frontend chains, the vmap, each pool map with its
         elements, the rules, then the vmap's elements. Each set is also named by the id nft numbers it with, and
         no message asks for an ack, as with nft (errors are acked anyway)."""
-        messages, set_ids = [_batch_marker(NFNL_MSG_BATCH_BEGIN)], itertools.count(1)
+        messages, set_ids = [batch_marker(NFNL_MSG_BATCH_BEGIN)], itertools.count(1)
 
         def add(cls: type[nfgen_msg], msg_type: int, attrs: Attrs, flags: int = NLM_F_CREATE) -> None:
             messages.append(_message(cls, msg_type, flags, attrs))
@@ -387,7 +375,7 @@ class NftNetlinkLayout(NftLayout):
             for port in ports:
                 pool, name = next(set_ids), f"b{port}"
                 pool_map = _set(table, name, pool, SLOT_KEY, BACKEND_DATA, POOL_USERDATA)
-                add(nft_set_msg, NFT_MSG_NEWSET, [*pool_map, ("NFTA_SET_EXPR", _expr("counter"))])  # `counter;`
+                add(nft_set_msg, NFT_MSG_NEWSET, [*pool_map, ("NFTA_SET_EXPR", expression("counter"))])  # `counter;`
                 elements = [_element(slot, _address(port - FIRST_PORT, slot), 8080) for slot in range(BACKENDS)]
                 add(nft_set_elem_list_msg, NFT_MSG_NEWSETELEM, _element_list(table, name, pool, elements))
                 rules.append((f"fe{port}", _rule_expressions(port, BACKENDS, pool)))
@@ -397,7 +385,7 @@ class NftNetlinkLayout(NftLayout):
             if ports:
                 gotos = [_goto(port) for port in ports]
                 add(nft_set_elem_list_msg, NFT_MSG_NEWSETELEM, _element_list(table, "frontends", vmap, gotos))
-        return [*messages, _batch_marker(NFNL_MSG_BATCH_END)]
+        return [*messages, batch_marker(NFNL_MSG_BATCH_END)]
 
     def load_full(self, netns: str, frontends: int) -> tuple[float, float]:
         """self.full(frontends) as one transaction from this process: (seconds building and encoding the batch,
@@ -426,7 +414,7 @@ class NftNetlinkLayout(NftLayout):
             ("NFTA_RULE_EXPRESSIONS", _rule_expressions(port, backends)),
         ]
         return [
-            _batch_marker(NFNL_MSG_BATCH_BEGIN),
+            batch_marker(NFNL_MSG_BATCH_BEGIN),
             _message(nft_set_elem_list_msg, NFT_MSG_DELSETELEM, NLM_F_ACK, where),
             _message(
                 nft_set_elem_list_msg,
@@ -435,7 +423,7 @@ class NftNetlinkLayout(NftLayout):
                 [*where, ("NFTA_SET_ELEM_LIST_ELEMENTS", elements)],
             ),
             _message(nft_rule_msg, NFT_MSG_NEWRULE, NLM_F_ACK | NLM_F_REPLACE, rule),
-            _batch_marker(NFNL_MSG_BATCH_END),
+            batch_marker(NFNL_MSG_BATCH_END),
         ]
 
     def check_equivalent(self, frontends: int = 3) -> None:
