@@ -503,10 +503,11 @@ def invalid_segment_crosses(sender: str, source: str, receiver: str, destination
 
 
 @contextmanager
-def greeter(ns: str, address: str, name: str, port: int = 0) -> Iterator[int]:
+def greeter(ns: str, address: str, name: str, port: int = 0, hold: bool = False) -> Iterator[int]:
     """A listener in `ns` on `address`:`port` (0: any free one) that answers each connection with `Hi from <name>`
-    and closes it; its port."""
+    and closes it, or with `hold` keeps it open until the greeter ends (connections that stay counted); its port."""
     listener = in_netns(ns, lambda: socket.create_server((address, port), backlog=64))
+    held: list[socket.socket] = []
 
     def serve() -> None:
         while True:
@@ -514,8 +515,11 @@ def greeter(ns: str, address: str, name: str, port: int = 0) -> Iterator[int]:
                 conn, _ = listener.accept()
             except OSError:
                 return
-            with conn:
-                conn.sendall(f"Hi from {name}\n".encode())
+            conn.sendall(f"Hi from {name}\n".encode())
+            if hold:
+                held.append(conn)
+            else:
+                conn.close()
 
     threading.Thread(target=serve, daemon=True).start()
     try:
@@ -523,3 +527,5 @@ def greeter(ns: str, address: str, name: str, port: int = 0) -> Iterator[int]:
     finally:
         listener.shutdown(socket.SHUT_RDWR)
         listener.close()
+        for conn in held:
+            conn.close()

@@ -9,7 +9,6 @@ is routed to it by the compiled rules, as tcprouter writes them.
 from __future__ import annotations
 
 import socket
-import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from tcprouter.diff import hook_in_place, parse_save, restore_script
 from tcprouter.model import OPEN, Access, Backend, Balance, DesiredState, Frontend
 from tcprouter.netfilter import Flavour, Iptables
 
-from .support import connect_outcome, in_netns, invalid_segment_crosses, private_netns, sh, unique, wait_until
+from .support import connect_outcome, greeter, in_netns, invalid_segment_crosses, private_netns, sh, unique, wait_until
 
 pytestmark = pytest.mark.kernel
 FLAVOURS = [f for f in Flavour if sh("sh", "-c", f"command -v iptables-{f}-restore", check=False)]
@@ -143,23 +142,9 @@ def lab(flavour: str) -> Iterator[Lab]:
         sh("ip", "netns", "exec", router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         iptables = Iptables(Flavour(flavour), netns=router)
         iptables.restore(DOCKER)
-        listener = in_netns(backend, lambda: socket.create_server(("10.70.9.2", 8080), backlog=64))
-        stack.enter_context(listener)
-        held: list[socket.socket] = []  # the backend keeps every connection open until the end
-
-        def serve() -> None:
-            while True:
-                try:
-                    conn, _ = listener.accept()
-                except OSError:
-                    return
-                held.append(conn)
-                conn.sendall(b"Hi from 10.70.9.2\n")
-
-        threading.Thread(target=serve, daemon=True).start()
-        stack.callback(lambda: [conn.close() for conn in held])
+        # the backend keeps every connection open until the end
+        stack.enter_context(greeter(backend, "10.70.9.2", "10.70.9.2", 8080, hold=True))
         yield Lab(router, client1, client2, backend, iptables)
-        listener.shutdown(socket.SHUT_RDWR)
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
