@@ -468,25 +468,31 @@ class TransactionRefused(OSError):
         super().__init__(refusals[0][1], f"nf_tables refused the transaction, nothing changed ({text})")
 
 
+def netfilter_socket(netns: str | None) -> socket.socket:
+    """A netfilter netlink socket opened in network namespace `netns` (None: this thread's). Unlike pyroute2's
+    pushns, a missing namespace is an error (FileNotFoundError), not created; only this thread moves, and back."""
+    if netns is None:
+        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    here = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        pyroute2_netns.setns(netns, flags=0)
+        try:
+            return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        finally:
+            pyroute2_netns.setns(here)
+    finally:
+        os.close(here)
+
+
 class NatSocket:
     """A netfilter netlink socket opened in a network namespace (None: this thread's), that sends transactions."""
 
     def __init__(self, netns: str | None = None, timeout: float = 5.0) -> None:
-        self._sock = self._open(netns)
+        self._sock = netfilter_socket(netns)
         self._sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)  # an error echoes the request's header only
         self._sock.settimeout(timeout)  # the kernel answers before sendmsg returns: a guard only
         self._send_buffer = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
         self._sequence = 0
-
-    @staticmethod
-    def _open(netns: str | None) -> socket.socket:
-        if netns is None:
-            return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        pyroute2_netns.pushns(netns)  # this thread only; the socket stays in the namespace it was opened in
-        try:
-            return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        finally:
-            pyroute2_netns.popns()
 
     def send(self, messages: Sequence[nfgen_msg]) -> None:
         """The messages as one transaction, committed whole or not at all; TransactionRefused if refused."""

@@ -21,15 +21,13 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import NamedTuple
 
-from pyroute2 import netns as pyroute2_netns
-
 from .compiler import destination, frontend_chain, save_string
 from .diff import SavedRule
 from .model import Family, Protocol
 from .nftnat import TABLE_PREFIX
+from .nftnat_netlink import netfilter_socket
 
 # linux/netlink.h, linux/netfilter/nfnetlink.h, linux/netfilter/nf_tables.h, libnftnl's udata.h
-NETLINK_NETFILTER = 12
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_DUMP_INTR, NLM_F_DUMP = 0x1, 0x10, 0x300
 NLA_TYPE_MASK = 0x3FFF  # an attribute's type without the nested and byte-order flags
@@ -292,27 +290,11 @@ class _SlotsMap:
 # --- reading ---
 
 
-def _netfilter_socket(netns: str | None) -> socket.socket:
-    """A netfilter netlink socket opened in network namespace `netns` (None: this thread's). Unlike pyroute2's
-    pushns, a missing namespace is an error (FileNotFoundError), not created; only this thread moves, and back."""
-    if netns is None:
-        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-    here = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        pyroute2_netns.setns(netns, flags=0)
-        try:
-            return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        finally:
-            pyroute2_netns.setns(here)
-    finally:
-        os.close(here)
-
-
 class _Dumper:
     """A netfilter netlink socket that runs one dump at a time."""
 
     def __init__(self, netns: str | None, timeout: float) -> None:
-        self._sock = _netfilter_socket(netns)
+        self._sock = netfilter_socket(netns)
         self._sock.settimeout(timeout)
         self._sequence = 0
 
