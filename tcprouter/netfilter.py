@@ -124,26 +124,26 @@ class Nft:
             command = ["nft", "-f", "-"]
             _run(["ip", "netns", "exec", self.netns, *command] if self.netns else command, self.timeout, text)
 
-    def tables(self, family: Family) -> list[str]:
-        """The names of the nftables tables of `family`: a netlink dump of the tables alone (the nft tool would
-        fetch every rule of every table first, seconds at 10,000 frontends). NetfilterError if it fails."""
+    def tables(self, family: Family, prefix: str = "") -> list[str]:
+        """The names of the nftables tables of `family` that start with `prefix`: a netlink dump of the tables alone
+        (the nft tool would fetch every rule of every table first, seconds at 10,000 frontends). NetfilterError if
+        it fails."""
         try:
             sock = _nft_socket(self.netns)
             try:
                 request = nft_table_msg()
                 request["nfgen_family"] = _NFPROTO[family]
                 found = sock.request_get(request, NFT_MSG_GETTABLE, msg_flags=NLM_F_REQUEST | NLM_F_DUMP)
-                return [table.get_attr("NFTA_TABLE_NAME") for table in found]
+                names = (table.get_attr("NFTA_TABLE_NAME") for table in found)
+                return [name for name in names if name.startswith(prefix)]
             finally:
                 sock.close()
         except (OSError, ValueError) as error:
             raise NetfilterError(f"cannot list the nftables tables: {error}") from error
 
-    def drop(self, family: Family, prefix: str) -> int:
-        """Delete the tables of `family` whose names start with `prefix`, in one transaction; how many."""
-        names = [name for name in self.tables(family) if name.startswith(prefix)]
+    def delete(self, family: Family, names: list[str]) -> None:
+        """Delete these tables of `family`, in one transaction."""
         self.load("".join(f"delete table {nft_family(family)} {name}\n" for name in names))
-        return len(names)
 
 
 _NFPROTO = {Family.IPV4: NFPROTO_IPV4, Family.IPV6: NFPROTO_IPV6}

@@ -280,12 +280,12 @@ class Syncer:
         writer, family = self.nat_writer, self.options.family
         assert writer is not None
         try:
-            leftovers = [name for name in writer.tables(family) if name.startswith(TABLE_PREFIX)]
+            leftovers = writer.tables(family, TABLE_PREFIX)
         except NetfilterError as error:  # no nf_tables in this kernel: no tables to delete either
             log.debug("no nftables tables of the nat side to look for: %s", error)
             return
         if leftovers:
-            writer.drop(family, TABLE_PREFIX)  # a failure is the write's: retried, then reported
+            writer.delete(family, leftovers)  # a failure is the write's: retried, then reported
             self.commits += 1
             log.info("deleted %d nftables tables of the nat side (now in iptables)", len(leftovers))
         self._nat = None

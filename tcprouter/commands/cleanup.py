@@ -45,5 +45,8 @@ def command(args: argparse.Namespace) -> int:
             "removed %d owned chains and their hooks from the %s %s tables", script.count("\n-X "), flavour, family
         )
         if shutil.which("nft"):  # the nat side of `--nat nftables`: tcprouter's own tables
-            log.info("removed %d nftables tables of tcprouter's (%s)", Nft().drop(family, TABLE_PREFIX), family)
+            nft = Nft()
+            ours = nft.tables(family, TABLE_PREFIX)
+            nft.delete(family, ours)
+            log.info("removed %d nftables tables of tcprouter's (%s)", len(ours), family)
     return 0 if restored else 1
