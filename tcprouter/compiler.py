@@ -143,6 +143,8 @@ def rotation(backends: Sequence[Backend]) -> list[Backend]:
 
     With weights (A=1, B=2) this gives B, A, B rather than A, B, B.
     """
+    if all(b.weight == 1 for b in backends):
+        return list(backends)  # what the loop below gives them, without its n x n steps (10,000 pools at a start)
     total = sum(b.weight for b in backends)
     current = [0] * len(backends)
     order: list[Backend] = []

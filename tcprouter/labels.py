@@ -7,6 +7,7 @@ affects another container or another frontend.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import re
 from collections import defaultdict
@@ -114,7 +115,8 @@ def _choose_network(container: ContainerSnapshot, key: str) -> str:
     """The label's network, else the first (by name) this host can route to. A network of an unknown driver
     counts as routable."""
     wanted = container.labels.get(key)
-    unroutable = {n for n in container.networks if container.network_drivers.get(n) in UNROUTABLE_DRIVERS}
+    drivers = container.network_drivers
+    unroutable = {n for n in container.networks if drivers.get(n) in UNROUTABLE_DRIVERS} if drivers else set()
     if wanted is not None:
         if wanted not in container.networks:
             raise LabelError(
@@ -218,7 +220,41 @@ def parse_backend(
 
     The access labels (allow, maxconn, rate, burst) are read for TCP only: a UDP frontend is open to every client.
     """
-    labels = container.labels
+    # The replicas of a service share their labels: each label map is read once (_frontend_labels, _access_labels).
+    labels = tuple(container.labels.items())
+    port, wanted_port, weight, balance, synproxy = _frontend_labels(labels, prefix, protocol)
+    network = ""
+    if container.host_address:
+        ip, backend_port = _remote_endpoint(container, prefix, wanted_port, protocol)
+    else:
+        ip, backend_port, network = _local_endpoint(container, prefix, port, wanted_port, protocol)
+    backend = Backend(
+        container_id=container.id,
+        name=container.name,
+        ip=ip,
+        port=backend_port,
+        weight=weight,
+        subnet=container.subnets.get(network),
+        node=container.node,
+        ip6=container.networks6.get(network, ""),
+        subnet6=container.subnets6.get(network),
+    )
+    if protocol is not Protocol.TCP:
+        return BackendSpec(frontend_port=port, backend=backend, balance=balance)
+    return BackendSpec(port, backend, balance, _access_labels(labels, prefix), synproxy)
+
+
+# A label map's reading, kept per map (an error is not kept: wrong labels are read again, and rare).
+_LABEL_MAPS_KEPT = 1 << 16
+
+
+@functools.lru_cache(maxsize=_LABEL_MAPS_KEPT)
+def _frontend_labels(
+    items: tuple[tuple[str, str], ...], prefix: str, protocol: Protocol
+) -> tuple[int, int | None, int, Balance | None, bool | None]:
+    """The frontend port, backend port (None: not set), weight, balance and synproxy (None: not set) that labels
+    `items` give; LabelError for the first wrong one."""
+    labels = dict(items)
     port = _integer(labels, f"{prefix}.port", 1, 65535)
     if port is None:
         raise LabelError("missing_port", f"label {prefix}.port is missing")
@@ -242,26 +278,12 @@ def parse_backend(
         synproxy = _BOOLEANS.get(synproxy_raw.strip().lower())
         if synproxy is None:
             raise LabelError("invalid_synproxy", f"label {prefix}.synproxy={synproxy_raw!r} is not true or false")
+    return port, wanted_port, weight or 1, balance, synproxy
 
-    network = ""
-    if container.host_address:
-        ip, backend_port = _remote_endpoint(container, prefix, wanted_port, protocol)
-    else:
-        ip, backend_port, network = _local_endpoint(container, prefix, port, wanted_port, protocol)
-    backend = Backend(
-        container_id=container.id,
-        name=container.name,
-        ip=ip,
-        port=backend_port,
-        weight=weight or 1,
-        subnet=container.subnets.get(network),
-        node=container.node,
-        ip6=container.networks6.get(network, ""),
-        subnet6=container.subnets6.get(network),
-    )
-    if protocol is not Protocol.TCP:
-        return BackendSpec(frontend_port=port, backend=backend, balance=balance)
-    return BackendSpec(port, backend, balance, parse_access(labels, prefix), synproxy)
+
+@functools.lru_cache(maxsize=_LABEL_MAPS_KEPT)
+def _access_labels(items: tuple[tuple[str, str], ...], prefix: str) -> Access:
+    return parse_access(dict(items), prefix)
 
 
 def _allow(labels: Mapping[str, str], key: str) -> tuple[str, ...]:
@@ -362,7 +384,7 @@ def desired_state(
     readable = [c for c in ordered if not c.malformed]
     tcp, udp = (
         protocol_frontends(
-            [c for c in readable if protocol in claims(c, prefix, udp_prefix)],
+            [c for c in readable if protocol in claims(c.labels, prefix, udp_prefix)],
             udp_prefix if protocol is Protocol.UDP else prefix,
             protocol,
             (udp_busy_ports if protocol is Protocol.UDP else busy_ports) or {},
@@ -378,11 +400,11 @@ def desired_state(
     )
 
 
-def claims(container: ContainerSnapshot, prefix: str, udp_prefix: str) -> tuple[Protocol, ...]:
-    """The protocols whose frontends weigh the container: UDP if it has the UDP port label, TCP if it has the TCP
-    one or no UDP one (so that a container with neither is rejected as a TCP backend without a port)."""
-    udp = f"{udp_prefix}.port" in container.labels
-    tcp = f"{prefix}.port" in container.labels or not udp
+def claims(labels: Mapping[str, str], prefix: str, udp_prefix: str) -> tuple[Protocol, ...]:
+    """The protocols whose frontends weigh a container of these labels: UDP if it has the UDP port label, TCP if it
+    has the TCP one or no UDP one (so that a container with neither is rejected as a TCP backend without a port)."""
+    udp = f"{udp_prefix}.port" in labels
+    tcp = f"{prefix}.port" in labels or not udp
     return (Protocol.TCP,) * tcp + (Protocol.UDP,) * udp
 
 

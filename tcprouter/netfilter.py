@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -118,11 +119,22 @@ class Nft:
     netns: str | None = None
     timeout: float = 30.0
 
-    def load(self, text: str) -> None:
-        """`nft -f -`: one transaction, all of it or nothing."""
-        if text:
-            command = ["nft", "-f", "-"]
-            _run(["ip", "netns", "exec", self.netns, *command] if self.netns else command, self.timeout, text)
+    def load(self, *texts: str) -> None:
+        """`nft -f -` of each text, the texts side by side (one process each): each text is one transaction, all of
+        it or nothing, and the kernel commits them one after the other. Texts about different tables make a large
+        load take about its longest text's parsing (nft's own work is most of a load: BENCHMARKS.md). If any
+        fails, NetfilterError names the first, once every one has ended."""
+        command = ["nft", "-f", "-"]
+        command = ["ip", "netns", "exec", self.netns, *command] if self.netns else command
+        texts = tuple(text for text in texts if text)
+        if len(texts) <= 1:
+            for text in texts:
+                _run(command, self.timeout, text)
+            return
+        with ThreadPoolExecutor(len(texts)) as runs:
+            outcomes = [runs.submit(_run, command, self.timeout, text) for text in texts]
+        for outcome in outcomes:
+            outcome.result()
 
     def tables(self, family: Family, prefix: str = "") -> list[str]:
         """The names of the nftables tables of `family` that start with `prefix`: a netlink dump of the tables alone

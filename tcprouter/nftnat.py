@@ -172,6 +172,17 @@ def table_names() -> list[str]:
     return [f"{TABLE_PREFIX}{n:02d}" for n in range(TABLES)]
 
 
+def ruleset_texts(pools: Iterable[NatPool], options: Options, parts: int) -> list[str]:
+    """ruleset_text of every table, as `parts` texts of as many tables each (give or take one), each with the pools
+    of its tables: for that many `nft -f` side by side."""
+    names = table_names()
+    groups = [names[n::parts] for n in range(min(parts, len(names)))]
+    members: dict[str, list[NatPool]] = {name: [] for name in names}
+    for pool in pools:
+        members[table_of(pool.port)].append(pool)
+    return [ruleset_text((p for name in group for p in members[name]), options, group) for group in groups]
+
+
 def ruleset_text(pools: Iterable[NatPool], options: Options, tables: Collection[str] | None = None) -> str:
     """The `nft -f` input that replaces every table of options.family's (or those named in `tables`) with `pools`
     (all of those tables' pools), in one transaction: each table is declared, deleted and declared again with its

@@ -10,6 +10,7 @@ the union of the groups' results is desired_state of every container.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -32,6 +33,20 @@ class _Result:
     warnings: tuple[str, ...]
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _claimed_ports(
+    items: tuple[tuple[str, str], ...], prefix: str, udp_prefix: str
+) -> tuple[tuple[Protocol, int | None], ...]:
+    """The protocols a label map claims frontends of, each with its port as labels.parse_backend reads it (None:
+    no valid port). Kept per label map: the replicas of a service share theirs."""
+    labels = dict(items)
+    found = []
+    for protocol in claims(labels, prefix, udp_prefix):
+        raw = labels.get(f"{udp_prefix if protocol is Protocol.UDP else prefix}.port", "").strip()
+        found.append((protocol, int(raw) if _DECIMAL.fullmatch(raw) else None))
+    return tuple(found)
+
+
 class Pools:
     """labels.desired_state of every container, kept up to date one changed container at a time."""
 
@@ -50,11 +65,9 @@ class Pools:
         """The frontends the container claims (as labels.parse_backend reads their ports), else its id."""
         if container.malformed:
             return ((None, container.id),)
-        found: list[Group] = []
-        for protocol in claims(container, self.prefixes[Protocol.TCP], self.prefixes[Protocol.UDP]):
-            raw = container.labels.get(f"{self.prefixes[protocol]}.port", "").strip()
-            found.append((protocol, int(raw) if _DECIMAL.fullmatch(raw) else container.id))
-        return tuple(found)
+        labels = tuple(container.labels.items())
+        claimed = _claimed_ports(labels, self.prefixes[Protocol.TCP], self.prefixes[Protocol.UDP])
+        return tuple((protocol, container.id if port is None else port) for protocol, port in claimed)
 
     def changes(self, view: Iterable[ContainerSnapshot]) -> dict[str, ContainerSnapshot | None]:
         """What differs between `view` (every container) and what is held: id -> its snapshot, None if gone.

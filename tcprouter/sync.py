@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 
@@ -36,13 +37,15 @@ from .labels import DEFAULT_UDP_PREFIX, reachable_only
 from .metrics import Metrics
 from .model import ContainerSnapshot, DesiredState, Protocol
 from .netfilter import NetfilterError, Nft, Writer
-from .nftnat import TABLE_PREFIX, NatPool, nat_pool, nat_pools, ruleset_text, table_names, table_of
+from .nftnat import TABLE_PREFIX, NatPool, nat_pool, nat_pools, ruleset_texts, table_names, table_of
 from .nftnat_netlink import NatSocket, change_batch
 from .pools import Pools
 from .sysctls import TCP_LOOSE
 from .tracker import Endpoint
 
 log = logging.getLogger(__name__)
+# A full load of the nat side in nftables: as many `nft -f` side by side as there are processors (up to 4).
+NFT_LOADERS = min(len(os.sched_getaffinity(0)), 4)
 # Deletes the conntrack entries of (protocol, backend endpoints, connection mark bit); returns how many went.
 FlowForgetter = Callable[[Protocol, Collection[Endpoint], int], int]
 
@@ -79,6 +82,7 @@ class Syncer:
         self._nat: dict[str, dict[tuple[Protocol, int], NatPool]] | None = None  # nft table -> its pools, as written
         self._nat_sock: NatSocket | None = None
         self.commits = 0  # table commits made by this syncer's writes (one per table of a restore script)
+        self.syncs = 0  # successful syncs
 
     def desired(
         self,
@@ -157,7 +161,8 @@ class Syncer:
             return False
         self.metrics.sync_duration.labels(kind).observe(time.perf_counter() - started)
         self.metrics.last_sync.set_to_current_time()
-        log_changes(self.state, state, causes or {}, ports)
+        log_changes(self.state, state, causes or {}, ports, first=self.syncs == 0)
+        self.syncs += 1
         stale, self.retired = stale_flows(self.state, state, self.pools.containers, self.retired, ports)
         self.state, self.candidates = state, candidates
         self._forget(stale)
@@ -245,8 +250,9 @@ class Syncer:
         known, self._nat = self._nat, None  # unknown until the write succeeds
         if ports is None or known is None:
             pools = nat_pools(state, self.options)
-            self.nat_writer.load(ruleset_text(pools.values(), self.options))
-            self.commits += 1
+            texts = ruleset_texts(pools.values(), self.options, NFT_LOADERS)
+            self.nat_writer.load(*texts)
+            self.commits += len(texts)
             self._nat = {table: {} for table in table_names()}
             for key, pool in pools.items():
                 self._nat[table_of(key[1])][key] = pool
@@ -456,9 +462,33 @@ def log_changes(
     after: DesiredState,
     causes: Mapping[str | Endpoint, str],
     ports: Iterable[int] | None = None,
+    first: bool = False,
 ) -> None:
     """One line per backend that joined or left, with what caused it (a Docker event, a task, a probe, resync);
-    only on `ports` if given (the others did not change)."""
+    only on `ports` if given (the others did not change). `first`: the first sync since the start, where every
+    backend joins: one line in all, the backends' own lines only at debug level (100,000 lines at 10,000 x 10)."""
+    level = logging.DEBUG if first else logging.INFO
+    if first:
+        log.info(
+            "first sync: routing %d frontends, %d backends",
+            sum(len(after.pools(p)) for p in Protocol),
+            sum(len(f.backends) for p in Protocol for f in after.pools(p).values()),
+        )
+    if log.isEnabledFor(level):
+        _log_backend_changes(before, after, causes, level, ports)
+    for rejection in set(after.rejections) - set(before.rejections):
+        log.warning("%s", rejection, extra={"container": rejection.name, "reason": rejection.reason})
+    for warning in set(after.warnings) - set(before.warnings):
+        log.warning("%s", warning)
+
+
+def _log_backend_changes(
+    before: DesiredState,
+    after: DesiredState,
+    causes: Mapping[str | Endpoint, str],
+    level: int,
+    ports: Iterable[int] | None,
+) -> None:
     for protocol in Protocol:
         was, now = before.pools(protocol), after.pools(protocol)
         name = "frontend" if protocol is Protocol.TCP else f"{protocol.upper()} frontend"
@@ -469,7 +499,8 @@ def log_changes(
                 for b in sorted(moved, key=lambda b: b.name):
                     cause = causes.get(b.container_id) or causes.get(b.endpoint) or "resync"
                     where = f" on {b.node}" if b.node else ""
-                    log.info(
+                    log.log(
+                        level,
                         "%s %d: %sbackend %s %s:%d%s (%s)",
                         name,
                         port,
@@ -488,7 +519,3 @@ def log_changes(
                             "cause": cause,
                         },
                     )
-    for rejection in set(after.rejections) - set(before.rejections):
-        log.warning("%s", rejection, extra={"container": rejection.name, "reason": rejection.reason})
-    for warning in set(after.warnings) - set(before.warnings):
-        log.warning("%s", warning)

@@ -92,6 +92,14 @@ def test_smooth_weighted_rotation():
     assert rotation([backend(1)]) == [backend(1)]
 
 
+@given(st.lists(st.integers(1, 10_000), min_size=1, max_size=8, unique=True), st.integers(0, 7), st.integers(1, 3))
+def test_a_rotation_holds_each_backend_weight_times_in_pool_order_when_unweighted(ids, heavy, weight):
+    pool = [backend(i) for i in ids]
+    assert rotation(pool) == pool
+    weighted = [dataclasses.replace(b, weight=weight) if n == heavy else b for n, b in enumerate(pool)]
+    assert Counter(rotation(weighted)) == Counter({b: b.weight for b in weighted})
+
+
 @given(
     st.lists(st.integers(1, 10_000), min_size=1, max_size=6, unique=True).flatmap(
         lambda ids: st.tuples(*(backends(i) for i in ids))

@@ -23,15 +23,15 @@ ROUTER, CLIENT = "10.99.0.1", "10.99.0.2"
 
 
 class RecordingNft(Nft):
-    """The nft tool of a namespace, keeping each text it loads."""
+    """The nft tool of a namespace, keeping what each load loads (its texts as one)."""
 
     def __init__(self, netns: str, loads: list[str]) -> None:
         super().__init__(netns)
         object.__setattr__(self, "loads", loads)
 
-    def load(self, text: str) -> None:
-        self.loads.append(text)
-        super().load(text)
+    def load(self, *texts: str) -> None:
+        self.loads.append("".join(texts))
+        super().load(*texts)
 
 
 SERVERS = ("10.99.0.11", "10.99.0.12", "10.99.0.13")  # the router's other addresses, where its backends listen

@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 
 from hypothesis import given
+from hypothesis import strategies as st
 
 from tcprouter.compiler import DEFAULT_MARK_BIT, Options, access_bit, rotation
 from tcprouter.model import Access, Backend, Balance, DesiredState, Frontend, Protocol
-from tcprouter.nftnat import TABLES, Slot, nat_pool, nat_pools, ruleset_text, table_of
+from tcprouter.nftnat import TABLES, Slot, nat_pool, nat_pools, ruleset_text, ruleset_texts, table_of
 
 from .strategies import desired_states
 
@@ -63,6 +64,17 @@ def test_every_routed_frontend_is_dispatched_once_in_its_port_s_table_and_empty_
         goto = f"{frontend.protocol} . {frontend.port} : goto {frontend.protocol}-{frontend.port}"
         holding = [name for name, body in tables.items() if goto in body]
         assert holding == ([table_of(frontend.port)] if frontend.backends else [])
+
+
+@given(desired_states(udp=True), st.integers(1, TABLES + 3))
+def test_a_load_in_parts_replaces_each_table_once_with_what_the_whole_text_holds(state: DesiredState, parts: int):
+    options = Options()
+    pools = nat_pools(state, options).values()
+    texts = ruleset_texts(pools, options, parts)
+    assert len(texts) == min(parts, TABLES)
+    tables = [_tables(text) for text in texts]
+    assert sum(len(t) for t in tables) == TABLES
+    assert {name: body for t in tables for name, body in t.items()} == _tables(ruleset_text(pools, options))
 
 
 def test_udp_frontends_match_their_protocol_before_the_nat():

@@ -378,3 +378,13 @@ def test_the_owner_s_policy_set_after_construction_is_applied(kernel, syncer):
     assert set(syncer.state.frontends) == {80}
     assert [r.reason for r in syncer.state.rejections] == ["port_not_allowed"]
     assert "TCPR-FE-9000" not in owned(kernel)["nat"]
+
+
+def test_the_first_sync_logs_one_line_and_later_ones_a_line_per_backend(syncer, caplog):
+    caplog.set_level("INFO", logger="tcprouter.sync")
+    assert syncer.sync([container(1), container(2)], full=True)
+    assert [r.getMessage() for r in caplog.records] == ["first sync: routing 1 frontends, 2 backends"]
+    caplog.clear()
+    assert syncer.sync([container(1), container(2), container(3)], causes={container(3).id: "start"})
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith(f"frontend 80: +backend {container(3).name} ") and line.endswith("(start)")
