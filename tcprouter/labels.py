@@ -15,7 +15,18 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-from .model import OPEN, Access, Backend, Balance, ContainerSnapshot, DesiredState, Frontend, Protocol, Rejection
+from .model import (
+    MAPS_KEPT,
+    OPEN,
+    Access,
+    Backend,
+    Balance,
+    ContainerSnapshot,
+    DesiredState,
+    Frontend,
+    Protocol,
+    Rejection,
+)
 from .policy import DEFAULT_POLICY, Policy, owner_text
 
 DEFAULT_PREFIX = "tcp"
@@ -244,11 +255,8 @@ def parse_backend(
     return BackendSpec(port, backend, balance, _access_labels(labels, prefix), synproxy)
 
 
-# A label map's reading, kept per map (an error is not kept: wrong labels are read again, and rare).
-_LABEL_MAPS_KEPT = 1 << 16
-
-
-@functools.lru_cache(maxsize=_LABEL_MAPS_KEPT)
+# A label map's reading is kept per map (an error is not kept: wrong labels are read again, and rare).
+@functools.lru_cache(maxsize=MAPS_KEPT)
 def _frontend_labels(
     items: tuple[tuple[str, str], ...], prefix: str, protocol: Protocol
 ) -> tuple[int, int | None, int, Balance | None, bool | None]:
@@ -281,7 +289,7 @@ def _frontend_labels(
     return port, wanted_port, weight or 1, balance, synproxy
 
 
-@functools.lru_cache(maxsize=_LABEL_MAPS_KEPT)
+@functools.lru_cache(maxsize=MAPS_KEPT)
 def _access_labels(items: tuple[tuple[str, str], ...], prefix: str) -> Access:
     return parse_access(dict(items), prefix)
 
@@ -322,7 +330,8 @@ def parse_access(labels: Mapping[str, str], prefix: str = DEFAULT_PREFIX) -> Acc
     burst = _integer(labels, f"{prefix}.burst", 1, MAX_BURST)
     if burst is not None and rate is None:
         raise LabelError("invalid_burst", f"label {prefix}.burst={labels[f'{prefix}.burst']!r} needs {prefix}.rate")
-    return Access(allow=_allow(labels, f"{prefix}.allow"), maxconn=maxconn, rate=rate, burst=burst)
+    access = Access(allow=_allow(labels, f"{prefix}.allow"), maxconn=maxconn, rate=rate, burst=burst)
+    return OPEN if access == OPEN else access
 
 
 def _pool_access(port: int, specs: list[BackendSpec], warnings: list[str]) -> Access:

@@ -45,7 +45,12 @@ class Balance(StrEnum):
 EMPTY: Mapping = MappingProxyType({})
 
 
-@functools.lru_cache(maxsize=4096)
+# How many distinct maps the caches of shared maps and of their readings keep: replicas come one after the other
+# (Docker lists them together; a frontend's containers are read as a group), so a few thousand find each repeat.
+MAPS_KEPT = 4096
+
+
+@functools.lru_cache(maxsize=MAPS_KEPT)
 def _shared(items: tuple[tuple[object, object], ...]) -> Mapping:
     return MappingProxyType(dict(items))
 
@@ -127,7 +132,7 @@ class ContainerSnapshot:
         return self.running and not self.draining and self.health in (None, "healthy")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Backend:
     container_id: str
     name: str

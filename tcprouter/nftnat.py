@@ -31,7 +31,7 @@ _LOOPBACK = {Family.IPV4: "127.0.0.0/8", Family.IPV6: "::1"}
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")  # nft strings have no escapes; Docker names are made of these
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Slot:
     """One rotation slot: the backend it sends to."""
 
@@ -40,21 +40,35 @@ class Slot:
     name: str  # the backend's, in the element's comment (per-backend counts sum its slots)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NatPool:
-    """What one routed frontend of one family is in the kernel."""
+    """What one routed frontend of one family is in the kernel (kept for each at 10,000 frontends: slots only)."""
 
     protocol: Protocol
     port: int
     mark: int  # the conntrack mark bits the chain sets
     random: bool  # numgen random rather than inc
     slots: tuple[Slot, ...]
-    fallbacks: tuple[tuple[str, Slot], ...]  # a backend's address -> where its own connections go
-    unrouted: tuple[str, ...]  # backend addresses with nowhere else to go: their own connections are not DNATed
 
     @property
     def chain(self) -> str:
         return f"{self.protocol}-{self.port}"
+
+    @property
+    def fallbacks(self) -> tuple[tuple[str, Slot], ...]:
+        """A backend's address -> where its own connections go: the first slot of another address."""
+        return tuple((address, other) for address, other in self._others() if other is not None)
+
+    @property
+    def unrouted(self) -> tuple[str, ...]:
+        """The backend addresses with nowhere else to go (a pool of one address): their own connections are not
+        DNATed."""
+        return tuple(address for address, other in self._others() if other is None)
+
+    def _others(self) -> list[tuple[str, Slot | None]]:
+        """Each address once, in slot order, with the first slot of another address (None: there is none)."""
+        addresses = dict.fromkeys(slot.address for slot in self.slots)
+        return [(a, next((slot for slot in self.slots if slot.address != a), None)) for a in addresses]
 
 
 def nft_family(family: Family) -> str:
@@ -78,24 +92,8 @@ def nat_pool(frontend: Frontend, options: Options) -> NatPool:
     random = frontend.balance is Balance.RANDOM
     order = [b for b in backends for _ in range(b.weight)] if random else rotation(backends)  # random: weighted
     slots = tuple(Slot(b.ip, b.port, _slot_name(b.name or b.container_id[:12])) for b in order)
-    fallbacks: list[tuple[str, Slot]] = []
-    unrouted: list[str] = []
-    for address in dict.fromkeys(slot.address for slot in slots):  # each address once, in slot order
-        other = next((slot for slot in slots if slot.address != address), None)
-        if other is None:
-            unrouted.append(address)
-        else:
-            fallbacks.append((address, other))
     mark = options.mark_bit | (access_bit(options.mark_bit) if frontend.access else 0)
-    return NatPool(
-        frontend.protocol,
-        frontend.port,
-        mark,
-        random,
-        slots,
-        tuple(fallbacks),
-        tuple(unrouted),
-    )
+    return NatPool(frontend.protocol, frontend.port, mark, random, slots)
 
 
 def nat_pools(state: DesiredState, options: Options) -> dict[tuple[Protocol, int], NatPool]:
@@ -131,8 +129,9 @@ def _chain(pool: NatPool, family: Family) -> str:
     address_type = _ADDRESS_TYPES[family]
     parts = []
     rules = [f"ct mark set ct mark | {pool.mark:#010x}"]
-    if pool.fallbacks:
-        elements = ", ".join(f"{address} : {_destination(slot)}" for address, slot in pool.fallbacks)
+    fallbacks, unrouted = pool.fallbacks, pool.unrouted
+    if fallbacks:
+        elements = ", ".join(f"{address} : {_destination(slot)}" for address, slot in fallbacks)
         parts.append(
             f"\tmap self-{pool.chain} {{\n"
             f"\t\ttype {address_type} : {address_type} . inet_service\n"
@@ -140,8 +139,8 @@ def _chain(pool: NatPool, family: Family) -> str:
             "\t}\n"
         )
         rules.append(f"meta l4proto {pool.protocol} dnat {nft_family} to {nft_family} saddr map @self-{pool.chain}")
-    if pool.unrouted:
-        rules.append(f"{nft_family} saddr {{ {', '.join(pool.unrouted)} }} return")
+    if unrouted:
+        rules.append(f"{nft_family} saddr {{ {', '.join(unrouted)} }} return")
     generator = "random" if pool.random else "inc"
     pick = f"numgen {generator} mod {len(pool.slots)} map @slots-{pool.chain}"
     rules.append(f"meta l4proto {pool.protocol} dnat {nft_family} to {pick}")

@@ -14,9 +14,10 @@ import functools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 from .labels import DEFAULT_UDP_PREFIX, claims, protocol_frontends
-from .model import ContainerSnapshot, DesiredState, Frontend, Protocol, Rejection
+from .model import MAPS_KEPT, ContainerSnapshot, DesiredState, Frontend, Protocol, Rejection
 from .policy import DEFAULT_POLICY, Policy
 
 _DECIMAL = re.compile(r"[0-9]{1,6}")
@@ -33,7 +34,7 @@ class _Result:
     warnings: tuple[str, ...]
 
 
-@functools.lru_cache(maxsize=1 << 16)
+@functools.lru_cache(maxsize=MAPS_KEPT)
 def _claimed_ports(
     items: tuple[tuple[str, str], ...], prefix: str, udp_prefix: str
 ) -> tuple[tuple[Protocol, int | None], ...]:
@@ -67,6 +68,8 @@ class Pools:
             return ((None, container.id),)
         labels = tuple(container.labels.items())
         claimed = _claimed_ports(labels, self.prefixes[Protocol.TCP], self.prefixes[Protocol.UDP])
+        if all(port is not None for _, port in claimed):
+            return cast(tuple[Group, ...], claimed)  # the kept tuple: one per label map, not one per container
         return tuple((protocol, container.id if port is None else port) for protocol, port in claimed)
 
     def changes(self, view: Iterable[ContainerSnapshot]) -> dict[str, ContainerSnapshot | None]:
