@@ -14,18 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-from pyroute2 import netns as pyroute2_netns
-from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST
-from pyroute2.netlink.nfnetlink.nftsocket import (
-    NFPROTO_IPV4,
-    NFPROTO_IPV6,
-    NFT_MSG_GETGEN,
-    NFT_MSG_GETTABLE,
-    NFTSocket,
-    nfgen_msg,
-    nft_table_msg,
-)
-
+from . import netlink
 from .compiler import TABLES, Tables
 from .diff import SavedRule, parse_save
 from .model import Family
@@ -141,24 +130,24 @@ class Nft:
         (the nft tool would fetch every rule of every table first, seconds at 10,000 frontends). NetfilterError if
         it fails."""
         try:
-            sock = _nft_socket(self.netns)
-            try:
-                request = nft_table_msg()
-                request["nfgen_family"] = _NFPROTO[family]
-                found = sock.request_get(request, NFT_MSG_GETTABLE, msg_flags=NLM_F_REQUEST | NLM_F_DUMP)
-                names = (table.get_attr("NFTA_TABLE_NAME") for table in found)
-                return [name for name in names if name.startswith(prefix)]
-            finally:
-                sock.close()
-        except (OSError, ValueError) as error:
+            with netlink.Requester(netlink.NETLINK_NETFILTER, self.netns, self.timeout) as requester:
+                kind, payload = netlink.nftables_request(NFT_MSG_GETTABLE, _NFPROTO[family])
+                found, _ = requester.ask(kind, payload, netlink.NLM_F_REQUEST | netlink.NLM_F_DUMP)
+        except OSError as error:
             raise NetfilterError(f"cannot list the nftables tables: {error}") from error
+        attributes = (netlink.attributes(table.payload[netlink.NFGENMSG.size :]) for table in found)
+        names = (netlink.text(a.get(NFTA_TABLE_NAME, b"")) for a in attributes)
+        return [name for name in names if name.startswith(prefix)]
 
     def delete(self, family: Family, names: list[str]) -> None:
         """Delete these tables of `family`, in one transaction."""
         self.load("".join(f"delete table {nft_family(family)} {name}\n" for name in names))
 
 
-_NFPROTO = {Family.IPV4: NFPROTO_IPV4, Family.IPV6: NFPROTO_IPV6}
+# linux/netfilter.h, linux/netfilter/nf_tables.h
+_NFPROTO = {Family.IPV4: 2, Family.IPV6: 10}
+NFT_MSG_GETTABLE, NFT_MSG_GETGEN = 1, 16
+NFTA_TABLE_NAME, NFTA_GEN_ID = 1, 1
 
 
 def _run(command: list[str], timeout: float, stdin: str | None = None) -> str:
@@ -172,31 +161,17 @@ def _run(command: list[str], timeout: float, stdin: str | None = None) -> str:
     return done.stdout
 
 
-def _nft_socket(netns: str | None) -> NFTSocket:
-    """A netlink socket to nf_tables, opened in `netns` (this thread's namespace if None)."""
-    if not netns:
-        return NFTSocket()
-    pyroute2_netns.pushns(netns)  # this thread only: the socket is opened in that namespace
-    try:
-        return NFTSocket()
-    finally:
-        pyroute2_netns.popns()
-
-
 def ruleset_generation(netns: str | None = None) -> int:
     """The nf_tables ruleset generation of the namespace (this process's, or `netns`): the kernel counts one per
     committed transaction, whoever commits it (iptables-nft-restore commits once per table of its input), in any
     table of any family. Asking costs one netlink round trip; an unchanged generation means an unchanged ruleset.
     NetfilterError if it cannot be read. The legacy tables have no such count."""
     try:
-        sock = _nft_socket(netns)
-        try:
-            (answer,) = sock.request_get(nfgen_msg(), NFT_MSG_GETGEN, msg_flags=NLM_F_REQUEST)
-        finally:
-            sock.close()
-    except (OSError, ValueError) as error:  # pyroute2's NetlinkError is an OSError
+        with netlink.Requester(netlink.NETLINK_NETFILTER, netns) as requester:
+            (answer,), _ = requester.ask(*netlink.nftables_request(NFT_MSG_GETGEN, 0))
+        return netlink.big32_value(netlink.attributes(answer.payload[netlink.NFGENMSG.size :])[NFTA_GEN_ID])
+    except (OSError, KeyError, ValueError) as error:
         raise NetfilterError(f"cannot read the nf_tables generation: {error}") from error
-    return int(answer.get_attr("NFTA_GEN_ID"))
 
 
 def holds_docker_chains(tables: Tables) -> bool:

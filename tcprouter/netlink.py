@@ -30,6 +30,10 @@ SO_SNDBUFFORCE = 32
 CLONE_NEWNET = 0x40000000
 NETNS_RUN_DIR = "/var/run/netns"  # where `ip netns add` mounts a named namespace
 
+# linux/netfilter/nfnetlink.h: nf_tables' messages carry the subsystem in their type's high byte, then nfgenmsg
+NFNL_SUBSYS_NFTABLES = 10
+NFGENMSG = struct.Struct("=BBH")  # family, version, resource id (big-endian; 0 but in a batch's begin and end)
+
 HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence number, port id
 ATTRIBUTE = struct.Struct("=HH")  # nlattr: length (header included, value unaligned), type
 ERROR = struct.Struct("=i")  # nlmsgerr: a negative errno, or 0 (an ack), then the request's header
@@ -63,6 +67,11 @@ def big32(kind: int, value: int) -> bytes:
 def message(msg_type: int, flags: int, sequence: int, payload: bytes) -> bytes:
     """A netlink message: its header, then `payload` (a family header and attributes), padded."""
     return HEADER.pack(HEADER.size + len(payload), msg_type, flags, sequence, 0) + payload + bytes(-len(payload) % 4)
+
+
+def nftables_request(msg_type: int, family: int, attributes: bytes = b"") -> tuple[int, bytes]:
+    """An nf_tables message's type and payload (nfgenmsg, then the attributes), for message() or Requester.ask()."""
+    return NFNL_SUBSYS_NFTABLES << 8 | msg_type, NFGENMSG.pack(family, 0, 0) + attributes
 
 
 # --- decoding ---

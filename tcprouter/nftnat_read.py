@@ -12,27 +12,22 @@ it in the kernel (10,000 dumps), the rest parsing and formatting 100,000 element
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import NamedTuple
 
+from . import netlink
 from .compiler import destination, frontend_chain, save_string
 from .diff import SavedRule
 from .model import Family, Protocol
 from .nftnat import TABLE_PREFIX
-from .nftnat_netlink import netfilter_socket
 
-# linux/netlink.h, linux/netfilter/nfnetlink.h, linux/netfilter/nf_tables.h, libnftnl's udata.h
-NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLM_F_REQUEST, NLM_F_DUMP_INTR, NLM_F_DUMP = 0x1, 0x10, 0x300
-NLA_TYPE_MASK = 0x3FFF  # an attribute's type without the nested and byte-order flags
+# linux/netfilter/nf_tables.h, libnftnl's udata.h
 NFPROTO_IPV4, NFPROTO_IPV6 = 2, 10
-NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NEWSET, NFT_MSG_GETSET, NFT_MSG_NEWSETELEM, NFT_MSG_GETSETELEM = 9, 10, 12, 13
 NFTA_SET_TABLE, NFTA_SET_NAME = 1, 2
 NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
@@ -44,11 +39,6 @@ NFTA_EXPR_NAME, NFTA_EXPR_DATA = 1, 2
 NFTA_COUNTER_BYTES, NFTA_COUNTER_PACKETS = 1, 2
 NFTNL_UDATA_SET_ELEM_COMMENT = 0
 
-_RECEIVE_SIZE = 1 << 16  # above the 32 KiB the kernel fills a dump's datagram with at most
-_HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence number, port id
-_NFGENMSG = struct.Struct("=BBH")  # nfgenmsg: family, version, resource id
-_ATTRIBUTE = struct.Struct("=HH")  # nlattr: length (header included, value unaligned), type
-_ERROR = struct.Struct("=i")  # nlmsgerr: a negative errno, or 0 (then the request's header)
 _HOST_U32 = struct.Struct("=I")
 _BIG_U16 = struct.Struct(">H")
 _BIG_U64 = struct.Struct(">Q")
@@ -56,68 +46,19 @@ _SLOTS_MAP = re.compile(r"slots-(tcp|udp)-([0-9]+)")  # tcprouter's slot maps
 _BARE_WORD = re.compile(r"[A-Za-z0-9_-]+")  # what compiler.save_string leaves unquoted
 
 
-# --- netlink's wire format ---
-
-
-def _attributes(data: bytes, unpack_from: Callable = _ATTRIBUTE.unpack_from) -> dict[int, bytes]:
-    """The attributes in `data` by type (the last of a type wins), their values unaligned. A hot loop (half a million
-    attributes a read at 10,000 x 10): hence the inlined alignment and the bound unpack_from."""
-    found: dict[int, bytes] = {}
-    offset, end = 0, len(data) - 4
-    while offset <= end:
-        length, kind = unpack_from(data, offset)
-        if length < 4:
-            break
-        found[kind & NLA_TYPE_MASK] = data[offset + 4 : offset + length]
-        offset += (length + 3) & ~3
-    return found
-
-
 def _list(data: bytes) -> Iterator[bytes]:
     """The values of a nested list's entries (NFTA_LIST_ELEM), in order."""
-    offset, end = 0, len(data) - 4
-    while offset <= end:
-        length, kind = _ATTRIBUTE.unpack_from(data, offset)
-        if length < 4:
-            break
-        if kind & NLA_TYPE_MASK == NFTA_LIST_ELEM:
-            yield data[offset + 4 : offset + length]
-        offset += (length + 3) & ~3
-
-
-def _string(value: bytes) -> str:
-    """A NUL-terminated string."""
-    return value.split(b"\0", 1)[0].decode(errors="replace")
-
-
-def _string_attribute(kind: int, value: str) -> bytes:
-    data = value.encode() + b"\0"
-    return _ATTRIBUTE.pack(4 + len(data), kind) + data + bytes(-len(data) % 4)
-
-
-class _Message(NamedTuple):
-    type: int  # the nf_tables message type (the subsystem's byte stripped), or NLMSG_ERROR / NLMSG_DONE
-    flags: int
-    sequence: int
-    payload: bytes  # after the netlink header: nfgenmsg then attributes, or an error's errno then the request
-
-    @property
-    def attributes(self) -> bytes:
-        return self.payload[_NFGENMSG.size :]
-
-
-def _messages(datagram: bytes) -> Iterator[_Message]:
-    offset = 0
-    while offset + _HEADER.size <= len(datagram):
-        length, msg_type, flags, sequence, _ = _HEADER.unpack_from(datagram, offset)
-        if length < _HEADER.size:
-            break
-        kind = msg_type & 0xFF if msg_type >> 8 == NFNL_SUBSYS_NFTABLES else msg_type
-        yield _Message(kind, flags, sequence, datagram[offset + _HEADER.size : offset + length])
-        offset += (length + 3) & ~3
+    return netlink.entries(data, NFTA_LIST_ELEM)
 
 
 # --- what an element holds ---
+
+
+class _Message(NamedTuple):
+    """A reply of a dump: its nf_tables message type, its attributes."""
+
+    type: int
+    attributes: bytes
 
 
 class _Fields(NamedTuple):
@@ -132,18 +73,18 @@ class _Fields(NamedTuple):
 def _data_value(nest: bytes) -> bytes:
     """The value of a nested nft_data: NFTA_DATA_VALUE, its only attribute when it holds a value."""
     if len(nest) >= 4:
-        length, kind = _ATTRIBUTE.unpack_from(nest)
-        if kind & NLA_TYPE_MASK == NFTA_DATA_VALUE:
+        length, kind = netlink.ATTRIBUTE.unpack_from(nest)
+        if kind & netlink.NLA_TYPE_MASK == NFTA_DATA_VALUE:
             return nest[4:length]
     return b""
 
 
 def _counter_packets(expression: bytes) -> int | None:
     """The packets of a `counter` expression (NFTA_EXPR_NAME, NFTA_EXPR_DATA); None for another expression."""
-    attributes = _attributes(expression)
+    attributes = netlink.attributes(expression)
     if attributes.get(NFTA_EXPR_NAME) != b"counter\0":
         return None
-    packets = _attributes(attributes.get(NFTA_EXPR_DATA, b"")).get(NFTA_COUNTER_PACKETS, b"")
+    packets = netlink.attributes(attributes.get(NFTA_EXPR_DATA, b"")).get(NFTA_COUNTER_PACKETS, b"")
     return _BIG_U64.unpack(packets)[0] if len(packets) == 8 else 0
 
 
@@ -157,7 +98,7 @@ def _packets(attributes: dict[int, bytes]) -> int:
 
 def _parsed(element: bytes) -> _Fields:
     """An element's fields, its attributes parsed one by one, in any order and with any others."""
-    attributes = _attributes(element)
+    attributes = netlink.attributes(element)
     key = _data_value(attributes.get(NFTA_SET_ELEM_KEY, b""))
     return _Fields(
         _HOST_U32.unpack(key)[0] if len(key) == 4 else 0,
@@ -168,7 +109,7 @@ def _parsed(element: bytes) -> _Fields:
 
 
 def _header(length: int, kind: int) -> bytes:
-    return _ATTRIBUTE.pack(length, kind)
+    return netlink.ATTRIBUTE.pack(length, kind)
 
 
 @dataclass(frozen=True)
@@ -204,7 +145,7 @@ class _Shape:
                 return None
         userdata = b""
         if len(element) > self.userdata_at:
-            length, kind = _ATTRIBUTE.unpack_from(element, self.userdata_at)
+            length, kind = netlink.ATTRIBUTE.unpack_from(element, self.userdata_at)
             if kind != NFTA_SET_ELEM_USERDATA or self.userdata_at + ((length + 3) & ~3) != len(element):
                 return None
             userdata = element[self.userdata_at + 4 : self.userdata_at + length]
@@ -222,7 +163,7 @@ def _comment(userdata: bytes) -> str:
     while offset + 2 <= len(userdata):
         kind, length = userdata[offset], userdata[offset + 1]
         if kind == NFTNL_UDATA_SET_ELEM_COMMENT:
-            return _string(userdata[offset + 2 : offset + 2 + length])
+            return netlink.text(userdata[offset + 2 : offset + 2 + length])
         offset += 2 + length
     return ""
 
@@ -269,8 +210,8 @@ class _SlotsMap:
 
     def elements_request(self) -> bytes:
         """NFT_MSG_GETSETELEM's attributes: which set's elements."""
-        table = _string_attribute(NFTA_SET_ELEM_LIST_TABLE, self.table)
-        return table + _string_attribute(NFTA_SET_ELEM_LIST_SET, self.name)
+        table = netlink.string(NFTA_SET_ELEM_LIST_TABLE, self.table)
+        return table + netlink.string(NFTA_SET_ELEM_LIST_SET, self.name)
 
     def rule(self, fields: _Fields, layout: _Layout) -> SavedRule | None:
         """The DNAT rule iptables would hold for an element (as tests/nft_listing.py reads it from nft); None if its
@@ -294,37 +235,18 @@ class _Dumper:
     """A netfilter netlink socket that runs one dump at a time."""
 
     def __init__(self, netns: str | None, timeout: float) -> None:
-        self._sock = netfilter_socket(netns)
-        self._sock.settimeout(timeout)
-        self._sequence = 0
+        self._requester = netlink.Requester(netlink.NETLINK_NETFILTER, netns, timeout)
 
     def dump(self, msg_type: int, layout: _Layout, attributes: bytes = b"") -> tuple[list[_Message], bool]:
-        """The replies to a dump request of nf_tables message `msg_type` about `layout`'s family, and whether the
-        ruleset changed during the dump. OSError with the kernel's errno if it refuses the request (ENOENT: no such
-        table or set); TimeoutError if it does not answer in time."""
-        self._sequence = self._sequence % 0x7FFFFFFF + 1
-        body = _NFGENMSG.pack(layout.nfproto, 0, 0) + attributes
-        kind, flags = NFNL_SUBSYS_NFTABLES << 8 | msg_type, NLM_F_REQUEST | NLM_F_DUMP
-        self._sock.send(_HEADER.pack(_HEADER.size + len(body), kind, flags, self._sequence, 0) + body)
-        replies: list[_Message] = []
-        interrupted = False
-        while True:
-            for message in _messages(self._sock.recv(_RECEIVE_SIZE)):
-                if message.sequence != self._sequence:
-                    continue
-                interrupted = interrupted or bool(message.flags & NLM_F_DUMP_INTR)
-                if message.type not in (NLMSG_DONE, NLMSG_ERROR):
-                    replies.append(message)
-                    continue
-                # an error refuses the request; the end of a dump carries the dump's own error, if any
-                (error,) = _ERROR.unpack_from(message.payload) if len(message.payload) >= 4 else (0,)
-                if error < 0:
-                    raise OSError(-error, f"nf_tables refused a dump: {os.strerror(-error)}")
-                if message.type == NLMSG_DONE:
-                    return replies, interrupted
+        """The replies to a dump request of nf_tables message `msg_type` about `layout`'s family (their types without
+        the subsystem), and whether the ruleset changed during the dump. OSError with the kernel's errno if it refuses
+        the request (ENOENT: no such table or set); TimeoutError if it does not answer in time."""
+        kind, payload = netlink.nftables_request(msg_type, layout.nfproto, attributes)
+        replies, interrupted = self._requester.ask(kind, payload, netlink.NLM_F_REQUEST | netlink.NLM_F_DUMP)
+        return [_Message(r.type & 0xFF, r.payload[netlink.NFGENMSG.size :]) for r in replies], interrupted
 
     def close(self) -> None:
-        self._sock.close()
+        self._requester.close()
 
 
 def _slots_maps(dumper: _Dumper, layout: _Layout) -> list[_SlotsMap]:
@@ -338,9 +260,9 @@ def _slots_maps(dumper: _Dumper, layout: _Layout) -> list[_SlotsMap]:
     maps = []
     for message in replies:
         if message.type == NFT_MSG_NEWSET:
-            attributes = _attributes(message.attributes)
-            table = _string(attributes.get(NFTA_SET_TABLE, b""))
-            found = _SlotsMap.named(table, _string(attributes.get(NFTA_SET_NAME, b"")))
+            attributes = netlink.attributes(message.attributes)
+            table = netlink.text(attributes.get(NFTA_SET_TABLE, b""))
+            found = _SlotsMap.named(table, netlink.text(attributes.get(NFTA_SET_NAME, b"")))
             if found is not None:
                 maps.append(found)
     return maps
@@ -352,7 +274,7 @@ def _slots(dumper: _Dumper, layout: _Layout, slots_map: _SlotsMap) -> list[Saved
     numbered = []
     for message in replies:
         if message.type == NFT_MSG_NEWSETELEM:
-            for element in _list(_attributes(message.attributes).get(NFTA_SET_ELEM_LIST_ELEMENTS, b"")):
+            for element in _list(netlink.attributes(message.attributes).get(NFTA_SET_ELEM_LIST_ELEMENTS, b"")):
                 fields = layout.shape.fields(element) or _parsed(element)
                 rule = slots_map.rule(fields, layout)
                 if rule is not None:
