@@ -100,15 +100,17 @@ def test_image_check_as_sidecar(router_image: str, privileged: bool) -> None:
 
 
 @pytest.mark.e2e
-def test_image_has_both_iptables_flavours_and_runs_the_daemon_by_default(router_image: str, docker_api) -> None:
+def test_image_has_both_iptables_flavours_nft_and_runs_the_daemon_by_default(router_image: str, docker_api) -> None:
     config = docker_api.images.get(router_image).attrs["Config"]
     assert (config["Entrypoint"], config["Cmd"]) == (["tcprouter"], ["run"])
     done = subprocess.run(
         ["docker", "run", "--rm", "--entrypoint", "sh", router_image, "-c",
-         "iptables-nft-restore --version && iptables-legacy-restore --version && command -v gcc || true"],
+         "iptables-nft-restore --version && iptables-legacy-restore --version && nft --version && conntrack --version"
+         " && command -v gcc || true"],
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     assert "nf_tables" in done.stdout and "legacy" in done.stdout
+    assert "nftables v" in done.stdout and "conntrack v" in done.stdout  # --nat nftables, the flows of drained backends
     assert "gcc" not in done.stdout  # the compiler stays in the build stage
 
 

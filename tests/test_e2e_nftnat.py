@@ -12,6 +12,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from tcprouter.model import Family
+from tcprouter.nftnat_read import slot_rules
+
 from .support import (
     BACKEND_PORT,
     Load,
@@ -19,7 +22,9 @@ from .support import (
     connect_outcome,
     greetings,
     owned_rules_in_host,
+    private_netns,
     sh,
+    tcprouter,
     udp_ask,
     udp_flow,
     udp_greetings,
@@ -247,8 +252,6 @@ def test_cleanup_removes_the_nft_tables_and_owned_chains_and_leaves_dockers(
     assert len(nft_tables("ip")) == TABLES  # a stopped daemon leaves its rules: the frontends still route
     assert greetings(ns, host, FRONT, 2) == ips
 
-    from .support import tcprouter
-
     tcprouter("cleanup")
     assert {family: nft_tables(family) for family in NFT_FAMILIES} == {"ip": [], "ip6": []}
     assert owned_rules_in_host(host_tables) == []
@@ -286,3 +289,19 @@ def test_restarts_between_iptables_and_nftables_keep_routing(backends, start_nat
     assert load.failures == []
     assert {answer for _, answer, _ in load.outcomes} == set(ips)
     assert strict_rotation(greetings(ns, host, FRONT, 6), ips)
+
+
+def test_render_prints_the_nft_tables_run_loads_then_the_iptables_side(backends, start_nat_router, client_host):
+    """`render --nat nftables`: the `nft -f` text of the tables, which loaded into an empty namespace holds the slots
+    the daemon wrote here, then the iptables-restore script of the filter side (no nat frontend chains)."""
+    _, ips = pool(backends, 3)
+    start_nat_router("nftables")
+    assert greetings(client_host.name, client_host.host_ip, FRONT, 3) == ips
+    rendered = tcprouter("render", "--nat", "nftables").stdout
+    nat, iptables = rendered.removeprefix("# nft -f -\n").split("# iptables-restore --noflush\n")
+    assert "*filter" in iptables and not IPTABLES_NAT_CHAIN.search(iptables)
+    with private_netns() as ns:
+        sh("ip", "netns", "exec", ns, "nft", "-f", "-", input=nat)
+        loaded = [(rule.chain, rule.spec) for _, rule in slot_rules(Family.IPV4, ns)]
+    written = [(rule.chain, rule.spec) for _, rule in slot_rules(Family.IPV4)]
+    assert loaded == written and len(written) == 3

@@ -1,5 +1,6 @@
 """`tcprouter render`: the rules for Docker's current state, as an iptables-restore script (ip6tables-restore with
---family ipv6; a dry run)."""
+--family ipv6; a dry run). With --nat nftables, the `nft -f` text of the nat side's tables comes first, each part
+under a comment naming the tool that loads it."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from ..diff import restore_script
 from ..labels import desired_state
 from ..model import Family, Protocol
 from ..netfilter import Iptables
+from ..nftnat import nat_pools, ruleset_text
 from ..sync import scan_busy_ports
 from . import common
 
@@ -32,5 +34,10 @@ def command(args: argparse.Namespace) -> int:
         args.udp_label_prefix,
         busy[Protocol.UDP],
     )
-    sys.stdout.write(restore_script({}, compile_rules(state, options)))
+    script = restore_script({}, compile_rules(state, options))
+    if options.nat_tables:
+        tool = "iptables-restore" if family is Family.IPV4 else "ip6tables-restore"
+        nat = ruleset_text(nat_pools(state, options).values(), options)
+        script = f"# nft -f -\n{nat}# {tool} --noflush\n{script}"
+    sys.stdout.write(script)
     return 0
