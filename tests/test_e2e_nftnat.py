@@ -9,6 +9,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,7 @@ from tcprouter.nftnat_read import slot_rules
 
 from .support import (
     BACKEND_PORT,
+    CLIENT_SUBNET,
     Load,
     Router,
     connect_outcome,
@@ -305,3 +307,65 @@ def test_render_prints_the_nft_tables_run_loads_then_the_iptables_side(backends,
         loaded = [(rule.chain, rule.spec) for _, rule in slot_rules(Family.IPV4, ns)]
     written = [(rule.chain, rule.spec) for _, rule in slot_rules(Family.IPV4)]
     assert loaded == written and len(written) == 3
+
+
+def test_hairpin_a_neighbour_rotates_and_a_member_never_gets_itself(backends, start_nat_router, client_host):
+    """From a container of the same bridge, through the nft tables: a neighbour rotates over the pool; a member's
+    own connections go to the other backend (map self-...), and a lone member's are not DNATed at all."""
+    containers, ips = pool(backends, 2)
+    neighbour = backends.start({})
+    start_nat_router("nftables")
+
+    def ask_from(container, port: int = FRONT) -> list[str]:
+        name = container.get_wrapped_container().name
+        command = ("docker", "exec", name, "nc", "-w", "3", client_host.host_ip, str(port))
+        return [sh(*command, check=False).strip().removeprefix("Hi from ") for _ in range(4)]
+
+    assert ask_from(neighbour) == ips * 2
+    assert ask_from(containers[0]) == [ips[1]] * 4
+    [lone] = pool(backends, 1, FRONT + 1)[0]
+    wait_until(lambda: answered_by(client_host.name, client_host.host_ip, FRONT + 1, 1, backends.ip(lone)), 5)
+    assert ask_from(lone, FRONT + 1) == [""] * 4  # not sent to itself: the host answers (nothing listens there)
+
+
+def host_address_towards(ip: str) -> str:
+    """The host's own address on the route to `ip` (its address on a backend's bridge)."""
+    return sh("ip", "-4", "-o", "route", "get", ip).split(" src ")[1].split()[0]
+
+
+def test_listen_address_and_route_localhost_choose_what_the_nft_dispatch_takes(backends, start_nat_router, client_host):
+    _, ips = pool(backends, 2)
+    ns, host = client_host.name, client_host.host_ip
+    bridge_side = host_address_towards(ips[0])
+    router = start_nat_router("nftables", "--listen-address", host)
+    assert greetings(ns, host, FRONT, 4) == ips * 2
+    assert connect_outcome(None, bridge_side, FRONT) == "refused"  # another address of the host: not routed
+    assert connect_outcome(None, "127.0.0.1", FRONT) == "refused"
+    router.stop()
+
+    route_localnet = Path("/proc/sys/net/ipv4/conf/all/route_localnet")
+    saved = route_localnet.read_text()
+    try:
+        start_nat_router("nftables", "--route-localhost")
+        assert greetings(None, "127.0.0.1", FRONT, 4) == ips * 2  # from the host itself, through the output hook
+        assert greetings(None, bridge_side, FRONT, 2) == ips
+        assert greetings(ns, host, FRONT, 2) == ips
+    finally:
+        route_localnet.write_text(saved)
+
+
+def test_synproxy_answers_the_syns_and_the_nft_tables_dnat_in_exact_rotation(backends, start_nat_router, client_host):
+    """SYNPROXY (iptables raw and filter) in front of the nft DNAT: the handshake the proxy completes is handed on
+    to the backend the slot map picks; spoofed SYNs leave no conntrack entry."""
+    order = pool(backends, 2, **{"tcp.synproxy": "true"})[1]
+    start_nat_router("nftables")
+    ns, host = client_host.name, client_host.host_ip
+    assert greetings(ns, host, FRONT, 4) == order * 2
+    assert slot_counters(FRONT) == [2, 2]
+    client_host.forget_flows()
+    spoofed = f"{CLIENT_SUBNET}.77"
+    hping = ("hping3", "-q", "-S", "-a", spoofed, "-p", str(FRONT), "-i", "u200", "-c", "500", host)
+    sh("ip", "netns", "exec", ns, *hping, check=False)  # exits 1: no replies reach it
+    tracked = sh("conntrack", "-L", "-p", "tcp", "--orig-port-dst", str(FRONT), check=False)
+    assert tracked.splitlines() == []
+    assert greetings(ns, host, FRONT, 2) == order
