@@ -7,10 +7,10 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import struct
 from collections.abc import Iterable
 
-from pyroute2 import DiagSocket
-
+from . import netlink
 from .compiler import split_words
 from .model import Protocol
 
@@ -21,6 +21,12 @@ DOCKER_NAT_CHAIN = "DOCKER"
 # as the kernel names UDP states too).
 _LISTENING = {Protocol.TCP: 10, Protocol.UDP: 7}
 _IPPROTO = {Protocol.TCP: socket.IPPROTO_TCP, Protocol.UDP: socket.IPPROTO_UDP}
+# linux/inet_diag.h. The request, inet_diag_req_v2: family, protocol, extensions (none), pad, the mask of states, then
+# an inet_diag_sockid left zero (a dump matches any). A reply, inet_diag_msg: family, state, timer, retrans, then the
+# sockid: the local port, the remote one, the local address (16 bytes, of which an IPv4 one uses the first 4), ...
+_DIAG_REQUEST = struct.Struct("=BBBxI48x")
+_DIAG_REPLY = struct.Struct(">4xH2x16s")  # the local port and address
+_ADDRESS_SIZE = {socket.AF_INET: 4, socket.AF_INET6: 16}
 Endpoint = tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]
 
 
@@ -60,13 +66,14 @@ def netlink_listeners(loopback: bool = False, protocol: Protocol = Protocol.TCP)
     NETLINK_SOCK_DIAG (inet_diag, as `ss -ltn` does) with a state filter: the kernel skips the other sockets, so the
     cost does not grow with established or TIME_WAIT ones. No capability is needed to list sockets. OSError if the
     kernel has no inet_diag (or udp_diag)."""
-    with DiagSocket() as diag:
-        diag.bind()
-        found = [
-            (ipaddress.ip_address(row["idiag_src"]), row["idiag_sport"])
-            for family in (socket.AF_INET, socket.AF_INET6)
-            for row in diag.get_sock_stats(family=family, states=1 << _LISTENING[protocol], protocol=_IPPROTO[protocol])
-        ]
+    found: list[Endpoint] = []
+    with netlink.Requester(netlink.NETLINK_SOCK_DIAG) as diag:
+        for family, size in _ADDRESS_SIZE.items():
+            request = _DIAG_REQUEST.pack(family, _IPPROTO[protocol], 0, 1 << _LISTENING[protocol])
+            replies, _ = diag.ask(netlink.SOCK_DIAG_BY_FAMILY, request, netlink.NLM_F_REQUEST | netlink.NLM_F_DUMP)
+            for reply in replies:
+                port, address = _DIAG_REPLY.unpack_from(reply.payload)
+                found.append((ipaddress.ip_address(address[:size]), port))
     return _listeners(found, loopback)
 
 
@@ -86,7 +93,7 @@ def host_listeners(loopback: bool = False, protocol: Protocol = Protocol.TCP) ->
     """The host's TCP (or UDP) listeners that a frontend on the same port would hijack: by netlink, else /proc."""
     try:
         return netlink_listeners(loopback, protocol)
-    except OSError as error:  # pyroute2's NetlinkError is an OSError too
+    except OSError as error:  # the kernel's refusal (ENOENT: no inet_diag), a timeout: OSErrors all
         log.warning("listing %s listeners by netlink sock_diag failed (%s): reading /proc instead", protocol, error)
         return proc_listeners(loopback, protocol)
 

@@ -29,6 +29,7 @@ SOL_NETLINK, NETLINK_CAP_ACK = 270, 10
 SO_SNDBUFFORCE = 32
 CLONE_NEWNET = 0x40000000
 NETNS_RUN_DIR = "/var/run/netns"  # where `ip netns add` mounts a named namespace
+SOCK_DIAG_BY_FAMILY = 20  # linux/sock_diag.h: the request (and its replies) of a NETLINK_SOCK_DIAG dump
 
 # linux/netfilter/nfnetlink.h: nf_tables' messages carry the subsystem in their type's high byte, then nfgenmsg
 NFNL_SUBSYS_NFTABLES = 10
