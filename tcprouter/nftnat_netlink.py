@@ -10,55 +10,84 @@ or more changes, as one transaction, in a network namespace of choice.
 Rules are replaced by flushing the chain and adding them again; a map whose declaration changes (`typeof numgen inc
 mod N` carries the pool's size in the map's userdata) is deleted and created again, other maps are flushed and
 refilled. Either way the slots' counters start again from 0, as after a reload by `nft -f`.
+
+The messages are encoded here, with netlink.py's helpers, as libnftnl encodes them (attribute types and values of
+linux/netfilter/nf_tables.h; its u32 values big-endian, its nests flagged NLA_F_NESTED).
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import os
 import socket
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import NamedTuple
 
-from pyroute2 import netns as pyroute2_netns
-from pyroute2.netlink import NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST
-from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES, nfgen_msg
-from pyroute2.netlink.nfnetlink.nftsocket import (
-    NFPROTO_IPV4,
-    NFPROTO_IPV6,
-    NFT_MSG_DELCHAIN,
-    NFT_MSG_DELRULE,
-    NFT_MSG_DELSET,
-    NFT_MSG_DELSETELEM,
-    NFT_MSG_NEWCHAIN,
-    NFT_MSG_NEWRULE,
-    NFT_MSG_NEWSET,
-    NFT_MSG_NEWSETELEM,
-    Cmp,
-    Meta,
-    Regs,
-    nft_chain_msg,
-    nft_rule_msg,
-    nft_set_elem_list_msg,
-    nft_set_msg,
-)
-
+from . import netlink
 from .model import Family, Protocol
+from .netlink import (
+    NLA_F_NESTED,
+    NLM_F_ACK,
+    NLM_F_APPEND,
+    NLM_F_CREATE,
+    NLM_F_EXCL,
+    NLM_F_REQUEST,
+    big32,
+    nested,
+    string,
+)
 from .nftnat import NatPool, Slot, table_of
 
-Attrs = list[tuple[str, Any]]
-Nest = dict[str, Attrs]
-
-# nf_tables and nfnetlink constants pyroute2 does not name (linux/netfilter/nf_tables.h, nfnetlink.h)
+# linux/netfilter.h, linux/netfilter/nfnetlink.h
+NFPROTO_IPV4, NFPROTO_IPV6 = 2, 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
-NFT_CT_MARK, NFT_BITWISE_BOOL, NFT_NAT_DNAT = 3, 0, 1
+
+# linux/netfilter/nf_tables.h: messages
+NFT_MSG_NEWCHAIN, NFT_MSG_DELCHAIN = 3, 5
+NFT_MSG_NEWRULE, NFT_MSG_DELRULE = 6, 8
+NFT_MSG_NEWSET, NFT_MSG_DELSET = 9, 11
+NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM = 12, 14
+
+# ... their attributes
+NFTA_LIST_ELEM = 1
+NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME = 1, 3
+NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS = 1, 2, 4
+NFTA_SET_TABLE, NFTA_SET_NAME, NFTA_SET_FLAGS, NFTA_SET_KEY_TYPE, NFTA_SET_KEY_LEN = 1, 2, 3, 4, 5
+NFTA_SET_DATA_TYPE, NFTA_SET_DATA_LEN, NFTA_SET_ID, NFTA_SET_USERDATA, NFTA_SET_EXPR = 6, 7, 10, 13, 17
+NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
+NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_DATA, NFTA_SET_ELEM_USERDATA = 1, 2, 6
+NFTA_DATA_VALUE, NFTA_DATA_VERDICT = 1, 2
+NFTA_VERDICT_CODE, NFTA_VERDICT_CHAIN = 1, 2
+NFTA_EXPR_NAME, NFTA_EXPR_DATA = 1, 2
+
+# ... the expressions' attributes
+NFTA_META_DREG, NFTA_META_KEY = 1, 2
+NFTA_CMP_SREG, NFTA_CMP_OP, NFTA_CMP_DATA = 1, 2, 3
+NFTA_PAYLOAD_DREG, NFTA_PAYLOAD_BASE, NFTA_PAYLOAD_OFFSET, NFTA_PAYLOAD_LEN = 1, 2, 3, 4
+NFTA_LOOKUP_SET, NFTA_LOOKUP_SREG, NFTA_LOOKUP_DREG = 1, 2, 3
+NFTA_NAT_TYPE, NFTA_NAT_FAMILY, NFTA_NAT_REG_ADDR_MIN, NFTA_NAT_REG_PROTO_MIN = 1, 2, 3, 5
+NFTA_CT_DREG, NFTA_CT_KEY, NFTA_CT_SREG = 1, 2, 4
+NFTA_BITWISE_SREG, NFTA_BITWISE_DREG, NFTA_BITWISE_LEN, NFTA_BITWISE_MASK, NFTA_BITWISE_XOR = 1, 2, 3, 4, 5
+NFTA_BITWISE_OP = 6
+NFTA_IMMEDIATE_DREG, NFTA_IMMEDIATE_DATA = 1, 2
+NFTA_NG_DREG, NFTA_NG_MODULUS, NFTA_NG_TYPE, NFTA_NG_OFFSET = 1, 2, 3, 4
+
+# ... and values
+NFT_SET_MAP = 0x8
+NFT_REG_VERDICT, NFT_REG_1, NFT_REG_2, NFT_REG32_01 = 0, 1, 2, 9
+NFT_GOTO, NFT_RETURN = -4, -5
+NFT_META_L4PROTO, NFT_CMP_EQ, NFT_CT_MARK, NFT_BITWISE_BOOL, NFT_NAT_DNAT = 16, 0, 3, 0, 1
 NFT_NG_INCREMENTAL, NFT_NG_RANDOM = 0, 1
 NFT_PAYLOAD_NETWORK_HEADER = 1
-NFT_GOTO, NFT_RETURN = -4, -5
-NETLINK_NETFILTER, NLMSG_ERROR, SOL_NETLINK, NETLINK_CAP_ACK, SO_SNDBUFFORCE = 12, 2, 270, 10, 32
+
+# libnftnl's userdata TLVs (libnftnl/udata.h), only read back by nft: to print a set as declared, an element's comment
+NFTNL_UDATA_SET_KEYBYTEORDER, NFTNL_UDATA_SET_DATABYTEORDER = 0, 1
+NFTNL_UDATA_SET_KEY_TYPEOF, NFTNL_UDATA_SET_DATA_TYPEOF, NFTNL_UDATA_SET_DATA_INTERVAL = 3, 4, 6
+NFTNL_UDATA_SET_ELEM_COMMENT = 0
 
 # nft's datatypes (a concatenation's type is its fields' types, 6 bits each) and its expression types (in userdata)
 TYPE_INTEGER, TYPE_IPADDR, TYPE_IP6ADDR, TYPE_INET_SERVICE = 4, 7, 8, 13
@@ -68,10 +97,16 @@ IPPROTOS = {Protocol.TCP: socket.IPPROTO_TCP, Protocol.UDP: socket.IPPROTO_UDP}
 PROTO_DESCS = {Protocol.UDP: 6, Protocol.TCP: 8}  # nft's proto_desc_id of the transport header
 DPORT_FIELD = 2  # the template index of tcp/udp dport
 
+_HOST32 = struct.Struct("=I")
+_PORT_REGISTER = struct.Struct(">H2x")  # a port in network order, padded to its 32-bit register
+_PORTS_KEY = struct.Struct(">B3xH2x")  # inet_proto . inet_service, each field padded to its register
+_VALUE_IN = struct.Struct("=HHHH")  # an attribute's header, then its only attribute's
+
 
 @dataclass(frozen=True)
 class _FamilyLayout:
     nfproto: int
+    name: str  # nft's
     address_family: int
     address_type: int
     address_len: int
@@ -84,16 +119,16 @@ class _FamilyLayout:
 
 
 _LAYOUTS = {
-    Family.IPV4: _FamilyLayout(NFPROTO_IPV4, socket.AF_INET, TYPE_IPADDR, 4, 12, (12, 12), Regs.NFT_REG32_01),
-    Family.IPV6: _FamilyLayout(NFPROTO_IPV6, socket.AF_INET6, TYPE_IP6ADDR, 16, 8, (13, 9), Regs.NFT_REG_2),
+    Family.IPV4: _FamilyLayout(NFPROTO_IPV4, "ip", socket.AF_INET, TYPE_IPADDR, 4, 12, (12, 12), NFT_REG32_01),
+    Family.IPV6: _FamilyLayout(NFPROTO_IPV6, "ip6", socket.AF_INET6, TYPE_IP6ADDR, 16, 8, (13, 9), NFT_REG_2),
 }
 
 
 def host32(value: int) -> bytes:
-    return struct.pack("=I", value)
+    return _HOST32.pack(value)
 
 
-# --- set userdata: libnftnl's TLVs (type, length, value), only read back by nft to print a set as declared ---
+# --- set userdata: libnftnl's TLVs (type, length, value) ---
 
 
 def _tlv(kind: int, value: bytes) -> bytes:
@@ -109,53 +144,164 @@ def _payload_typeof(desc: int, field: int) -> bytes:
     return _typeof(EXPR_PAYLOAD, host32(desc), host32(field))
 
 
-def _set_userdata(key_order: int, key_typeof: bytes | None, data_typeof: bytes | None) -> Attrs:
-    userdata: Attrs = [
-        ("NFTNL_UDATA_SET_KEYBYTEORDER", host32(key_order)),
-        ("NFTNL_UDATA_SET_DATABYTEORDER", host32(BYTEORDER_INVALID)),
-    ]
-    if key_typeof is not None:
-        userdata.append(("NFTNL_UDATA_SET_KEY_TYPEOF", key_typeof))
-    if data_typeof is not None:
-        userdata.append(("NFTNL_UDATA_SET_DATA_TYPEOF", data_typeof))
-    return [*userdata, ("NFTNL_UDATA_SET_DATA_INTERVAL", host32(0))]
+def _set_userdata(key_order: int, key_typeof: bytes | None, data_typeof: bytes | None) -> bytes:
+    return b"".join(
+        [
+            _tlv(NFTNL_UDATA_SET_KEYBYTEORDER, host32(key_order)),
+            _tlv(NFTNL_UDATA_SET_DATABYTEORDER, host32(BYTEORDER_INVALID)),
+            _tlv(NFTNL_UDATA_SET_KEY_TYPEOF, key_typeof) if key_typeof is not None else b"",
+            _tlv(NFTNL_UDATA_SET_DATA_TYPEOF, data_typeof) if data_typeof is not None else b"",
+            _tlv(NFTNL_UDATA_SET_DATA_INTERVAL, host32(0)),
+        ]
+    )
 
 
 # --- messages ---
 
 
-def message(cls: type[nfgen_msg], msg_type: int, flags: int, family: Family, attrs: Attrs) -> nfgen_msg:
-    """A request of nf_tables of `family` (its type, flags and attributes), as one of a batch."""
-    msg = cls()
-    msg["nfgen_family"] = _LAYOUTS[family].nfproto
-    msg["attrs"] = attrs
-    msg["header"]["type"] = NFNL_SUBSYS_NFTABLES << 8 | msg_type
-    msg["header"]["flags"] = NLM_F_REQUEST | flags
-    return msg
+class Request(NamedTuple):
+    """One nf_tables request of a batch, its attributes encoded (its header is the batch's to number)."""
+
+    type: int  # NFT_MSG_...
+    flags: int  # NLM_F_... besides NLM_F_REQUEST and the batch's NLM_F_ACK
+    nfproto: int
+    attributes: bytes
+    subject: str  # its table and object, as an error names them
 
 
-def batch_marker(msg_type: int) -> nfgen_msg:
-    """A batch's begin or end (NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END) for nf_tables."""
-    msg = nfgen_msg()
-    msg["res_id"] = NFNL_SUBSYS_NFTABLES
-    msg["header"]["type"] = msg_type
-    msg["header"]["flags"] = NLM_F_REQUEST
-    return msg
+def message(msg_type: int, flags: int, family: Family, attributes: bytes, subject: str = "") -> Request:
+    """A request of nf_tables of `family` (its type, flags and encoded attributes), as one of a batch."""
+    return Request(msg_type, flags, _LAYOUTS[family].nfproto, attributes, subject)
 
 
-def expression(name: str, *attrs: tuple[str, Any]) -> Nest:
-    return {"attrs": [("NFTA_EXPR_NAME", name), ("NFTA_EXPR_DATA", {"attrs": list(attrs)})]}
+def batch_marker(msg_type: int, sequence: int) -> bytes:
+    """A batch's begin or end (NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END) for nf_tables: its resource id is the
+    subsystem."""
+    payload = netlink.NFGENMSG.pack(socket.AF_UNSPEC, 0, socket.htons(netlink.NFNL_SUBSYS_NFTABLES))
+    return netlink.message(msg_type, NLM_F_REQUEST, sequence, payload)
 
 
-def data_value(data: bytes) -> Nest:
-    return {"attrs": [("NFTA_DATA_VALUE", data)]}
+def encode_batch(requests: Sequence[Request], sequence: int) -> bytes:
+    """The requests between a batch's begin and end, numbered from `sequence` (the begin's), the last one asking for
+    an ack: the kernel acks it, and reports any error, once it has committed or aborted the whole batch."""
+    last = len(requests) - 1
+    parts = [batch_marker(NFNL_MSG_BATCH_BEGIN, sequence)]
+    for number, request in enumerate(requests):
+        flags = NLM_F_REQUEST | request.flags | (NLM_F_ACK if number == last else 0)
+        msg_type, payload = netlink.nftables_request(request.type, request.nfproto, request.attributes)
+        parts.append(netlink.message(msg_type, flags, sequence + 1 + number, payload))
+    parts.append(batch_marker(NFNL_MSG_BATCH_END, sequence + len(requests) + 1))
+    return b"".join(parts)
 
 
-def _verdict(code: int, chain: str | None = None) -> Nest:
-    verdict: Attrs = [("NFTA_VERDICT_CODE", code)]
-    if chain is not None:
-        verdict.append(("NFTA_VERDICT_CHAIN", chain))
-    return {"attrs": [("NFTA_DATA_VERDICT", {"attrs": verdict})]}
+def expression(name: str, *attributes: bytes) -> bytes:
+    """An expression's name and data (its attributes), for a list element or an NFTA_SET_EXPR."""
+    return string(NFTA_EXPR_NAME, name) + nested(NFTA_EXPR_DATA, *attributes)
+
+
+def list_of(kind: int, items: Iterator[bytes] | Sequence[bytes]) -> bytes:
+    """Attribute `kind` holding the items (each encoded attributes) as NFTA_LIST_ELEMs."""
+    return nested(kind, *(nested(NFTA_LIST_ELEM, item) for item in items))
+
+
+def value_in(kind: int, value: bytes) -> bytes:
+    """Attribute `kind` holding `value` as its NFTA_DATA_VALUE (a key, data, an operand): nested(kind,
+    attribute(NFTA_DATA_VALUE, value)), both headers in one pack (hot: each element has a key and data)."""
+    padding = -len(value) % 4
+    header = _VALUE_IN.pack(8 + len(value) + padding, kind | NLA_F_NESTED, 4 + len(value), NFTA_DATA_VALUE)
+    return header + value + bytes(padding)
+
+
+def verdict(code: int, chain: str | None = None) -> bytes:
+    """A verdict as data (of an element, an immediate): NF_*, NFT_* (goto and jump: to `chain`)."""
+    target = string(NFTA_VERDICT_CHAIN, chain) if chain is not None else b""
+    return nested(NFTA_DATA_VERDICT, big32(NFTA_VERDICT_CODE, code), target)
+
+
+def equals(data: bytes) -> bytes:
+    """cmp eq: reg 1 holds `data`."""
+    return expression(
+        "cmp", big32(NFTA_CMP_SREG, NFT_REG_1), big32(NFTA_CMP_OP, NFT_CMP_EQ), value_in(NFTA_CMP_DATA, data)
+    )
+
+
+# Expressions of few variants (a protocol, a mark, a family) are encoded once each: a function call an attribute.
+
+
+@functools.cache
+def l4proto(protocol: int) -> tuple[bytes, bytes]:
+    """`meta l4proto <protocol>`, through reg 1."""
+    meta = expression("meta", big32(NFTA_META_KEY, NFT_META_L4PROTO), big32(NFTA_META_DREG, NFT_REG_1))
+    return meta, equals(bytes([protocol]))
+
+
+@functools.cache
+def set_mark(mark: int) -> tuple[bytes, bytes, bytes]:
+    """`ct mark set ct mark | mark`, as nft writes it: (reg & ~mark) ^ mark, host order."""
+    return (
+        expression("ct", big32(NFTA_CT_KEY, NFT_CT_MARK), big32(NFTA_CT_DREG, NFT_REG_1)),
+        expression(
+            "bitwise",
+            big32(NFTA_BITWISE_SREG, NFT_REG_1),
+            big32(NFTA_BITWISE_DREG, NFT_REG_1),
+            big32(NFTA_BITWISE_OP, NFT_BITWISE_BOOL),
+            big32(NFTA_BITWISE_LEN, 4),
+            value_in(NFTA_BITWISE_MASK, host32(~mark & 0xFFFFFFFF)),
+            value_in(NFTA_BITWISE_XOR, host32(mark)),
+        ),
+        expression("ct", big32(NFTA_CT_KEY, NFT_CT_MARK), big32(NFTA_CT_SREG, NFT_REG_1)),
+    )
+
+
+def numgen(kind: int, modulus: int) -> bytes:
+    """`numgen inc|random mod <modulus>` (NFT_NG_INCREMENTAL, NFT_NG_RANDOM) into reg 1."""
+    return expression(
+        "numgen",
+        big32(NFTA_NG_DREG, NFT_REG_1),
+        big32(NFTA_NG_MODULUS, modulus),
+        big32(NFTA_NG_TYPE, kind),
+        big32(NFTA_NG_OFFSET, 0),
+    )
+
+
+@functools.cache
+def dnat(nfproto: int, port_register: int) -> bytes:
+    """`dnat to` the address in reg 1, the port in `port_register` (the register after the address's)."""
+    return expression(
+        "nat",
+        big32(NFTA_NAT_TYPE, NFT_NAT_DNAT),
+        big32(NFTA_NAT_FAMILY, nfproto),
+        big32(NFTA_NAT_REG_ADDR_MIN, NFT_REG_1),
+        big32(NFTA_NAT_REG_PROTO_MIN, port_register),
+    )
+
+
+@functools.cache
+def payload(base: int, offset: int, length: int) -> bytes:
+    """Load `length` bytes at `offset` of header `base` (NFT_PAYLOAD_*) into reg 1."""
+    return expression(
+        "payload",
+        big32(NFTA_PAYLOAD_DREG, NFT_REG_1),
+        big32(NFTA_PAYLOAD_BASE, base),
+        big32(NFTA_PAYLOAD_OFFSET, offset),
+        big32(NFTA_PAYLOAD_LEN, length),
+    )
+
+
+def lookup(set_name: str, data_register: int, *more: bytes) -> bytes:
+    """Look reg 1 up in set `set_name`, the data found into `data_register` (a verdict map's: NFT_REG_VERDICT)."""
+    return expression(
+        "lookup",
+        big32(NFTA_LOOKUP_SREG, NFT_REG_1),
+        big32(NFTA_LOOKUP_DREG, data_register),
+        string(NFTA_LOOKUP_SET, set_name),
+        *more,
+    )
+
+
+def element(key: bytes, *more: bytes) -> bytes:
+    """A set element: its key (a value), then its other attributes."""
+    return value_in(NFTA_SET_ELEM_KEY, key) + b"".join(more)
 
 
 # --- the maps ---
@@ -164,197 +310,143 @@ def _verdict(code: int, chain: str | None = None) -> Nest:
 @dataclass(frozen=True)
 class _Map:
     name: str
-    declaration: Attrs  # NEWSET's attributes after table and name: equal declarations need no new set
-    elements: list[Nest]
+    declaration: bytes  # NEWSET's attributes after table and name: equal declarations need no new set
+    elements: Callable[[], list[bytes]]  # encoded only if written: the map a change replaces needs no elements
 
 
 def _destination(slot: Slot, layout: _FamilyLayout) -> bytes:
-    """address . port, the port padded to its 32-bit register."""
-    return layout.pack(slot.address) + struct.pack(">H2x", slot.port)
+    """NFTA_SET_ELEM_DATA of address . port, the port padded to its 32-bit register."""
+    return value_in(NFTA_SET_ELEM_DATA, layout.pack(slot.address) + _PORT_REGISTER.pack(slot.port))
 
 
-def _concat_type(layout: _FamilyLayout) -> int:
-    return layout.address_type << 6 | TYPE_INET_SERVICE
+def _map_declaration(key: tuple[int, int], layout: _FamilyLayout, userdata: bytes, *more: bytes) -> bytes:
+    """A map of key (nft datatype, length) to address . inet_service."""
+    return b"".join(
+        [
+            big32(NFTA_SET_FLAGS, NFT_SET_MAP),
+            big32(NFTA_SET_KEY_TYPE, key[0]),
+            big32(NFTA_SET_KEY_LEN, key[1]),
+            big32(NFTA_SET_DATA_TYPE, layout.address_type << 6 | TYPE_INET_SERVICE),
+            big32(NFTA_SET_DATA_LEN, layout.address_len + 4),
+            netlink.attribute(NFTA_SET_USERDATA, userdata),
+            *more,
+        ]
+    )
 
 
-def _slots_map(pool: NatPool, family: Family) -> _Map:
-    """`typeof numgen inc mod N : ip daddr . <protocol> dport`, `counter`: slot -> address . port, commented."""
-    layout = _LAYOUTS[family]
-    key_typeof = _typeof(EXPR_NUMGEN, host32(NFT_NG_INCREMENTAL), host32(len(pool.slots)), host32(0))
+@functools.lru_cache(maxsize=256)  # of a few pool sizes, mostly: each encoded once
+def _slots_declaration(size: int, protocol: Protocol, layout: _FamilyLayout) -> bytes:
+    """`typeof numgen inc mod <size> : ip daddr . <protocol> dport`, `counter` (each element gets one)."""
+    key_typeof = _typeof(EXPR_NUMGEN, host32(NFT_NG_INCREMENTAL), host32(size), host32(0))
     data_typeof = _typeof(
         EXPR_CONCAT,
         _payload_typeof(*layout.daddr),
-        _payload_typeof(PROTO_DESCS[pool.protocol], DPORT_FIELD),
+        _payload_typeof(PROTO_DESCS[protocol], DPORT_FIELD),
     )
-    declaration = [
-        ("NFTA_SET_FLAGS", {"NFT_SET_MAP"}),
-        ("NFTA_SET_KEY_TYPE", TYPE_INTEGER),
-        ("NFTA_SET_KEY_LEN", 4),
-        ("NFTA_SET_DATA_TYPE", _concat_type(layout)),
-        ("NFTA_SET_DATA_LEN", layout.address_len + 4),
-        ("NFTA_SET_USERDATA", _set_userdata(BYTEORDER_HOST, key_typeof, data_typeof)),
-        ("NFTA_SET_EXPR", expression("counter")),  # each element gets a counter of its own
-    ]
-    elements = [
-        {
-            "attrs": [
-                ("NFTA_SET_ELEM_KEY", data_value(host32(number))),
-                ("NFTA_SET_ELEM_DATA", data_value(_destination(slot, layout))),
-                ("NFTA_SET_ELEM_USERDATA", [("NFTNL_UDATA_SET_ELEM_COMMENT", slot.name)]),
-            ]
-        }
-        for number, slot in enumerate(pool.slots)
-    ]
-    return _Map(f"slots-{pool.chain}", declaration, elements)
+    userdata = _set_userdata(BYTEORDER_HOST, key_typeof, data_typeof)
+    return _map_declaration((TYPE_INTEGER, 4), layout, userdata, nested(NFTA_SET_EXPR, expression("counter")))
 
 
-def _self_map(pool: NatPool, family: Family) -> _Map:
-    """`type <address> : <address> . inet_service`: a backend's address -> where its own connections go."""
+def _slots_map(pool: NatPool, family: Family) -> _Map:
+    """Map `slots-...`: slot number -> address . port, commented."""
     layout = _LAYOUTS[family]
-    declaration = [
-        ("NFTA_SET_FLAGS", {"NFT_SET_MAP"}),
-        ("NFTA_SET_KEY_TYPE", layout.address_type),
-        ("NFTA_SET_KEY_LEN", layout.address_len),
-        ("NFTA_SET_DATA_TYPE", _concat_type(layout)),
-        ("NFTA_SET_DATA_LEN", layout.address_len + 4),
-        # nft 1.0.6 records a concatenated `type` as a typeof concatenation of no fields
-        ("NFTA_SET_USERDATA", _set_userdata(BYTEORDER_BIG, None, _typeof(EXPR_CONCAT))),
+    declaration = _slots_declaration(len(pool.slots), pool.protocol, layout)
+    return _Map(f"slots-{pool.chain}", declaration, functools.partial(_slot_elements, pool.slots, layout))
+
+
+def _slot_elements(slots: Sequence[Slot], layout: _FamilyLayout) -> list[bytes]:
+    """Slot number -> address . port, the backend's name as the comment."""
+    return [
+        element(
+            host32(number),
+            _destination(slot, layout),
+            netlink.attribute(NFTA_SET_ELEM_USERDATA, _tlv(NFTNL_UDATA_SET_ELEM_COMMENT, slot.name.encode() + b"\0")),
+        )
+        for number, slot in enumerate(slots)
     ]
-    elements = [
-        {
-            "attrs": [
-                ("NFTA_SET_ELEM_KEY", data_value(layout.pack(address))),
-                ("NFTA_SET_ELEM_DATA", data_value(_destination(slot, layout))),
-            ]
-        }
-        for address, slot in pool.fallbacks
-    ]
-    return _Map(f"self-{pool.chain}", declaration, elements)
+
+
+@functools.cache
+def _self_declaration(layout: _FamilyLayout) -> bytes:
+    """`type <address> : <address> . inet_service`."""
+    # nft 1.0.6 records a concatenated `type` as a typeof concatenation of no fields
+    userdata = _set_userdata(BYTEORDER_BIG, None, _typeof(EXPR_CONCAT))
+    return _map_declaration((layout.address_type, layout.address_len), layout, userdata)
+
+
+def _self_map(chain: str, fallbacks: Sequence[tuple[str, Slot]], family: Family) -> _Map:
+    """Map `self-...`: a backend's address -> where its own connections go."""
+    layout = _LAYOUTS[family]
+    return _Map(f"self-{chain}", _self_declaration(layout), functools.partial(_self_elements, fallbacks, layout))
+
+
+def _self_elements(fallbacks: Sequence[tuple[str, Slot]], layout: _FamilyLayout) -> list[bytes]:
+    return [element(layout.pack(address), _destination(slot, layout)) for address, slot in fallbacks]
 
 
 def _maps(pool: NatPool | None, family: Family) -> dict[str, _Map]:
     if pool is None:
         return {}
-    maps = [_slots_map(pool, family), *([_self_map(pool, family)] if pool.fallbacks else [])]
+    fallbacks = pool.fallbacks  # derived each time: once here
+    maps = [_slots_map(pool, family), *([_self_map(pool.chain, fallbacks, family)] if fallbacks else [])]
     return {m.name: m for m in maps}
 
 
-def _ports_element(pool: NatPool, with_verdict: bool) -> Nest:
-    """`<protocol> . <port> : goto <chain>` of map ports (each field padded to its 32-bit register)."""
-    key = struct.pack("=B3x", IPPROTOS[pool.protocol]) + struct.pack(">H2x", pool.port)
-    attrs: Attrs = [("NFTA_SET_ELEM_KEY", data_value(key))]
-    if with_verdict:
-        attrs.append(("NFTA_SET_ELEM_DATA", _verdict(NFT_GOTO, pool.chain)))
-    return {"attrs": attrs}
+def _ports_element(pool: NatPool, with_verdict: bool) -> bytes:
+    """`<protocol> . <port> : goto <chain>` of map ports."""
+    key = _PORTS_KEY.pack(IPPROTOS[pool.protocol], pool.port)
+    if not with_verdict:
+        return element(key)
+    return element(key, nested(NFTA_SET_ELEM_DATA, verdict(NFT_GOTO, pool.chain)))
 
 
 # --- the chain's rules, as nft 1.0.6 sends nftnat's ---
 
 
-def _l4proto(protocol: Protocol) -> list[Nest]:
-    return [
-        expression("meta", ("NFTA_META_KEY", Meta.NFT_META_L4PROTO), ("NFTA_META_DREG", Regs.NFT_REG_1)),
-        expression(
-            "cmp",
-            ("NFTA_CMP_SREG", Regs.NFT_REG_1),
-            ("NFTA_CMP_OP", Cmp.NFT_CMP_EQ),
-            ("NFTA_CMP_DATA", data_value(bytes([IPPROTOS[protocol]]))),
-        ),
-    ]
+def _saddr(layout: _FamilyLayout) -> bytes:
+    return payload(NFT_PAYLOAD_NETWORK_HEADER, layout.saddr_offset, layout.address_len)
 
 
-def _saddr(layout: _FamilyLayout) -> Nest:
-    return expression(
-        "payload",
-        ("NFTA_PAYLOAD_DREG", Regs.NFT_REG_1),
-        ("NFTA_PAYLOAD_BASE", NFT_PAYLOAD_NETWORK_HEADER),
-        ("NFTA_PAYLOAD_OFFSET", layout.saddr_offset),
-        ("NFTA_PAYLOAD_LEN", layout.address_len),
-    )
+def _dnat_through(map_name: str, layout: _FamilyLayout) -> list[bytes]:
+    """Look reg 1 up in the map, DNAT to the address . port found."""
+    return [lookup(map_name, NFT_REG_1), dnat(layout.nfproto, layout.port_reg)]
 
 
-def _dnat_through(map_name: str, layout: _FamilyLayout) -> list[Nest]:
-    """Look reg 1 up in the map, DNAT to the address . port found (the port in the register after the address)."""
-    return [
-        expression(
-            "lookup",
-            ("NFTA_LOOKUP_SREG", Regs.NFT_REG_1),
-            ("NFTA_LOOKUP_DREG", Regs.NFT_REG_1),
-            ("NFTA_LOOKUP_SET", map_name),
-        ),
-        expression(
-            "nat",
-            ("NFTA_NAT_TYPE", NFT_NAT_DNAT),
-            ("NFTA_NAT_FAMILY", layout.nfproto),
-            ("NFTA_NAT_REG_ADDR_MIN", Regs.NFT_REG_1),
-            ("NFTA_NAT_REG_PROTO_MIN", layout.port_reg),
-        ),
-    ]
-
-
-def _mark(mark: int) -> list[Nest]:
-    """`ct mark set ct mark | mark`, as nft writes it: (reg & ~mark) ^ mark, host order."""
-    return [
-        expression("ct", ("NFTA_CT_KEY", NFT_CT_MARK), ("NFTA_CT_DREG", Regs.NFT_REG_1)),
-        expression(
-            "bitwise",
-            ("NFTA_BITWISE_SREG", Regs.NFT_REG_1),
-            ("NFTA_BITWISE_DREG", Regs.NFT_REG_1),
-            ("NFTA_BITWISE_OP", NFT_BITWISE_BOOL),
-            ("NFTA_BITWISE_LEN", 4),
-            ("NFTA_BITWISE_MASK", data_value(host32(~mark & 0xFFFFFFFF))),
-            ("NFTA_BITWISE_XOR", data_value(host32(mark))),
-        ),
-        expression("ct", ("NFTA_CT_KEY", NFT_CT_MARK), ("NFTA_CT_SREG", Regs.NFT_REG_1)),
-    ]
-
-
-def _unrouted(pool: NatPool, layout: _FamilyLayout) -> list[Nest]:
+def _unrouted(chain: str, unrouted: tuple[str, ...], layout: _FamilyLayout) -> list[bytes]:
     """`ip saddr { address } return`: nft makes a one-element set a comparison. nat_pool never gives more than one
     address (only a pool of one address has any), and more would need an anonymous set."""
-    if len(pool.unrouted) != 1:
-        raise ValueError(f"{pool.chain}: {len(pool.unrouted)} unrouted addresses, the netlink writer takes one")
-    return [
-        _saddr(layout),
-        expression(
-            "cmp",
-            ("NFTA_CMP_SREG", Regs.NFT_REG_1),
-            ("NFTA_CMP_OP", Cmp.NFT_CMP_EQ),
-            ("NFTA_CMP_DATA", data_value(layout.pack(pool.unrouted[0]))),
-        ),
-        expression(
-            "immediate", ("NFTA_IMMEDIATE_DREG", Regs.NFT_REG_VERDICT), ("NFTA_IMMEDIATE_DATA", _verdict(NFT_RETURN))
-        ),
-    ]
-
-
-def _pick(pool: NatPool, layout: _FamilyLayout) -> list[Nest]:
-    """`meta l4proto <protocol> dnat to numgen inc|random mod N map @slots-...`."""
-    numgen = expression(
-        "numgen",
-        ("NFTA_NG_DREG", Regs.NFT_REG_1),
-        ("NFTA_NG_MODULUS", len(pool.slots)),
-        ("NFTA_NG_TYPE", NFT_NG_RANDOM if pool.random else NFT_NG_INCREMENTAL),
-        ("NFTA_NG_OFFSET", 0),
+    if len(unrouted) != 1:
+        raise ValueError(f"{chain}: {len(unrouted)} unrouted addresses, the netlink writer takes one")
+    give_back = expression(
+        "immediate", big32(NFTA_IMMEDIATE_DREG, NFT_REG_VERDICT), nested(NFTA_IMMEDIATE_DATA, verdict(NFT_RETURN))
     )
-    return [*_l4proto(pool.protocol), numgen, *_dnat_through(f"slots-{pool.chain}", layout)]
+    return [_saddr(layout), equals(layout.pack(unrouted[0])), give_back]
 
 
-def _rules(pool: NatPool, family: Family) -> Iterator[list[Nest]]:
+def _rules(pool: NatPool, family: Family) -> Iterator[list[bytes]]:
     """The chain's rules in order, each as its expressions (nftnat._chain)."""
     layout = _LAYOUTS[family]
-    yield _mark(pool.mark)
+    protocol = IPPROTOS[pool.protocol]
+    yield set_mark(pool.mark)
     if pool.fallbacks:
-        yield [*_l4proto(pool.protocol), _saddr(layout), *_dnat_through(f"self-{pool.chain}", layout)]
-    if pool.unrouted:
-        yield _unrouted(pool, layout)
-    yield _pick(pool, layout)
+        yield [*l4proto(protocol), _saddr(layout), *_dnat_through(f"self-{pool.chain}", layout)]
+    if unrouted := pool.unrouted:
+        yield _unrouted(pool.chain, unrouted, layout)
+    pick = numgen(NFT_NG_RANDOM if pool.random else NFT_NG_INCREMENTAL, len(pool.slots))
+    yield [*l4proto(protocol), pick, *_dnat_through(f"slots-{pool.chain}", layout)]
 
 
 # --- the change ---
 
 # The kernel requires an id on a new set, unique in its transaction (where it may name the set: here names do).
 _set_ids = itertools.count(1)
+
+
+# Where a message names its table and its object, by kind of object
+_CHAIN = (NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME)
+_RULES = (NFTA_RULE_TABLE, NFTA_RULE_CHAIN)
+_SET = (NFTA_SET_TABLE, NFTA_SET_NAME)
+_ELEMENTS = (NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET)
 
 
 @dataclass(frozen=True)
@@ -365,49 +457,46 @@ class _Objects:
     table: str
     chain: str
 
-    def _message(self, cls: type[nfgen_msg], msg_type: int, attrs: Attrs, flags: int = 0) -> nfgen_msg:
-        return message(cls, msg_type, flags, self.family, attrs)
+    def _message(
+        self, msg_type: int, naming: tuple[int, int], name: str, *attributes: bytes, flags: int = 0
+    ) -> Request:
+        """A message about object `name` of the table: the table's and the name's attributes, then `attributes`."""
+        head = string(naming[0], self.table) + string(naming[1], name)
+        return message(msg_type, flags, self.family, head + b"".join(attributes), f"{self.table} {name}")
 
-    def chain_message(self, msg_type: int, flags: int = 0) -> nfgen_msg:
-        attrs = [("NFTA_CHAIN_TABLE", self.table), ("NFTA_CHAIN_NAME", self.chain)]
-        return self._message(nft_chain_msg, msg_type, attrs, flags)
+    def chain_message(self, msg_type: int, flags: int = 0) -> Request:
+        return self._message(msg_type, _CHAIN, self.chain, flags=flags)
 
-    def flush_rules(self) -> nfgen_msg:
-        attrs = [("NFTA_RULE_TABLE", self.table), ("NFTA_RULE_CHAIN", self.chain)]  # no handle: every rule
-        return self._message(nft_rule_msg, NFT_MSG_DELRULE, attrs)
+    def flush_rules(self) -> Request:
+        return self._message(NFT_MSG_DELRULE, _RULES, self.chain)  # no handle: every rule
 
-    def add_rule(self, expressions: list[Nest]) -> nfgen_msg:
-        attrs = [("NFTA_RULE_TABLE", self.table), ("NFTA_RULE_CHAIN", self.chain)]
-        attrs.append(("NFTA_RULE_EXPRESSIONS", expressions))
-        return self._message(nft_rule_msg, NFT_MSG_NEWRULE, attrs, NLM_F_CREATE | NLM_F_APPEND)
+    def add_rule(self, expressions: list[bytes]) -> Request:
+        rule = list_of(NFTA_RULE_EXPRESSIONS, expressions)
+        return self._message(NFT_MSG_NEWRULE, _RULES, self.chain, rule, flags=NLM_F_CREATE | NLM_F_APPEND)
 
-    def elements(self, msg_type: int, name: str, elements: list[Nest] | None, flags: int = 0) -> nfgen_msg:
+    def elements(self, msg_type: int, name: str, elements: list[bytes] | None, flags: int = 0) -> Request:
         """Elements of map `name` to add or delete; None: all of them (a flush)."""
-        attrs: Attrs = [("NFTA_SET_ELEM_LIST_TABLE", self.table), ("NFTA_SET_ELEM_LIST_SET", name)]
-        if elements is not None:
-            attrs.append(("NFTA_SET_ELEM_LIST_ELEMENTS", elements))
-        return self._message(nft_set_elem_list_msg, msg_type, attrs, flags)
+        listed = list_of(NFTA_SET_ELEM_LIST_ELEMENTS, elements) if elements is not None else b""
+        return self._message(msg_type, _ELEMENTS, name, listed, flags=flags)
 
-    def delete_map(self, name: str) -> nfgen_msg:
-        return self._message(nft_set_msg, NFT_MSG_DELSET, [("NFTA_SET_TABLE", self.table), ("NFTA_SET_NAME", name)])
+    def delete_map(self, name: str) -> Request:
+        return self._message(NFT_MSG_DELSET, _SET, name)
 
-    def add_map(self, new: _Map) -> list[nfgen_msg]:
-        attrs = [("NFTA_SET_TABLE", self.table), ("NFTA_SET_NAME", new.name), *new.declaration]
-        attrs.append(("NFTA_SET_ID", next(_set_ids)))
-        return [
-            self._message(nft_set_msg, NFT_MSG_NEWSET, attrs, NLM_F_CREATE | NLM_F_EXCL),
-            self.elements(NFT_MSG_NEWSETELEM, new.name, new.elements, NLM_F_CREATE | NLM_F_EXCL),
-        ]
+    def add_map(self, new: _Map) -> list[Request]:
+        set_id = big32(NFTA_SET_ID, next(_set_ids))
+        flags = NLM_F_CREATE | NLM_F_EXCL
+        declared = self._message(NFT_MSG_NEWSET, _SET, new.name, new.declaration, set_id, flags=flags)
+        return [declared, self.elements(NFT_MSG_NEWSETELEM, new.name, new.elements(), flags)]
 
-    def change_map(self, old: _Map | None, new: _Map | None) -> list[nfgen_msg]:
+    def change_map(self, old: _Map | None, new: _Map | None) -> list[Request]:
         """A map as declared alike is flushed and refilled; one declared otherwise is deleted and added again."""
         if old is not None and new is not None and old.declaration == new.declaration:
-            refill = self.elements(NFT_MSG_NEWSETELEM, new.name, new.elements, NLM_F_CREATE | NLM_F_EXCL)
+            refill = self.elements(NFT_MSG_NEWSETELEM, new.name, new.elements(), NLM_F_CREATE | NLM_F_EXCL)
             return [self.elements(NFT_MSG_DELSETELEM, new.name, None), refill]
         return [*([self.delete_map(old.name)] if old else []), *(self.add_map(new) if new else [])]
 
 
-def change_batch(before: NatPool | None, after: NatPool | None, family: Family) -> list[nfgen_msg]:
+def change_batch(before: NatPool | None, after: NatPool | None, family: Family) -> list[Request]:
     """The messages (without the batch's begin and end) that turn the kernel's objects of `before` (None: the
     frontend has none yet) into those of `after` (None: remove them), in the table of their port. Creations are
     exclusive: a kernel that does not hold `before` refuses the batch rather than merge."""
@@ -448,15 +537,14 @@ _VERBS = {
     NFT_MSG_NEWSETELEM: "add elements to map",
     NFT_MSG_DELSETELEM: "delete elements of map",
 }
-_FAMILY_NAMES = {NFPROTO_IPV4: "ip", NFPROTO_IPV6: "ip6"}
+_FAMILY_NAMES = {layout.nfproto: layout.name for layout in _LAYOUTS.values()}
 
 
-def describe(msg: nfgen_msg) -> str:
+def describe(request: Request) -> str:
     """A message as nft words it, roughly: `delete map ip tcprouter-17 slots-tcp-8017`."""
-    msg_type = msg["header"]["type"] & 0xFF
-    names = [value for _, value in msg["attrs"] if isinstance(value, str)][:2]  # the table, then the object
-    family = _FAMILY_NAMES.get(msg["nfgen_family"], str(msg["nfgen_family"]))
-    return " ".join([_VERBS.get(msg_type, f"nf_tables message {msg_type}"), family, *names])
+    verb = _VERBS.get(request.type, f"nf_tables message {request.type}")
+    family = _FAMILY_NAMES.get(request.nfproto, str(request.nfproto))
+    return " ".join(filter(None, [verb, family, request.subject]))
 
 
 class TransactionRefused(OSError):
@@ -468,84 +556,56 @@ class TransactionRefused(OSError):
         super().__init__(refusals[0][1], f"nf_tables refused the transaction, nothing changed ({text})")
 
 
-def netfilter_socket(netns: str | None) -> socket.socket:
-    """A netfilter netlink socket opened in network namespace `netns` (None: this thread's). Unlike pyroute2's
-    pushns, a missing namespace is an error (FileNotFoundError), not created; only this thread moves, and back."""
-    if netns is None:
-        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-    here = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        pyroute2_netns.setns(netns, flags=0)
-        try:
-            return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        finally:
-            pyroute2_netns.setns(here)
-    finally:
-        os.close(here)
-
-
 class NatSocket:
     """A netfilter netlink socket opened in a network namespace (None: this thread's), that sends transactions."""
 
     def __init__(self, netns: str | None = None, timeout: float = 5.0) -> None:
-        self._sock = netfilter_socket(netns)
-        self._sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)  # an error echoes the request's header only
+        self._sock = netlink.open_socket(netlink.NETLINK_NETFILTER, netns)
+        self._sock.setsockopt(netlink.SOL_NETLINK, netlink.NETLINK_CAP_ACK, 1)  # an error echoes the header only
         self._sock.settimeout(timeout)  # the kernel answers before sendmsg returns: a guard only
         self._send_buffer = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
         self._sequence = 0
 
-    def send(self, messages: Sequence[nfgen_msg]) -> None:
+    def send(self, messages: Sequence[Request]) -> None:
         """The messages as one transaction, committed whole or not at all; TransactionRefused if refused."""
         if messages:
             self.transact(*self.encode(messages), messages)
 
-    def encode(self, messages: Sequence[nfgen_msg]) -> tuple[bytes, range]:
-        """The messages between a batch's begin and end, as one buffer; the batch's sequence numbers. Numbers the
-        messages (new numbers each batch) and asks for the last one's ack: the kernel acks it, and reports any
-        error, once it has committed or aborted the whole batch."""
-        begin, end = batch_marker(NFNL_MSG_BATCH_BEGIN), batch_marker(NFNL_MSG_BATCH_END)
-        batch = [begin, *messages, end]
-        for number, msg in enumerate(batch, self._sequence):
-            msg["header"]["sequence_number"] = number
-        messages[-1]["header"]["flags"] |= NLM_F_ACK
-        sequence = range(self._sequence, self._sequence + len(batch))
+    def encode(self, messages: Sequence[Request]) -> tuple[bytes, range]:
+        """The messages as one batch (encode_batch), with new sequence numbers each batch; its sequence numbers."""
+        sequence = range(self._sequence, self._sequence + len(messages) + 2)
         self._sequence = sequence.stop % (1 << 31)
-        for msg in batch:
-            msg.encode()
-        return b"".join(msg.data for msg in batch), sequence
+        return encode_batch(messages, sequence.start), sequence
 
-    def transact(self, data: bytes, sequence: range, messages: Sequence[nfgen_msg]) -> None:
+    def transact(self, data: bytes, sequence: range, messages: Sequence[Request]) -> None:
         """Sends an encoded batch, then reads the replies up to the last message's ack, or an error about the
         batch as a whole (reported against its begin); replies of an earlier batch are skipped."""
         if len(data) > self._send_buffer:  # netlink refuses a message larger than the send buffer
-            self._sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, len(data))
+            self._sock.setsockopt(socket.SOL_SOCKET, netlink.SO_SNDBUFFORCE, len(data))
             self._send_buffer = len(data)
         self._sock.send(data)
         refusals: list[tuple[str, int]] = []
         last, done = sequence[-2], False
         while not done:
-            for seq, error in self._errors():
+            for seq, number in self._errors():
                 if seq not in sequence:
                     continue
-                if error:
+                if number:
                     inside = sequence.start < seq <= last
-                    refusals.append((describe(messages[seq - sequence.start - 1]) if inside else "the batch", -error))
+                    refusals.append((describe(messages[seq - sequence.start - 1]) if inside else "the batch", number))
                 done = done or seq in (last, sequence.start)
         if refusals:
             raise TransactionRefused(refusals)
 
     def _errors(self) -> Iterator[tuple[int, int]]:
-        """The (sequence number, error) of each ack or error in the next datagram (error 0: an ack)."""
+        """The (sequence number, errno) of each ack or error in the next datagram (errno 0: an ack)."""
         try:
-            reply = self._sock.recv(1 << 16)
+            reply = self._sock.recv(netlink.RECEIVE_SIZE)
         except TimeoutError as error:  # committed or not: unknown
             raise TimeoutError(errno.ETIMEDOUT, "nf_tables did not answer the transaction") from error
-        offset = 0
-        while offset + 20 <= len(reply):
-            length, msg_type, _, seq, _, error = struct.unpack_from("=IHHIIi", reply, offset)
-            if msg_type == NLMSG_ERROR:
-                yield seq, error
-            offset += (max(length, 16) + 3) & ~3
+        for msg in netlink.messages(reply):
+            if msg.type == netlink.NLMSG_ERROR:
+                yield msg.sequence, netlink.error_of(msg)
 
     def close(self) -> None:
         self._sock.close()

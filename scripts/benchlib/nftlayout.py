@@ -12,13 +12,14 @@ and back, rewritten the way that layout allows (*partial*, the writer process's 
 - nft-named-T: as nft-anon-T, with the map a named one per frontend, a counter per element (per-backend connection
   counts, which the kernel updates on lookup); partial: flush the chain and the map, add elements and the rule.
 - nft-named-T-netlink: nft-named-T written by a writer without the nft CLI (which reads its whole cache before each
-  command): each write is one nf_tables batch built with pyroute2 and sent by this process, timed from building it
-  to the last ack, the socket opened beforehand. Full: the very messages `nft -f` sends for nft-named-T's text, one
-  transaction; its cell shows, in brackets, the part of the full seconds spent building and encoding it, the rest
-  being sendmsg (in which the kernel processes and commits the batch) and the ack. Checked afterwards by counting
-  tables, chains, maps, elements and rules, and before each size by comparing `nft -a list ruleset` with nft -f's
-  at 3 frontends. Partial: flush the map, add the elements, replace the rule by handle (looked up beforehand), each
-  write checked afterwards with nft (elements and modulus).
+  command): each write is one nf_tables batch encoded with tcprouter.nftnat_netlink's primitives (as tcprouter's
+  own changes are) and sent by this process, timed from building it to the last ack, the socket opened beforehand.
+  Full: the very messages `nft -f` sends for nft-named-T's text, one transaction; its cell shows, in brackets, the
+  part of the full seconds spent building and encoding it, the rest being sendmsg (in which the kernel processes
+  and commits the batch) and the ack. Checked afterwards by counting tables, chains, maps, elements and rules, and
+  before each size by comparing `nft -a list ruleset` with nft -f's at 3 frontends. Partial: flush the map, add the
+  elements, replace the rule by handle (looked up beforehand), each write checked afterwards with nft (elements and
+  modulus).
 
 Usage: python -m benchlib.nftlayout [FRONTENDS,... [RUNS [LAYOUT,...]]]   (from scripts/, as root; default
 1000,10000 5, all layouts)
@@ -30,7 +31,6 @@ import contextlib
 import difflib
 import itertools
 import json
-import os
 import re
 import socket
 import struct
@@ -39,43 +39,57 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
 
-from pyroute2 import netns as pyroute2_netns
-from pyroute2.netlink import NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REPLACE
-from pyroute2.netlink.nfnetlink import nfgen_msg
-from pyroute2.netlink.nfnetlink.nftsocket import (
+from tcprouter.model import Family
+from tcprouter.netlink import NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REPLACE, attribute, big32, nested, string
+from tcprouter.nftnat_netlink import (
     NFPROTO_IPV4,
+    NFT_GOTO,
     NFT_MSG_DELSETELEM,
     NFT_MSG_NEWCHAIN,
     NFT_MSG_NEWRULE,
     NFT_MSG_NEWSET,
     NFT_MSG_NEWSETELEM,
-    NFT_MSG_NEWTABLE,
-    Cmp,
-    Meta,
-    NFTSocket,
-    Regs,
-    nft_chain_msg,
-    nft_rule_msg,
-    nft_set_elem_list_msg,
-    nft_set_msg,
-    nft_table_msg,
-)
-
-from tcprouter.model import Family
-from tcprouter.nftnat_netlink import (
-    NFNL_MSG_BATCH_BEGIN,
-    NFNL_MSG_BATCH_END,
-    NFT_BITWISE_BOOL,
-    NFT_CT_MARK,
-    NFT_NAT_DNAT,
     NFT_NG_INCREMENTAL,
-    batch_marker,
-    data_value,
+    NFT_REG32_01,
+    NFT_REG_1,
+    NFT_REG_VERDICT,
+    NFT_SET_MAP,
+    NFTA_CHAIN_NAME,
+    NFTA_CHAIN_TABLE,
+    NFTA_RULE_CHAIN,
+    NFTA_RULE_EXPRESSIONS,
+    NFTA_RULE_TABLE,
+    NFTA_SET_DATA_LEN,
+    NFTA_SET_DATA_TYPE,
+    NFTA_SET_ELEM_DATA,
+    NFTA_SET_ELEM_LIST_ELEMENTS,
+    NFTA_SET_ELEM_LIST_SET,
+    NFTA_SET_ELEM_LIST_TABLE,
+    NFTA_SET_EXPR,
+    NFTA_SET_FLAGS,
+    NFTA_SET_ID,
+    NFTA_SET_KEY_LEN,
+    NFTA_SET_KEY_TYPE,
+    NFTA_SET_NAME,
+    NFTA_SET_TABLE,
+    NFTA_SET_USERDATA,
+    NatSocket,
+    Request,
+    dnat,
+    element,
+    equals,
     expression,
     host32,
+    l4proto,
+    list_of,
+    lookup,
     message,
+    numgen,
+    payload,
+    set_mark,
+    value_in,
+    verdict,
 )
 
 from .common import median, netns_add, sh
@@ -158,79 +172,44 @@ class NftLayout:
         sh("ip", "netns", "exec", netns, "nft", "-f", "-", input=text, timeout=600)
 
 
-Attrs = list[tuple[str, Any]]
-T = TypeVar("T")
+# nf_tables.h: the attributes and values of what only this benchmark writes (tables, base chains, a verdict map)
+NFT_MSG_NEWTABLE = 0
+NFTA_TABLE_NAME, NFTA_TABLE_FLAGS = 1, 2
+NFTA_HOOK_HOOKNUM, NFTA_HOOK_PRIORITY = 1, 2
+NFTA_CHAIN_HOOK, NFTA_CHAIN_POLICY, NFTA_CHAIN_TYPE = 4, 5, 7
+NFTA_RULE_HANDLE = 3  # be64
+NFTA_SET_ELEM_EXPR, NFTA_SET_ELEM_LIST_SET_ID, NFTA_LOOKUP_SET_ID = 7, 4, 4
+NFTA_FIB_DREG, NFTA_FIB_RESULT, NFTA_FIB_FLAGS = 1, 2, 3
+NFT_FIB_RESULT_ADDRTYPE, NFTA_FIB_F_DADDR = 3, 2
+NFT_PAYLOAD_TRANSPORT_HEADER, NF_ACCEPT, NF_INET_PRE_ROUTING, RTN_LOCAL = 2, 1, 0, 2
+NFT_DATA_VERDICT = 0xFFFFFF00
 
 
-def _equals(reg: int, data: bytes) -> dict[str, Attrs]:
-    """cmp eq: the register holds `data`."""
-    return expression(
-        "cmp", ("NFTA_CMP_SREG", reg), ("NFTA_CMP_OP", Cmp.NFT_CMP_EQ), ("NFTA_CMP_DATA", data_value(data))
-    )
-
-
-def _is_tcp(reg: int) -> list[dict[str, Attrs]]:
-    """`meta l4proto tcp`, through `reg`."""
-    protocol = expression("meta", ("NFTA_META_KEY", Meta.NFT_META_L4PROTO), ("NFTA_META_DREG", reg))
-    return [protocol, _equals(reg, bytes([socket.IPPROTO_TCP]))]
-
-
-def _rule_expressions(port: int, backends: int, set_id: int | None = None) -> list[dict[str, Attrs]]:
+def _rule_expressions(port: int, backends: int, set_id: int | None = None) -> list[bytes]:
     """What nft 1.0.6 sends for NftLayout._rule (`nft --debug=netlink`), attribute for attribute; the set id nft adds
     beside the map's name only if given (an id only names a set created in the same batch; the kernel tries the
-    name first). pyroute2 leaves NLA_F_NESTED off the nests, which nf_tables' parser does not require."""
-    reg, mark = Regs.NFT_REG_1, int(MARK, 16)
-    lookup_id = [("NFTA_LOOKUP_SET_ID", set_id)] if set_id else []
+    name first)."""
+    lookup_id = [big32(NFTA_LOOKUP_SET_ID, set_id)] if set_id else []
     return [
-        *_is_tcp(reg),
-        expression("ct", ("NFTA_CT_KEY", NFT_CT_MARK), ("NFTA_CT_DREG", reg)),
-        expression(  # ct mark | MARK, as nft writes it: (reg & ~MARK) ^ MARK
-            "bitwise",
-            ("NFTA_BITWISE_SREG", reg),
-            ("NFTA_BITWISE_DREG", reg),
-            ("NFTA_BITWISE_OP", NFT_BITWISE_BOOL),
-            ("NFTA_BITWISE_LEN", 4),
-            ("NFTA_BITWISE_MASK", data_value(host32(~mark & 0xFFFFFFFF))),
-            ("NFTA_BITWISE_XOR", data_value(host32(mark))),
-        ),
-        expression("ct", ("NFTA_CT_KEY", NFT_CT_MARK), ("NFTA_CT_SREG", reg)),
-        expression(
-            "numgen",
-            ("NFTA_NG_DREG", reg),
-            ("NFTA_NG_MODULUS", backends),
-            ("NFTA_NG_TYPE", NFT_NG_INCREMENTAL),
-            ("NFTA_NG_OFFSET", 0),
-        ),
-        expression(
-            "lookup",
-            ("NFTA_LOOKUP_SREG", reg),
-            ("NFTA_LOOKUP_DREG", reg),
-            ("NFTA_LOOKUP_SET", f"b{port}"),
-            *lookup_id,
-        ),
-        expression(  # the address in reg 1, the port in the next 32-bit register (the concatenation's second field)
-            "nat",
-            ("NFTA_NAT_TYPE", NFT_NAT_DNAT),
-            ("NFTA_NAT_FAMILY", NFPROTO_IPV4),
-            ("NFTA_NAT_REG_ADDR_MIN", reg),
-            ("NFTA_NAT_REG_PROTO_MIN", Regs.NFT_REG32_01),
-        ),
+        *l4proto(socket.IPPROTO_TCP),
+        *set_mark(int(MARK, 16)),
+        numgen(NFT_NG_INCREMENTAL, backends),
+        lookup(f"b{port}", NFT_REG_1, *lookup_id),
+        dnat(NFPROTO_IPV4, NFT_REG32_01),  # the port in the 32-bit register after the address's
     ]
 
 
-def _element(slot: int, address: str, port: int) -> dict[str, Attrs]:
+def _element(slot: int, address: str, port: int) -> bytes:
     """slot (numgen's output, host order) : address . port (the port padded to its 32-bit register), a counter."""
-    return {
-        "attrs": [
-            ("NFTA_SET_ELEM_KEY", data_value(host32(slot))),
-            ("NFTA_SET_ELEM_DATA", data_value(socket.inet_aton(address) + struct.pack(">H2x", port))),
-            ("NFTA_SET_ELEM_EXPR", expression("counter")),
-        ]
-    }
+    return element(
+        host32(slot),
+        value_in(NFTA_SET_ELEM_DATA, socket.inet_aton(address) + struct.pack(">H2x", port)),
+        nested(NFTA_SET_ELEM_EXPR, expression("counter")),
+    )
 
 
-def _message(cls: type[nfgen_msg], msg_type: int, flags: int, attrs: Attrs) -> nfgen_msg:
-    return message(cls, msg_type, flags, Family.IPV4, attrs)
+def _message(msg_type: int, flags: int, *attributes: bytes) -> Request:
+    return message(msg_type, flags, Family.IPV4, b"".join(attributes))
 
 
 # Sets as nft 1.0.6 declares NftLayout's maps: NFTA_SET_USERDATA is libnftnl TLVs that only nft reads back (to print
@@ -244,103 +223,58 @@ POOL_USERDATA = bytes.fromhex(  # typeof numgen inc mod 2 : ip daddr . tcp dport
     "0000"
     "060400000000"
 )
-TYPE_INTEGER, TYPE_IPADDR, TYPE_INET_SERVICE, NFT_DATA_VERDICT = 4, 7, 13, 0xFFFFFF00  # nft's datatypes
+TYPE_INTEGER, TYPE_IPADDR, TYPE_INET_SERVICE = 4, 7, 13  # nft's datatypes
 PORT_KEY, VERDICT_DATA = (TYPE_INET_SERVICE, 2), (NFT_DATA_VERDICT, 0)  # (datatype, length) of a key or data
 SLOT_KEY, BACKEND_DATA = (TYPE_INTEGER, 4), (TYPE_IPADDR << 6 | TYPE_INET_SERVICE, 8)  # a concatenation: a << 6 | b
-NFT_GOTO, NF_ACCEPT, NF_INET_PRE_ROUTING = -4, 1, 0
-NFTA_FIB_F_DADDR, NFT_PAYLOAD_TRANSPORT_HEADER, RTN_LOCAL = 2, 2, 2
-NETLINK_NETFILTER, SO_SNDBUFFORCE, NLMSG_ERROR = 12, 32, 2
 
 
-def _set(table: str, name: str, set_id: int, key: tuple[int, int], data: tuple[int, int], userdata: bytes) -> Attrs:
+def _set(table: str, name: str, set_id: int, key: tuple[int, int], data: tuple[int, int], userdata: bytes) -> bytes:
     """A map named name in table; key and data are (nft datatype, length)."""
-    return [
-        ("NFTA_SET_TABLE", table),
-        ("NFTA_SET_NAME", name),
-        ("NFTA_SET_FLAGS", {"NFT_SET_MAP"}),
-        ("NFTA_SET_KEY_TYPE", key[0]),
-        ("NFTA_SET_KEY_LEN", key[1]),
-        ("NFTA_SET_DATA_TYPE", data[0]),
-        ("NFTA_SET_DATA_LEN", data[1]),
-        ("NFTA_SET_ID", set_id),
-        ("NFTA_SET_USERDATA", userdata),
-    ]
-
-
-def _element_list(table: str, name: str, set_id: int, elements: list[dict[str, Attrs]]) -> Attrs:
-    return [
-        ("NFTA_SET_ELEM_LIST_TABLE", table),
-        ("NFTA_SET_ELEM_LIST_SET", name),
-        ("NFTA_SET_ELEM_LIST_SET_ID", set_id),
-        ("NFTA_SET_ELEM_LIST_ELEMENTS", elements),
-    ]
-
-
-def _goto(port: int) -> dict[str, Attrs]:
-    verdict = [("NFTA_VERDICT_CODE", NFT_GOTO), ("NFTA_VERDICT_CHAIN", f"fe{port}")]
-    return {
-        "attrs": [
-            ("NFTA_SET_ELEM_KEY", data_value(struct.pack(">H", port))),
-            ("NFTA_SET_ELEM_DATA", {"attrs": [("NFTA_DATA_VERDICT", {"attrs": verdict})]}),
+    return b"".join(
+        [
+            string(NFTA_SET_TABLE, table),
+            string(NFTA_SET_NAME, name),
+            big32(NFTA_SET_FLAGS, NFT_SET_MAP),
+            big32(NFTA_SET_KEY_TYPE, key[0]),
+            big32(NFTA_SET_KEY_LEN, key[1]),
+            big32(NFTA_SET_DATA_TYPE, data[0]),
+            big32(NFTA_SET_DATA_LEN, data[1]),
+            big32(NFTA_SET_ID, set_id),
+            attribute(NFTA_SET_USERDATA, userdata),
         ]
-    }
+    )
 
 
-def _dispatch_expressions(set_id: int) -> list[dict[str, Attrs]]:
+def _element_list(table: str, name: str, set_id: int, elements: list[bytes]) -> bytes:
+    return b"".join(
+        [
+            string(NFTA_SET_ELEM_LIST_TABLE, table),
+            string(NFTA_SET_ELEM_LIST_SET, name),
+            big32(NFTA_SET_ELEM_LIST_SET_ID, set_id),
+            list_of(NFTA_SET_ELEM_LIST_ELEMENTS, elements),
+        ]
+    )
+
+
+def _goto(port: int) -> bytes:
+    return element(struct.pack(">H", port), nested(NFTA_SET_ELEM_DATA, verdict(NFT_GOTO, f"fe{port}")))
+
+
+def _dispatch_expressions(set_id: int) -> list[bytes]:
     """`fib daddr type local tcp dport vmap @frontends`, as nft 1.0.6 sends it."""
-    reg = Regs.NFT_REG_1
+    fib = expression(
+        "fib",
+        big32(NFTA_FIB_FLAGS, NFTA_FIB_F_DADDR),
+        big32(NFTA_FIB_RESULT, NFT_FIB_RESULT_ADDRTYPE),
+        big32(NFTA_FIB_DREG, NFT_REG_1),
+    )
     return [
-        expression(  # pyroute2 maps NFTA_FIB_RESULT as bit flags: bits 0 and 1 are the value 3, NFT_FIB_RESULT_ADDRTYPE
-            "fib",
-            ("NFTA_FIB_FLAGS", NFTA_FIB_F_DADDR),
-            ("NFTA_FIB_RESULT", frozenset({"NFT_FIB_RESULT_UNSPEC", "NFT_FIB_RESULT_OIF"})),
-            ("NFTA_FIB_DREG", reg),
-        ),
-        _equals(reg, host32(RTN_LOCAL)),
-        *_is_tcp(reg),
-        expression(
-            "payload",
-            ("NFTA_PAYLOAD_DREG", reg),
-            ("NFTA_PAYLOAD_BASE", NFT_PAYLOAD_TRANSPORT_HEADER),
-            ("NFTA_PAYLOAD_OFFSET", 2),
-            ("NFTA_PAYLOAD_LEN", 2),
-        ),
-        expression(
-            "lookup",
-            ("NFTA_LOOKUP_SREG", reg),
-            ("NFTA_LOOKUP_DREG", Regs.NFT_REG_VERDICT),
-            ("NFTA_LOOKUP_SET", "frontends"),
-            ("NFTA_LOOKUP_SET_ID", set_id),
-        ),
+        fib,
+        equals(host32(RTN_LOCAL)),
+        *l4proto(socket.IPPROTO_TCP),
+        payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2),
+        lookup("frontends", NFT_REG_VERDICT, big32(NFTA_LOOKUP_SET_ID, set_id)),
     ]
-
-
-def _encode(messages: list[nfgen_msg]) -> bytes:
-    """The messages as one buffer, numbered 0, 1, ... as nft numbers a batch (no pyroute2 socket: its batch request
-    grows one bytes object message by message)."""
-    for seq, msg in enumerate(messages):
-        msg["header"]["sequence_number"] = seq
-        msg.encode()
-    return b"".join(msg.data for msg in messages)
-
-
-def _transact(sock: socket.socket, data: bytes, last_seq: int) -> None:
-    """Sends a batch in one sendmsg (nf_tables processes and commits it before sendmsg returns), then reads up to
-    the ack of message last_seq, the only one asking for one; OSError on an error reply."""
-    sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, len(data))  # netlink refuses a message over the send buffer
-    sock.send(data)
-    while True:
-        reply = sock.recv(1 << 16)
-        offset = 0
-        while offset < len(reply):
-            length, msg_type, _, seq, _ = struct.unpack_from("=IHHII", reply, offset)
-            if msg_type == NLMSG_ERROR:
-                (error,) = struct.unpack_from("=i", reply, offset + 16)
-                if error:
-                    raise OSError(-error, f"nf_tables refused batch message {seq}: {os.strerror(-error)}")
-                if seq == last_seq:
-                    return
-            offset += (length + 3) & ~3
 
 
 @dataclass(frozen=True)
@@ -351,79 +285,80 @@ class NftNetlinkLayout(NftLayout):
     def name(self) -> str:
         return f"{super().name}-netlink"
 
-    def full_batch(self, frontends: int) -> list[nfgen_msg]:
+    def full_batch(self, frontends: int) -> list[Request]:
         """The transaction `nft -f` sends for self.full(frontends) (nft 1.0.6, read with strace), message for
-        message: per table NEWTABLE, the base chain and the frontend chains, the vmap, each pool map with its
-        elements, the rules, then the vmap's elements. Each set is also named by the id nft numbers it with, and
-        no message asks for an ack, as with nft (errors are acked anyway)."""
-        messages, set_ids = [batch_marker(NFNL_MSG_BATCH_BEGIN)], itertools.count(1)
+        message, between the batch's begin and end: per table NEWTABLE, the base chain and the frontend chains, the
+        vmap, each pool map with its elements, the rules, then the vmap's elements. Each set is also named by the id
+        nft numbers it with."""
+        messages, set_ids = [], itertools.count(1)
 
-        def add(cls: type[nfgen_msg], msg_type: int, attrs: Attrs, flags: int = NLM_F_CREATE) -> None:
-            messages.append(_message(cls, msg_type, flags, attrs))
+        def add(msg_type: int, *attributes: bytes, flags: int = NLM_F_CREATE) -> None:
+            messages.append(_message(msg_type, flags, *attributes))
 
         for number in range(self.tables):
             table = f"tcpr{number}"
             ports = [FIRST_PORT + f for f in range(frontends) if self._table_of(f, frontends) == number]
-            add(nft_table_msg, NFT_MSG_NEWTABLE, [("NFTA_TABLE_NAME", table), ("NFTA_TABLE_FLAGS", 0)], flags=0)
-            hook = {"attrs": [("NFTA_HOOK_HOOKNUM", NF_INET_PRE_ROUTING), ("NFTA_HOOK_PRIORITY", -101)]}
-            base = [("NFTA_CHAIN_TYPE", "nat"), ("NFTA_CHAIN_POLICY", NF_ACCEPT), ("NFTA_CHAIN_HOOK", hook)]
-            for chain, attrs in [("prerouting", base), *((f"fe{port}", []) for port in ports)]:
-                add(nft_chain_msg, NFT_MSG_NEWCHAIN, [("NFTA_CHAIN_TABLE", table), ("NFTA_CHAIN_NAME", chain), *attrs])
+            add(NFT_MSG_NEWTABLE, string(NFTA_TABLE_NAME, table), big32(NFTA_TABLE_FLAGS, 0), flags=0)
+            hook = nested(
+                NFTA_CHAIN_HOOK, big32(NFTA_HOOK_HOOKNUM, NF_INET_PRE_ROUTING), big32(NFTA_HOOK_PRIORITY, -101)
+            )
+            base = string(NFTA_CHAIN_TYPE, "nat") + big32(NFTA_CHAIN_POLICY, NF_ACCEPT) + hook
+            for chain, attributes in [("prerouting", base), *((f"fe{port}", b"") for port in ports)]:
+                add(NFT_MSG_NEWCHAIN, string(NFTA_CHAIN_TABLE, table), string(NFTA_CHAIN_NAME, chain), attributes)
             vmap = next(set_ids)
-            add(nft_set_msg, NFT_MSG_NEWSET, _set(table, "frontends", vmap, PORT_KEY, VERDICT_DATA, VMAP_USERDATA))
+            add(NFT_MSG_NEWSET, _set(table, "frontends", vmap, PORT_KEY, VERDICT_DATA, VMAP_USERDATA))
             rules = [("prerouting", _dispatch_expressions(vmap))]
             for port in ports:
                 pool, name = next(set_ids), f"b{port}"
                 pool_map = _set(table, name, pool, SLOT_KEY, BACKEND_DATA, POOL_USERDATA)
-                add(nft_set_msg, NFT_MSG_NEWSET, [*pool_map, ("NFTA_SET_EXPR", expression("counter"))])  # `counter;`
+                add(NFT_MSG_NEWSET, pool_map, nested(NFTA_SET_EXPR, expression("counter")))  # `counter;`
                 elements = [_element(slot, _address(port - FIRST_PORT, slot), 8080) for slot in range(BACKENDS)]
-                add(nft_set_elem_list_msg, NFT_MSG_NEWSETELEM, _element_list(table, name, pool, elements))
+                add(NFT_MSG_NEWSETELEM, _element_list(table, name, pool, elements))
                 rules.append((f"fe{port}", _rule_expressions(port, BACKENDS, pool)))
             for chain, expressions in rules:
-                rule = [("NFTA_RULE_TABLE", table), ("NFTA_RULE_CHAIN", chain), ("NFTA_RULE_EXPRESSIONS", expressions)]
-                add(nft_rule_msg, NFT_MSG_NEWRULE, rule, flags=NLM_F_CREATE | NLM_F_APPEND)
+                rule = string(NFTA_RULE_TABLE, table), string(NFTA_RULE_CHAIN, chain)
+                add(
+                    NFT_MSG_NEWRULE,
+                    *rule,
+                    list_of(NFTA_RULE_EXPRESSIONS, expressions),
+                    flags=NLM_F_CREATE | NLM_F_APPEND,
+                )
             if ports:
                 gotos = [_goto(port) for port in ports]
-                add(nft_set_elem_list_msg, NFT_MSG_NEWSETELEM, _element_list(table, "frontends", vmap, gotos))
-        return [*messages, batch_marker(NFNL_MSG_BATCH_END)]
+                add(NFT_MSG_NEWSETELEM, _element_list(table, "frontends", vmap, gotos))
+        return messages
 
     def load_full(self, netns: str, frontends: int) -> tuple[float, float]:
         """self.full(frontends) as one transaction from this process: (seconds building and encoding the batch,
-        seconds sending it and reading its last message's ack). The socket is opened beforehand."""
-        sock = _in_netns(netns, lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER))
-        with sock:
+        seconds sending it and reading its last message's ack). The socket is opened beforehand; a fresh one numbers
+        the batch from 0, as nft does, and only the last message asks for an ack (errors are acked anyway)."""
+        with NatSocket(netns, timeout=600) as sock:
             started = time.perf_counter()
             messages = self.full_batch(frontends)
-            messages[-2]["header"]["flags"] |= NLM_F_ACK  # one ack, sent once the batch is committed
-            data = _encode(messages)
+            data, sequence = sock.encode(messages)
             encoded = time.perf_counter()
-            _transact(sock, data, len(messages) - 2)
+            sock.transact(data, sequence, messages)
             return encoded - started, time.perf_counter() - encoded
 
     @staticmethod
-    def batch(table: str, frontend: int, backends: int, handle: int) -> list[nfgen_msg]:
+    def batch(table: str, frontend: int, backends: int, handle: int) -> list[Request]:
         """One transaction: flush map b<port> (DELSETELEM without elements), add the pool's elements, replace the
-        chain's rule (NEWRULE with NLM_F_REPLACE and its handle) by one of the new modulus."""
+        chain's rule (NEWRULE with NLM_F_REPLACE and its handle) by one of the new modulus; each acked."""
         port = FIRST_PORT + frontend
-        where = [("NFTA_SET_ELEM_LIST_TABLE", table), ("NFTA_SET_ELEM_LIST_SET", f"b{port}")]
+        where = string(NFTA_SET_ELEM_LIST_TABLE, table) + string(NFTA_SET_ELEM_LIST_SET, f"b{port}")
         elements = [_element(slot, _address(frontend, slot), 8080) for slot in range(backends)]
         rule = [
-            ("NFTA_RULE_TABLE", table),
-            ("NFTA_RULE_CHAIN", f"fe{port}"),
-            ("NFTA_RULE_HANDLE", handle),
-            ("NFTA_RULE_EXPRESSIONS", _rule_expressions(port, backends)),
+            string(NFTA_RULE_TABLE, table),
+            string(NFTA_RULE_CHAIN, f"fe{port}"),
+            attribute(NFTA_RULE_HANDLE, struct.pack(">Q", handle)),
+            list_of(NFTA_RULE_EXPRESSIONS, _rule_expressions(port, backends)),
         ]
         return [
-            batch_marker(NFNL_MSG_BATCH_BEGIN),
-            _message(nft_set_elem_list_msg, NFT_MSG_DELSETELEM, NLM_F_ACK, where),
+            _message(NFT_MSG_DELSETELEM, NLM_F_ACK, where),
             _message(
-                nft_set_elem_list_msg,
-                NFT_MSG_NEWSETELEM,
-                NLM_F_ACK | NLM_F_CREATE,
-                [*where, ("NFTA_SET_ELEM_LIST_ELEMENTS", elements)],
+                NFT_MSG_NEWSETELEM, NLM_F_ACK | NLM_F_CREATE, where, list_of(NFTA_SET_ELEM_LIST_ELEMENTS, elements)
             ),
-            _message(nft_rule_msg, NFT_MSG_NEWRULE, NLM_F_ACK | NLM_F_REPLACE, rule),
-            batch_marker(NFNL_MSG_BATCH_END),
+            _message(NFT_MSG_NEWRULE, NLM_F_ACK | NLM_F_REPLACE, *rule),
         ]
 
     def check_equivalent(self, frontends: int = 3) -> None:
@@ -453,30 +388,18 @@ class NftNetlinkLayout(NftLayout):
             raise RuntimeError(f"{self.name}: {frontends} frontends loaded as {found}, not {expected}")
 
     def write_pools(self, netns: str, frontend: int, frontends: int, pools: list[int]) -> list[float]:
-        """Each pool size in turn, one batch each: the seconds from building the batch to its last ack (an error
-        ack raises NetlinkError), each write then checked with nft."""
+        """Each pool size in turn, one batch each: the seconds from building the batch to its last ack (a refusal
+        raises TransactionRefused), each write then checked with nft."""
         table, port = f"tcpr{self._table_of(frontend, frontends)}", FIRST_PORT + frontend
-        sock = _in_netns(netns, NFTSocket)
-        try:
+        with NatSocket(netns) as sock:
             handle = _check_named(netns, table, port, _pool(frontend, BACKENDS))
             seconds = []
             for backends in pools:
                 started = time.perf_counter()
-                sock.nlm_request_batch(self.batch(table, frontend, backends, handle))
+                sock.send(self.batch(table, frontend, backends, handle))
                 seconds.append(time.perf_counter() - started)
                 handle = _check_named(netns, table, port, _pool(frontend, backends))
-        finally:
-            sock.close()
         return seconds
-
-
-def _in_netns(netns: str, opener: Callable[[], T]) -> T:
-    """A socket opened in netns (pushns switches this thread only)."""
-    pyroute2_netns.pushns(netns)
-    try:
-        return opener()
-    finally:
-        pyroute2_netns.popns()
 
 
 def _check_named(netns: str, table: str, port: int, pool: list[str]) -> int:
