@@ -33,5 +33,3 @@ def setup_logging(log_format: str, level: str) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     logging.captureWarnings(True)  # library warnings too go out in the chosen format
-    # pyroute2 logs every netlink message at debug level: a debug log would be mostly its plumbing.
-    logging.getLogger("pyroute2").setLevel(max(logging.INFO, logging.getLogger().level))

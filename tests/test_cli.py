@@ -22,7 +22,7 @@ from tcprouter.commands import status
 from tcprouter.compiler import compile_rules
 from tcprouter.diff import parse_save
 from tcprouter.labels import desired_state
-from tcprouter.logs import JsonFormatter, setup_logging
+from tcprouter.logs import JsonFormatter
 from tcprouter.model import ContainerSnapshot
 from tcprouter.netfilter import Flavour
 
@@ -191,21 +191,6 @@ def test_json_log_lines_carry_level_message_and_extra_fields():
     record.frontend = 80
     entry = json.loads(JsonFormatter().format(record))
     assert entry["level"] == "info" and entry["message"] == "frontend 80: +backend a" and entry["frontend"] == 80
-
-
-def test_a_debug_log_leaves_out_the_netlink_plumbing():
-    """pyroute2 logs each netlink message at debug level (1.5 MB for a 2-minute churn test): left out."""
-    root = logging.getLogger()
-    saved = root.level, root.handlers[:]
-    try:
-        setup_logging("human", "debug")
-        assert logging.getLogger("tcprouter").isEnabledFor(logging.DEBUG)
-        assert not logging.getLogger("pyroute2.netlink").isEnabledFor(logging.DEBUG)
-        assert logging.getLogger("pyroute2.netlink").isEnabledFor(logging.INFO)
-    finally:
-        root.setLevel(saved[0])
-        root.handlers[:] = saved[1]
-        logging.getLogger("pyroute2").setLevel(logging.NOTSET)
 
 
 def test_log_level_must_be_a_known_level(capsys: pytest.CaptureFixture[str]):
