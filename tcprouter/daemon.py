@@ -23,7 +23,7 @@ from .families import FamilySyncers
 from .labels import DEFAULT_UDP_PREFIX, LabelKeys
 from .metrics import Metrics
 from .model import Family
-from .netfilter import Flavour, Nft, Writer, ruleset_generation
+from .netfilter import Flavour, Nft, RulesetGeneration, Writer
 from .ownership import TablesLock
 from .probe import ProbePolicy, Prober
 from .providers import Provider
@@ -129,7 +129,7 @@ def serve(
             for family, writer in writers.items()
         },
         # The nft ruleset's generation, when every writer writes nft tables (the legacy tables have none).
-        ruleset_generation if all(w.flavour is Flavour.NFT for w in writers.values()) else None,
+        RulesetGeneration() if all(w.flavour is Flavour.NFT for w in writers.values()) else None,
     )
     tracker = ChangeTracker(prefix, [p.source for p in providers], udp_prefix=udp_prefix)
     runner = SyncRunner(tracker, syncer, metrics, timing)

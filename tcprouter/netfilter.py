@@ -166,12 +166,36 @@ def ruleset_generation(netns: str | None = None) -> int:
     committed transaction, whoever commits it (iptables-nft-restore commits once per table of its input), in any
     table of any family. Asking costs one netlink round trip; an unchanged generation means an unchanged ruleset.
     NetfilterError if it cannot be read. The legacy tables have no such count."""
+    generation = RulesetGeneration(netns)
     try:
-        with netlink.Requester(netlink.NETLINK_NETFILTER, netns) as requester:
-            (answer,), _ = requester.ask(*netlink.nftables_request(NFT_MSG_GETGEN, 0))
-        return netlink.big32_value(netlink.attributes(answer.payload[netlink.NFGENMSG.size :])[NFTA_GEN_ID])
-    except (OSError, KeyError, ValueError) as error:
-        raise NetfilterError(f"cannot read the nf_tables generation: {error}") from error
+        return generation()
+    finally:
+        generation.close()
+
+
+class RulesetGeneration:
+    """ruleset_generation, read again and again on one socket, for one thread (the sync runner's, twice a sync): a
+    netlink socket's close can take milliseconds (~7 ms in a namespace here), a round trip ~20 us. A failed read
+    closes the socket; the next one opens another."""
+
+    def __init__(self, netns: str | None = None) -> None:
+        self.netns = netns
+        self._requester: netlink.Requester | None = None
+
+    def __call__(self) -> int:
+        try:
+            if self._requester is None:
+                self._requester = netlink.Requester(netlink.NETLINK_NETFILTER, self.netns)
+            (answer,), _ = self._requester.ask(*netlink.nftables_request(NFT_MSG_GETGEN, 0))
+            return netlink.big32_value(netlink.attributes(answer.payload[netlink.NFGENMSG.size :])[NFTA_GEN_ID])
+        except (OSError, KeyError, ValueError) as error:
+            self.close()
+            raise NetfilterError(f"cannot read the nf_tables generation: {error}") from error
+
+    def close(self) -> None:
+        if self._requester is not None:
+            self._requester.close()
+            self._requester = None
 
 
 def holds_docker_chains(tables: Tables) -> bool:

@@ -11,7 +11,7 @@ from tcprouter.compiler import Options
 from tcprouter.families import FamilySyncers
 from tcprouter.metrics import Metrics
 from tcprouter.model import Family
-from tcprouter.netfilter import Flavour, Iptables, NetfilterError, ruleset_generation
+from tcprouter.netfilter import Flavour, Iptables, NetfilterError, RulesetGeneration, ruleset_generation
 from tcprouter.sync import Syncer
 
 from .fakes import FakeKernel
@@ -111,9 +111,9 @@ def test_the_kernels_generation_counts_exactly_our_commits(families):
     with private_netns() as ns:
         kernels = {f: CountingIptables(Flavour.NFT, netns=ns, family=f) for f in families}
         metrics = Metrics(lambda: ({}, []))
+        generation = RulesetGeneration(ns)  # one socket for every read, as the daemon's
         syncers = FamilySyncers(
-            {f: Syncer(k, Options(family=f), "tcp", metrics) for f, k in kernels.items()},
-            lambda: ruleset_generation(ns),
+            {f: Syncer(k, Options(family=f), "tcp", metrics) for f, k in kernels.items()}, generation
         )
         view = VIEW
         assert syncers.sync(view, full=True) and syncers.known == ruleset_generation(ns)
@@ -128,6 +128,18 @@ def test_the_kernels_generation_counts_exactly_our_commits(families):
         assert sum(k.reads for k in kernels.values()) == reads + len(families)
         assert kernels[Family.IPV4].list_chain("nat", "TCPR-FRONTENDS")  # repaired
         assert syncers.known == ruleset_generation(ns)
+        generation.close()
+
+
+def test_a_kept_generation_reader_follows_commits_and_reports_a_missing_namespace():
+    with private_netns() as ns:
+        generation = RulesetGeneration(ns)
+        first = generation()
+        sh("ip", "netns", "exec", ns, "nft", "add", "table", "ip", "tcpr-test-generation")
+        assert generation() == ruleset_generation(ns) == first + 1
+        generation.close()
+    with pytest.raises(NetfilterError, match="cannot read the nf_tables generation"):
+        RulesetGeneration(ns)()
 
 
 @dataclasses.dataclass(frozen=True)

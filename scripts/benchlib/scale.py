@@ -305,7 +305,17 @@ def _runner_syncer(syncer, flavour: Flavour, netns: str):
         from tcprouter.netfilter import ruleset_generation
     except ImportError:
         return syncer
-    generation = (lambda: ruleset_generation(netns)) if flavour is Flavour.NFT else None
+
+    def one_socket_per_read() -> int:  # older code
+        return ruleset_generation(netns)
+
+    try:
+        from tcprouter.netfilter import RulesetGeneration  # its socket kept open
+
+        kept: Callable[[], int] = RulesetGeneration(netns)
+    except ImportError:
+        kept = one_socket_per_read
+    generation = kept if flavour is Flavour.NFT else None
     try:
         return FamilySyncers({OPTIONS.family: syncer}, generation)
     except TypeError:  # FamilySyncers without the generation
