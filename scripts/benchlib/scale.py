@@ -217,6 +217,12 @@ def daemon_probe(frontends: int, repeats: int, flavour: Flavour | None = None, n
     from tcprouter.tracker import Change, ChangeTracker, Relist
 
     flavour = flavour or detect_flavour()  # a namespace's tables: either flavour can be measured on any host
+    try:
+        from tcprouter.daemon import GIL_SWITCH_INTERVAL  # as daemon.serve sets it (older code: Python's default)
+
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+    except ImportError:
+        pass
     with contextlib.ExitStack() as stack:
         ns = netns_add(stack, "tcpr-bench-d-")
         restores: list[float] = []  # the seconds of each iptables-restore: the kernel write and the tool around it
