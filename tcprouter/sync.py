@@ -35,9 +35,9 @@ from .compiler import (
 from .diff import believed_tables, hook_in_place, owned, restore_script
 from .labels import DEFAULT_UDP_PREFIX, reachable_only
 from .metrics import Metrics
-from .model import ContainerSnapshot, DesiredState, Protocol
+from .model import ContainerSnapshot, DesiredState, Frontend, Protocol
 from .netfilter import NetfilterError, Nft, Writer
-from .nftnat import TABLE_PREFIX, NatPool, nat_pool, nat_pools, ruleset_texts, table_names, table_of
+from .nftnat import TABLE_PREFIX, NatPool, nat_pool, nat_pools, ruleset_texts
 from .nftnat_netlink import NatSocket, change_batch
 from .pools import Pools
 from .sysctls import TCP_LOOSE
@@ -79,7 +79,9 @@ class Syncer:
         self.pools = Pools(prefix, options.policy, udp_prefix)  # the desired state, kept per frontend
         self.rules: RuleSet | None = None  # the rules of `state`, as last written
         self._synproxied: set[int] = set()  # the ports of `rules` whose SYNs SYNPROXY answers
-        self._nat: dict[str, dict[tuple[Protocol, int], NatPool]] | None = None  # nft table -> its pools, as written
+        # The state and options the nft tables were last written from (options.nat_tables); None: unknown. A change
+        # is written against its pools, recomputed for the ports that changed (not kept: 100,000 slots at 10,000 x 10).
+        self._nat_written: tuple[DesiredState, Options] | None = None
         self._nat_sock: NatSocket | None = None
         self.commits = 0  # table commits made by this syncer's writes (one per table of a restore script)
         self.syncs = 0  # successful syncs
@@ -227,7 +229,7 @@ class Syncer:
         if script:
             self.writer.restore(script)
             self.commits += script.splitlines().count("COMMIT")
-        if not self.options.nat_tables and self.nat_writer and (full or self._nat is not None):
+        if not self.options.nat_tables and self.nat_writer and (full or self._nat_written is not None):
             self._drop_nat_tables()  # after: the iptables nat chains took over
         if full or touched is None:
             self.applied = believed_tables(rules)
@@ -247,31 +249,19 @@ class Syncer:
         changed, in one netlink transaction (nftnat_netlink: milliseconds, where nft reads its whole cache first)."""
         if self.nat_writer is None:
             raise NetfilterError("the nat side in nftables tables needs the nft tool (a Syncer with a nat_writer)")
-        known, self._nat = self._nat, None  # unknown until the write succeeds
-        if ports is None or known is None:
-            pools = nat_pools(state, self.options)
-            texts = ruleset_texts(pools.values(), self.options, NFT_LOADERS)
+        written, self._nat_written = self._nat_written, None  # unknown until the write succeeds
+        if ports is None or written is None:
+            texts = ruleset_texts(nat_pools(state, self.options).values(), self.options, NFT_LOADERS)
             self.nat_writer.load(*texts)
             self.commits += len(texts)
-            self._nat = {table: {} for table in table_names()}
-            for key, pool in pools.items():
-                self._nat[table_of(key[1])][key] = pool
+            self._nat_written = state, self.options
             return
-        changed: dict[tuple[Protocol, int], NatPool | None] = {}
+        messages = []
         for port in ports:
             for protocol in Protocol:
-                frontend = state.pools(protocol).get(port)
-                pool = nat_pool(frontend, self.options) if frontend and frontend.backends else None
-                if known[table_of(port)].get((protocol, port)) != pool:
-                    changed[(protocol, port)] = pool
-        messages = []
-        for key, pool in changed.items():
-            held = known[table_of(key[1])]
-            messages += change_batch(held.get(key), pool, self.options.family)
-            if pool is None:
-                held.pop(key, None)
-            else:
-                held[key] = pool
+                before, after = (_routed(s.pools(protocol).get(port), o) for s, o in (written, (state, self.options)))
+                if before != after:
+                    messages += change_batch(before, after, self.options.family)
         if messages:
             try:
                 self._nat_socket().send(messages)
@@ -279,7 +269,7 @@ class Syncer:
                 self._close_nat_socket()
                 raise NetfilterError(f"nf_tables refused the nat change: {error}") from error
             self.commits += 1
-        self._nat = known
+        self._nat_written = state, self.options
 
     def _drop_nat_tables(self) -> None:
         """Delete tcprouter's nftables tables of this family, if an earlier run (options.nat_tables) made any."""
@@ -294,7 +284,7 @@ class Syncer:
             writer.delete(family, leftovers)  # a failure is the write's: retried, then reported
             self.commits += 1
             log.info("deleted %d nftables tables of the nat side (now in iptables)", len(leftovers))
-        self._nat = None
+        self._nat_written = None
 
     def _nat_socket(self) -> NatSocket:
         """The netlink socket of the nat writes, opened once (in the writer's namespace)."""
@@ -447,6 +437,11 @@ def scan_busy_ports(
         log.warning("could not read Docker's published ports: %s", error)
         docker_chain = ()
     return hostports.busy_ports(docker_chain, route_localhost, protocol)
+
+
+def _routed(frontend: Frontend | None, options: Options) -> NatPool | None:
+    """The nat objects of a frontend of options.family's state, None if it is not routed (no frontend, no backend)."""
+    return nat_pool(frontend, options) if frontend and frontend.backends else None
 
 
 def _log_retry(retry_state: RetryCallState) -> None:
