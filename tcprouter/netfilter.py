@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
@@ -109,19 +110,19 @@ class Nft:
     timeout: float = 30.0
 
     def load(self, *texts: str) -> None:
-        """`nft -f -` of each text, the texts side by side (one process each): each text is one transaction, all of
-        it or nothing, and the kernel commits them one after the other. Texts about different tables make a large
-        load take about its longest text's parsing (nft's own work is most of a load: BENCHMARKS.md). If any
-        fails, NetfilterError names the first, once every one has ended."""
+        """load_each of these texts."""
+        self.load_each(texts)
+
+    def load_each(self, texts: Iterable[str], side_by_side: int = 4) -> None:
+        """`nft -f -` of each text, each started as soon as it comes, up to `side_by_side` at once: each text is one
+        transaction, all of it or nothing, and the kernel commits them one after the other. Texts about different
+        tables make a large load take about its longest text's parsing (nft's own work is most of a load:
+        BENCHMARKS.md), and the making of the next text overlaps the loading of the last. If any fails,
+        NetfilterError names the first, once every one has ended."""
         command = ["nft", "-f", "-"]
         command = ["ip", "netns", "exec", self.netns, *command] if self.netns else command
-        texts = tuple(text for text in texts if text)
-        if len(texts) <= 1:
-            for text in texts:
-                _run(command, self.timeout, text)
-            return
-        with ThreadPoolExecutor(len(texts)) as runs:
-            outcomes = [runs.submit(_run, command, self.timeout, text) for text in texts]
+        with ThreadPoolExecutor(side_by_side) as runs:
+            outcomes = [runs.submit(_run, command, self.timeout, text) for text in texts if text]
         for outcome in outcomes:
             outcome.result()
 

@@ -16,7 +16,7 @@ and a write to the nat table makes the kernel validate all 110,000 of its rules 
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 
 from .compiler import COMMENT_MAX, Options, access_bit, rotation
@@ -96,11 +96,15 @@ def nat_pool(frontend: Frontend, options: Options) -> NatPool:
     return NatPool(frontend.protocol, frontend.port, mark, random, slots)
 
 
+def routed_frontends(state: DesiredState, options: Options) -> list[Frontend]:
+    """The frontends of options.family (the state as DesiredState.of_family gives it) that are routed: an empty pool
+    is not (the host answers: a reset, or ICMP port unreachable). TCP ones, then UDP ones, each by port."""
+    return [f for f in state.of_family(options.family).every_frontend() if f.backends]
+
+
 def nat_pools(state: DesiredState, options: Options) -> dict[tuple[Protocol, int], NatPool]:
-    """Every routed frontend of options.family (the state as DesiredState.of_family gives it): an empty pool is not
-    routed (the host answers: a reset, or ICMP port unreachable)."""
-    family_state = state.of_family(options.family)
-    return {(f.protocol, f.port): nat_pool(f, options) for f in family_state.every_frontend() if f.backends}
+    """The nat objects of every routed frontend."""
+    return {(f.protocol, f.port): nat_pool(f, options) for f in routed_frontends(state, options)}
 
 
 def _destination(slot: Slot) -> str:
@@ -171,15 +175,16 @@ def table_names() -> list[str]:
     return [f"{TABLE_PREFIX}{n:02d}" for n in range(TABLES)]
 
 
-def ruleset_texts(pools: Iterable[NatPool], options: Options, parts: int) -> list[str]:
+def ruleset_texts(state: DesiredState, options: Options, parts: int) -> Iterator[str]:
     """ruleset_text of every table, as `parts` texts of as many tables each (give or take one), each with the pools
-    of its tables: for that many `nft -f` side by side."""
+    of its tables, made one after the other: for that many `nft -f` side by side, each started while the next text
+    is made."""
     names = table_names()
-    groups = [names[n::parts] for n in range(min(parts, len(names)))]
-    members: dict[str, list[NatPool]] = {name: [] for name in names}
-    for pool in pools:
-        members[table_of(pool.port)].append(pool)
-    return [ruleset_text((p for name in group for p in members[name]), options, group) for group in groups]
+    members: dict[str, list[Frontend]] = {name: [] for name in names}
+    for frontend in routed_frontends(state, options):
+        members[table_of(frontend.port)].append(frontend)
+    for group in (names[n::parts] for n in range(min(parts, len(names)))):
+        yield ruleset_text((nat_pool(f, options) for name in group for f in members[name]), options, group)
 
 
 def ruleset_text(pools: Iterable[NatPool], options: Options, tables: Collection[str] | None = None) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 
 from tcprouter.compiler import Options
@@ -29,9 +29,10 @@ class RecordingNft(Nft):
         super().__init__(netns)
         object.__setattr__(self, "loads", loads)
 
-    def load(self, *texts: str) -> None:
+    def load_each(self, texts: Iterable[str], side_by_side: int = 4) -> None:
+        texts = list(texts)
         self.loads.append("".join(texts))
-        super().load(*texts)
+        super().load_each(texts, side_by_side)
 
 
 SERVERS = ("10.99.0.11", "10.99.0.12", "10.99.0.13")  # the router's other addresses, where its backends listen

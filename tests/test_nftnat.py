@@ -70,7 +70,7 @@ def test_every_routed_frontend_is_dispatched_once_in_its_port_s_table_and_empty_
 def test_a_load_in_parts_replaces_each_table_once_with_what_the_whole_text_holds(state: DesiredState, parts: int):
     options = Options()
     pools = nat_pools(state, options).values()
-    texts = ruleset_texts(pools, options, parts)
+    texts = list(ruleset_texts(state, options, parts))
     assert len(texts) == min(parts, TABLES)
     tables = [_tables(text) for text in texts]
     assert sum(len(t) for t in tables) == TABLES
