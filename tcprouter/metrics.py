@@ -344,6 +344,14 @@ class StateCollector(Collector):
                 return Exposition({}, gzip.compress(b""))
         return built or self._build(read=False)
 
+    def settle(self, timeout: float | None = None) -> None:
+        """Wait for the background build (or read) under way, if any, to end: for benchmarks that time other work
+        apart from it."""
+        with self._cache_lock:
+            refreshing = self._refreshing
+        if refreshing is not None:
+            refreshing.join(timeout)
+
     def _start_build(self) -> threading.Thread | None:
         """A background _build, unless one is running (then that one)."""
         with self._cache_lock:

@@ -68,7 +68,7 @@ class Batch:
     in since the last turn were about."""
 
     items: int  # how many items were folded in (0: a timer woke the loop)
-    view: Sequence[ContainerSnapshot] = ()
+    view: Sequence[ContainerSnapshot] | None = ()  # None: not taken (`changed` says what a partial sync needs)
     unreachable: frozenset[Endpoint] = frozenset()
     causes: Mapping[str | Endpoint, str] = field(default_factory=dict)  # key -> its latest cause
     stamps: Sequence[int] = ()  # per key, the time of its earliest event not yet written (ns since the epoch)
@@ -115,15 +115,22 @@ class Inbox:
         with self._lock:
             return self.tracker.ready(self.grace)
 
+    def view(self) -> list[ContainerSnapshot]:
+        """The tracker's view now."""
+        with self._lock:
+            return self.tracker.view()
+
     def wake(self) -> None:
         """End a wait at once (to stop)."""
         with self._lock:
             self._woken = True
             self._lock.notify_all()
 
-    def take(self, timeout: float, settle: float, max_delay: float) -> Batch:
+    def take(self, timeout: float, settle: float, max_delay: float, with_view: bool = True) -> Batch:
         """Wait up to `timeout` for an item; then for more, until `settle` passes without one or `max_delay` since
-        the first; an urgent item ends the wait at once. Returns the view and what the items were about."""
+        the first; an urgent item ends the wait at once. Returns the view and what the items were about; without
+        `with_view`, the view only if the changes are not known (a copy of every container: 100,000 at 10,000
+        frontends, where a partial sync needs the changed ones alone)."""
         with self._lock:
             self._lock.wait_for(lambda: self._items or self._woken, timeout)
             deadline = time.monotonic() + max_delay
@@ -134,15 +141,16 @@ class Inbox:
                 self._lock.wait(min(settle, left))  # put() and wake() notify
                 if self._items == seen:
                     break  # `settle` passed without a new item
+            changed = self.tracker.take_changes()
             batch = Batch(
                 items=self._items,
-                view=self.tracker.view(),
+                view=self.tracker.view() if with_view or changed is None else None,
                 unreachable=self.tracker.unreachable,
                 causes=self._causes,
                 stamps=tuple(self._stamps.values()),
                 ready=self.tracker.ready(self.grace),
                 missing=self.tracker.missing(),
-                changed=self.tracker.take_changes(),
+                changed=changed,
             )
             self._causes, self._stamps, self._items, self._urgent = {}, {}, 0, False
             return batch
@@ -205,7 +213,7 @@ class SyncRunner:
         """One turn of the loop: wait for items or a timer, sync if needed; whether a full sync is still owed."""
         ready = self.inbox.ready()
         timeout = self.schedule.timeout(self.clock()) if ready else self.timing.check_interval
-        batch = self.inbox.take(timeout, self.timing.settle, self.timing.max_delay)
+        batch = self.inbox.take(timeout, self.timing.settle, self.timing.max_delay, with_view=need_full)
         if self.stopping.is_set():
             return need_full  # after SIGTERM nothing more is written: the rules in force stay as they are
         if not batch.ready:
@@ -221,7 +229,10 @@ class SyncRunner:
             self.schedule.checked(now)
         if not (batch.items or need_full):
             return need_full
-        ok = self.syncer.sync(batch.view, batch.unreachable, need_full, batch.causes, batch.changed)
+        view = batch.view
+        if view is None:  # a full sync found due since the take: the view now (items folded in since come again)
+            view = self.inbox.view() if need_full else ()
+        ok = self.syncer.sync(view, batch.unreachable, need_full, batch.causes, batch.changed)
         if need_full:
             self.schedule.resynced(now, ok)
         if ok:

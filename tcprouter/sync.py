@@ -319,13 +319,9 @@ class Syncer:
         protocol's dispatch turning from flat to tree or back is a full compile."""
         last = self.rules
         hook = (options.forward_parent, f"-j {FORWARD_CHAIN}")
-        trees = tree_protocols(state, options.family)
-        if (
-            last is None
-            or ports is None
-            or hook not in last.hooks.get("filter", ())
-            or trees != tree_protocols(self.state, options.family)
-        ):
+        trees = _trees(state, options)
+        hooked = last is not None and hook in last.hooks.get("filter", ())
+        if last is None or ports is None or not hooked or trees != _trees(self.state, options):
             return compile_rules(state, options), None
         if trees:  # a dispatch bucket's chain is its frontends' together: the ports sharing one with a change come too
             ports = {p for start in {bucket_start(port) for port in ports} for p in range(start, start + BUCKET_SIZE)}
@@ -386,6 +382,11 @@ class Syncer:
     def remote_endpoints(self) -> dict[Endpoint, str]:
         """Every remote backend that should be serving (reachable or not): endpoint -> node, for the prober."""
         return {b.endpoint: b.node for f in self.candidates.frontends.values() for b in f.backends if b.node}
+
+
+def _trees(state: DesiredState, options: Options) -> frozenset[Protocol]:
+    """The protocols whose iptables dispatch is a tree (none when the nat side is in nftables: no dispatch chains)."""
+    return frozenset() if options.nat_tables else tree_protocols(state, options.family)
 
 
 def _only(state: DesiredState, ports: Iterable[int]) -> DesiredState:
