@@ -363,10 +363,13 @@ def _pair(was: dict, now: dict, get, scale: float = 1.0, digits: int = 2) -> str
     return f"{old} / {b * scale:,.{digits}f}"
 
 
-def compare_daemons(old: Path, sizes: list[int], repeats: int) -> str:
+def compare_daemons(old: Path, sizes: list[int], repeats: int, variant: Sequence[str] = ()) -> str:
     """daemon_probe of the tcprouter in `old` (a checkout, e.g. a `git worktree` of an earlier commit) and of this
-    tree, one after the other at each size: a markdown table, old / new in each cell."""
-    return _comparison(sizes, lambda frontends: [daemon_figures([frontends], repeats, code)[0] for code in (old, None)])
+    tree, one after the other at each size (`variant`: the probe's flavour and nat side): a markdown table, old / new
+    in each cell."""
+    return _comparison(
+        sizes, lambda frontends: [daemon_figures([frontends], repeats, code, variant)[0] for code in (old, None)]
+    )
 
 
 def compare_nat_sides(sizes: list[int], repeats: int) -> str:
@@ -760,7 +763,8 @@ if __name__ == "__main__":
         print(json.dumps(daemon_probe(int(sys.argv[2]), int(sys.argv[3]), flavour, nat_tables)))
     elif sys.argv[1] == "nat":  # python -m benchlib.scale nat 10,100,1000,10000 REPEATS: iptables / nftables
         print(compare_nat_sides([int(n) for n in sys.argv[2].split(",")], int(sys.argv[3])))
-    elif sys.argv[1] == "compare":  # python -m benchlib.scale compare OLD_CHECKOUT 10,100,1000,10000 REPEATS
-        print(compare_daemons(Path(sys.argv[2]), [int(n) for n in sys.argv[3].split(",")], int(sys.argv[4])))
+    elif sys.argv[1] == "compare":  # compare OLD_CHECKOUT 10,100,1000,10000 REPEATS [nft|legacy [iptables|nftables]]
+        sizes = [int(n) for n in sys.argv[3].split(",")]
+        print(compare_daemons(Path(sys.argv[2]), sizes, int(sys.argv[4]), sys.argv[5:]))
     elif sys.argv[1] == "dispatch":  # alone: python -m scripts.benchlib.scale dispatch FRONTENDS SAMPLES
         print(json.dumps(dispatch_figures(int(sys.argv[2]), int(sys.argv[3]))))
