@@ -12,6 +12,7 @@ bounded-frequency runner plays the same part).
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -156,6 +157,15 @@ class Inbox:
             return batch
 
 
+def freeze_heap() -> None:
+    """After the first sync: what is alive then (the modules, and every container's snapshot and backend: 100,000 of
+    each at 10,000 frontends) is left out of the cyclic garbage collector's full collections, which would otherwise
+    walk it all (~100 ms, during which no thread runs: a scrape, a sync waits) every few hundred thousand
+    allocations. Those objects are still freed when no longer referenced; only one that later ends up in a garbage
+    cycle would stay (tcprouter's data has no cycles)."""
+    gc.freeze()
+
+
 def _key(item: Item) -> str:
     """What an item with an event time is about: a container or task, or the prober's verdicts."""
     return item.container_id if isinstance(item, Change) else "reachability"
@@ -240,6 +250,8 @@ class SyncRunner:
             for stamp in batch.stamps:
                 self.metrics.event_to_rules.observe(max(0, written - stamp) / 1e9)
             self.last_synced = time.time()
+            if not self.ready.is_set():
+                freeze_heap()
             self.ready.set()
             if self.on_synced:
                 self.on_synced(self.syncer)

@@ -3,6 +3,7 @@ changes fed in directly: coalescing, draining, failed writes that leave the rule
 
 from __future__ import annotations
 
+import gc
 import threading
 
 import pytest
@@ -125,6 +126,22 @@ def test_loop_coalesces_a_burst_drains_on_kill_and_repairs_drift(namespace):
     finally:
         runner.stop()
         loop.join(5)
+
+
+def test_the_first_sync_leaves_what_is_alive_out_of_full_collections(namespace):
+    gc.unfreeze()
+    runner, _ = make(namespace)
+    loop = threading.Thread(target=runner.run, daemon=True)
+    loop.start()
+    try:
+        assert gc.get_freeze_count() == 0
+        runner.submit(Relist((container(1),)))
+        wait_until(runner.ready.is_set, 5, what="the first sync")
+        assert gc.get_freeze_count() > 0
+    finally:
+        runner.stop()
+        loop.join(5)
+        gc.unfreeze()
 
 
 def test_restart_reconciles_without_rewriting_what_is_in_place(namespace):

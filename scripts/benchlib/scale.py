@@ -251,6 +251,12 @@ def daemon_probe(frontends: int, repeats: int, flavour: Flavour | None = None, n
         tracker.apply(Relist(tuple(containers)))
         ok, full = _timed(syncer.sync, tracker.view(), (), True)
         assert ok, "full sync failed"
+        try:
+            from tcprouter.runner import freeze_heap  # as the runner does after its first sync (older code: not)
+
+            freeze_heap()
+        except ImportError:
+            pass
         noops = [_timed(syncer.sync, tracker.view(), (), True)[1] for _ in range(repeats)]
         if hasattr(tracker, "take_changes"):
             tracker.take_changes()  # the relist's changes were synced
