@@ -194,3 +194,45 @@ def test_cleanup_removes_the_ipv6_rules_and_leaves_dockers(lab, containers, rout
     after = sh(*save)
     assert "TCPR-" not in after
     assert [line for line in after.splitlines() if "DOCKER" in line] == docker_before
+
+
+@pytest.fixture
+def nat_router(lab: DockerLab) -> Iterator[Router]:
+    """The router fixture's daemon with `--nat nftables` (nft hosts only: the daemon refuses it on legacy ones)."""
+    if "nf_tables" not in sh("ip", "netns", "exec", lab.node_ns(1), "ip6tables", "-V"):
+        pytest.skip("--nat nftables runs on nft hosts only")
+    started = DualRouter("--nat", "nftables", "--docker-url", lab.node_url(1), netns=lab.node_ns(1))
+    yield started
+    started.stop()
+    tcprouter_in(lab, "cleanup")
+
+
+def test_with_the_nat_side_in_nftables_a_dual_stack_pool_rotates_on_both_families_and_cleanup_removes_it(
+    lab, client, containers, nat_router
+):
+    client, _ = client
+    pool = [run(lab, containers, "--network", V6NET, "--label", f"tcp.port={FRONT}") for _ in range(3)]
+    v4_only = run(lab, containers, "--network", V4NET, "--label", f"tcp.port={V4_ONLY_FRONT}")
+    nat_router.start()
+    node4, node6 = lab.node_address(1), lab.node_address6(1)
+    ips = [addresses(info)[0] for info in pool]
+    assert greetings(client, node6, FRONT, 6) == ips * 2  # the ip6 tables' slot map, in strict rotation
+    assert greetings(client, node4, FRONT, 3) == ips
+    assert greetings(client, node4, V4_ONLY_FRONT, 1) == [addresses(v4_only)[0]]
+    assert connect_outcome(client, node6, V4_ONLY_FRONT) == "refused"  # no IPv6 backend: not in the ip6 tables
+
+    table = f"tcprouter-{FRONT % 64:02d}"
+    listing = sh("ip", "netns", "exec", lab.node_ns(1), "nft", "list", "table", "ip6", table)
+    assert f"map slots-tcp-{FRONT}" in listing and all(addresses(info)[1] in listing for info in pool)
+    assert "TCPR-FE-" not in sh("ip", "netns", "exec", lab.node_ns(1), "ip6tables-nft-save", "-t", "nat")
+    report = json.loads(tcprouter_in(lab, "status", "--json"))
+    [frontend] = [f for f in report["frontends"] if f["port"] == FRONT]
+    rows = {(b["family"], b["address"]) for b in frontend["backends"] if b["in_kernel"]}
+    assert {(family, address) for family, address in rows if family == "ipv6"} == {
+        ("ipv6", f"[{addresses(info)[1]}]:{BACKEND_PORT}") for info in pool
+    }
+
+    nat_router.stop()
+    tcprouter_in(lab, "cleanup")
+    tables = sh("ip", "netns", "exec", lab.node_ns(1), "nft", "list", "tables")
+    assert "tcprouter-" not in tables

@@ -14,6 +14,7 @@ from ..diff import SavedRule
 from ..labels import DEFAULT_UDP_PREFIX, LabelError, desired_state, parse_backend
 from ..metrics import backend_connections, kernel_reader
 from ..model import ContainerSnapshot, Family, Protocol
+from ..netfilter import Flavour
 from ..policy import DEFAULT_POLICY, Policy
 from . import common
 
@@ -155,7 +156,9 @@ def command(args: argparse.Namespace) -> int:
     containers = common.listed(args)
     flavour = common.flavour(args)
     options = common.options(args)
-    read = {family: kernel_reader(flavour, family=family, nat_tables=options.nat_tables) for family in Family}
+    # On an nft host the nat side may be in tcprouter's nftables tables, whichever --nat this command is given: the
+    # daemon's choice. Their slots are read with the iptables rules (none if there are no such tables).
+    read = {family: kernel_reader(flavour, family=family, nat_tables=flavour is Flavour.NFT) for family in Family}
     tables, kernel = read[Family.IPV4]()
     kernel6 = read[Family.IPV6]()[1] if Family.IPV6 in common.families(args, flavour) else None
     docker_chain = tables.get("nat", {}).get(hostports.DOCKER_NAT_CHAIN, ())
