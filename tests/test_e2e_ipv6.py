@@ -88,12 +88,32 @@ class DualRouter(Router):
 
 
 @pytest.fixture
-def router(lab: DockerLab) -> Iterator[Router]:
-    """tcprouter in the node's namespace, following the node's engine; its rules removed after the test."""
-    started = DualRouter("--docker-url", lab.node_url(1), netns=lab.node_ns(1))
+def router(lab: DockerLab, request: pytest.FixtureRequest) -> Iterator[Router]:
+    """tcprouter in the node's namespace, following the node's engine; its rules removed after the test. Its nat
+    side in iptables, or (parametrized indirectly) in nftables, on nft hosts only (the daemon refuses it on others)."""
+    nat = getattr(request, "param", "iptables")
+    if nat == "nftables" and not nft_lab(lab):
+        pytest.skip("--nat nftables runs on nft hosts only")
+    started = DualRouter("--nat", nat, "--docker-url", lab.node_url(1), netns=lab.node_ns(1))
     yield started
     started.stop()
     tcprouter_in(lab, "cleanup")
+
+
+def nft_lab(lab: DockerLab) -> bool:
+    return "nf_tables" in sh("ip", "netns", "exec", lab.node_ns(1), "ip6tables", "-V")
+
+
+def ipv6_frontend_written(lab: DockerLab, nat: str) -> bool:
+    """Whether the IPv6 nat side of FRONT is where --nat puts it: its slot map in the ip6 tcprouter table, or its
+    chain in ip6tables' nat table (and not in the other)."""
+    in_node = ("ip", "netns", "exec", lab.node_ns(1))
+    chains = sh(*in_node, f"ip6tables-{'nft' if nft_lab(lab) else 'legacy'}-save", "-t", "nat")
+    tables = sh(*in_node, "nft", "list", "tables", "ip6") if nft_lab(lab) else ""
+    table = f"tcprouter-{FRONT % 64:02d}"
+    in_nft = table in tables and f"map slots-tcp-{FRONT}" in sh(*in_node, "nft", "list", "table", "ip6", table)
+    in_iptables = f":TCPR-FE-{FRONT} " in chains
+    return (in_nft, in_iptables) == (nat == "nftables", nat == "iptables")
 
 
 def tcprouter_in(lab: DockerLab, *args: str) -> str:
@@ -124,8 +144,9 @@ def addresses(info: dict) -> tuple[str, str]:
     return network["IPAddress"], network["GlobalIPv6Address"]
 
 
+@pytest.mark.parametrize("router", ["iptables", "nftables"], indirect=True)
 def test_a_dual_stack_pool_rotates_exactly_on_both_families_and_an_ipv4_only_pool_is_not_offered_on_ipv6(
-    lab, client, containers, router
+    lab, client, containers, router, request
 ):
     client, _ = client
     pool = [run(lab, containers, "--network", V6NET, "--label", f"tcp.port={FRONT}") for _ in range(3)]
@@ -137,6 +158,7 @@ def test_a_dual_stack_pool_rotates_exactly_on_both_families_and_an_ipv4_only_poo
     assert greetings(client, node4, FRONT, 3) == ips  # each family's rules rotate on their own
     assert greetings(client, node4, V4_ONLY_FRONT, 1) == [addresses(v4_only)[0]]
     assert connect_outcome(client, node6, V4_ONLY_FRONT) == "refused"  # no IPv6 backend: not routed (no NAT64)
+    assert ipv6_frontend_written(lab, request.node.callspec.params["router"])
 
     metrics = router.metrics_text().splitlines()
     assert f'tcprouter_backends{{family="ipv6",frontend="{FRONT}",node="",protocol="tcp"}} 3.0' in metrics
@@ -182,57 +204,17 @@ def test_hairpin_over_ipv6_from_a_container_on_the_backends_network(lab, contain
     assert sorted(asked) == sorted(ips)  # three new connections: each backend once
 
 
-def test_cleanup_removes_the_ipv6_rules_and_leaves_dockers(lab, containers, router):
+@pytest.mark.parametrize("router", ["iptables", "nftables"], indirect=True)
+def test_cleanup_removes_the_ipv6_rules_and_leaves_dockers(lab, containers, router, request):
     run(lab, containers, "--network", V6NET, "--label", f"tcp.port={FRONT}")
     router.start()
-    flavour = "nft" if "nf_tables" in sh("ip", "netns", "exec", lab.node_ns(1), "ip6tables", "-V") else "legacy"
-    save = ("ip", "netns", "exec", lab.node_ns(1), f"ip6tables-{flavour}-save")
-    assert "TCPR-FE-8443" in sh(*save), router.log()
+    in_node = ("ip", "netns", "exec", lab.node_ns(1))
+    save = (*in_node, f"ip6tables-{'nft' if nft_lab(lab) else 'legacy'}-save")
+    assert ipv6_frontend_written(lab, request.node.callspec.params["router"]), router.log()
     docker_before = [line for line in sh(*save).splitlines() if "DOCKER" in line and "TCPR" not in line]
     router.stop()
     tcprouter_in(lab, "cleanup")
     after = sh(*save)
     assert "TCPR-" not in after
     assert [line for line in after.splitlines() if "DOCKER" in line] == docker_before
-
-
-@pytest.fixture
-def nat_router(lab: DockerLab) -> Iterator[Router]:
-    """The router fixture's daemon with `--nat nftables` (nft hosts only: the daemon refuses it on legacy ones)."""
-    if "nf_tables" not in sh("ip", "netns", "exec", lab.node_ns(1), "ip6tables", "-V"):
-        pytest.skip("--nat nftables runs on nft hosts only")
-    started = DualRouter("--nat", "nftables", "--docker-url", lab.node_url(1), netns=lab.node_ns(1))
-    yield started
-    started.stop()
-    tcprouter_in(lab, "cleanup")
-
-
-def test_with_the_nat_side_in_nftables_a_dual_stack_pool_rotates_on_both_families_and_cleanup_removes_it(
-    lab, client, containers, nat_router
-):
-    client, _ = client
-    pool = [run(lab, containers, "--network", V6NET, "--label", f"tcp.port={FRONT}") for _ in range(3)]
-    v4_only = run(lab, containers, "--network", V4NET, "--label", f"tcp.port={V4_ONLY_FRONT}")
-    nat_router.start()
-    node4, node6 = lab.node_address(1), lab.node_address6(1)
-    ips = [addresses(info)[0] for info in pool]
-    assert greetings(client, node6, FRONT, 6) == ips * 2  # the ip6 tables' slot map, in strict rotation
-    assert greetings(client, node4, FRONT, 3) == ips
-    assert greetings(client, node4, V4_ONLY_FRONT, 1) == [addresses(v4_only)[0]]
-    assert connect_outcome(client, node6, V4_ONLY_FRONT) == "refused"  # no IPv6 backend: not in the ip6 tables
-
-    table = f"tcprouter-{FRONT % 64:02d}"
-    listing = sh("ip", "netns", "exec", lab.node_ns(1), "nft", "list", "table", "ip6", table)
-    assert f"map slots-tcp-{FRONT}" in listing and all(addresses(info)[1] in listing for info in pool)
-    assert "TCPR-FE-" not in sh("ip", "netns", "exec", lab.node_ns(1), "ip6tables-nft-save", "-t", "nat")
-    report = json.loads(tcprouter_in(lab, "status", "--json"))
-    [frontend] = [f for f in report["frontends"] if f["port"] == FRONT]
-    rows = {(b["family"], b["address"]) for b in frontend["backends"] if b["in_kernel"]}
-    assert {(family, address) for family, address in rows if family == "ipv6"} == {
-        ("ipv6", f"[{addresses(info)[1]}]:{BACKEND_PORT}") for info in pool
-    }
-
-    nat_router.stop()
-    tcprouter_in(lab, "cleanup")
-    tables = sh("ip", "netns", "exec", lab.node_ns(1), "nft", "list", "tables")
-    assert "tcprouter-" not in tables
+    assert not nft_lab(lab) or "tcprouter-" not in sh(*in_node, "nft", "list", "tables")
