@@ -19,6 +19,7 @@ from . import netlink
 from .compiler import TABLES, Tables
 from .diff import SavedRule, parse_save
 from .model import Family
+from .nf_tables import NFPROTO_IPV4, NFPROTO_IPV6, NFT_MSG_GETGEN, NFT_MSG_GETTABLE, NFTA_GEN_ID, NFTA_TABLE_NAME
 from .nftnat import nft_family
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ class Nft:
                 found, _ = requester.ask(kind, payload, netlink.NLM_F_REQUEST | netlink.NLM_F_DUMP)
         except OSError as error:
             raise NetfilterError(f"cannot list the nftables tables: {error}") from error
-        attributes = (netlink.attributes(table.payload[netlink.NFGENMSG.size :]) for table in found)
+        attributes = (netlink.attributes(netlink.nftables_attributes(table)) for table in found)
         names = (netlink.text(a.get(NFTA_TABLE_NAME, b"")) for a in attributes)
         return [name for name in names if name.startswith(prefix)]
 
@@ -145,10 +146,7 @@ class Nft:
         self.load("".join(f"delete table {nft_family(family)} {name}\n" for name in names))
 
 
-# linux/netfilter.h, linux/netfilter/nf_tables.h
-_NFPROTO = {Family.IPV4: 2, Family.IPV6: 10}
-NFT_MSG_GETTABLE, NFT_MSG_GETGEN = 1, 16
-NFTA_TABLE_NAME, NFTA_GEN_ID = 1, 1
+_NFPROTO = {Family.IPV4: NFPROTO_IPV4, Family.IPV6: NFPROTO_IPV6}
 
 
 def _run(command: list[str], timeout: float, stdin: str | None = None) -> str:
@@ -188,7 +186,7 @@ class RulesetGeneration:
             if self._requester is None:
                 self._requester = netlink.Requester(netlink.NETLINK_NETFILTER, self.netns)
             (answer,), _ = self._requester.ask(*netlink.nftables_request(NFT_MSG_GETGEN, 0))
-            return netlink.big32_value(netlink.attributes(answer.payload[netlink.NFGENMSG.size :])[NFTA_GEN_ID])
+            return netlink.big32_value(netlink.attributes(netlink.nftables_attributes(answer))[NFTA_GEN_ID])
         except (OSError, KeyError, ValueError) as error:
             self.close()
             raise NetfilterError(f"cannot read the nf_tables generation: {error}") from error

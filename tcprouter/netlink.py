@@ -131,6 +131,11 @@ def messages(datagram: bytes) -> Iterator[Message]:
         offset += (length + 3) & ~3
 
 
+def nftables_attributes(msg: Message) -> bytes:
+    """An nf_tables message's attributes: its payload after nfgenmsg."""
+    return msg.payload[NFGENMSG.size :]
+
+
 def error_of(msg: Message) -> int:
     """An NLMSG_ERROR's or NLMSG_DONE's errno (positive; 0: an ack, or a dump's clean end)."""
     return -ERROR.unpack_from(msg.payload)[0] if len(msg.payload) >= ERROR.size else 0

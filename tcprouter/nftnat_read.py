@@ -24,20 +24,32 @@ from . import netlink
 from .compiler import destination, frontend_chain, save_string
 from .diff import SavedRule
 from .model import Family, Protocol
+from .nf_tables import (
+    NFPROTO_IPV4,
+    NFPROTO_IPV6,
+    NFT_MSG_GETSET,
+    NFT_MSG_GETSETELEM,
+    NFT_MSG_NEWSET,
+    NFT_MSG_NEWSETELEM,
+    NFTA_COUNTER_BYTES,
+    NFTA_COUNTER_PACKETS,
+    NFTA_DATA_VALUE,
+    NFTA_EXPR_DATA,
+    NFTA_EXPR_NAME,
+    NFTA_LIST_ELEM,
+    NFTA_SET_ELEM_DATA,
+    NFTA_SET_ELEM_EXPR,
+    NFTA_SET_ELEM_EXPRESSIONS,
+    NFTA_SET_ELEM_KEY,
+    NFTA_SET_ELEM_LIST_ELEMENTS,
+    NFTA_SET_ELEM_LIST_SET,
+    NFTA_SET_ELEM_LIST_TABLE,
+    NFTA_SET_ELEM_USERDATA,
+    NFTA_SET_NAME,
+    NFTA_SET_TABLE,
+    NFTNL_UDATA_SET_ELEM_COMMENT,
+)
 from .nftnat import TABLE_PREFIX
-
-# linux/netfilter/nf_tables.h, libnftnl's udata.h
-NFPROTO_IPV4, NFPROTO_IPV6 = 2, 10
-NFT_MSG_NEWSET, NFT_MSG_GETSET, NFT_MSG_NEWSETELEM, NFT_MSG_GETSETELEM = 9, 10, 12, 13
-NFTA_SET_TABLE, NFTA_SET_NAME = 1, 2
-NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
-NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_DATA, NFTA_SET_ELEM_USERDATA, NFTA_SET_ELEM_EXPR = 1, 2, 6, 7
-NFTA_SET_ELEM_EXPRESSIONS = 11
-NFTA_LIST_ELEM = 1
-NFTA_DATA_VALUE = 1
-NFTA_EXPR_NAME, NFTA_EXPR_DATA = 1, 2
-NFTA_COUNTER_BYTES, NFTA_COUNTER_PACKETS = 1, 2
-NFTNL_UDATA_SET_ELEM_COMMENT = 0
 
 _HOST_U32 = struct.Struct("=I")
 _BIG_U16 = struct.Struct(">H")
@@ -243,7 +255,7 @@ class _Dumper:
         the request (ENOENT: no such table or set); TimeoutError if it does not answer in time."""
         kind, payload = netlink.nftables_request(msg_type, layout.nfproto, attributes)
         replies, interrupted = self._requester.ask(kind, payload, netlink.NLM_F_REQUEST | netlink.NLM_F_DUMP)
-        return [_Message(r.type & 0xFF, r.payload[netlink.NFGENMSG.size :]) for r in replies], interrupted
+        return [_Message(r.type & 0xFF, netlink.nftables_attributes(r)) for r in replies], interrupted
 
     def close(self) -> None:
         self._requester.close()

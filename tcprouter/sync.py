@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 # A full load of the nat side in nftables: a text (and transaction) of 64 / NFT_LOAD_PARTS tables per processor (2
 # to 4), each loaded by its `nft -f` as soon as it is made, side by side. More parts than processors were slower on
 # a 2-core host (BENCHMARKS.md: 4.7 s at 10,000 x 10 with 2, 5.2-5.8 s with 4 or 8).
-NFT_LOAD_PARTS = NFT_LOADERS = max(2, min(len(os.sched_getaffinity(0)), 4))
+NFT_LOAD_PARTS = max(2, min(len(os.sched_getaffinity(0)), 4))
 # Deletes the conntrack entries of (protocol, backend endpoints, connection mark bit); returns how many went.
 FlowForgetter = Callable[[Protocol, Collection[Endpoint], int], int]
 
@@ -253,7 +253,7 @@ class Syncer:
             raise NetfilterError("the nat side in nftables tables needs the nft tool (a Syncer with a nat_writer)")
         written, self._nat_written = self._nat_written, None  # unknown until the write succeeds
         if ports is None or written is None:
-            self.nat_writer.load_each(ruleset_texts(state, self.options, NFT_LOAD_PARTS), NFT_LOADERS)
+            self.nat_writer.load_each(ruleset_texts(state, self.options, NFT_LOAD_PARTS), NFT_LOAD_PARTS)
             self.commits += NFT_LOAD_PARTS  # a transaction each
             self._nat_written = state, self.options
             return

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 from tcprouter.model import Family
 from tcprouter.netlink import NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REPLACE, attribute, big32, nested, string
-from tcprouter.nftnat_netlink import (
+from tcprouter.nf_tables import (
     NFPROTO_IPV4,
     NFT_GOTO,
     NFT_MSG_DELSETELEM,
@@ -74,6 +74,8 @@ from tcprouter.nftnat_netlink import (
     NFTA_SET_NAME,
     NFTA_SET_TABLE,
     NFTA_SET_USERDATA,
+)
+from tcprouter.nftnat_netlink import (
     NatSocket,
     Request,
     dnat,
