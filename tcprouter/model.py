@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 _FRACTION = re.compile(r"\.(\d+)")
 
@@ -132,8 +132,10 @@ class ContainerSnapshot:
         return self.running and not self.draining and self.health in (None, "healthy")
 
 
-@dataclass(frozen=True, slots=True)
-class Backend:
+class Backend(NamedTuple):
+    """One container as a pool's member. A named tuple: immutable, and built four times faster than a frozen
+    dataclass (a full sync at 10,000 x 10 builds 100,000)."""
+
     container_id: str
     name: str
     ip: str
@@ -153,7 +155,7 @@ class Backend:
         address of that family. Idempotent: the IPv6 form keeps `ip6`."""
         if family is Family.IPV4:
             return self
-        return dataclasses.replace(self, ip=self.ip6, subnet=self.subnet6) if self.ip6 else None
+        return self._replace(ip=self.ip6, subnet=self.subnet6) if self.ip6 else None
 
 
 @dataclass(frozen=True)

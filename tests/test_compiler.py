@@ -96,7 +96,7 @@ def test_smooth_weighted_rotation():
 def test_a_rotation_holds_each_backend_weight_times_in_pool_order_when_unweighted(ids, heavy, weight):
     pool = [backend(i) for i in ids]
     assert rotation(pool) == pool
-    weighted = [dataclasses.replace(b, weight=weight) if n == heavy else b for n, b in enumerate(pool)]
+    weighted = [b._replace(weight=weight) if n == heavy else b for n, b in enumerate(pool)]
     assert Counter(rotation(weighted)) == Counter({b: b.weight for b in weighted})
 
 
@@ -396,7 +396,7 @@ def test_a_frontend_s_kept_hash_follows_its_value(one: Backend, two: Backend, ba
     or copied with a field changed) hash alike, and a changed field changes the hash."""
 
     def rebuilt(frontend: Frontend) -> Frontend:
-        copies = tuple(dataclasses.replace(b) for b in frontend.backends)
+        copies = tuple(b._replace() for b in frontend.backends)
         return Frontend(frontend.port, frontend.balance, copies, frontend.access, frontend.synproxy, frontend.protocol)
 
     frontend = Frontend(80, balance, (one, two), synproxy=synproxy)
