@@ -9,8 +9,6 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -20,7 +18,7 @@ from .compiler import TABLES, Tables
 from .diff import SavedRule, parse_save
 from .model import Family
 from .nf_tables import NFPROTO_IPV4, NFPROTO_IPV6, NFT_MSG_GETGEN, NFT_MSG_GETTABLE, NFTA_GEN_ID, NFTA_TABLE_NAME
-from .nftnat import nft_family
+from .nftnat_netlink import NatSocket, delete_tables
 
 log = logging.getLogger(__name__)
 
@@ -105,27 +103,11 @@ class Iptables:
 
 @dataclass(frozen=True)
 class Nft:
-    """The nft tool, optionally run inside a network namespace: tcprouter's own nftables tables (nftnat.py)."""
+    """tcprouter's own nftables tables (nftnat.py) in a network namespace (None: this process's), listed and deleted
+    over netlink: no tool needed (their content is written by nftnat_netlink)."""
 
     netns: str | None = None
     timeout: float = 30.0
-
-    def load(self, *texts: str) -> None:
-        """load_each of these texts."""
-        self.load_each(texts)
-
-    def load_each(self, texts: Iterable[str], side_by_side: int = 4) -> None:
-        """`nft -f -` of each text, each started as soon as it comes, up to `side_by_side` at once: each text is one
-        transaction, all of it or nothing, and the kernel commits them one after the other. Texts about different
-        tables make a large load take about its longest text's parsing (nft's own work is most of a load:
-        BENCHMARKS.md), and the making of the next text overlaps the loading of the last. If any fails,
-        NetfilterError names the first, once every one has ended."""
-        command = ["nft", "-f", "-"]
-        command = ["ip", "netns", "exec", self.netns, *command] if self.netns else command
-        with ThreadPoolExecutor(side_by_side) as runs:
-            outcomes = [runs.submit(_run, command, self.timeout, text) for text in texts if text]
-        for outcome in outcomes:
-            outcome.result()
 
     def tables(self, family: Family, prefix: str = "") -> list[str]:
         """The names of the nftables tables of `family` that start with `prefix`: a netlink dump of the tables alone
@@ -142,8 +124,12 @@ class Nft:
         return [name for name in names if name.startswith(prefix)]
 
     def delete(self, family: Family, names: list[str]) -> None:
-        """Delete these tables of `family`, in one transaction."""
-        self.load("".join(f"delete table {nft_family(family)} {name}\n" for name in names))
+        """Delete these tables of `family`, in one transaction. NetfilterError if it fails."""
+        try:
+            with NatSocket(self.netns, self.timeout) as sock:
+                sock.send(delete_tables(family, names))
+        except OSError as error:
+            raise NetfilterError(f"cannot delete the nftables tables: {error}") from error
 
 
 _NFPROTO = {Family.IPV4: NFPROTO_IPV4, Family.IPV6: NFPROTO_IPV6}

@@ -66,9 +66,11 @@ class NatPool:
         return tuple(address for address, other in self._others() if other is None)
 
     def _others(self) -> list[tuple[str, Slot | None]]:
-        """Each address once, in slot order, with the first slot of another address (None: there is none)."""
-        addresses = dict.fromkeys(slot.address for slot in self.slots)
-        return [(a, next((slot for slot in self.slots if slot.address != a), None)) for a in addresses]
+        """Each address once, in slot order, with the first slot of another address (None: there is none): the
+        first slot, but for the first slot's own address."""
+        first = self.slots[0]
+        after_first = next((slot for slot in self.slots if slot.address != first.address), None)
+        return [(a, after_first if a == first.address else first) for a in dict.fromkeys(s.address for s in self.slots)]
 
 
 def nft_family(family: Family) -> str:
@@ -175,16 +177,15 @@ def table_names() -> list[str]:
     return [f"{TABLE_PREFIX}{n:02d}" for n in range(TABLES)]
 
 
-def ruleset_texts(state: DesiredState, options: Options, parts: int) -> Iterator[str]:
-    """ruleset_text of every table, as `parts` texts of as many tables each (give or take one), each with the pools
-    of its tables, made one after the other: for that many `nft -f` side by side, each started while the next text
-    is made."""
+def table_parts(state: DesiredState, options: Options, parts: int) -> Iterator[tuple[list[str], list[NatPool]]]:
+    """Every table of options.family in `parts` groups of as many tables each (give or take one), each with the pools
+    of its tables, made one group after the other: a full load's transactions, each sent while the next is made."""
     names = table_names()
     members: dict[str, list[Frontend]] = {name: [] for name in names}
     for frontend in routed_frontends(state, options):
         members[table_of(frontend.port)].append(frontend)
     for group in (names[n::parts] for n in range(min(parts, len(names)))):
-        yield ruleset_text((nat_pool(f, options) for name in group for f in members[name]), options, group)
+        yield group, [nat_pool(f, options) for name in group for f in members[name]]
 
 
 def ruleset_text(pools: Iterable[NatPool], options: Options, tables: Collection[str] | None = None) -> str:

@@ -23,11 +23,13 @@ import itertools
 import os
 import socket
 import struct
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from . import netlink
+from .compiler import Options
 from .model import Family, Protocol
 from .netlink import (
     NLA_F_NESTED,
@@ -41,27 +43,36 @@ from .netlink import (
     string,
 )
 from .nf_tables import (
+    NF_ACCEPT,
+    NF_INET_LOCAL_OUT,
+    NF_INET_PRE_ROUTING,
     NFNL_MSG_BATCH_BEGIN,
     NFNL_MSG_BATCH_END,
     NFPROTO_IPV4,
     NFPROTO_IPV6,
     NFT_BITWISE_BOOL,
     NFT_CMP_EQ,
+    NFT_CMP_NEQ,
     NFT_CT_MARK,
+    NFT_DATA_VERDICT,
+    NFT_FIB_RESULT_ADDRTYPE,
     NFT_GOTO,
     NFT_META_L4PROTO,
     NFT_MSG_DELCHAIN,
     NFT_MSG_DELRULE,
     NFT_MSG_DELSET,
     NFT_MSG_DELSETELEM,
+    NFT_MSG_DELTABLE,
     NFT_MSG_NEWCHAIN,
     NFT_MSG_NEWRULE,
     NFT_MSG_NEWSET,
     NFT_MSG_NEWSETELEM,
+    NFT_MSG_NEWTABLE,
     NFT_NAT_DNAT,
     NFT_NG_INCREMENTAL,
     NFT_NG_RANDOM,
     NFT_PAYLOAD_NETWORK_HEADER,
+    NFT_PAYLOAD_TRANSPORT_HEADER,
     NFT_REG32_01,
     NFT_REG_1,
     NFT_REG_2,
@@ -74,8 +85,11 @@ from .nf_tables import (
     NFTA_BITWISE_OP,
     NFTA_BITWISE_SREG,
     NFTA_BITWISE_XOR,
+    NFTA_CHAIN_HOOK,
     NFTA_CHAIN_NAME,
+    NFTA_CHAIN_POLICY,
     NFTA_CHAIN_TABLE,
+    NFTA_CHAIN_TYPE,
     NFTA_CMP_DATA,
     NFTA_CMP_OP,
     NFTA_CMP_SREG,
@@ -86,6 +100,12 @@ from .nf_tables import (
     NFTA_DATA_VERDICT,
     NFTA_EXPR_DATA,
     NFTA_EXPR_NAME,
+    NFTA_FIB_DREG,
+    NFTA_FIB_F_DADDR,
+    NFTA_FIB_FLAGS,
+    NFTA_FIB_RESULT,
+    NFTA_HOOK_HOOKNUM,
+    NFTA_HOOK_PRIORITY,
     NFTA_IMMEDIATE_DATA,
     NFTA_IMMEDIATE_DREG,
     NFTA_LIST_ELEM,
@@ -125,6 +145,8 @@ from .nf_tables import (
     NFTA_SET_NAME,
     NFTA_SET_TABLE,
     NFTA_SET_USERDATA,
+    NFTA_TABLE_FLAGS,
+    NFTA_TABLE_NAME,
     NFTA_VERDICT_CHAIN,
     NFTA_VERDICT_CODE,
     NFTNL_UDATA_SET_DATA_INTERVAL,
@@ -133,11 +155,12 @@ from .nf_tables import (
     NFTNL_UDATA_SET_ELEM_COMMENT,
     NFTNL_UDATA_SET_KEY_TYPEOF,
     NFTNL_UDATA_SET_KEYBYTEORDER,
+    RTN_LOCAL,
 )
-from .nftnat import NatPool, Slot, table_of
+from .nftnat import PRIORITY, NatPool, Slot, table_of
 
 # nft's datatypes (a concatenation's type is its fields' types, 6 bits each) and its expression types (in userdata)
-TYPE_INTEGER, TYPE_IPADDR, TYPE_IP6ADDR, TYPE_INET_SERVICE = 4, 7, 8, 13
+TYPE_INTEGER, TYPE_IPADDR, TYPE_IP6ADDR, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE = 4, 7, 8, 12, 13
 EXPR_PAYLOAD, EXPR_CONCAT, EXPR_NUMGEN = 7, 13, 23
 BYTEORDER_INVALID, BYTEORDER_HOST, BYTEORDER_BIG = 0, 1, 2
 IPPROTOS = {Protocol.TCP: socket.IPPROTO_TCP, Protocol.UDP: socket.IPPROTO_UDP}
@@ -148,6 +171,8 @@ _HOST32 = struct.Struct("=I")
 _PORT_REGISTER = struct.Struct(">H2x")  # a port in network order, padded to its 32-bit register
 _PORTS_KEY = struct.Struct(">B3xH2x")  # inet_proto . inet_service, each field padded to its register
 _VALUE_IN = struct.Struct("=HHHH")  # an attribute's header, then its only attribute's
+# value_in(NFTA_SET_ELEM_KEY, host32(n)) of a slot number n, all but n's bytes
+_SLOT_KEY_HEADER = _VALUE_IN.pack(12, NFTA_SET_ELEM_KEY | NLA_F_NESTED, 8, NFTA_DATA_VALUE)
 
 
 @dataclass(frozen=True)
@@ -163,6 +188,12 @@ class _FamilyLayout:
 
     def pack(self, address: str) -> bytes:
         return socket.inet_pton(self.address_family, address)
+
+    @functools.cached_property
+    def destination_header(self) -> bytes:
+        """value_in(NFTA_SET_ELEM_DATA, ...) of an address . port, all but their bytes."""
+        length = self.address_len + 4
+        return _VALUE_IN.pack(8 + length, NFTA_SET_ELEM_DATA | NLA_F_NESTED, 4 + length, NFTA_DATA_VALUE)
 
 
 _LAYOUTS = {
@@ -248,7 +279,8 @@ def expression(name: str, *attributes: bytes) -> bytes:
 
 def list_of(kind: int, items: Iterator[bytes] | Sequence[bytes]) -> bytes:
     """Attribute `kind` holding the items (each encoded attributes) as NFTA_LIST_ELEMs."""
-    return nested(kind, *(nested(NFTA_LIST_ELEM, item) for item in items))
+    header = netlink.ATTRIBUTE.pack  # each item is padded: a list element is its header and the item
+    return nested(kind, *(header(4 + len(item), NFTA_LIST_ELEM | NLA_F_NESTED) + item for item in items))
 
 
 def value_in(kind: int, value: bytes) -> bytes:
@@ -300,6 +332,7 @@ def set_mark(mark: int) -> tuple[bytes, bytes, bytes]:
     )
 
 
+@functools.lru_cache(maxsize=256)  # of a few pool sizes, mostly
 def numgen(kind: int, modulus: int) -> bytes:
     """`numgen inc|random mod <modulus>` (NFT_NG_INCREMENTAL, NFT_NG_RANDOM) into reg 1."""
     return expression(
@@ -324,11 +357,11 @@ def dnat(nfproto: int, port_register: int) -> bytes:
 
 
 @functools.cache
-def payload(base: int, offset: int, length: int) -> bytes:
-    """Load `length` bytes at `offset` of header `base` (NFT_PAYLOAD_*) into reg 1."""
+def payload(base: int, offset: int, length: int, register: int = NFT_REG_1) -> bytes:
+    """Load `length` bytes at `offset` of header `base` (NFT_PAYLOAD_*) into `register`."""
     return expression(
         "payload",
-        big32(NFTA_PAYLOAD_DREG, NFT_REG_1),
+        big32(NFTA_PAYLOAD_DREG, register),
         big32(NFTA_PAYLOAD_BASE, base),
         big32(NFTA_PAYLOAD_OFFSET, offset),
         big32(NFTA_PAYLOAD_LEN, length),
@@ -363,7 +396,7 @@ class _Map:
 
 def _destination(slot: Slot, layout: _FamilyLayout) -> bytes:
     """NFTA_SET_ELEM_DATA of address . port, the port padded to its 32-bit register."""
-    return value_in(NFTA_SET_ELEM_DATA, layout.pack(slot.address) + _PORT_REGISTER.pack(slot.port))
+    return layout.destination_header + layout.pack(slot.address) + _PORT_REGISTER.pack(slot.port)
 
 
 def _map_declaration(key: tuple[int, int], layout: _FamilyLayout, userdata: bytes, *more: bytes) -> bytes:
@@ -402,13 +435,13 @@ def _slots_map(pool: NatPool, family: Family) -> _Map:
 
 
 def _slot_elements(slots: Sequence[Slot], layout: _FamilyLayout) -> list[bytes]:
-    """Slot number -> address . port, the backend's name as the comment."""
+    """Slot number -> address . port, the backend's name as the comment (a few packs each: a full load encodes
+    100,000)."""
     return [
-        element(
-            host32(number),
-            _destination(slot, layout),
-            netlink.attribute(NFTA_SET_ELEM_USERDATA, _tlv(NFTNL_UDATA_SET_ELEM_COMMENT, slot.name.encode() + b"\0")),
-        )
+        _SLOT_KEY_HEADER
+        + host32(number)
+        + _destination(slot, layout)
+        + netlink.attribute(NFTA_SET_ELEM_USERDATA, _tlv(NFTNL_UDATA_SET_ELEM_COMMENT, slot.name.encode() + b"\0"))
         for number, slot in enumerate(slots)
     ]
 
@@ -470,15 +503,16 @@ def _unrouted(chain: str, unrouted: tuple[str, ...], layout: _FamilyLayout) -> l
     return [_saddr(layout), equals(layout.pack(unrouted[0])), give_back]
 
 
-def _rules(pool: NatPool, family: Family) -> Iterator[list[bytes]]:
-    """The chain's rules in order, each as its expressions (nftnat._chain)."""
+def _rules(pool: NatPool, family: Family, self_map: bool) -> Iterator[list[bytes]]:
+    """The chain's rules in order, each as its expressions (nftnat._chain); `self_map`: the pool has map self-...
+    (a pool of one address has none, and a return rule instead)."""
     layout = _LAYOUTS[family]
     protocol = IPPROTOS[pool.protocol]
     yield set_mark(pool.mark)
-    if pool.fallbacks:
+    if self_map:
         yield [*l4proto(protocol), _saddr(layout), *_dnat_through(f"self-{pool.chain}", layout)]
-    if unrouted := pool.unrouted:
-        yield _unrouted(pool.chain, unrouted, layout)
+    else:
+        yield _unrouted(pool.chain, pool.unrouted, layout)
     pick = numgen(NFT_NG_RANDOM if pool.random else NFT_NG_INCREMENTAL, len(pool.slots))
     yield [*l4proto(protocol), pick, *_dnat_through(f"slots-{pool.chain}", layout)]
 
@@ -565,16 +599,119 @@ def change_batch(before: NatPool | None, after: NatPool | None, family: Family) 
     for name in dict.fromkeys([*old, *new]):
         messages += objects.change_map(old.get(name), new.get(name))
     if after is not None:
-        messages += [objects.add_rule(expressions) for expressions in _rules(after, family)]
+        self_map = f"self-{after.chain}" in new
+        messages += [objects.add_rule(expressions) for expressions in _rules(after, family, self_map)]
     if before is None:
         flags = NLM_F_CREATE | NLM_F_EXCL
         messages.append(objects.elements(NFT_MSG_NEWSETELEM, "ports", [_ports_element(pool, True)], flags))
     return messages
 
 
+# --- whole tables: a full load, as `nft -f` of nftnat.ruleset_text makes it ---
+
+_LOOPBACK_MATCH = {  # `ip daddr != 127.0.0.0/8` (nft compares the first byte), `ip6 daddr != ::1`
+    Family.IPV4: (16, b"\x7f"),
+    Family.IPV6: (24, socket.inet_pton(socket.AF_INET6, "::1")),
+}
+_HOOKS = (("prerouting", NF_INET_PRE_ROUTING), ("output", NF_INET_LOCAL_OUT))
+_PORTS_TYPE = TYPE_INET_PROTOCOL << 6 | TYPE_INET_SERVICE  # inet_proto . inet_service
+
+
+def compare(operator: int, data: bytes) -> bytes:
+    """cmp: reg 1 `operator` (NFT_CMP_*) `data`."""
+    return expression(
+        "cmp", big32(NFTA_CMP_SREG, NFT_REG_1), big32(NFTA_CMP_OP, operator), value_in(NFTA_CMP_DATA, data)
+    )
+
+
+@functools.cache
+def _ports_declaration() -> bytes:
+    """`type inet_proto . inet_service : verdict` (nft records the concatenated type as a typeof of no fields)."""
+    userdata = _set_userdata(BYTEORDER_INVALID, _typeof(EXPR_CONCAT), None)
+    return b"".join(
+        [
+            big32(NFTA_SET_FLAGS, NFT_SET_MAP),
+            big32(NFTA_SET_KEY_TYPE, _PORTS_TYPE),
+            big32(NFTA_SET_KEY_LEN, 8),
+            big32(NFTA_SET_DATA_TYPE, NFT_DATA_VERDICT),
+            big32(NFTA_SET_DATA_LEN, 0),
+            netlink.attribute(NFTA_SET_USERDATA, userdata),
+        ]
+    )
+
+
+def _dispatch_rules(options: Options) -> dict[str, list[bytes]]:
+    """The base chains' one rule each (nftnat._dispatch): a new connection to a local address (or the listen
+    address), and from the host itself not to loopback unless asked, looked up by `meta l4proto . th dport` in
+    map ports."""
+    family = options.family
+    layout = _LAYOUTS[family]
+    daddr_offset = layout.saddr_offset + layout.address_len
+    if options.listen_address:
+        local = [payload(NFT_PAYLOAD_NETWORK_HEADER, daddr_offset, layout.address_len)]
+        local.append(equals(layout.pack(options.listen_address)))
+        output = local
+    else:
+        fib = expression(
+            "fib",
+            big32(NFTA_FIB_DREG, NFT_REG_1),
+            big32(NFTA_FIB_RESULT, NFT_FIB_RESULT_ADDRTYPE),
+            big32(NFTA_FIB_FLAGS, NFTA_FIB_F_DADDR),
+        )
+        local = [fib, equals(host32(RTN_LOCAL))]
+        offset, loopback = _LOOPBACK_MATCH[family]
+        not_loopback = [payload(NFT_PAYLOAD_NETWORK_HEADER, offset, len(loopback)), compare(NFT_CMP_NEQ, loopback)]
+        output = local if options.route_localhost and family is Family.IPV4 else [*not_loopback, *local]
+    lookup_port = [
+        expression("meta", big32(NFTA_META_KEY, NFT_META_L4PROTO), big32(NFTA_META_DREG, NFT_REG_1)),
+        payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, NFT_REG32_01),
+        lookup("ports", NFT_REG_VERDICT),
+    ]
+    return {"prerouting": [*local, *lookup_port], "output": [*output, *lookup_port]}
+
+
+def table_batch(pools: Iterable[NatPool], options: Options, tables: Collection[str]) -> list[Request]:
+    """The messages that replace each of `tables` (of options.family) whole with the objects of `pools` (all those
+    tables' pools), as `nft -f` of nftnat.ruleset_text does: the table is created if missing, deleted, created
+    again and filled. A full load at 10,000 frontends, without the nft tool's parsing (seconds of it)."""
+    family = options.family
+    members: dict[str, list[NatPool]] = {name: [] for name in tables}
+    for pool in pools:
+        members[table_of(pool.port)].append(pool)
+    dispatch = _dispatch_rules(options)
+    messages = []
+    for table, table_pools in members.items():
+        name = string(NFTA_TABLE_NAME, table)
+        messages += [
+            message(NFT_MSG_NEWTABLE, NLM_F_CREATE, family, name + big32(NFTA_TABLE_FLAGS, 0), table),
+            message(NFT_MSG_DELTABLE, 0, family, name, table),
+            message(NFT_MSG_NEWTABLE, NLM_F_CREATE | NLM_F_EXCL, family, name + big32(NFTA_TABLE_FLAGS, 0), table),
+        ]
+        base = _Objects(family, table, "ports")
+        ports_id = big32(NFTA_SET_ID, next(_set_ids))
+        flags = NLM_F_CREATE | NLM_F_EXCL
+        messages.append(base._message(NFT_MSG_NEWSET, _SET, "ports", _ports_declaration(), ports_id, flags=flags))
+        for pool in table_pools:
+            messages += change_batch(None, pool, family)
+        for hook_name, hook in _HOOKS:  # last: binding map ports checks every element's chain once
+            chain = _Objects(family, table, hook_name)
+            hooked = nested(NFTA_CHAIN_HOOK, big32(NFTA_HOOK_HOOKNUM, hook), big32(NFTA_HOOK_PRIORITY, PRIORITY))
+            declaration = [string(NFTA_CHAIN_TYPE, "nat"), big32(NFTA_CHAIN_POLICY, NF_ACCEPT), hooked]
+            messages.append(chain._message(NFT_MSG_NEWCHAIN, _CHAIN, hook_name, *declaration, flags=flags))
+            messages.append(chain.add_rule(dispatch[hook_name]))
+    return messages
+
+
+def delete_tables(family: Family, names: Iterable[str]) -> list[Request]:
+    """The messages that delete these tables of `family` (and everything in them)."""
+    return [message(NFT_MSG_DELTABLE, 0, family, string(NFTA_TABLE_NAME, name), name) for name in names]
+
+
 # --- sending ---
 
 _VERBS = {
+    NFT_MSG_NEWTABLE: "add table",
+    NFT_MSG_DELTABLE: "delete table",
     NFT_MSG_NEWCHAIN: "add chain",
     NFT_MSG_DELCHAIN: "delete chain",
     NFT_MSG_NEWRULE: "add a rule to chain",
@@ -617,6 +754,20 @@ class NatSocket:
         """The messages as one transaction, committed whole or not at all; TransactionRefused if refused."""
         if messages:
             self.transact(*self.encode(messages), messages)
+
+    def send_each(self, batches: Iterable[Sequence[Request]]) -> None:
+        """Each batch of messages as a transaction of its own, in order, each sent while the next is made: the
+        kernel does its work within the send, without the interpreter's lock. TransactionRefused for the first
+        refused; those after it are not sent."""
+        with ThreadPoolExecutor(1) as sender:
+            sending: Future[None] | None = None
+            for messages in batches:
+                encoded = self.encode(messages)
+                if sending is not None:
+                    sending.result()
+                sending = sender.submit(self.transact, *encoded, messages)
+            if sending is not None:
+                sending.result()
 
     def encode(self, messages: Sequence[Request]) -> tuple[bytes, range]:
         """The messages as one batch (encode_batch), with new sequence numbers each batch; its sequence numbers."""

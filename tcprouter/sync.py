@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 
@@ -37,17 +36,16 @@ from .labels import DEFAULT_UDP_PREFIX, reachable_only
 from .metrics import Metrics
 from .model import ContainerSnapshot, DesiredState, Frontend, Protocol
 from .netfilter import NetfilterError, Nft, Writer
-from .nftnat import TABLE_PREFIX, NatPool, nat_pool, ruleset_texts
-from .nftnat_netlink import NatSocket, change_batch
+from .nftnat import TABLE_PREFIX, NatPool, nat_pool, table_parts
+from .nftnat_netlink import NatSocket, Request, change_batch, table_batch
 from .pools import Pools
 from .sysctls import TCP_LOOSE
 from .tracker import Endpoint
 
 log = logging.getLogger(__name__)
-# A full load of the nat side in nftables: a text (and transaction) of 64 / NFT_LOAD_PARTS tables per processor (2
-# to 4), each loaded by its `nft -f` as soon as it is made, side by side. More parts than processors were slower on
-# a 2-core host (BENCHMARKS.md: 4.7 s at 10,000 x 10 with 2, 5.2-5.8 s with 4 or 8).
-NFT_LOAD_PARTS = max(2, min(len(os.sched_getaffinity(0)), 4))
+# A full load of the nat side in nftables: a transaction of 64 / NAT_LOAD_PARTS tables each, each made while the
+# kernel commits the last.
+NAT_LOAD_PARTS = 8
 # Deletes the conntrack entries of (protocol, backend endpoints, connection mark bit); returns how many went.
 FlowForgetter = Callable[[Protocol, Collection[Endpoint], int], int]
 
@@ -246,15 +244,16 @@ class Syncer:
         return rules
 
     def _write_nat(self, state: DesiredState, ports: set[int] | None) -> None:
-        """Bring tcprouter's nftables tables (options.nat_tables) to `state`: all of them, through `nft -f`, when
-        `ports` is None or what they hold is unknown; else the objects of the frontends on `ports` whose pools
-        changed, in one netlink transaction (nftnat_netlink: milliseconds, where nft reads its whole cache first)."""
+        """Bring tcprouter's nftables tables (options.nat_tables) to `state` over netlink (nftnat_netlink): all of
+        them, replaced whole in NAT_LOAD_PARTS transactions, when `ports` is None or what they hold is unknown; else
+        the objects of the frontends on `ports` whose pools changed, in one transaction (milliseconds)."""
         if self.nat_writer is None:
             raise NetfilterError("the nat side in nftables tables needs the nft tool (a Syncer with a nat_writer)")
         written, self._nat_written = self._nat_written, None  # unknown until the write succeeds
         if ports is None or written is None:
-            self.nat_writer.load_each(ruleset_texts(state, self.options, NFT_LOAD_PARTS), NFT_LOAD_PARTS)
-            self.commits += NFT_LOAD_PARTS  # a transaction each
+            parts = table_parts(state, self.options, NAT_LOAD_PARTS)
+            self._send_nat(table_batch(pools, self.options, tables) for tables, pools in parts)
+            self.commits += NAT_LOAD_PARTS  # a transaction each
             self._nat_written = state, self.options
             return
         messages = []
@@ -264,13 +263,17 @@ class Syncer:
                 if before != after:
                     messages += change_batch(before, after, self.options.family)
         if messages:
-            try:
-                self._nat_socket().send(messages)
-            except OSError as error:  # TransactionRefused, a timeout: the kernel's tables are reloaded whole
-                self._close_nat_socket()
-                raise NetfilterError(f"nf_tables refused the nat change: {error}") from error
+            self._send_nat([messages])
             self.commits += 1
         self._nat_written = state, self.options
+
+    def _send_nat(self, batches: Iterable[list[Request]]) -> None:
+        """Each batch as a transaction; NetfilterError if one fails (a change is then retried as a full load)."""
+        try:
+            self._nat_socket().send_each(batches)
+        except OSError as error:  # TransactionRefused, a timeout: the kernel's tables are reloaded whole
+            self._close_nat_socket()
+            raise NetfilterError(f"nf_tables refused the nat change: {error}") from error
 
     def _drop_nat_tables(self) -> None:
         """Delete tcprouter's nftables tables of this family, if an earlier run (options.nat_tables) made any."""

@@ -13,8 +13,8 @@ import pytest
 
 from tcprouter.compiler import Options
 from tcprouter.model import Access, Backend, Balance, DesiredState, Family, Frontend, Protocol
-from tcprouter.nftnat import nat_pools, ruleset_text, table_of
-from tcprouter.nftnat_netlink import NatSocket, TransactionRefused, change_batch
+from tcprouter.nftnat import nat_pools, ruleset_text, table_names, table_of
+from tcprouter.nftnat_netlink import NatSocket, TransactionRefused, change_batch, table_batch
 
 from .support import private_netns, sh
 
@@ -170,3 +170,52 @@ def test_a_refused_batch_raises_and_changes_nothing_and_the_socket_still_works()
             assert nft(ns, "-a", "list", "ruleset") == listed
             sock.send(change_batch(pools[(Protocol.TCP, 8000)], None, Family.IPV4))
         assert "tcp-8000" not in nft(ns, "list", "ruleset")
+
+
+MIXED = DesiredState(
+    {
+        8000: rr(A, B, C),
+        8064: Frontend(8064, Balance.RANDOM, (C, Backend("d" * 64, "web-d", "10.0.0.5", 8080, weight=3))),
+        8128: rr(A, port=8128),  # a lone backend: a return rule, no self- map
+        9001: rr(A, B, port=9001, access=Access(maxconn=5)),  # the access bit in the mark
+    },
+    udp_frontends={8000: rr(B, C, protocol=Protocol.UDP), 9002: rr(D, port=9002, protocol=Protocol.UDP)},
+)
+LOADS = {
+    "ipv4": Options(),
+    "ipv4, --listen-address": Options(listen_address="10.0.0.1"),
+    "ipv4, --route-localhost": Options(route_localhost=True),
+    "ipv6": Options(family=Family.IPV6),
+    "ipv6, --listen-address": Options(family=Family.IPV6, listen_address="fd00::1"),
+}
+
+
+@pytest.mark.parametrize("options", LOADS.values(), ids=LOADS.keys())
+def test_a_full_load_over_netlink_leaves_what_nft_f_makes_and_replaces_what_the_tables_held(options: Options):
+    pools = nat_pools(MIXED, options).values()
+    tables = sorted({table_of(port) for port in (8000, 9001, 9002)} | {"tcprouter-05"})  # and an empty one
+    family = NFT_FAMILIES[options.family]
+    with private_netns() as loaded, private_netns() as reference:
+        load(loaded, tcp(rr(C, D, port=8000), rr(A, port=8001)), options.family)  # every table, other pools
+        with NatSocket(loaded) as sock:
+            sock.send(table_batch(pools, options, table_names()))
+        sh("ip", "netns", "exec", reference, "nft", "-f", "-", input=ruleset_text(pools, options))
+        ours, theirs = (objects(nft(ns, "list", "ruleset")) for ns in (loaded, reference))
+        chains = {head for _, head in theirs}
+        assert all(f"chain {pool.chain} {{" in chains for pool in pools) and ours == theirs
+        for table in tables:
+            debug = ("--debug=netlink", "list", "table", family, table)
+            ours, theirs = (expressions(nft(ns, *debug)) for ns in (loaded, reference))
+            assert "prerouting" in theirs and ours == theirs
+
+
+def test_a_full_load_of_some_tables_leaves_the_others_as_they_were():
+    options = Options()
+    with private_netns() as ns:
+        load(ns, tcp(rr(A, B, port=8000), rr(C, port=8001)), Family.IPV4)
+        untouched = nft(ns, "list", "table", "ip", table_of(8001))
+        with NatSocket(ns) as sock:
+            sock.send(table_batch(nat_pools(tcp(rr(D, port=8064)), options).values(), options, [table_of(8000)]))
+        assert nft(ns, "list", "table", "ip", table_of(8001)) == untouched
+        listed = nft(ns, "list", "table", "ip", table_of(8000))
+        assert "tcp-8064" in listed and "tcp-8000" not in listed

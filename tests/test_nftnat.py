@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from tcprouter.compiler import DEFAULT_MARK_BIT, Options, access_bit, rotation
 from tcprouter.model import Access, Backend, Balance, DesiredState, Frontend, Protocol
-from tcprouter.nftnat import TABLES, Slot, nat_pool, nat_pools, ruleset_text, ruleset_texts, table_of
+from tcprouter.nftnat import TABLES, Slot, nat_pool, nat_pools, ruleset_text, table_names, table_of, table_parts
 
 from .strategies import desired_states
 
@@ -67,14 +67,15 @@ def test_every_routed_frontend_is_dispatched_once_in_its_port_s_table_and_empty_
 
 
 @given(desired_states(udp=True), st.integers(1, TABLES + 3))
-def test_a_load_in_parts_replaces_each_table_once_with_what_the_whole_text_holds(state: DesiredState, parts: int):
+def test_a_load_in_parts_takes_each_table_once_with_its_pools(state: DesiredState, parts: int):
     options = Options()
-    pools = nat_pools(state, options).values()
-    texts = list(ruleset_texts(state, options, parts))
-    assert len(texts) == min(parts, TABLES)
-    tables = [_tables(text) for text in texts]
-    assert sum(len(t) for t in tables) == TABLES
-    assert {name: body for t in tables for name, body in t.items()} == _tables(ruleset_text(pools, options))
+    pools = nat_pools(state, options)
+    groups = list(table_parts(state, options, parts))
+    assert len(groups) == min(parts, TABLES)
+    assert sorted(name for names, _ in groups for name in names) == sorted(table_names())
+    assert all(table_of(pool.port) in names for names, members in groups for pool in members)
+    assert sorted(pool.chain for _, members in groups for pool in members) == sorted(p.chain for p in pools.values())
+    assert [pool for _, members in groups for pool in members if pool != pools[(pool.protocol, pool.port)]] == []
 
 
 def test_udp_frontends_match_their_protocol_before_the_nat():

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 
 from .. import sysctls
 from ..compiler import RuleSet
 from ..diff import restore_script
 from ..model import Family
-from ..netfilter import Nft, ipv6_available, open_writer
+from ..netfilter import Flavour, Nft, ipv6_available, open_writer
 from ..nftnat import TABLE_PREFIX
 from ..ownership import TablesLock
 from . import common
@@ -44,7 +43,7 @@ def command(args: argparse.Namespace) -> int:
         log.info(
             "removed %d owned chains and their hooks from the %s %s tables", script.count("\n-X "), flavour, family
         )
-        if shutil.which("nft"):  # the nat side of `--nat nftables`: tcprouter's own tables
+        if flavour is Flavour.NFT:  # the nat side of `--nat nftables`: tcprouter's own tables
             nft = Nft()
             ours = nft.tables(family, TABLE_PREFIX)
             nft.delete(family, ours)

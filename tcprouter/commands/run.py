@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import shutil
 
 from .. import sysctls
 from ..compiler import Options
@@ -29,8 +28,8 @@ def command(args: argparse.Namespace) -> int:
     for family, each in writers.items():
         log.info("tcprouter starting: writing the %s %s tables with %r", each.flavour, family, each)
     nat_tables = common.options(args).nat_tables
-    if nat_tables and (shutil.which("nft") is None or any(w.flavour is not Flavour.NFT for w in writers.values())):
-        log.error("--nat nftables needs the nft tool and a host whose iptables is iptables-nft; nothing written")
+    if nat_tables and any(w.flavour is not Flavour.NFT for w in writers.values()):
+        log.error("--nat nftables needs a host whose iptables is iptables-nft; nothing written")
         return 2
     readers = {
         family: kernel_reader(each.flavour, family=family, nat_tables=nat_tables) for family, each in writers.items()
