@@ -195,8 +195,8 @@ def parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         choices=["iptables", "nftables"],
         default="iptables",
         help="where the frontends' dispatch and DNAT live: iptables chains (TCPR-FE-<port>), or nftables tables of "
-        "tcprouter's own (tcprouter-00..63, iptables-nft hosts): a change costs milliseconds at 10,000 frontends, where "
-        "the iptables nat table takes ~150 ms to commit; the filter side stays in iptables either way",
+        "tcprouter's own (tcprouter-00..63, iptables-nft hosts): a change costs milliseconds at 10,000 frontends, "
+        "where the iptables nat table takes ~150 ms to commit; the filter side stays in iptables either way",
     )
     common.add_argument(
         "--listen-address",

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from . import heap
 from .metrics import Metrics
 from .model import ContainerSnapshot
 from .sync import Syncer
@@ -245,6 +246,7 @@ class SyncRunner:
         ok = self.syncer.sync(view, batch.unreachable, need_full, batch.causes, batch.changed)
         if need_full:
             self.schedule.resynced(now, ok)
+            heap.give_back()  # what the full sync's diff or load allocated (tens of MB at 10,000 frontends)
         if ok:
             written = time.time_ns()
             for stamp in batch.stamps:

@@ -37,7 +37,7 @@ from .metrics import Metrics
 from .model import ContainerSnapshot, DesiredState, Frontend, Protocol
 from .netfilter import NetfilterError, Nft, Writer
 from .nftnat import TABLE_PREFIX, NatPool, nat_pool, table_parts
-from .nftnat_netlink import NatSocket, Request, change_batch, table_batch
+from .nftnat_netlink import NatSocket, change_batch, table_batch
 from .pools import Pools
 from .sysctls import TCP_LOOSE
 from .tracker import Endpoint
@@ -252,7 +252,8 @@ class Syncer:
         written, self._nat_written = self._nat_written, None  # unknown until the write succeeds
         if ports is None or written is None:
             parts = table_parts(state, self.options, NAT_LOAD_PARTS)
-            self._send_nat(table_batch(pools, self.options, tables) for tables, pools in parts)
+            batches = (table_batch(pools, self.options, tables) for tables, pools in parts)
+            self._send_nat(lambda sock: sock.send_each(batches))
             self.commits += NAT_LOAD_PARTS  # a transaction each
             self._nat_written = state, self.options
             return
@@ -263,14 +264,15 @@ class Syncer:
                 if before != after:
                     messages += change_batch(before, after, self.options.family)
         if messages:
-            self._send_nat([messages])
+            self._send_nat(lambda sock: sock.send(messages))  # no thread: the change is one transaction
             self.commits += 1
         self._nat_written = state, self.options
 
-    def _send_nat(self, batches: Iterable[list[Request]]) -> None:
-        """Each batch as a transaction; NetfilterError if one fails (a change is then retried as a full load)."""
+    def _send_nat(self, send: Callable[[NatSocket], None]) -> None:
+        """Send transactions on the nat socket; NetfilterError if one fails (a change is then retried as a full
+        load)."""
         try:
-            self._nat_socket().send_each(batches)
+            send(self._nat_socket())
         except OSError as error:  # TransactionRefused, a timeout: the kernel's tables are reloaded whole
             self._close_nat_socket()
             raise NetfilterError(f"nf_tables refused the nat change: {error}") from error
