@@ -200,9 +200,10 @@ def _local_endpoint(
     exposed = sorted(exposed) if len(exposed) > 1 else list(exposed)
     backend_port = _container_port(exposed, wanted, port, prefix, "exposes", protocol)
     network = _choose_network(container, f"{prefix}.network")
-    if not container.networks[network]:
+    address = container.networks[network]
+    if not address:
         raise LabelError("no_address", f"the container has no IPv4 address on network {network!r}")
-    return container.networks[network], backend_port, network
+    return address, backend_port, network
 
 
 def _remote_endpoint(

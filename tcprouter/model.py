@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -60,6 +60,54 @@ def shared(mapping: Mapping) -> Mapping:
     return _shared(tuple(mapping.items())) if mapping else EMPTY
 
 
+class Addresses(Mapping[str, str]):
+    """A container's network -> address map (`networks`, `networks6`), immutable: its network names are a tuple
+    shared with every container on the same networks, its addresses its own (one string for one network). A dict
+    each was ~180 bytes, 18 MB at 10,000 x 10; this is ~50."""
+
+    __slots__ = ("_addresses", "_names")
+
+    def __init__(self, names: tuple[str, ...], addresses: str | tuple[str, ...]) -> None:
+        self._names, self._addresses = names, addresses
+
+    def __getitem__(self, name: str) -> str:
+        if self._names and name == self._names[0]:
+            return self._addresses if isinstance(self._addresses, str) else self._addresses[0]
+        if not isinstance(self._addresses, str) and name in self._names:
+            return self._addresses[self._names.index(name)]
+        raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Addresses):
+            return self._names == other._names and self._addresses == other._addresses
+        return isinstance(other, Mapping) and dict(self.items()) == dict(other.items())
+
+    __hash__ = None  # type: ignore[assignment]  # a map: unhashable, as a dict
+
+    def __repr__(self) -> str:
+        return repr(dict(self.items()))
+
+
+@functools.lru_cache(maxsize=MAPS_KEPT)
+def _names(names: tuple[str, ...]) -> tuple[str, ...]:
+    return names
+
+
+def addresses(mapping: Mapping[str, str]) -> Mapping[str, str]:
+    """`mapping` (network -> address) as Addresses, its names shared (EMPTY if it is empty)."""
+    if isinstance(mapping, Addresses) or not mapping:
+        return mapping if mapping else EMPTY
+    names = _names(tuple(mapping))
+    values = tuple(mapping.values())
+    return Addresses(names, values[0] if len(values) == 1 else values)
+
+
 def no_entries() -> Any:
     """The default of a map field: the shared empty map."""
     return field(default_factory=lambda: EMPTY)
@@ -76,6 +124,7 @@ SHARED_FIELDS = (
     "published_tcp_ports",
     "published_udp_ports",
 )
+ADDRESS_FIELDS = ("networks", "networks6")  # a container's own addresses, by network (Addresses)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +163,8 @@ class ContainerSnapshot:
         # The containers of one network share one copy of its maps (100,000 snapshots at 10,000 x 10).
         for name in SHARED_FIELDS:
             object.__setattr__(self, name, shared(getattr(self, name)))
+        for name in ADDRESS_FIELDS:
+            object.__setattr__(self, name, addresses(getattr(self, name)))
 
     @property
     def age_order(self) -> tuple[int, str]:

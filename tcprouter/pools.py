@@ -55,8 +55,7 @@ class Pools:
         self.prefixes = {Protocol.TCP: prefix, Protocol.UDP: udp_prefix}
         self.policy = policy
         self.busy_ports: dict[Protocol, dict[int, str]] = {p: {} for p in Protocol}
-        self.containers: dict[str, ContainerSnapshot] = {}
-        self._groups_of: dict[str, tuple[Group, ...]] = {}
+        self.containers: dict[str, ContainerSnapshot] = {}  # its groups are derived again: groups() is kept per map
         self._members: dict[Group, dict[str, ContainerSnapshot]] = {}
         self._pools: dict[Protocol, dict[int, Frontend]] = {p: {} for p in Protocol}  # the state's, per protocol
         self._rejections: dict[Group, tuple[Rejection, ...]] = {}
@@ -95,14 +94,13 @@ class Pools:
             self.policy = policy
             dirty.update(self._members)  # who may claim which port changed: every group again
         for cid, snapshot in changed.items():
-            for old in self._groups_of.pop(cid, ()):
+            held = self.containers.pop(cid, None)
+            for old in self.groups(held) if held is not None else ():
                 del self._members[old][cid]
                 dirty.add(old)
-            self.containers.pop(cid, None)
             if snapshot is not None:
                 self.containers[cid] = snapshot
-                self._groups_of[cid] = self.groups(snapshot)
-                for new in self._groups_of[cid]:
+                for new in self.groups(snapshot):
                     self._members.setdefault(new, {})[cid] = snapshot
                     dirty.add(new)
         for protocol in Protocol:

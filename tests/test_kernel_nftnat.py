@@ -39,6 +39,10 @@ def nat_writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
             writes.append(sum(m.type == NFT_MSG_DELTABLE for batch in batches for m in batch))
             super().send_each(batches)
 
+        def send(self, messages: Sequence[Request]) -> None:
+            writes.append(sum(m.type == NFT_MSG_DELTABLE for m in messages))
+            super().send(messages)
+
     monkeypatch.setattr(sync, "NatSocket", RecordingNatSocket)
     return writes
 
