@@ -267,3 +267,17 @@ def test_gateway_mode_ignores_the_drivers_of_a_remote_containers_networks():
         remote({"tcp.port": "80"}, {1234: 32769}), networks={"mesh": "10.0.1.2"}, network_drivers={"mesh": "overlay"}
     )
     assert parse_backend(container).backend.endpoint == ("198.18.99.12", 32769)
+
+
+@given(
+    st.dictionaries(st.sampled_from(["bridge", "backend", "front", "b2"]), st.sampled_from(["", "10.0.0.2", "fd00::2"]))
+)
+def test_a_snapshots_addresses_read_as_the_map_it_was_given(networks: dict[str, str]):
+    snapshot = ContainerSnapshot("c" * 64, "c", "2026-01-01T00:00:00Z", {}, True, networks=networks, networks6=networks)
+    for kept in (snapshot.networks, snapshot.networks6):
+        assert kept == networks and networks == kept and dict(kept) == networks and len(kept) == len(networks)
+        assert list(kept) == list(networks) and all(kept[n] == a and n in kept for n, a in networks.items())
+        assert kept.get("absent") is None and "absent" not in kept
+        with pytest.raises(KeyError):
+            kept["absent"]
+    assert dataclasses.replace(snapshot, draining=True).networks == snapshot.networks
