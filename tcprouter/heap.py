@@ -1,9 +1,10 @@
-"""The process's heap, after the daemon's large, short-lived work (a full sync, a metrics build).
+"""The process's heap, after the daemon's largest short-lived work: a full sync.
 
-At 10,000 frontends such work allocates and frees tens of MB of buffers, lists and texts (a full load's netlink
-batches, a read of every slot's counter, the text of 100,000 series). Python hands allocations over 512 bytes to
-the C library's malloc, which keeps what they freed for later ones: without a trim, the daemon's resident memory
-stays at its peak (~25 MB above what it holds at 10,000 x 10, BENCHMARKS.md).
+At 10,000 frontends a full sync allocates and frees tens of MB (every container's groups read again, a full load's
+netlink batches). Python hands allocations over 512 bytes to the C library's malloc, which keeps what they freed
+for later ones: without a trim the daemon's resident memory stays at that peak (~10-25 MB more at 10,000 x 10,
+BENCHMARKS.md). Not after each metrics build: a trim holds malloc's lock (~1-30 ms) and the pages it gives back
+fault in again at the next allocations, which cost the syncs and scrapes of the probe there milliseconds.
 """
 
 from __future__ import annotations

@@ -24,7 +24,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
-from . import heap
 from .compiler import Tables, frontend_of, refusal, rule_comment
 from .diff import SavedRule, owned
 from .model import DesiredState, Family, Protocol
@@ -372,10 +371,7 @@ class StateCollector(Collector):
             self._serve(states, None)
         if figures is None:
             figures = self._read()
-        try:
-            return self._serve(states, figures)
-        finally:
-            heap.give_back()  # the read's and the text's transient buffers (tens of MB at 10,000 frontends)
+        return self._serve(states, figures)
 
     def _serve(self, states: Mapping[Family, DesiredState], figures: KernelFigures | None) -> Exposition:
         """The text of `states` and `figures` (None: the state's series only), served from now on."""
