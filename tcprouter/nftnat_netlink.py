@@ -530,6 +530,11 @@ _SET = (NFTA_SET_TABLE, NFTA_SET_NAME)
 _ELEMENTS = (NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET)
 
 
+@functools.lru_cache(maxsize=1024)  # the tables' names, and a frontend's names while its messages are made
+def _name(kind: int, text: str) -> bytes:
+    return string(kind, text)
+
+
 @dataclass(frozen=True)
 class _Objects:
     """The messages about one frontend's objects: its chain and maps in `table`."""
@@ -542,7 +547,7 @@ class _Objects:
         self, msg_type: int, naming: tuple[int, int], name: str, *attributes: bytes, flags: int = 0
     ) -> Request:
         """A message about object `name` of the table: the table's and the name's attributes, then `attributes`."""
-        head = string(naming[0], self.table) + string(naming[1], name)
+        head = _name(naming[0], self.table) + _name(naming[1], name)
         return message(msg_type, flags, self.family, head + b"".join(attributes), f"{self.table} {name}")
 
     def chain_message(self, msg_type: int, flags: int = 0) -> Request:
