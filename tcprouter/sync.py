@@ -61,8 +61,9 @@ class Syncer:
         forget_flows: FlowForgetter | None = None,
         nat_writer: Nft | None = None,
     ) -> None:
-        """`nat_writer`: the nft tool of tcprouter's own nftables tables (options.nat_tables; without, it deletes
-        those an earlier run left); None: this syncer never touches nftables tables (options.nat_tables is off)."""
+        """`nat_writer`: tcprouter's own nftables tables, in its namespace (options.nat_tables: written over netlink;
+        without, it deletes those an earlier run left); None: this syncer never touches nftables tables
+        (options.nat_tables is off)."""
         self.writer = writer
         self.nat_writer = nat_writer
         self.options = options
@@ -248,7 +249,7 @@ class Syncer:
         them, replaced whole in NAT_LOAD_PARTS transactions, when `ports` is None or what they hold is unknown; else
         the objects of the frontends on `ports` whose pools changed, in one transaction (milliseconds)."""
         if self.nat_writer is None:
-            raise NetfilterError("the nat side in nftables tables needs the nft tool (a Syncer with a nat_writer)")
+            raise NetfilterError("the nat side in nftables tables needs a Syncer with a nat_writer (their namespace)")
         written, self._nat_written = self._nat_written, None  # unknown until the write succeeds
         if ports is None or written is None:
             parts = table_parts(state, self.options, NAT_LOAD_PARTS)
