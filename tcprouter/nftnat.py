@@ -5,8 +5,11 @@ In iptables every new connection's first packet walks a frontend chain of one st
 and a write to the nat table makes the kernel validate all 110,000 of its rules at 10,000 x 10. Here:
   - the frontends are spread over TABLES tables by port (a change validates one table, ~1/64 of the rules);
   - in each table, base chains at prerouting and output (priority PRIORITY, before the iptables nat chains)
-    dispatch a new connection to a local address by `meta l4proto . th dport vmap @ports` (one lookup, whatever
-    the number of frontends) to its frontend's chain;
+    dispatch a new connection by `meta l4proto . th dport vmap @ports` (one lookup, whatever the number of
+    frontends) to its frontend's chain, which returns it unless it is to a local address (`fib daddr type local`).
+    The port comes first: a new connection passes the nat hook of every table until one DNATs it, and a hash lookup
+    that misses costs far less than the route lookup of `fib` (BENCHMARKS.md, "Dispatch with --nat nftables");
+    with --listen-address the base chains compare the destination first instead, which is cheap;
   - a frontend's chain marks the connection (the FORWARD lock and masquerade, in iptables, match the mark as
     before), sends a backend's own connection to another backend (map `self-...`: a bridge drops a packet DNATed
     back out of the port it came in on), and picks a backend with `numgen` over map `slots-...`: strict
@@ -49,6 +52,7 @@ class NatPool:
     mark: int  # the conntrack mark bits the chain sets
     random: bool  # numgen random rather than inc
     slots: tuple[Slot, ...]
+    local_only: bool = True  # the chain returns a connection not to a local address (no --listen-address)
 
     @property
     def chain(self) -> str:
@@ -95,7 +99,7 @@ def nat_pool(frontend: Frontend, options: Options) -> NatPool:
     order = [b for b in backends for _ in range(b.weight)] if random else rotation(backends)  # random: weighted
     slots = tuple(Slot(b.ip, b.port, _slot_name(b.name or b.container_id[:12])) for b in order)
     mark = options.mark_bit | (access_bit(options.mark_bit) if frontend.access else 0)
-    return NatPool(frontend.protocol, frontend.port, mark, random, slots)
+    return NatPool(frontend.protocol, frontend.port, mark, random, slots, not options.listen_address)
 
 
 def routed_frontends(state: DesiredState, options: Options) -> list[Frontend]:
@@ -134,7 +138,8 @@ def _chain(pool: NatPool, family: Family) -> str:
     nft_family = _FAMILIES[family]
     address_type = _ADDRESS_TYPES[family]
     parts = []
-    rules = [f"ct mark set ct mark | {pool.mark:#010x}"]
+    rules = ["fib daddr type != local return"] if pool.local_only else []
+    rules.append(f"ct mark set ct mark | {pool.mark:#010x}")
     fallbacks, unrouted = pool.fallbacks, pool.unrouted
     if fallbacks:
         elements = ", ".join(f"{address} : {_destination(slot)}" for address, slot in fallbacks)
@@ -155,20 +160,20 @@ def _chain(pool: NatPool, family: Family) -> str:
 
 
 def _dispatch(options: Options) -> str:
-    """The base chains: a new connection to a local address (or the listen address) and a frontend's port goes to
-    the frontend's chain. From the host itself (output), loopback destinations stay the host's unless asked."""
+    """The base chains: a new connection to a frontend's port goes to the frontend's chain (which checks that it is
+    to a local address), or with --listen-address, one to that address. From the host itself (output), loopback
+    destinations stay the host's unless asked."""
     family = options.family
     nft_family = _FAMILIES[family]
     if options.listen_address:
-        local = f"{nft_family} daddr {options.listen_address}"
-        output = local
+        local = output = f"{nft_family} daddr {options.listen_address} "
     else:
-        local = "fib daddr type local"
+        local = ""
         route_localhost = options.route_localhost and family is Family.IPV4
-        output = local if route_localhost else f"{nft_family} daddr != {_LOOPBACK[family]} {local}"
+        output = "" if route_localhost else f"{nft_family} daddr != {_LOOPBACK[family]} "
     lookup = "meta l4proto . th dport vmap @ports"
     return "".join(
-        f"\tchain {hook} {{\n\t\ttype nat hook {hook} priority {PRIORITY}; policy accept;\n\t\t{match} {lookup}\n\t}}\n"
+        f"\tchain {hook} {{\n\t\ttype nat hook {hook} priority {PRIORITY}; policy accept;\n\t\t{match}{lookup}\n\t}}\n"
         for hook, match in (("prerouting", local), ("output", output))
     )
 

@@ -297,11 +297,16 @@ def verdict(code: int, chain: str | None = None) -> bytes:
     return nested(NFTA_DATA_VERDICT, big32(NFTA_VERDICT_CODE, code), target)
 
 
+def compare(operator: int, data: bytes) -> bytes:
+    """cmp: reg 1 `operator` (NFT_CMP_*) `data`."""
+    return expression(
+        "cmp", big32(NFTA_CMP_SREG, NFT_REG_1), big32(NFTA_CMP_OP, operator), value_in(NFTA_CMP_DATA, data)
+    )
+
+
 def equals(data: bytes) -> bytes:
     """cmp eq: reg 1 holds `data`."""
-    return expression(
-        "cmp", big32(NFTA_CMP_SREG, NFT_REG_1), big32(NFTA_CMP_OP, NFT_CMP_EQ), value_in(NFTA_CMP_DATA, data)
-    )
+    return compare(NFT_CMP_EQ, data)
 
 
 # Expressions of few variants (a protocol, a mark, a family) are encoded once each: a function call an attribute.
@@ -497,17 +502,41 @@ def _unrouted(chain: str, unrouted: tuple[str, ...], layout: _FamilyLayout) -> l
     address (only a pool of one address has any), and more would need an anonymous set."""
     if len(unrouted) != 1:
         raise ValueError(f"{chain}: {len(unrouted)} unrouted addresses, the netlink writer takes one")
-    give_back = expression(
+    return [_saddr(layout), equals(layout.pack(unrouted[0])), _give_back()]
+
+
+@functools.cache
+def _give_back() -> bytes:
+    """`return`."""
+    return expression(
         "immediate", big32(NFTA_IMMEDIATE_DREG, NFT_REG_VERDICT), nested(NFTA_IMMEDIATE_DATA, verdict(NFT_RETURN))
     )
-    return [_saddr(layout), equals(layout.pack(unrouted[0])), give_back]
 
 
-def _rules(pool: NatPool, family: Family, self_map: bool) -> Iterator[list[bytes]]:
+@functools.cache
+def _fib_type() -> bytes:
+    """`fib daddr type` into reg 1."""
+    return expression(
+        "fib",
+        big32(NFTA_FIB_DREG, NFT_REG_1),
+        big32(NFTA_FIB_RESULT, NFT_FIB_RESULT_ADDRTYPE),
+        big32(NFTA_FIB_FLAGS, NFTA_FIB_F_DADDR),
+    )
+
+
+@functools.cache
+def _not_local() -> tuple[bytes, ...]:
+    """`fib daddr type != local return`."""
+    return _fib_type(), compare(NFT_CMP_NEQ, host32(RTN_LOCAL)), _give_back()
+
+
+def _rules(pool: NatPool, family: Family, self_map: bool) -> Iterator[Sequence[bytes]]:
     """The chain's rules in order, each as its expressions (nftnat._chain); `self_map`: the pool has map self-...
     (a pool of one address has none, and a return rule instead)."""
     layout = _LAYOUTS[family]
     protocol = IPPROTOS[pool.protocol]
+    if pool.local_only:
+        yield _not_local()
     yield set_mark(pool.mark)
     if self_map:
         yield [*l4proto(protocol), _saddr(layout), *_dnat_through(f"self-{pool.chain}", layout)]
@@ -556,7 +585,7 @@ class _Objects:
     def flush_rules(self) -> Request:
         return self._message(NFT_MSG_DELRULE, _RULES, self.chain)  # no handle: every rule
 
-    def add_rule(self, expressions: list[bytes]) -> Request:
+    def add_rule(self, expressions: Sequence[bytes]) -> Request:
         rule = list_of(NFTA_RULE_EXPRESSIONS, expressions)
         return self._message(NFT_MSG_NEWRULE, _RULES, self.chain, rule, flags=NLM_F_CREATE | NLM_F_APPEND)
 
@@ -622,13 +651,6 @@ _HOOKS = (("prerouting", NF_INET_PRE_ROUTING), ("output", NF_INET_LOCAL_OUT))
 _PORTS_TYPE = TYPE_INET_PROTOCOL << 6 | TYPE_INET_SERVICE  # inet_proto . inet_service
 
 
-def compare(operator: int, data: bytes) -> bytes:
-    """cmp: reg 1 `operator` (NFT_CMP_*) `data`."""
-    return expression(
-        "cmp", big32(NFTA_CMP_SREG, NFT_REG_1), big32(NFTA_CMP_OP, operator), value_in(NFTA_CMP_DATA, data)
-    )
-
-
 @functools.cache
 def _ports_declaration() -> bytes:
     """`type inet_proto . inet_service : verdict` (nft records the concatenated type as a typeof of no fields)."""
@@ -646,27 +668,20 @@ def _ports_declaration() -> bytes:
 
 
 def _dispatch_rules(options: Options) -> dict[str, list[bytes]]:
-    """The base chains' one rule each (nftnat._dispatch): a new connection to a local address (or the listen
-    address), and from the host itself not to loopback unless asked, looked up by `meta l4proto . th dport` in
-    map ports."""
+    """The base chains' one rule each (nftnat._dispatch): a new connection (to the listen address, if any; from the
+    host itself, not to loopback unless asked) looked up by `meta l4proto . th dport` in map ports."""
     family = options.family
     layout = _LAYOUTS[family]
     daddr_offset = layout.saddr_offset + layout.address_len
+    local: list[bytes] = []
     if options.listen_address:
         local = [payload(NFT_PAYLOAD_NETWORK_HEADER, daddr_offset, layout.address_len)]
         local.append(equals(layout.pack(options.listen_address)))
         output = local
     else:
-        fib = expression(
-            "fib",
-            big32(NFTA_FIB_DREG, NFT_REG_1),
-            big32(NFTA_FIB_RESULT, NFT_FIB_RESULT_ADDRTYPE),
-            big32(NFTA_FIB_FLAGS, NFTA_FIB_F_DADDR),
-        )
-        local = [fib, equals(host32(RTN_LOCAL))]
         offset, loopback = _LOOPBACK_MATCH[family]
         not_loopback = [payload(NFT_PAYLOAD_NETWORK_HEADER, offset, len(loopback)), compare(NFT_CMP_NEQ, loopback)]
-        output = local if options.route_localhost and family is Family.IPV4 else [*not_loopback, *local]
+        output = [] if options.route_localhost and family is Family.IPV4 else not_loopback
     lookup_port = [
         expression("meta", big32(NFTA_META_KEY, NFT_META_L4PROTO), big32(NFTA_META_DREG, NFT_REG_1)),
         payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, NFT_REG32_01),

@@ -33,7 +33,9 @@ from tcprouter.labels import LabelKeys, desired_state
 from tcprouter.metrics import Metrics
 from tcprouter.model import ContainerSnapshot, DesiredState, Protocol
 from tcprouter.netfilter import Flavour, Iptables, Nft, detect_flavour
-from tcprouter.sync import Syncer
+from tcprouter.nftnat import table_parts
+from tcprouter.nftnat_netlink import NatSocket, table_batch
+from tcprouter.sync import NAT_LOAD_PARTS, Syncer
 from tests.support import in_netns
 
 from .common import CLIENT_SUBNET, log, median, netns_add, percentile, sh, tune_client, veth
@@ -615,14 +617,25 @@ class Topology:
             raise RuntimeError("the server namespace's listener did not start")
 
     def install(
-        self, frontends: int, routed: list[int], first_port: int = FIRST_PORT, trees: Collection[Protocol] | None = None
+        self,
+        frontends: int,
+        routed: list[int],
+        first_port: int = FIRST_PORT,
+        trees: Collection[Protocol] | None = None,
+        nat_tables: bool = False,
     ) -> int:
         """N frontends x 10 from `first_port` on; the frontends at the `routed` indices go to the server. `trees`:
-        the protocols dispatched by a tree (None: as the daemon picks; () keeps the flat dispatch)."""
+        the protocols dispatched by a tree (None: as the daemon picks; () keeps the flat dispatch). `nat_tables`:
+        the dispatch and DNAT in tcprouter's nftables tables instead (--nat nftables, loaded as the daemon does)."""
         real = {f: self.server_ips for f in routed}
         state = desired_state(snapshots(frontends, real=real, first_port=first_port))
+        options = dataclasses.replace(OPTIONS, nat_tables=nat_tables)
         current, _ = self.iptables.read()
-        rules = compile_rules(state, OPTIONS, trees)
+        rules = compile_rules(state, options, trees)
+        if nat_tables:
+            with NatSocket(self.router, timeout=120) as sock:
+                parts = table_parts(state, options, NAT_LOAD_PARTS)
+                sock.send_each(table_batch(pools, options, names) for names, pools in parts)
         self.iptables.restore(restore_script(current, rules))
         return rules.rule_count()
 
@@ -690,9 +703,11 @@ def first_packet_figures(frontends: int, samples: int) -> dict:
 
 def dispatch_figures(frontends: int, samples: int, flavours: Collection[Flavour] | None = None) -> dict:
     """The first packet to the first and to the last of `frontends` x 10, with the flat dispatch (one rule per
-    frontend) and with the tree of port ranges, for each flavour whose restore binary exists: every router
-    namespace is set up first, then the cases are measured in interleaved blocks, so that the host's noise
-    spreads over all of them. The figure of merit is the ratio last / first (p50) within one layout."""
+    frontend) and with the tree of port ranges, for each flavour whose restore binary exists, and on nft with the
+    nat side in tcprouter's nftables tables (64 of them: a new connection passes each table's nat hook): every
+    router namespace is set up first, then the cases are measured in interleaved blocks, so that the host's noise
+    spreads over all of them. The figure of merit is the ratio last / first (p50) within one layout, and the
+    layouts' p50s side by side."""
     if flavours is None:
         flavours = [f for f in Flavour if shutil.which(f"iptables-{f}-restore")]
     cases: dict[str, list[float]] = {}
@@ -701,10 +716,12 @@ def dispatch_figures(frontends: int, samples: int, flavours: Collection[Flavour]
     last = FIRST_PORT + frontends - 1
     with contextlib.ExitStack() as stack:
         for flavour in flavours:
-            for layout, trees in (("flat", ()), ("tree", None)):
+            for layout, trees in _layouts(Flavour(flavour)):
                 topology = Topology(stack, f"{flavour[0]}{layout[0]}", Flavour(flavour))
                 started = time.perf_counter()
-                rules[f"{flavour}_{layout}"] = topology.install(frontends, [0, frontends - 1], trees=trees)
+                rules[f"{flavour}_{layout}"] = topology.install(
+                    frontends, [0, frontends - 1], trees=trees, nat_tables=layout == "nftables"
+                )
                 log(f"dispatch {flavour} {layout}: {frontends} x 10 installed in {time.perf_counter() - started:.1f} s")
                 for i, (position, port) in enumerate((("first", FIRST_PORT), ("last", last))):
                     case = f"{flavour}_{layout}_{position}"
@@ -720,7 +737,7 @@ def dispatch_figures(frontends: int, samples: int, flavours: Collection[Flavour]
     ratios = {
         f"{flavour}_{layout}": connect[f"{flavour}_{layout}_last"]["p50"] / connect[f"{flavour}_{layout}_first"]["p50"]
         for flavour in flavours
-        for layout in ("flat", "tree")
+        for layout, _ in _layouts(Flavour(flavour))
     }
     return {
         "frontends": frontends,
@@ -729,6 +746,11 @@ def dispatch_figures(frontends: int, samples: int, flavours: Collection[Flavour]
         "connect_us": connect,
         "ratio_p50": ratios,
     }
+
+
+def _layouts(flavour: Flavour) -> list[tuple[str, Collection[Protocol] | None]]:
+    """The dispatch layouts measured on a flavour, each with its `trees` (Topology.install)."""
+    return [("flat", ()), ("tree", None), *([("nftables", ())] if flavour is Flavour.NFT else [])]
 
 
 def run(sizes: list[int], repeats: int, samples: int) -> dict:
