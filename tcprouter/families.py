@@ -8,10 +8,12 @@ changed any table, so a periodic resync need not read 110,000 rules back, nor th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
 
+from . import heap
 from .compiler import Options
 from .model import ContainerSnapshot, Family
 from .netfilter import NetfilterError
@@ -64,10 +66,11 @@ class FamilySyncers:
         before = self.generation()
         unchanged = before is not None and before == self.known
         commits = self.commits()
-        results = [
-            syncer.sync(view, unreachable, full, causes, changed, read_kernel=not unchanged)
-            for syncer in self.syncers.values()
-        ]
+        with heap.collector_paused() if full else contextlib.nullcontext():  # ~1,000,000 objects at 10,000 x 10
+            results = [
+                syncer.sync(view, unreachable, full, causes, changed, read_kernel=not unchanged)
+                for syncer in self.syncers.values()
+            ]
         after = self.generation()
         # Beliefs match the tables if they did at `before` (a full sync's reads happen after it), every write
         # succeeded, and no one but us committed in between.
