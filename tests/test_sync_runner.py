@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+from tcprouter import heap
 from tcprouter.compiler import Options, compile_rules
 from tcprouter.diff import believed_tables, owned_only
 from tcprouter.labels import desired_state
@@ -170,3 +171,17 @@ def test_draining_ends_with_the_run_it_belongs_to(namespace):
     assert serving() == ["c2"]
     runner.tracker.apply(Relist((container(1, started_at="2026-01-01T00:05:00Z"), container(2))))
     assert serving() == ["c1", "c2"]
+
+
+def test_the_collector_is_paused_inside_and_left_as_it_was_after():
+    assert gc.isenabled()
+    with heap.collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with heap.collector_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # paused by someone else before: still paused
+    finally:
+        gc.enable()
