@@ -33,9 +33,7 @@ from tcprouter.labels import LabelKeys, desired_state
 from tcprouter.metrics import Metrics
 from tcprouter.model import ContainerSnapshot, DesiredState, Protocol
 from tcprouter.netfilter import Flavour, Iptables, Nft, detect_flavour
-from tcprouter.nftnat import table_parts
-from tcprouter.nftnat_netlink import NatSocket, table_batch
-from tcprouter.sync import NAT_LOAD_PARTS, Syncer
+from tcprouter.sync import Syncer
 from tests.support import in_netns
 
 from .common import CLIENT_SUBNET, log, median, netns_add, percentile, sh, tune_client, veth
@@ -632,7 +630,11 @@ class Topology:
         options = dataclasses.replace(OPTIONS, nat_tables=nat_tables)
         current, _ = self.iptables.read()
         rules = compile_rules(state, options, trees)
-        if nat_tables:
+        if nat_tables:  # imported here: the daemon probe runs this module with older tcprouters too
+            from tcprouter.nftnat import table_parts
+            from tcprouter.nftnat_netlink import NatSocket, table_batch
+            from tcprouter.sync import NAT_LOAD_PARTS
+
             with NatSocket(self.router, timeout=120) as sock:
                 parts = table_parts(state, options, NAT_LOAD_PARTS)
                 sock.send_each(table_batch(pools, options, names) for names, pools in parts)
