@@ -196,8 +196,7 @@ def _local_endpoint(
 ) -> tuple[str, int, str]:
     """A container of this host: a container port and the Docker network it is reached on, where it has an IPv4
     address (and, on a network created with --ipv6, an IPv6 one)."""
-    exposed = container.exposed_ports(protocol)
-    exposed = sorted(exposed) if len(exposed) > 1 else list(exposed)
+    exposed = sorted(container.exposed_ports(protocol))
     backend_port = _container_port(exposed, wanted, port, prefix, "exposes", protocol)
     network = _choose_network(container, f"{prefix}.network")
     address = container.networks[network]
