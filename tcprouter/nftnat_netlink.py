@@ -566,11 +566,12 @@ def _name(kind: int, text: str) -> bytes:
 
 @dataclass(frozen=True)
 class _Objects:
-    """The messages about one frontend's objects: its chain and maps in `table`."""
+    """The messages about objects of `table`: a frontend's chain and maps, or a base chain (`chain`: the one that the
+    chain and rule messages are about), or the table's map ports."""
 
     family: Family
     table: str
-    chain: str
+    chain: str = ""
 
     def _message(
         self, msg_type: int, naming: tuple[int, int], name: str, *attributes: bytes, flags: int = 0
@@ -597,11 +598,20 @@ class _Objects:
     def delete_map(self, name: str) -> Request:
         return self._message(NFT_MSG_DELSET, _SET, name)
 
-    def add_map(self, new: _Map) -> list[Request]:
+    def declare_map(self, name: str, declaration: bytes) -> Request:
+        """A new map, empty (created exclusively)."""
         set_id = big32(NFTA_SET_ID, next(_set_ids))
-        flags = NLM_F_CREATE | NLM_F_EXCL
-        declared = self._message(NFT_MSG_NEWSET, _SET, new.name, new.declaration, set_id, flags=flags)
-        return [declared, self.elements(NFT_MSG_NEWSETELEM, new.name, new.elements(), flags)]
+        return self._message(NFT_MSG_NEWSET, _SET, name, declaration, set_id, flags=NLM_F_CREATE | NLM_F_EXCL)
+
+    def add_map(self, new: _Map) -> list[Request]:
+        elements = self.elements(NFT_MSG_NEWSETELEM, new.name, new.elements(), NLM_F_CREATE | NLM_F_EXCL)
+        return [self.declare_map(new.name, new.declaration), elements]
+
+    def base_chain(self, hook: int) -> Request:
+        """The chain as a nat base chain of netfilter hook `hook` (NF_INET_*) at PRIORITY, policy accept."""
+        hooked = nested(NFTA_CHAIN_HOOK, big32(NFTA_HOOK_HOOKNUM, hook), big32(NFTA_HOOK_PRIORITY, PRIORITY))
+        declaration = (string(NFTA_CHAIN_TYPE, "nat"), big32(NFTA_CHAIN_POLICY, NF_ACCEPT), hooked)
+        return self._message(NFT_MSG_NEWCHAIN, _CHAIN, self.chain, *declaration, flags=NLM_F_CREATE | NLM_F_EXCL)
 
     def change_map(self, old: _Map | None, new: _Map | None) -> list[Request]:
         """A map as declared alike is flushed and refilled; one declared otherwise is deleted and added again."""
@@ -707,18 +717,12 @@ def table_batch(pools: Iterable[NatPool], options: Options, tables: Collection[s
             message(NFT_MSG_DELTABLE, 0, family, name, table),
             message(NFT_MSG_NEWTABLE, NLM_F_CREATE | NLM_F_EXCL, family, name + big32(NFTA_TABLE_FLAGS, 0), table),
         ]
-        base = _Objects(family, table, "ports")
-        ports_id = big32(NFTA_SET_ID, next(_set_ids))
-        flags = NLM_F_CREATE | NLM_F_EXCL
-        messages.append(base._message(NFT_MSG_NEWSET, _SET, "ports", _ports_declaration(), ports_id, flags=flags))
+        messages.append(_Objects(family, table).declare_map("ports", _ports_declaration()))
         for pool in table_pools:
             messages += change_batch(None, pool, family)
         for hook_name, hook in _HOOKS:  # last: binding map ports checks every element's chain once
-            chain = _Objects(family, table, hook_name)
-            hooked = nested(NFTA_CHAIN_HOOK, big32(NFTA_HOOK_HOOKNUM, hook), big32(NFTA_HOOK_PRIORITY, PRIORITY))
-            declaration = [string(NFTA_CHAIN_TYPE, "nat"), big32(NFTA_CHAIN_POLICY, NF_ACCEPT), hooked]
-            messages.append(chain._message(NFT_MSG_NEWCHAIN, _CHAIN, hook_name, *declaration, flags=flags))
-            messages.append(chain.add_rule(dispatch[hook_name]))
+            base = _Objects(family, table, hook_name)
+            messages += [base.base_chain(hook), base.add_rule(dispatch[hook_name])]
     return messages
 
 
