@@ -16,7 +16,8 @@ from collections import Counter as Tally
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
-from typing import Generic, TypeVar
+from types import MappingProxyType
+from typing import Generic, NamedTuple, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -28,7 +29,7 @@ from .compiler import Tables, frontend_of, refusal, rule_comment
 from .diff import SavedRule, owned
 from .model import DesiredState, Family, Protocol
 from .netfilter import Flavour, Iptables
-from .nftnat_read import slot_rules
+from .nftnat_read import Counted, slot_counts
 
 log = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -44,8 +45,17 @@ KERNEL_READ_INTERVAL = 10.0
 FIRST_BUILD_WAIT = 5.0
 K = TypeVar("K", bound=Hashable)
 
-# The nat and filter tables (chains and rules) and their rules with packet counters, as Iptables.read returns them.
-KernelReader = Callable[[], tuple[Tables, list[tuple[str, SavedRule]]]]
+
+class KernelRead(NamedTuple):
+    """One read of the kernel: the nat and filter tables (chains and rules) and their rules with packet counters, as
+    Iptables.read returns them, and what the slots of tcprouter's nftables tables counted (--nat nftables)."""
+
+    tables: Tables
+    rules: list[tuple[str, SavedRule]]
+    slots: Mapping[Protocol, Counted] = MappingProxyType({})
+
+
+KernelReader = Callable[[], KernelRead | tuple[Tables, list[tuple[str, SavedRule]]]]
 
 
 def kernel_reader(
@@ -54,17 +64,15 @@ def kernel_reader(
     timeout: float = KERNEL_READ_TIMEOUT,
     family: Family = Family.IPV4,
     nat_tables: bool = False,
-) -> KernelReader:
+) -> Callable[[], KernelRead]:
     """Reads the tables with counters by a bounded `iptables-save -c` (`ip6tables-save -c` for IPv6); with
-    `nat_tables` (--nat nftables), tcprouter's nftables tables too, their slots read over netlink as the DNAT rules
-    iptables would hold (nftnat_read.slot_rules: ~1.4 s at 10,000 x 10, where `nft -j list` takes ~19 s)."""
+    `nat_tables` (--nat nftables), what the slots of tcprouter's nftables tables counted too, over netlink
+    (nftnat_read.slot_counts: ~0.7 s at 10,000 x 10, where `nft -j list` takes ~19 s)."""
     iptables = Iptables(flavour, netns=netns, timeout=timeout, family=family)
-    if not nat_tables:
-        return lambda: iptables.read(counters=True)
 
-    def read() -> tuple[Tables, list[tuple[str, SavedRule]]]:
+    def read() -> KernelRead:
         tables, rules = iptables.read(counters=True)
-        return tables, rules + slot_rules(family, netns, timeout)
+        return KernelRead(tables, rules, slot_counts(family, netns, timeout) if nat_tables else {})
 
     return read
 
@@ -265,12 +273,17 @@ class StateCollector(Collector):
             self._start_build()
 
     def connection_totals(
-        self, rules: list[tuple[str, SavedRule]], protocol: Protocol = Protocol.TCP, family: Family = Family.IPV4
+        self,
+        rules: list[tuple[str, SavedRule]],
+        protocol: Protocol = Protocol.TCP,
+        family: Family = Family.IPV4,
+        slots: Counted | None = None,
     ) -> dict[tuple[str, str], int]:
         """Monotonic connection (UDP: flow) counts per (frontend, backend) of the frontends of `protocol`, from
-        successive reads of one family's rules."""
+        successive reads of one family's rules and (--nat nftables) what its slots counted (KernelRead.slots)."""
         chains = _frontend_chains(rules, protocol)
         current = {key: (count, chains.get(key[0])) for key, count in backend_connections(rules, protocol).items()}
+        current.update(slots or {})
         with self._lock:
             return self.carried(str(protocol), family).fold(current)
 
@@ -290,7 +303,7 @@ class StateCollector(Collector):
             read = False
             for family, read_kernel in self._readers.items():
                 try:
-                    tables, rules = read_kernel()
+                    tables, rules, slots = KernelRead(*read_kernel())
                 except Exception as error:  # a scrape must answer even when iptables does not
                     log.warning("metrics: cannot read the kernel's %s rules: %s", family, error)
                     continue
@@ -302,7 +315,9 @@ class StateCollector(Collector):
                     if owned(chain)
                 )
                 for protocol in Protocol:
-                    figures.connections[(protocol, family)] = self.connection_totals(rules, protocol, family)
+                    figures.connections[(protocol, family)] = self.connection_totals(
+                        rules, protocol, family, slots.get(protocol)
+                    )
                 figures.refusals[family] = self.refused_totals(rules, family)
             if not read:
                 return None

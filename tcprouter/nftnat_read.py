@@ -1,13 +1,15 @@
-"""The slots of tcprouter's nat tables (nftnat.py) read over nf_tables netlink, as the DNAT rules iptables would hold
-(what tests/nft_listing.py makes of `nft -j list ruleset <family>`), without the nft CLI, which fetches, resolves and
-prints every object of the family (20-22 s at 10,000 frontends x 10, over the metrics' 5 s read timeout).
+"""The slots of tcprouter's nat tables (nftnat.py) read over nf_tables netlink, without the nft CLI, which fetches,
+resolves and prints every object of the family (20-22 s at 10,000 frontends x 10, over the metrics' 5 s read timeout).
 
 One dump of the family's sets finds the maps `slots-<protocol>-<port>` of the tables `tcprouter-*`; then one dump
 per map of its elements (the kernel dumps one named set's elements at a time, one dump at a time per socket), each
 element a slot: its number (the key), address . port (the data), its counter's packets and its comment (the
 backend's name). The replies are parsed here with struct, in the few functions below (pyroute2's decoding would
-take seconds). At 10,000 x 10 a read takes 1.2-1.5 s on a 2-core VM (against 18-20 s for the nft listing): 0.4 s of
-it in the kernel (10,000 dumps), the rest parsing and formatting 100,000 elements.
+take seconds). Two readings of them:
+  - slot_counts, for the metrics: the packets per backend, ~0.4 s of kernel time (10,000 dumps) and ~0.3 s of
+    parsing at 10,000 x 10;
+  - slot_rules, for `status` and the tests: each slot as the DNAT rule iptables would hold (what
+    tests/nft_listing.py makes of `nft -j list ruleset <family>`), ~1.4 s at that size.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import socket
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from operator import itemgetter
+from operator import attrgetter
 from typing import NamedTuple
 
 from . import netlink
@@ -208,8 +210,8 @@ class _SlotsMap:
 
     table: str
     name: str
-    chain: str  # the frontend's iptables chain, TCPR-FE-<port> or TCPR-UDP-<port>
     protocol: Protocol
+    port: int
 
     @staticmethod
     def named(table: str, name: str) -> _SlotsMap | None:
@@ -217,24 +219,20 @@ class _SlotsMap:
         found = _SLOTS_MAP.fullmatch(name)
         if not table.startswith(TABLE_PREFIX) or found is None:
             return None
-        protocol, port = Protocol(found.group(1)), int(found.group(2))
-        return _SlotsMap(table, name, frontend_chain(port, protocol), protocol)
+        return _SlotsMap(table, name, Protocol(found.group(1)), int(found.group(2)))
 
     def elements_request(self) -> bytes:
         """NFT_MSG_GETSETELEM's attributes: which set's elements."""
         table = netlink.string(NFTA_SET_ELEM_LIST_TABLE, self.table)
         return table + netlink.string(NFTA_SET_ELEM_LIST_SET, self.name)
 
-    def rule(self, fields: _Fields, layout: _Layout) -> SavedRule | None:
-        """The DNAT rule iptables would hold for an element (as tests/nft_listing.py reads it from nft); None if its
-        data is not address . port."""
-        if len(fields.target) != layout.address_len + 4:
-            return None
+    def rule(self, fields: _Fields, layout: _Layout) -> SavedRule:
+        """The DNAT rule iptables would hold for a slot (as tests/nft_listing.py reads it from nft)."""
         address = socket.inet_ntop(layout.address_family, fields.target[: layout.address_len])  # as nft prints it
         (port,) = _BIG_U16.unpack_from(fields.target, layout.address_len)
         comment, target = _saved(_comment(fields.userdata)), destination(address, port)
         return SavedRule(
-            self.chain,
+            frontend_chain(self.port, self.protocol),
             f"-p {self.protocol} -m comment --comment {comment} -j DNAT --to-destination {target}",
             fields.packets,
         )
@@ -280,36 +278,65 @@ def _slots_maps(dumper: _Dumper, layout: _Layout) -> list[_SlotsMap]:
     return maps
 
 
-def _slots(dumper: _Dumper, layout: _Layout, slots_map: _SlotsMap) -> list[SavedRule]:
-    """A slots map's elements as rules, in slot order."""
+def _slots(dumper: _Dumper, layout: _Layout, slots_map: _SlotsMap) -> list[_Fields]:
+    """A slots map's elements whose data is address . port, in slot order."""
     replies, _ = dumper.dump(NFT_MSG_GETSETELEM, layout, slots_map.elements_request())
-    numbered = []
+    slots = []
     for message in replies:
         if message.type == NFT_MSG_NEWSETELEM:
             for element in _list(netlink.attributes(message.attributes).get(NFTA_SET_ELEM_LIST_ELEMENTS, b"")):
                 fields = layout.shape.fields(element) or _parsed(element)
-                rule = slots_map.rule(fields, layout)
-                if rule is not None:
-                    numbered.append((fields.slot, rule))
-    numbered.sort(key=itemgetter(0))
-    return [rule for _, rule in numbered]
+                if len(fields.target) == layout.address_len + 4:
+                    slots.append(fields)
+    slots.sort(key=attrgetter("slot"))
+    return slots
 
 
-def slot_rules(family: Family, netns: str | None = None, timeout: float = 5.0) -> list[tuple[str, SavedRule]]:
-    """The slots maps of tcprouter's tables of `family` (in namespace `netns`), as tests/nft_listing.py reads them from
-    `nft -j list ruleset`: the same list, in the same order (the maps in the kernel's order, as nft lists them; each
-    map's elements by slot number). A table or map that goes away meanwhile is left out; OSError if the read fails
-    (`timeout`: the seconds the kernel may take to answer any one request)."""
+def _maps(family: Family, netns: str | None, timeout: float) -> Iterator[tuple[_SlotsMap, list[_Fields]]]:
+    """Each slots map of tcprouter's tables of `family` (in namespace `netns`), in the kernel's order, with its slots.
+    A table or map that goes away meanwhile is left out; OSError if the read fails (`timeout`: the seconds the kernel
+    may take to answer any one request)."""
     layout = _LAYOUTS[family]
     dumper = _Dumper(netns, timeout)
     try:
-        rules: list[tuple[str, SavedRule]] = []
         for slots_map in _slots_maps(dumper, layout):
             try:
                 slots = _slots(dumper, layout, slots_map)
             except FileNotFoundError:  # ENOENT: the table or the map is gone
                 continue
-            rules += [("nat", rule) for rule in slots]
-        return rules
+            yield slots_map, slots
     finally:
         dumper.close()
+
+
+def slot_rules(family: Family, netns: str | None = None, timeout: float = 5.0) -> list[tuple[str, SavedRule]]:
+    """The slots maps of tcprouter's tables as tests/nft_listing.py reads them from `nft -j list ruleset`: the same
+    list, in the same order (the maps in the kernel's order, as nft lists them; each map's elements by slot number).
+    As _maps reads them."""
+    layout = _LAYOUTS[family]
+    return [
+        ("nat", slots_map.rule(fields, layout))
+        for slots_map, slots in _maps(family, netns, timeout)
+        for fields in slots
+    ]
+
+
+# (frontend port as text, backend name) -> (the packets its slots counted, the digest of its frontend's map)
+Counted = dict[tuple[str, str], tuple[int, int]]
+
+
+def slot_counts(family: Family, netns: str | None = None, timeout: float = 5.0) -> dict[Protocol, Counted]:
+    """The new connections (UDP: flows) each backend's slots counted, per protocol, as metrics.backend_connections
+    counts them in slot_rules (the slots of one name summed), without making the rules. Each comes with a digest of
+    its map's slots (counters excluded): a map written again since the last read restarted its counters. As _maps
+    reads them."""
+    counted: dict[Protocol, Counted] = {protocol: {} for protocol in Protocol}
+    for slots_map, slots in _maps(family, netns, timeout):
+        digest = hash(tuple((fields.slot, fields.target, fields.userdata) for fields in slots))
+        per_name: dict[str, int] = {}
+        for fields in slots:
+            name = _comment(fields.userdata)
+            per_name[name] = per_name.get(name, 0) + fields.packets
+        port, mine = str(slots_map.port), counted[slots_map.protocol]
+        mine.update(((port, name), (packets, digest)) for name, packets in per_name.items())
+    return counted

@@ -1,5 +1,6 @@
-"""slot_rules (tcprouter/nftnat_read.py) in a real kernel: the slots of nftnat's layout read over netlink are what the
-metrics read before, rules_of_listing of `nft -j list ruleset`, rule for rule, in the same order. Each state is loaded
+"""slot_rules and slot_counts (tcprouter/nftnat_read.py) in a real kernel: the slots of nftnat's layout read over
+netlink are rules_of_listing of `nft -j list ruleset`, rule for rule, in the same order, and what the metrics count
+of those rules. Each state is loaded
 with `nft -f` into a private namespace (both families side by side); one gets real connections first, so that the
 slots' counters count."""
 
@@ -16,7 +17,7 @@ from tcprouter.metrics import backend_connections
 from tcprouter.model import Backend, Balance, DesiredState, Family, Frontend, Protocol
 from tcprouter.nftnat import nat_pools, ruleset_text
 from tcprouter.nftnat_netlink import NatSocket, change_batch
-from tcprouter.nftnat_read import slot_rules
+from tcprouter.nftnat_read import slot_counts, slot_rules
 
 from .nft_listing import listing, rules_of_listing
 from .support import greetings, private_netns, sh, unique
@@ -103,6 +104,20 @@ def test_slot_rules_are_the_rules_of_the_nft_listing(name: str, path: str, monke
             expected = listed(ns, family)
             assert (expected == []) == (name == "nothing routed")
             assert slot_rules(family, ns) == expected
+            assert counts(family, ns) == {p: backend_connections(expected, p) for p in Protocol}
+
+
+def counts(family: Family, ns: str) -> dict[Protocol, dict[tuple[str, str], int]]:
+    """slot_counts without the digests."""
+    return {p: {key: n for key, (n, _) in counted.items()} for p, counted in slot_counts(family, ns).items()}
+
+
+def digests(family: Family, ns: str) -> dict[str, set[int]]:
+    """frontend port -> the digests slot_counts gives its backends (TCP)."""
+    found: dict[str, set[int]] = {}
+    for (port, _), (_, digest) in slot_counts(family, ns)[Protocol.TCP].items():
+        found.setdefault(port, set()).add(digest)
+    return found
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -116,6 +131,7 @@ def test_counters_count_real_connections(path: str, monkeypatch: pytest.MonkeyPa
         assert read == listed(router, Family.IPV4)
         rotation = {key: count for key, count in backend_connections(read).items() if key[0] == "27017"}
         assert rotation == {("27017", "a"): 2, ("27017", "b"): 4, ("27017", "c"): 2}
+        assert counts(Family.IPV4, router)[Protocol.TCP] == backend_connections(read)
         assert sum(rule.packets for _, rule in read if rule.chain == "TCPR-FE-27081") == 5
 
 
@@ -128,11 +144,16 @@ def test_maps_come_in_the_kernel_s_order_after_a_netlink_change() -> None:
         load(ns, before, Family.IPV4)
         options = Options()
         old, new = (nat_pools(s, options)[(Protocol.TCP, 8000)] for s in (before, after))
+        unchanged = digests(Family.IPV4, ns)
         with NatSocket(ns) as sock:
             sock.send(change_batch(old, new, Family.IPV4))
         read = slot_rules(Family.IPV4, ns)
         assert read == listed(ns, Family.IPV4)
         assert [rule.chain for _, rule in read] == ["TCPR-FE-8064"] * 2 + ["TCPR-FE-8000"] * 2
+        # a map written again has a new digest (its counters restarted), the others keep theirs; one per map
+        changed = digests(Family.IPV4, ns)
+        assert changed["8064"] == unchanged["8064"] and changed["8000"] != unchanged["8000"]
+        assert all(len(found) == 1 for found in changed.values())
 
 
 def test_a_table_or_map_gone_meanwhile_is_left_out(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -164,3 +185,4 @@ def test_a_missing_namespace_is_an_error_and_is_not_created() -> None:
 def test_a_namespace_without_tables_has_no_slots() -> None:
     with private_netns() as ns:
         assert slot_rules(Family.IPV4, ns) == slot_rules(Family.IPV6, ns) == []
+        assert counts(Family.IPV4, ns) == {Protocol.TCP: {}, Protocol.UDP: {}}

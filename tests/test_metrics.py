@@ -17,8 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tcprouter.compiler import Tables, compile_rules
 from tcprouter.diff import SavedRule, parse_save
 from tcprouter.labels import LabelKeys
-from tcprouter.metrics import Lingering, Metrics, StateCollector, backend_connections, kernel_reader
-from tcprouter.model import Access, Backend, Balance, DesiredState, Frontend, Rejection
+from tcprouter.metrics import KernelRead, Lingering, Metrics, StateCollector, backend_connections, kernel_reader
+from tcprouter.model import Access, Backend, Balance, DesiredState, Frontend, Protocol, Rejection
 from tcprouter.netfilter import Flavour
 from tcprouter.providers.engine import EngineProvider
 
@@ -390,3 +390,30 @@ def test_the_first_scrape_gets_the_state_without_waiting_for_a_slow_first_read()
     assert "tcprouter_backend_connections" not in first and "tcprouter_rules" not in first  # not the kernel's yet
     release.set()
     wait_until(lambda: b"tcprouter_backend_connections" in metrics.exposition(), 5, what="the kernel's series")
+
+
+def test_what_the_nftables_slots_counted_is_exported_and_a_rewritten_map_carries_its_count():
+    """--nat nftables: the reader gives the slots' counts (KernelRead.slots) beside the rules; a count whose map's
+    digest changed restarted, and what it had counted is carried."""
+    reads = iter(
+        [
+            {
+                Protocol.TCP: {("27017", "web-a"): (3, 1), ("27017", "web-c"): (5, 1)},
+                Protocol.UDP: {("53", "dns"): (2, 7)},
+            },
+            {
+                Protocol.TCP: {("27017", "web-a"): (1, 2), ("27017", "web-c"): (6, 2)},
+                Protocol.UDP: {("53", "dns"): (4, 7)},
+            },
+        ]
+    )
+    metrics = Metrics(lambda: KernelRead({}, [], next(reads)))
+    first, second = (
+        {
+            (labels["frontend"], labels["backend"], labels["protocol"]): value
+            for labels, value in scrape(metrics)["tcprouter_backend_connections"]
+        }
+        for _ in range(2)
+    )
+    assert first == {("27017", "web-a", "tcp"): 3, ("27017", "web-c", "tcp"): 5, ("53", "dns", "udp"): 2}
+    assert second == {("27017", "web-a", "tcp"): 4, ("27017", "web-c", "tcp"): 11, ("53", "dns", "udp"): 4}

@@ -9,12 +9,13 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 
 from .. import hostports
-from ..compiler import destination, frontend_of
+from ..compiler import Tables, destination, frontend_of
 from ..diff import SavedRule
 from ..labels import DEFAULT_UDP_PREFIX, LabelError, desired_state, parse_backend
-from ..metrics import backend_connections, kernel_reader
+from ..metrics import KERNEL_READ_TIMEOUT, backend_connections
 from ..model import ContainerSnapshot, Family, Protocol
-from ..netfilter import Flavour
+from ..netfilter import Flavour, Iptables
+from ..nftnat_read import slot_rules
 from ..policy import DEFAULT_POLICY, Policy
 from . import common
 
@@ -152,15 +153,22 @@ def render_status(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _kernel_rules(flavour: Flavour, family: Family) -> tuple[Tables, list[tuple[str, SavedRule]]]:
+    """A family's tables and rules with their counters. On an nft host the nat side may be in tcprouter's nftables
+    tables, whichever --nat this command is given (the daemon's choice): their slots come with the rules, as the DNAT
+    rules iptables would hold (none if there are no such tables)."""
+    tables, rules = Iptables(flavour, timeout=KERNEL_READ_TIMEOUT, family=family).read(counters=True)
+    if flavour is Flavour.NFT:
+        rules += slot_rules(family, timeout=KERNEL_READ_TIMEOUT)
+    return tables, rules
+
+
 def command(args: argparse.Namespace) -> int:
     containers = common.listed(args)
     flavour = common.flavour(args)
     options = common.options(args)
-    # On an nft host the nat side may be in tcprouter's nftables tables, whichever --nat this command is given: the
-    # daemon's choice. Their slots are read with the iptables rules (none if there are no such tables).
-    read = {family: kernel_reader(flavour, family=family, nat_tables=flavour is Flavour.NFT) for family in Family}
-    tables, kernel = read[Family.IPV4]()
-    kernel6 = read[Family.IPV6]()[1] if Family.IPV6 in common.families(args, flavour) else None
+    tables, kernel = _kernel_rules(flavour, Family.IPV4)
+    kernel6 = _kernel_rules(flavour, Family.IPV6)[1] if Family.IPV6 in common.families(args, flavour) else None
     docker_chain = tables.get("nat", {}).get(hostports.DOCKER_NAT_CHAIN, ())
     busy = {p: hostports.busy_ports(docker_chain, options.route_localhost, p) for p in Protocol}
     report = status_report(
