@@ -79,7 +79,7 @@ class Pools:
         for snapshot in view:
             seen.add(snapshot.id)
             held = self.containers.get(snapshot.id)
-            if held is not snapshot and held != snapshot:
+            if held is None or (held is not snapshot and held != snapshot):
                 changed[snapshot.id] = snapshot
         changed.update((cid, None) for cid in self.containers.keys() - seen)
         return changed

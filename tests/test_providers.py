@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import datetime
 
 import docker.errors
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tcprouter.daemon import Mode, build_providers, resolve_mode
 from tcprouter.labels import LabelKeys, desired_state
@@ -103,6 +106,22 @@ def test_docker_timestamps_keep_nanoseconds_and_offsets():
     assert timestamp_ns("2026-11-27T11:00:00.5+01:00") == 1795773600_500000000
     assert timestamp_ns("2026-11-27T10:00:00Z") == 1795773600_000000000
     assert timestamp_ns("sixteen") == 0
+
+
+@settings(max_examples=300)
+@given(
+    st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9998, 12, 31)),
+    st.text("0123456789", max_size=12),
+    st.sampled_from(["Z", "+00:00", "+05:30", "-11:00", ""]),
+)
+def test_timestamps_read_as_a_datetime_of_the_text_without_its_fraction_plus_the_fraction(
+    moment: datetime, fraction: str, zone: str
+):
+    """What timestamp_ns reads is the whole seconds of the text as fromisoformat reads it (local time if it has no
+    zone), plus the fraction's first nine digits as nanoseconds."""
+    text = moment.replace(microsecond=0).isoformat() + (f".{fraction}" if fraction else "") + zone
+    whole = datetime.fromisoformat(text.replace(f".{fraction}", "", 1) if fraction else text)
+    assert timestamp_ns(text) == int(whole.timestamp()) * 1_000_000_000 + int((fraction + "0" * 9)[:9])
 
 
 def test_a_remote_engine_container_is_reached_at_the_engine_host():

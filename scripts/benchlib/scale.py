@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import gc
 import inspect
 import json
@@ -40,6 +41,7 @@ from .common import CLIENT_SUBNET, log, median, netns_add, percentile, sh, tune_
 
 FIRST_PORT = 20000
 BACKENDS_PER_FRONTEND = 10
+EPOCH = datetime.datetime(2026, 1, 1)  # the synthetic containers' creation times start here
 SERVER_NET = "198.19.255"  # the server side of the first-packet topology (RFC 2544 range)
 OPTIONS = Options(forward_parent="FORWARD")  # a namespace has no DOCKER-USER
 DISPATCH_FRONTENDS = 10_000  # the first-packet comparison of the flat dispatch and the tree
@@ -49,6 +51,11 @@ PARTIAL_EVENTS = 40  # at least: a p50 of a dozen 1-2 ms events moved by ~50% be
 def _address(k: int) -> str:
     k += 1
     return f"198.{18 + k // 65536}.{(k // 256) % 256}.{k % 256}"
+
+
+def _created(k: int) -> str:
+    """Docker's form of a creation time (RFC 3339, nanoseconds, UTC): container k, k seconds after the first."""
+    return f"{(EPOCH + datetime.timedelta(seconds=k)).isoformat()}.{k * 7919 % 10**9:09d}Z"
 
 
 def snapshots(
@@ -70,7 +77,7 @@ def snapshots(
                 ContainerSnapshot(
                     id=f"{k:064x}",
                     name=f"bench-fe{f}-be{j}",
-                    created=f"2026-01-01T00:00:{k:06d}Z",
+                    created=_created(k),
                     labels={"tcp.port": str(first_port + f), "tcp.backend_port": "80"},
                     running=True,
                     networks={"bench": ip},
