@@ -5,7 +5,10 @@ addresses as in benchlib.scale), in a private namespace:
   - the desired state of 100,000 snapshots (Pools.update, as a full sync makes it from nothing);
   - a full load: its messages made (nftnat_netlink.table_batch) and encoded, and the kernel's share (the time
     in NatSocket.transact: the kernel does a transaction's work within the send), sent one part after the other;
-  - one frontend's 10 -> 9 -> 10 backend change: the kernel's share, p50 of REPEATS x 20 transactions,
+  - one frontend's 10 -> 9 -> 10 backend change: the kernel's share, p50 of REPEATS x 20 transactions;
+  - a read of the slots' counters as the metrics make it (nftnat_read.slot_counts, then the totals of both protocols
+    folded), beside the same counts made from the slots read as DNAT rules (slot_rules, which `status` reads, then
+    metrics.backend_connections: how the metrics read them before), the best of REPEATS each,
 and the ratios of the largest size to the smallest. The daemon overlaps a load's encoding and the kernel's work
 (a part is sent while the next is made); here they are timed apart.
 """
@@ -19,9 +22,11 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from tcprouter.model import Family
+from tcprouter.metrics import StateCollector
+from tcprouter.model import Family, Protocol
 from tcprouter.nftnat import nat_pools, table_parts
 from tcprouter.nftnat_netlink import NatSocket, Request, change_batch, table_batch
+from tcprouter.nftnat_read import slot_counts, slot_rules
 from tcprouter.pools import Pools
 from tcprouter.sync import NAT_LOAD_PARTS
 
@@ -60,8 +65,13 @@ def figures(frontends: int, repeats: int) -> dict[str, float]:
             messages: list[Request] = change_batch(*((whole, shrunk) if i % 2 == 0 else (shrunk, whole)), Family.IPV4)
             data, sequence = sock.encode(messages)
             change.append(_timed(lambda: sock.transact(data, sequence, messages))[1])  # noqa: B023
+        counted_s = min(_timed(lambda: _metrics_read(netns))[1] for _ in range(repeats))
+        as_rules_s = min(_timed(lambda: _read_as_rules(netns))[1] for _ in range(repeats))
+        assert _metrics_read(netns) == _read_as_rules(netns), "the two readings differ"
     return {
         "frontends": frontends,
+        "read_counted_s": counted_s,
+        "read_as_rules_s": as_rules_s,
         "desired_s": desired_s,
         "load_make_s": make_s,
         "load_encode_s": encode_s,
@@ -71,19 +81,36 @@ def figures(frontends: int, repeats: int) -> dict[str, float]:
     }
 
 
+def _metrics_read(netns: str) -> dict[Protocol, dict[tuple[str, str], int]]:
+    """The slots' totals of both protocols as the metrics read them."""
+    counted, collector = slot_counts(Family.IPV4, netns, 120), StateCollector(lambda: ({}, []))
+    return {p: collector.connection_totals([], p, Family.IPV4, counted[p]) for p in Protocol}
+
+
+def _read_as_rules(netns: str) -> dict[Protocol, dict[tuple[str, str], int]]:
+    """The same totals from the slots read as DNAT rules (metrics.backend_connections parses them)."""
+    rules, collector = slot_rules(Family.IPV4, netns, 120), StateCollector(lambda: ({}, []))
+    return {p: collector.connection_totals(rules, p) for p in Protocol}
+
+
 def table(rows: list[dict[str, float]]) -> str:
     lines = [
-        "| size | desired state s | load: messages made s | encoded s | kernel s (MiB) | a change: kernel ms p50 |",
-        "|---|---|---|---|---|---|",
+        "| size | desired state s | load: messages made s | encoded s | kernel s (MiB) | a change: kernel ms p50 "
+        "| a metrics read of the slots s: counted / as rules |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['frontends']:,} x {BACKENDS_PER_FRONTEND} | {r['desired_s']:.2f} | {r['load_make_s']:.2f} | "
-            f"{r['load_encode_s']:.2f} | {r['load_kernel_s']:.2f} ({r['load_mib']:.1f}) | {r['change_kernel_ms']:.3f} |"
+            f"{r['load_encode_s']:.2f} | {r['load_kernel_s']:.2f} ({r['load_mib']:.1f}) | {r['change_kernel_ms']:.3f} "
+            f"| {r['read_counted_s']:.2f} / {r['read_as_rules_s']:.2f} |"
         )
     first, last = rows[0], rows[-1]
     lines.append(
         f"\nlargest / smallest: a change's kernel share {last['change_kernel_ms'] / first['change_kernel_ms']:.2f}x"
+    )
+    lines.append(
+        f"a metrics read at the largest, counted / as rules: {last['read_counted_s'] / last['read_as_rules_s']:.2f}x"
     )
     return "\n".join(lines)
 
