@@ -127,6 +127,7 @@ def _slots(pool: NatPool, family: Family) -> str:
     return (
         f"\tmap slots-{pool.chain} {{\n"
         f"\t\ttypeof numgen inc mod {len(pool.slots)} : {address_field} . {protocol_field}\n"
+        f"\t\tsize {len(pool.slots)}\n"
         "\t\tcounter\n"
         f"\t\telements = {{ {elements} }}\n"
         "\t}\n"
