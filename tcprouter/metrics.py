@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from .compiler import Tables, frontend_of, refusal, rule_comment
 from .diff import SavedRule, owned
@@ -205,14 +206,28 @@ class Exposition:
         return gzip.decompress(self.gzipped)
 
 
-class _Families:
-    """Metric families already collected, in the shape generate_latest formats."""
+def _label_value(value: str) -> str:
+    """A label value as the text format writes it: backslash, newline and double quote escaped."""
+    if "\\" in value or "\n" in value or '"' in value:
+        return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+    return value
 
-    def __init__(self, families: list[Metric]) -> None:
-        self.families = families
 
-    def collect(self) -> list[Metric]:
-        return self.families
+def exposition_text(families: Iterable[Metric]) -> bytes:
+    """What generate_latest makes of gauge and counter families without timestamps or `_created` samples, whose names
+    and label names are valid Prometheus names: the state's (tests/test_metrics.py checks the two equal). It does not
+    check and escape every name of every sample as generate_latest does: the text of a build at 10,000 x 10 (110,000
+    series) takes about half the time (BENCHMARKS.md, "Sixth pass")."""
+    lines = []
+    for family in families:
+        name = f"{family.name}_total" if family.type == "counter" else family.name
+        documentation = family.documentation.replace("\\", r"\\").replace("\n", r"\n")
+        lines.append(f"# HELP {name} {documentation}\n# TYPE {name} {family.type}\n")
+        for sample in family.samples:
+            labels = ",".join(f'{key}="{_label_value(value)}"' for key, value in sorted(sample.labels.items()))
+            value = floatToGoString(sample.value)
+            lines.append(f"{sample.name}{{{labels}}} {value}\n" if labels else f"{sample.name} {value}\n")
+    return "".join(lines).encode()
 
 
 @dataclass(frozen=True)
@@ -390,7 +405,7 @@ class StateCollector(Collector):
 
     def _serve(self, states: Mapping[Family, DesiredState], figures: KernelFigures | None) -> Exposition:
         """The text of `states` and `figures` (None: the state's series only), served from now on."""
-        text = generate_latest(_Families(list(self._families(states, lambda: figures))))  # type: ignore[arg-type]
+        text = exposition_text(self._families(states, lambda: figures))
         built = Exposition(states, gzip.compress(text, compresslevel=1))
         with self._cache_lock:
             self._built = built

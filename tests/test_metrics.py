@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 import stat
@@ -11,18 +12,30 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tcprouter.compiler import Tables, compile_rules
 from tcprouter.diff import SavedRule, parse_save
 from tcprouter.labels import LabelKeys
-from tcprouter.metrics import KernelRead, Lingering, Metrics, StateCollector, backend_connections, kernel_reader
-from tcprouter.model import Access, Backend, Balance, DesiredState, Frontend, Protocol, Rejection
+from tcprouter.metrics import (
+    KernelFigures,
+    KernelRead,
+    Lingering,
+    Metrics,
+    StateCollector,
+    backend_connections,
+    exposition_text,
+    kernel_reader,
+)
+from tcprouter.model import Access, Backend, Balance, DesiredState, Family, Frontend, Protocol, Rejection
 from tcprouter.netfilter import Flavour
 from tcprouter.providers.engine import EngineProvider
 
 from .fakes import FakeClock
+from .strategies import desired_states
 from .support import free_port, wait_until
 
 A = Backend("a" * 64, "web-a", "172.17.0.2", 1234)
@@ -417,3 +430,39 @@ def test_what_the_nftables_slots_counted_is_exported_and_a_rewritten_map_carries
     )
     assert first == {("27017", "web-a", "tcp"): 3, ("27017", "web-c", "tcp"): 5, ("53", "dns", "udp"): 2}
     assert second == {("27017", "web-a", "tcp"): 4, ("27017", "web-c", "tcp"): 11, ("53", "dns", "udp"): 4}
+
+
+class _Collected:
+    """Metric families already collected, as generate_latest takes them."""
+
+    def __init__(self, families: list) -> None:
+        self.families = families
+
+    def collect(self) -> list:
+        return self.families
+
+
+texts = st.text(st.characters(codec="utf-8"), max_size=12)  # quotes, backslashes, newlines, any letter
+counts = st.integers(min_value=0, max_value=10**20)  # past 2**53, and past where Go writes an exponent
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    desired_states(udp=True),
+    st.dictionaries(st.tuples(st.sampled_from(["80", "27017"]), texts), counts, max_size=6),
+    st.dictionaries(st.tuples(st.sampled_from(["80", "443"]), texts), counts, max_size=4),
+    st.dictionaries(st.tuples(texts, texts), counts, max_size=3),
+    st.lists(st.sampled_from(["invalid_port", "port_in_use", 'we"ird\\reason\n']), max_size=4),
+)
+def test_the_state_s_text_is_what_generate_latest_makes_of_its_families(
+    state: DesiredState, connections: dict, refusals: dict, rules: dict, reasons: list[str]
+):
+    state = dataclasses.replace(state, rejections=tuple(Rejection("1" * 64, "x", r, "") for r in reasons))
+    figures = KernelFigures(
+        {(table, chain, Family.IPV4): n for (table, chain), n in rules.items()},
+        {(Protocol.TCP, Family.IPV4): connections, (Protocol.UDP, Family.IPV6): connections},
+        {Family.IPV4: refusals},
+    )
+    states = {Family.IPV4: state, Family.IPV6: state.of_family(Family.IPV6)}
+    families = list(StateCollector(lambda: ({}, []))._families(states, lambda: figures))
+    assert exposition_text(families) == generate_latest(_Collected(families))  # type: ignore[arg-type]

@@ -315,6 +315,13 @@ def daemon_probe(frontends: int, repeats: int, flavour: Flavour | None = None, n
             metrics.state.settle()
         # Before the check below: it compiles every rule of the state in iptables' form, the probe's own memory.
         status = Path("/proc/self/status").read_text()
+        # After the memory was read: a read of the kernel's counters, then the text of the state and that read, as
+        # a build makes them, timed apart (what a build costs the daemon's CPU, once per read interval while
+        # scraped), the best of `repeats` each.
+        collector = metrics.state
+        reads = [_timed(collector._read)[1] for _ in range(repeats)]
+        states, figures = getattr(collector, "_states", None), getattr(collector, "_figures", None)
+        texts = [_timed(collector._serve, states, figures)[1] for _ in range(repeats)] if states is not None else []
         current, _ = iptables.read()
         consistent = restore_script(current, compile_rules(desired_state(tracker.view()), options)) == ""
     field = lambda key: int(next(x for x in status.splitlines() if x.startswith(key)).split()[1])  # noqa: E731
@@ -326,6 +333,8 @@ def daemon_probe(frontends: int, repeats: int, flavour: Flavour | None = None, n
         "partial_own_s": {"p50": median(own_share), "max": max(own_share)},
         "partial_during_build_s": {"p50": median(during_builds), "max": max(during_builds)},
         "first_scrape_s": first_scrape,
+        "metrics_read_s": min(reads),
+        "metrics_text_s": min(texts) if texts else None,
         "scrape_s": {"p50": median(scrapes), "p99": percentile(scrapes, 99), "max": max(scrapes)},
         "consistent_after": consistent,
         "vmrss_kb": field("VmRSS:"),
@@ -406,8 +415,9 @@ def _comparison(sizes: list[int], figures: Callable[[int], list[dict]]) -> str:
     """A markdown table of two daemon_probe figures per size (`figures(size)`): `first / second` in each cell."""
     rows = [
         "| size | full sync s | no-op resync s | partial sync ms p50 (new p90) | of which outside iptables-restore "
-        "ms p50 | partial during a metrics build ms p50 | first scrape s | scrape ms p50 | scrape ms p99 | VmRSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "ms p50 | partial during a metrics build ms p50 | first scrape s | scrape ms p50 | scrape ms p99 | a metrics "
+        "read s | its text s | VmRSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for frontends in sizes:
         was, now = figures(frontends)
@@ -422,6 +432,8 @@ def _comparison(sizes: list[int], figures: Callable[[int], list[dict]]) -> str:
             f"| {_pair(was, now, lambda r: r.get('first_scrape_s'))} "
             f"| {_pair(was, now, lambda r: r['scrape_s']['p50'], 1e3, 1)} "
             f"| {_pair(was, now, lambda r: r['scrape_s']['p99'], 1e3, 1)} "
+            f"| {_pair(was, now, lambda r: r.get('metrics_read_s'))} "
+            f"| {_pair(was, now, lambda r: r.get('metrics_text_s'))} "
             f"| {_pair(was, now, lambda r: r['vmrss_kb'], 1 / 1024, 0)} |"
         )
         print(rows[-1], file=sys.stderr, flush=True)
