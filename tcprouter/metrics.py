@@ -102,15 +102,18 @@ def backend_connections(
     return dict(totals)
 
 
-def refused_connections(rules: list[tuple[str, SavedRule]]) -> dict[tuple[str, str], tuple[int, int]]:
+def refused_connections(rules: list[tuple[str, SavedRule]]) -> Counted:
     """(frontend port, reason) -> the packet count of its REJECT rule (a new connection's first packet each:
-    only those are checked) and the digest of the chain it is in (a rewritten chain restarts its counts)."""
+    only those are checked), with the digest of each frontend's chain of them (a rewritten chain restarts its
+    counts)."""
     chains = _chain_digests(rules, "filter")
-    found: dict[tuple[str, str], tuple[int, int]] = {}
+    found = Counted({}, {})
     for table, rule in rules:
         refused = refusal(rule.spec) if table == "filter" else None
         if refused is not None:
-            found[(str(refused[0]), refused[1])] = (rule.packets, chains[rule.chain])
+            port = str(refused[0])
+            found.counts[(port, refused[1])] = rule.packets
+            found.digests[port] = chains[rule.chain]
     return found
 
 
@@ -166,30 +169,33 @@ class Lingering(Generic[K]):
         return gone
 
 
-class CarriedTotals(Generic[K]):
-    """Monotonic totals from kernel packet counters, which restart at 0 whenever their chain is rewritten (restore
-    rewrites a chain only when its content changes). Each key's count comes with its chain's digest: a count that
-    went down, or whose chain changed, was reset, and what it had counted is carried. A key whose rule is gone keeps
-    its total, exported as it was, while `lingering` holds it: back within it, it continues from there; after it,
-    its series leaves."""
+class CarriedTotals:
+    """Monotonic totals from kernel packet counters, which restart at 0 whenever what holds them is written again
+    (restore rewrites a chain only when its content changes; a pool's slots map is declared anew). Each read's counts,
+    per (frontend, backend or reason), come with a digest per frontend: a count that went down, or whose frontend's
+    digest changed, was reset, and what it had counted is carried. A key whose counter is gone keeps its total,
+    exported as it was, while `lingering` holds it: back within it, it continues from there; after it, its series
+    leaves."""
 
-    def __init__(self, lingering: Lingering[K]) -> None:
+    def __init__(self, lingering: Lingering[tuple[str, str]]) -> None:
         self.lingering = lingering
-        self.carried: Tally[K] = Tally()
-        self._last: dict[K, tuple[int, Hashable]] = {}
+        self.carried: Tally[tuple[str, str]] = Tally()
+        self._last = Counted({}, {})
 
-    def fold(self, current: Mapping[K, tuple[int, Hashable]]) -> dict[K, int]:
-        """The totals after one more read: key -> (its kernel count, its chain's digest)."""
-        for key, (last, chain) in self._last.items():
-            count, now_chain = current.get(key, (0, None))
-            if key not in current or count < last or now_chain != chain:
+    def fold(self, current: Counted) -> dict[tuple[str, str], int]:
+        """The totals after one more read."""
+        counts, digests, last_digests = current.counts, current.digests, self._last.digests
+        for key, last in self._last.counts.items():
+            count = counts.get(key)
+            if count is None or count < last or digests.get(key[0]) != last_digests.get(key[0]):
                 self.carried[key] += last
-        self.lingering.update(self._last, current)
+        self.lingering.update(self._last.counts, counts)
         for key in self.lingering.expired():
             del self.carried[key]
-        self._last = dict(current)
-        totals = {key: total for key, total in self.carried.items() if key in self.lingering}
-        totals.update((key, self.carried[key] + count) for key, (count, _) in current.items())
+        self._last = current
+        carried = self.carried
+        totals = {key: total for key, total in carried.items() if key in self.lingering}
+        totals.update((key, carried[key] + count if key in carried else count) for key, count in counts.items())
         return totals
 
 
@@ -260,7 +266,7 @@ class StateCollector(Collector):
         self._lingering = lingering or Lingering()
         # (protocol, family) -> connection (UDP: flow) totals per (frontend, backend); ("refused", family) ->
         # refusal totals per (frontend, reason)
-        self._carried: dict[tuple[str, Family], CarriedTotals[tuple[str, str]]] = {}
+        self._carried: dict[tuple[str, Family], CarriedTotals] = {}
         self.interval, self.clock = interval, clock
         self._figures: KernelFigures | None = None
         self._read_at = 0.0
@@ -273,7 +279,7 @@ class StateCollector(Collector):
         self._lock = threading.RLock()
         self._cache_lock = threading.Lock()  # the last read and the background one, held briefly
 
-    def carried(self, kind: str, family: Family = Family.IPV4) -> CarriedTotals[tuple[str, str]]:
+    def carried(self, kind: str, family: Family = Family.IPV4) -> CarriedTotals:
         """The totals of one kind (a protocol's connections, or "refused") in one family's rules."""
         if (kind, family) not in self._carried:
             self._carried[(kind, family)] = CarriedTotals(Lingering(self._lingering.grace, self._lingering.clock))
@@ -296,9 +302,10 @@ class StateCollector(Collector):
     ) -> dict[tuple[str, str], int]:
         """Monotonic connection (UDP: flow) counts per (frontend, backend) of the frontends of `protocol`, from
         successive reads of one family's rules and (--nat nftables) what its slots counted (KernelRead.slots)."""
-        chains = _frontend_chains(rules, protocol)
-        current = {key: (count, chains.get(key[0])) for key, count in backend_connections(rules, protocol).items()}
-        current.update(slots or {})
+        current = Counted(backend_connections(rules, protocol), _frontend_chains(rules, protocol))
+        if slots is not None:
+            current.counts.update(slots.counts)
+            current.digests.update(slots.digests)
         with self._lock:
             return self.carried(str(protocol), family).fold(current)
 

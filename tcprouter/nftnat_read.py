@@ -321,22 +321,24 @@ def slot_rules(family: Family, netns: str | None = None, timeout: float = 5.0) -
     ]
 
 
-# (frontend port as text, backend name) -> (the packets its slots counted, the digest of its frontend's map)
-Counted = dict[tuple[str, str], tuple[int, int]]
+class Counted(NamedTuple):
+    """Kernel counters per (frontend port as text, something of that frontend: a backend's name, a refusal's reason),
+    and a digest per frontend of what holds those counters (a chain's rules, a map's slots; counters excluded): where
+    it changed since the last read, that was written again and its counters restarted."""
+
+    counts: dict[tuple[str, str], int]
+    digests: dict[str, int]
 
 
 def slot_counts(family: Family, netns: str | None = None, timeout: float = 5.0) -> dict[Protocol, Counted]:
     """The new connections (UDP: flows) each backend's slots counted, per protocol, as metrics.backend_connections
-    counts them in slot_rules (the slots of one name summed), without making the rules. Each comes with a digest of
-    its map's slots (counters excluded): a map written again since the last read restarted its counters. As _maps
-    reads them."""
-    counted: dict[Protocol, Counted] = {protocol: {} for protocol in Protocol}
+    counts them in slot_rules (the slots of one name summed), without making the rules; each frontend's digest is its
+    map's slots'. As _maps reads them."""
+    counted = {protocol: Counted({}, {}) for protocol in Protocol}
     for slots_map, slots in _maps(family, netns, timeout):
-        digest = hash(tuple((fields.slot, fields.target, fields.userdata) for fields in slots))
-        per_name: dict[str, int] = {}
-        for fields in slots:
-            name = _comment(fields.userdata)
-            per_name[name] = per_name.get(name, 0) + fields.packets
         port, mine = str(slots_map.port), counted[slots_map.protocol]
-        mine.update(((port, name), (packets, digest)) for name, packets in per_name.items())
+        mine.digests[port] = hash(tuple((fields.slot, fields.target, fields.userdata) for fields in slots))
+        for fields in slots:
+            key = (port, _comment(fields.userdata))
+            mine.counts[key] = mine.counts.get(key, 0) + fields.packets
     return counted

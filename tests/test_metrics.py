@@ -32,6 +32,7 @@ from tcprouter.metrics import (
 )
 from tcprouter.model import Access, Backend, Balance, DesiredState, Family, Frontend, Protocol, Rejection
 from tcprouter.netfilter import Flavour
+from tcprouter.nftnat_read import Counted
 from tcprouter.providers.engine import EngineProvider
 
 from .fakes import FakeClock
@@ -411,12 +412,12 @@ def test_what_the_nftables_slots_counted_is_exported_and_a_rewritten_map_carries
     reads = iter(
         [
             {
-                Protocol.TCP: {("27017", "web-a"): (3, 1), ("27017", "web-c"): (5, 1)},
-                Protocol.UDP: {("53", "dns"): (2, 7)},
+                Protocol.TCP: Counted({("27017", "web-a"): 3, ("27017", "web-c"): 5}, {"27017": 1}),
+                Protocol.UDP: Counted({("53", "dns"): 2}, {"53": 7}),
             },
             {
-                Protocol.TCP: {("27017", "web-a"): (1, 2), ("27017", "web-c"): (6, 2)},
-                Protocol.UDP: {("53", "dns"): (4, 7)},
+                Protocol.TCP: Counted({("27017", "web-a"): 1, ("27017", "web-c"): 6}, {"27017": 2}),
+                Protocol.UDP: Counted({("53", "dns"): 4}, {"53": 7}),
             },
         ]
     )
