@@ -37,15 +37,15 @@ class _Result:
 @functools.lru_cache(maxsize=MAPS_KEPT)
 def _claimed_ports(
     items: tuple[tuple[str, str], ...], prefix: str, udp_prefix: str
-) -> tuple[tuple[Protocol, int | None], ...]:
+) -> tuple[tuple[tuple[Protocol, int | None], ...], bool]:
     """The protocols a label map claims frontends of, each with its port as labels.parse_backend reads it (None:
-    no valid port). Kept per label map: the replicas of a service share theirs."""
+    no valid port), and whether every port is valid. Kept per label map: the replicas of a service share theirs."""
     labels = dict(items)
     found = []
     for protocol in claims(labels, prefix, udp_prefix):
         raw = labels.get(f"{udp_prefix if protocol is Protocol.UDP else prefix}.port", "").strip()
         found.append((protocol, int(raw) if _DECIMAL.fullmatch(raw) else None))
-    return tuple(found)
+    return tuple(found), all(port is not None for _, port in found)
 
 
 class Pools:
@@ -66,8 +66,8 @@ class Pools:
         if container.malformed:
             return ((None, container.id),)
         labels = tuple(container.labels.items())
-        claimed = _claimed_ports(labels, self.prefixes[Protocol.TCP], self.prefixes[Protocol.UDP])
-        if all(port is not None for _, port in claimed):
+        claimed, valid = _claimed_ports(labels, self.prefixes[Protocol.TCP], self.prefixes[Protocol.UDP])
+        if valid:
             return cast(tuple[Group, ...], claimed)  # the kept tuple: one per label map, not one per container
         return tuple((protocol, container.id if port is None else port) for protocol, port in claimed)
 
