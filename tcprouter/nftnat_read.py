@@ -6,10 +6,11 @@ per map of its elements (the kernel dumps one named set's elements at a time, on
 element a slot: its number (the key), address . port (the data), its counter's packets and its comment (the
 backend's name). The replies are parsed here with struct, in the few functions below (pyroute2's decoding would
 take seconds). Two readings of them:
-  - slot_counts, for the metrics: the packets per backend, ~0.4 s of kernel time (10,000 dumps) and ~0.3 s of
-    parsing at 10,000 x 10;
+  - slot_counts, for the metrics: the packets per backend, ~0.9-1.2 s at 10,000 x 10 on a 2-core VM, ~0.35 s of it
+    in the kernel (10,000 dumps), the rest parsing 100,000 elements;
   - slot_rules, for `status` and the tests: each slot as the DNAT rule iptables would hold (what
-    tests/nft_listing.py makes of `nft -j list ruleset <family>`), ~1.4 s at that size.
+    tests/nft_listing.py makes of `nft -j list ruleset <family>`), ~1.4-1.8 s at that size (BENCHMARKS.md,
+    "Sixth pass": `benchlib.nftload` times both).
 """
 
 from __future__ import annotations
