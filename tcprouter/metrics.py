@@ -16,6 +16,7 @@ from collections import Counter as Tally
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+from operator import itemgetter
 from types import MappingProxyType
 from typing import Generic, NamedTuple, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -68,7 +69,7 @@ def kernel_reader(
 ) -> Callable[[], KernelRead]:
     """Reads the tables with counters by a bounded `iptables-save -c` (`ip6tables-save -c` for IPv6); with
     `nat_tables` (--nat nftables), what the slots of tcprouter's nftables tables counted too, over netlink
-    (nftnat_read.slot_counts: ~0.7 s at 10,000 x 10, where `nft -j list` takes ~19 s)."""
+    (nftnat_read.slot_counts: ~1 s at 10,000 x 10, where `nft -j list` takes ~19 s)."""
     iptables = Iptables(flavour, netns=netns, timeout=timeout, family=family)
 
     def read() -> KernelRead:
@@ -104,16 +105,15 @@ def backend_connections(
 
 def refused_connections(rules: list[tuple[str, SavedRule]]) -> Counted:
     """(frontend port, reason) -> the packet count of its REJECT rule (a new connection's first packet each:
-    only those are checked), with the digest of each frontend's chain of them (a rewritten chain restarts its
-    counts)."""
+    only those are checked), with the digest of the chain it is in (a rewritten chain restarts its counts)."""
     chains = _chain_digests(rules, "filter")
     found = Counted({}, {})
     for table, rule in rules:
         refused = refusal(rule.spec) if table == "filter" else None
         if refused is not None:
-            port = str(refused[0])
-            found.counts[(port, refused[1])] = rule.packets
-            found.digests[port] = chains[rule.chain]
+            key = (str(refused[0]), refused[1])
+            found.counts[key] = rule.packets
+            found.digests[key] = chains[rule.chain]  # a frontend's refusals are in two chains: a digest per key
     return found
 
 
@@ -177,17 +177,20 @@ class CarriedTotals:
     exported as it was, while `lingering` holds it: back within it, it continues from there; after it, its series
     leaves."""
 
-    def __init__(self, lingering: Lingering[tuple[str, str]]) -> None:
-        self.lingering = lingering
+    def __init__(
+        self, lingering: Lingering[tuple[str, str]], group: Callable[[tuple[str, str]], Hashable] = itemgetter(0)
+    ) -> None:
+        """`group`: what a key's digest is kept under (Counted.digests): its frontend, or the key itself."""
+        self.lingering, self.group = lingering, group
         self.carried: Tally[tuple[str, str]] = Tally()
         self._last = Counted({}, {})
 
     def fold(self, current: Counted) -> dict[tuple[str, str], int]:
         """The totals after one more read."""
-        counts, digests, last_digests = current.counts, current.digests, self._last.digests
+        counts, digests, last_digests, group = current.counts, current.digests, self._last.digests, self.group
         for key, last in self._last.counts.items():
             count = counts.get(key)
-            if count is None or count < last or digests.get(key[0]) != last_digests.get(key[0]):
+            if count is None or count < last or digests.get(group(key)) != last_digests.get(group(key)):
                 self.carried[key] += last
         self.lingering.update(self._last.counts, counts)
         for key in self.lingering.expired():
@@ -282,7 +285,9 @@ class StateCollector(Collector):
     def carried(self, kind: str, family: Family = Family.IPV4) -> CarriedTotals:
         """The totals of one kind (a protocol's connections, or "refused") in one family's rules."""
         if (kind, family) not in self._carried:
-            self._carried[(kind, family)] = CarriedTotals(Lingering(self._lingering.grace, self._lingering.clock))
+            lingering = Lingering(self._lingering.grace, self._lingering.clock)
+            by_key = kind == "refused"  # refusals: a digest per key (refused_connections); connections: per frontend
+            self._carried[(kind, family)] = CarriedTotals(lingering, (lambda key: key) if by_key else itemgetter(0))
         return self._carried[(kind, family)]
 
     def publish(self, state: DesiredState, family: Family = Family.IPV4) -> None:

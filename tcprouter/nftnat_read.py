@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import NamedTuple
@@ -324,11 +324,12 @@ def slot_rules(family: Family, netns: str | None = None, timeout: float = 5.0) -
 
 class Counted(NamedTuple):
     """Kernel counters per (frontend port as text, something of that frontend: a backend's name, a refusal's reason),
-    and a digest per frontend of what holds those counters (a chain's rules, a map's slots; counters excluded): where
-    it changed since the last read, that was written again and its counters restarted."""
+    and digests of what holds those counters (a chain's rules, a map's slots; counters excluded), per frontend (the
+    slots) or per key (the refusals): where one changed since the last read, that was written again and its counters
+    restarted."""
 
     counts: dict[tuple[str, str], int]
-    digests: dict[str, int]
+    digests: dict[Hashable, int]
 
 
 def slot_counts(family: Family, netns: str | None = None, timeout: float = 5.0) -> dict[Protocol, Counted]:

@@ -160,8 +160,14 @@ def test_refused_connections_come_from_the_reject_rules_and_stay_monotonic_over_
         ("27017", "allow"): 5,
         ("27017", "rate"): 3,
     }
+    # the allowed networks change back: TCPR-AL is rewritten again, and its new count (7) is above the last (1) but
+    # counted anew; TCPR-AC is not rewritten, and the rate's count goes on
+    assert refused(guarded, TCPR_AL_27017=[1, 7], TCPR_AC_27017=[8, 4]) == {
+        ("27017", "allow"): 12,
+        ("27017", "rate"): 4,
+    }
     # the labels are dropped: the totals stay for the grace period, then leave
-    assert refused(pool(A)) == {("27017", "allow"): 5, ("27017", "rate"): 3}
+    assert refused(pool(A)) == {("27017", "allow"): 12, ("27017", "rate"): 4}
     clock.now += 300
     assert refused(pool(A)) == {}
 
