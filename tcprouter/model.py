@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -259,14 +260,59 @@ class Rejection:
         return f"container {self.name} ({self.container_id[:12]}) rejected: {self.detail}"
 
 
+PORT_SHARDS = 64
+
+
+class PortMap(Mapping[int, Frontend]):
+    """Frontends by port, immutable, held in PORT_SHARDS dicts by port: `updated` copies only the dicts that change,
+    so that a state that differs from the last by one frontend shares the rest with it (Pools.state gives one at
+    every event: a copy of 10,000 frontends, and freeing the last one, took ~0.13 ms of a ~1.5 ms event)."""
+
+    __slots__ = ("_shards",)
+
+    def __init__(self, shards: tuple[dict[int, Frontend], ...] | None = None) -> None:
+        self._shards = shards if shards is not None else tuple({} for _ in range(PORT_SHARDS))
+
+    def __getitem__(self, port: int) -> Frontend:
+        if not isinstance(port, int):
+            raise KeyError(port)
+        return self._shards[port % PORT_SHARDS][port]
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.chain.from_iterable(self._shards)
+
+    def __len__(self) -> int:
+        return sum(map(len, self._shards))
+
+    def __repr__(self) -> str:
+        return f"PortMap({dict(self.items())!r})"
+
+    def updated(self, changes: Mapping[int, Frontend | None]) -> PortMap:
+        """This map with `changes` made: port -> its frontend, None: none."""
+        if not changes:
+            return self
+        shards = list(self._shards)
+        copied: set[int] = set()
+        for port, frontend in changes.items():
+            index = port % PORT_SHARDS
+            if index not in copied:
+                shards[index] = dict(shards[index])
+                copied.add(index)
+            if frontend is None:
+                shards[index].pop(port, None)
+            else:
+                shards[index][port] = frontend
+        return PortMap(tuple(shards))
+
+
 @dataclass(frozen=True)
 class DesiredState:
-    frontends: dict[int, Frontend]  # TCP frontends by port
+    frontends: Mapping[int, Frontend]  # TCP frontends by port
     rejections: tuple[Rejection, ...] = ()
     warnings: tuple[str, ...] = ()  # pool-level conflicts resolved by the oldest container's value
-    udp_frontends: dict[int, Frontend] = field(default_factory=dict)  # UDP frontends by port
+    udp_frontends: Mapping[int, Frontend] = field(default_factory=dict)  # UDP frontends by port
 
-    def pools(self, protocol: Protocol) -> dict[int, Frontend]:
+    def pools(self, protocol: Protocol) -> Mapping[int, Frontend]:
         return self.udp_frontends if protocol is Protocol.UDP else self.frontends
 
     def of_family(self, family: Family) -> DesiredState:
@@ -275,7 +321,7 @@ class DesiredState:
         if family is Family.IPV4:
             return self
 
-        def pools(frontends: dict[int, Frontend]) -> dict[int, Frontend]:
+        def pools(frontends: Mapping[int, Frontend]) -> dict[int, Frontend]:
             return {
                 port: dataclasses.replace(
                     f, backends=tuple(v for b in f.backends if (v := b.of_family(family)) is not None)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from .labels import DEFAULT_UDP_PREFIX, claims, protocol_frontends
-from .model import MAPS_KEPT, ContainerSnapshot, DesiredState, Frontend, Protocol, Rejection
+from .model import MAPS_KEPT, ContainerSnapshot, DesiredState, Frontend, PortMap, Protocol, Rejection
 from .policy import DEFAULT_POLICY, Policy
 
 _DECIMAL = re.compile(r"[0-9]{1,6}")
@@ -57,7 +57,7 @@ class Pools:
         self.busy_ports: dict[Protocol, dict[int, str]] = {p: {} for p in Protocol}
         self.containers: dict[str, ContainerSnapshot] = {}  # its groups are derived again: groups() is kept per map
         self._members: dict[Group, dict[str, ContainerSnapshot]] = {}
-        self._pools: dict[Protocol, dict[int, Frontend]] = {p: {} for p in Protocol}  # the state's, per protocol
+        self._pools = {p: PortMap() for p in Protocol}  # the state's, per protocol (shared with the states given)
         self._rejections: dict[Group, tuple[Rejection, ...]] = {}
         self._warnings: dict[Group, tuple[str, ...]] = {}
 
@@ -108,12 +108,18 @@ class Pools:
             if now != before:
                 dirty.update((protocol, p) for p in before.keys() | now.keys() if before.get(p) != now.get(p))
                 self.busy_ports[protocol] = dict(now)
+        pools: dict[Protocol, dict[int, Frontend | None]] = {p: {} for p in Protocol}
         for group in dirty:
-            self._recompute(group)
+            protocol, key = group
+            frontend = self._recompute(group)
+            if protocol is not None and isinstance(key, int):
+                pools[protocol][key] = frontend
+        self._pools = {p: self._pools[p].updated(pools[p]) for p in Protocol}
         return {port for _, port in dirty if isinstance(port, int)}
 
-    def _recompute(self, group: Group) -> None:
-        protocol, key = group
+    def _recompute(self, group: Group) -> Frontend | None:
+        """Read the group's containers again: keep its rejections and warnings; its frontend, if any."""
+        protocol = group[0]
         members = self._members.get(group)
         if not members:
             self._members.pop(group, None)
@@ -133,19 +139,15 @@ class Pools:
                 kept[group] = value  # type: ignore[index]
             else:
                 kept.pop(group, None)
-        if protocol is not None and isinstance(key, int):
-            if result.frontend is None:
-                self._pools[protocol].pop(key, None)
-            else:
-                self._pools[protocol][key] = result.frontend
+        return result.frontend
 
     def state(self) -> DesiredState:
         """The desired state of every container held (as labels.desired_state gives it, up to the order of the
-        rejections and warnings). The pools are copies (a dict copy, not a loop in Python: this runs at every event),
-        in no particular order: whoever needs an order sorts (every_frontend)."""
+        rejections and warnings). The pools are immutable maps, shared with the last state but for what changed (this
+        runs at every event), in no particular order: whoever needs an order sorts (every_frontend)."""
         return DesiredState(
-            frontends=dict(self._pools[Protocol.TCP]),
-            udp_frontends=dict(self._pools[Protocol.UDP]),
+            frontends=self._pools[Protocol.TCP],
+            udp_frontends=self._pools[Protocol.UDP],
             rejections=tuple(r for rs in self._rejections.values() for r in rs),
             warnings=tuple(w for ws in self._warnings.values() for w in ws),
         )

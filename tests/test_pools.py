@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tcprouter.labels import desired_state
-from tcprouter.model import DesiredState, Protocol
+from tcprouter.model import PORT_SHARDS, Balance, DesiredState, Frontend, PortMap, Protocol
 from tcprouter.pools import Pools
 
 from .strategies import container, containers
@@ -61,3 +61,33 @@ def test_a_change_re_pools_only_its_frontend():
     moved = container(1, labels={"tcp.port": " 81"})  # the same container claims another port
     assert pools.update(pools.changes([moved, three]), {}) == {80, 81}
     same(pools.state(), desired_state([moved, three]))
+
+
+FRONTEND = Frontend(1, Balance.ROUNDROBIN, ())
+
+
+@settings(max_examples=200)
+@given(st.lists(st.dictionaries(st.integers(1, 65535), st.none() | st.integers(1, 3), max_size=8), max_size=6))
+def test_a_port_map_reads_as_the_dict_it_was_made_from_and_shares_what_did_not_change(steps):
+    """PortMap.updated, step by step, is a dict updated the same way (None: the port's frontend goes); each step
+    copies only the shards of the ports it changes."""
+    expected: dict[int, Frontend] = {}
+    ports = PortMap()
+    for changes in steps:
+        frontends = {
+            port: None if n is None else dataclasses.replace(FRONTEND, port=port) for port, n in changes.items()
+        }
+        before, ports = ports, ports.updated(frontends)
+        for port, frontend in frontends.items():
+            if frontend is None:
+                expected.pop(port, None)
+            else:
+                expected[port] = frontend
+        assert ports == expected and dict(ports) == expected and len(ports) == len(expected)
+        assert all(ports.get(port) == expected.get(port) for port in range(1, 200))
+        touched = {port % PORT_SHARDS for port in changes}
+        assert all(
+            (mine is theirs) == (index not in touched)
+            for index, (mine, theirs) in enumerate(zip(ports._shards, before._shards, strict=True))
+        )
+    assert "x" not in ports and ports.get("x") is None  # type: ignore[operator]
