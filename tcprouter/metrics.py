@@ -172,10 +172,10 @@ class Lingering(Generic[K]):
 class CarriedTotals:
     """Monotonic totals from kernel packet counters, which restart at 0 whenever what holds them is written again
     (restore rewrites a chain only when its content changes; a pool's slots map is declared anew). Each read's counts,
-    per (frontend, backend or reason), come with a digest per frontend: a count that went down, or whose frontend's
-    digest changed, was reset, and what it had counted is carried. A key whose counter is gone keeps its total,
-    exported as it was, while `lingering` holds it: back within it, it continues from there; after it, its series
-    leaves."""
+    per (frontend, backend or reason), come with digests, kept under each key's `group` (its frontend, or the key
+    itself): a count that went down, or whose digest changed, was reset, and what it had counted is carried. A key
+    whose counter is gone keeps its total, exported as it was, while `lingering` holds it: back within it, it
+    continues from there; after it, its series leaves."""
 
     def __init__(
         self, lingering: Lingering[tuple[str, str]], group: Callable[[tuple[str, str]], Hashable] = itemgetter(0)
@@ -282,12 +282,14 @@ class StateCollector(Collector):
         self._lock = threading.RLock()
         self._cache_lock = threading.Lock()  # the last read and the background one, held briefly
 
-    def carried(self, kind: str, family: Family = Family.IPV4) -> CarriedTotals:
-        """The totals of one kind (a protocol's connections, or "refused") in one family's rules."""
+    def carried(
+        self, kind: str, family: Family = Family.IPV4, group: Callable[[tuple[str, str]], Hashable] = itemgetter(0)
+    ) -> CarriedTotals:
+        """The totals of one kind (a protocol's connections, or "refused") in one family's rules; `group`: what their
+        digests are kept under (CarriedTotals), when they are first folded."""
         if (kind, family) not in self._carried:
             lingering = Lingering(self._lingering.grace, self._lingering.clock)
-            by_key = kind == "refused"  # refusals: a digest per key (refused_connections); connections: per frontend
-            self._carried[(kind, family)] = CarriedTotals(lingering, (lambda key: key) if by_key else itemgetter(0))
+            self._carried[(kind, family)] = CarriedTotals(lingering, group)
         return self._carried[(kind, family)]
 
     def publish(self, state: DesiredState, family: Family = Family.IPV4) -> None:
@@ -319,8 +321,8 @@ class StateCollector(Collector):
     ) -> dict[tuple[str, str], int]:
         """Monotonic refusal counts per (frontend, reason); those of a frontend that dropped the label stay for
         the grace period."""
-        with self._lock:
-            return self.carried("refused", family).fold(refused_connections(rules))
+        with self._lock:  # refused_connections keeps a digest per key: a frontend's refusals are in two chains
+            return self.carried("refused", family, lambda key: key).fold(refused_connections(rules))
 
     def _read(self) -> KernelFigures | None:
         """One read of every family's rules, folded into the totals; None (and a warning) if none could be read."""
