@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 from . import netlink
 from .compiler import Options
-from .model import Family, Protocol
+from .model import DesiredState, Family, Protocol
 from .netlink import (
     NLA_F_NESTED,
     NLM_F_ACK,
@@ -159,7 +159,7 @@ from .nf_tables import (
     NFTNL_UDATA_SET_KEYBYTEORDER,
     RTN_LOCAL,
 )
-from .nftnat import PRIORITY, NatPool, Slot, table_of
+from .nftnat import PRIORITY, NatPool, Slot, table_of, table_parts
 
 # nft's datatypes (a concatenation's type is its fields' types, 6 bits each) and its expression types (in userdata)
 TYPE_INTEGER, TYPE_IPADDR, TYPE_IP6ADDR, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE = 4, 7, 8, 12, 13
@@ -734,6 +734,12 @@ def table_batch(pools: Iterable[NatPool], options: Options, tables: Collection[s
             base = _Objects(family, table, hook_name)
             messages += [base.base_chain(hook), base.add_rule(dispatch[hook_name])]
     return messages
+
+
+def load_batches(state: DesiredState, options: Options, parts: int) -> Iterator[list[Request]]:
+    """A full load of every table of options.family with `state`: one table_batch per part of nftnat.table_parts,
+    each made when the next is asked for (so that it can be sent while the next is made: NatSocket.send_each)."""
+    return (table_batch(pools, options, tables) for tables, pools in table_parts(state, options, parts))
 
 
 def delete_tables(family: Family, names: Iterable[str]) -> list[Request]:

@@ -36,8 +36,8 @@ from .labels import DEFAULT_UDP_PREFIX, reachable_only
 from .metrics import Metrics
 from .model import ContainerSnapshot, DesiredState, Frontend, Protocol
 from .netfilter import NetfilterError, Nft, Writer
-from .nftnat import TABLE_PREFIX, NatPool, nat_pool, table_parts
-from .nftnat_netlink import NatSocket, change_batch, table_batch
+from .nftnat import TABLE_PREFIX, NatPool, nat_pool
+from .nftnat_netlink import NatSocket, change_batch, load_batches
 from .pools import Pools
 from .sysctls import TCP_LOOSE
 from .tracker import Endpoint
@@ -253,8 +253,7 @@ class Syncer:
             raise NetfilterError("the nat side in nftables tables needs a Syncer with a nat_writer (their namespace)")
         written, self._nat_written = self._nat_written, None  # unknown until the write succeeds
         if ports is None or written is None:
-            parts = table_parts(state, self.options, NAT_LOAD_PARTS)
-            batches = (table_batch(pools, self.options, tables) for tables, pools in parts)
+            batches = load_batches(state, self.options, NAT_LOAD_PARTS)
             self._send_nat(lambda sock: sock.send_each(batches))
             self.commits += NAT_LOAD_PARTS  # a transaction each
             self._nat_written = state, self.options

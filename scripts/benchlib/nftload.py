@@ -3,7 +3,7 @@
 `cd scripts && python -m benchlib.nftload 10,10000 [REPEATS]` prints, per size (frontends x 10 backends, synthetic
 addresses as in benchlib.scale), in a private namespace:
   - the desired state of 100,000 snapshots (Pools.update, as a full sync makes it from nothing);
-  - a full load: its messages made (nftnat_netlink.table_batch) and encoded, and the kernel's share (the time
+  - a full load: its messages made (nftnat_netlink.load_batches) and encoded, and the kernel's share (the time
     in NatSocket.transact: the kernel does a transaction's work within the send), sent one part after the other;
   - one frontend's 10 -> 9 -> 10 backend change: the kernel's share, p50 of REPEATS x 20 transactions;
   - a read of the slots' counters as the metrics make it (nftnat_read.slot_counts, then the totals of both protocols
@@ -24,8 +24,8 @@ from typing import TypeVar
 
 from tcprouter.metrics import StateCollector
 from tcprouter.model import Family, Protocol
-from tcprouter.nftnat import nat_pools, table_parts
-from tcprouter.nftnat_netlink import NatSocket, Request, change_batch, table_batch
+from tcprouter.nftnat import nat_pools
+from tcprouter.nftnat_netlink import NatSocket, Request, change_batch, load_batches
 from tcprouter.nftnat_read import slot_counts, slot_rules
 from tcprouter.pools import Pools
 from tcprouter.sync import NAT_LOAD_PARTS
@@ -48,9 +48,7 @@ def figures(frontends: int, repeats: int) -> dict[str, float]:
     pools = Pools("tcp")
     _, desired_s = _timed(lambda: pools.update(pools.changes(containers), {}))
     state = pools.state()
-    batches, make_s = _timed(
-        lambda: [table_batch(p, NFT_OPTIONS, names) for names, p in table_parts(state, NFT_OPTIONS, NAT_LOAD_PARTS)]
-    )
+    batches, make_s = _timed(lambda: list(load_batches(state, NFT_OPTIONS, NAT_LOAD_PARTS)))
     with contextlib.ExitStack() as stack:
         netns = netns_add(stack, "tcpr-bench-l-")
         sock = stack.enter_context(NatSocket(netns, timeout=120))

@@ -650,13 +650,11 @@ class Topology:
         current, _ = self.iptables.read()
         rules = compile_rules(state, options, trees)
         if nat_tables:  # imported here: the daemon probe runs this module with older tcprouters too
-            from tcprouter.nftnat import table_parts
-            from tcprouter.nftnat_netlink import NatSocket, table_batch
+            from tcprouter.nftnat_netlink import NatSocket, load_batches
             from tcprouter.sync import NAT_LOAD_PARTS
 
             with NatSocket(self.router, timeout=120) as sock:
-                parts = table_parts(state, options, NAT_LOAD_PARTS)
-                sock.send_each(table_batch(pools, options, names) for names, pools in parts)
+                sock.send_each(load_batches(state, options, NAT_LOAD_PARTS))
         self.iptables.restore(restore_script(current, rules))
         return rules.rule_count()
 
