@@ -69,9 +69,9 @@ class ChangeTracker:
         self.prefix = prefix
         self.udp_prefix = udp_prefix
         self.expected = frozenset(sources)
-        self.containers: dict[str, ContainerSnapshot] = {}
-        self.source_of: dict[str, str] = {}
-        self.draining: dict[str, str] = {}  # container id -> start time of the run being drained
+        # Each source's containers by id (not one map and each id's source: a map of 100,000 ids is ~4 MB).
+        self.sources: dict[str, dict[str, ContainerSnapshot]] = {}
+        self.draining: dict[str, int] = {}  # container id -> start time of the run being drained
         self.unreachable: frozenset[Endpoint] = frozenset()
         self.listed: set[str] = set()
         self.dirty: set[str] | None = None  # containers changed since take_changes (None: any might have)
@@ -87,8 +87,7 @@ class ChangeTracker:
         """
         stamp = 0
         if isinstance(item, Relist):
-            for cid in [cid for cid, source in self.source_of.items() if source == item.source]:
-                self._forget(cid)
+            self.sources[item.source] = {}
             for snapshot in item.snapshots:
                 self._remember(snapshot, item.source)
             self.listed.add(item.source)
@@ -102,8 +101,8 @@ class ChangeTracker:
             if self.dirty is not None:
                 self.dirty.add(item.container_id)
             if item.drain:
-                known = self.containers.get(item.container_id)
-                self.draining[item.container_id] = known.started_at if known else ""
+                known = self.get(item.container_id)
+                self.draining[item.container_id] = known.started_at if known else 0
             if item.gone:
                 self._forget(item.container_id)
             elif item.snapshot is not None:
@@ -115,17 +114,24 @@ class ChangeTracker:
         self.draining = {
             cid: run
             for cid, run in self.draining.items()
-            if cid in self.containers and self.containers[cid].started_at in (run, "")
+            if (known := self.get(cid)) is not None and known.started_at in (run, 0)
         }
         return stamp
 
+    def get(self, container_id: str) -> ContainerSnapshot | None:
+        """The container's latest snapshot, whichever source has it."""
+        for held in self.sources.values():
+            if container_id in held:
+                return held[container_id]
+        return None
+
     def _remember(self, snapshot: ContainerSnapshot, source: str) -> None:
-        self.containers[snapshot.id] = snapshot
-        self.source_of[snapshot.id] = source
+        self._forget(snapshot.id)  # a container is one source's
+        self.sources.setdefault(source, {})[snapshot.id] = snapshot
 
     def _forget(self, container_id: str) -> None:
-        self.containers.pop(container_id, None)
-        self.source_of.pop(container_id, None)
+        for held in self.sources.values():
+            held.pop(container_id, None)
 
     def ready(self, grace: float = 10.0) -> bool:
         """Whether the view may be written: every source listed, or `grace` seconds since the first was.
@@ -142,7 +148,7 @@ class ChangeTracker:
 
     def view(self) -> list[ContainerSnapshot]:
         """Every known container, the draining ones marked so."""
-        view = list(self.containers.values())
+        view = [snapshot for held in self.sources.values() for snapshot in held.values()]
         if not self.draining:
             return view
         return [self._marked(c) for c in view]
@@ -156,7 +162,7 @@ class ChangeTracker:
         dirty, self.dirty = self.dirty, set()
         if dirty is None:
             return None
-        return {cid: self._marked(self.containers[cid]) if cid in self.containers else None for cid in dirty}
+        return {cid: self._marked(known) if (known := self.get(cid)) is not None else None for cid in dirty}
 
 
 def causes(batch: Iterable[Item]) -> Mapping[str | Endpoint, str]:
