@@ -139,12 +139,12 @@ class ContainerSnapshot:
 
     id: str
     name: str
-    created: str  # RFC 3339 timestamp from Docker (fractions of any length, `Z` or an offset)
+    created: int  # when Docker created it, ns since the epoch (timestamp_ns of its RFC 3339 text; 0: unknown)
     labels: Mapping[str, str]
     running: bool
     health: str | None = None  # None: no HEALTHCHECK; else "starting" | "healthy" | "unhealthy"
     draining: bool = False  # a stop/kill was seen: leave the rotation before the process exits
-    started_at: str = ""  # Docker's State.StartedAt: tells one run of the container from the next
+    started_at: int = 0  # when its run started (timestamp_ns of State.StartedAt): tells one run from the next
     networks: Mapping[str, str] = no_entries()  # network name -> IPv4 address ("" if none)
     subnets: Mapping[str, str] = no_entries()  # network name -> IPv4 subnet (CIDR), if known
     network_drivers: Mapping[str, str] = no_entries()  # network name -> its driver, if known
@@ -169,8 +169,8 @@ class ContainerSnapshot:
 
     @property
     def age_order(self) -> tuple[int, str]:
-        """Oldest first, by creation time as a time (not as a string: "10:00:00.5Z" is after "10:00:00.123Z")."""
-        return timestamp_ns(self.created), self.id
+        """Oldest first (then by id, for equal times)."""
+        return self.created, self.id
 
     def exposed_ports(self, protocol: Protocol) -> tuple[int, ...]:
         return self.exposed_udp_ports if protocol is Protocol.UDP else self.exposed_tcp_ports
@@ -336,11 +336,11 @@ class DesiredState:
         return [f for protocol in Protocol for _, f in sorted(self.pools(protocol).items())]
 
 
-def timestamp_ns(text: str) -> int:
-    """A Docker RFC 3339 timestamp (nanosecond fraction, `Z` or an offset) as ns since the epoch; 0 if unreadable.
-    Python 3.11's fromisoformat reads `Z` and a fraction of any length (to the microsecond): only the fraction's
-    digits past that are read apart (one short match, not two regex passes: 3.4 -> 1.5 us, once per container in a
-    full sync)."""
+def timestamp_ns(text: object) -> int:
+    """A Docker RFC 3339 timestamp (nanosecond fraction, `Z` or an offset) as ns since the epoch; 0 if missing or
+    unreadable. The providers read each snapshot's times once, here: an integer is compared without parsing (the
+    rotation's order) and is ~50 bytes smaller than the text. Python 3.11's fromisoformat reads `Z` and a fraction of
+    any length (to the microsecond): only the fraction's digits past that are read apart."""
     if not isinstance(text, str):
         return 0
     try:

@@ -6,7 +6,17 @@ import ipaddress
 
 from hypothesis import strategies as st
 
-from tcprouter.model import OPEN, Access, Backend, Balance, ContainerSnapshot, DesiredState, Frontend, Protocol
+from tcprouter.model import (
+    OPEN,
+    Access,
+    Backend,
+    Balance,
+    ContainerSnapshot,
+    DesiredState,
+    Frontend,
+    Protocol,
+    timestamp_ns,
+)
 
 ports = st.integers(min_value=1, max_value=65535)
 names = st.from_regex(r"[a-z][a-z0-9_.-]{0,20}", fullmatch=True)
@@ -87,7 +97,7 @@ def containers(draw: st.DrawFn, index: int = 0) -> ContainerSnapshot:
     return ContainerSnapshot(
         id=f"{index:064x}",
         name=f"c{index}",
-        created=f"2026-01-01T00:00:{index % 60:02d}Z",
+        created=timestamp_ns(f"2026-01-01T00:00:{index % 60:02d}Z"),
         labels=draw(st.dictionaries(label_keys, label_values, max_size=4)),
         running=draw(st.booleans()),
         health=draw(st.sampled_from([None, "starting", "healthy", "unhealthy"])),
@@ -104,7 +114,7 @@ def container(i: int, **fields: object) -> ContainerSnapshot:
     values: dict[str, object] = {
         "id": f"{i:064x}",
         "name": f"c{i}",
-        "created": f"2026-01-01T00:00:{i:02d}Z",
+        "created": timestamp_ns(f"2026-01-01T00:00:{i:02d}Z"),
         "labels": {"tcp.port": "80"},
         "running": True,
         "networks": {"bridge": f"10.9.0.{i + 1}"},

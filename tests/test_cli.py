@@ -23,7 +23,7 @@ from tcprouter.compiler import compile_rules
 from tcprouter.diff import parse_save
 from tcprouter.labels import desired_state
 from tcprouter.logs import JsonFormatter
-from tcprouter.model import ContainerSnapshot
+from tcprouter.model import ContainerSnapshot, timestamp_ns
 from tcprouter.netfilter import Flavour
 
 from .support import REPO, private_netns, sh, unique
@@ -35,7 +35,7 @@ def snapshot(name: str, ip: str, created: str, health: str | None = None, **labe
     return ContainerSnapshot(
         id=name.ljust(64, "0"),
         name=name,
-        created=created,
+        created=timestamp_ns(created),
         labels={"tcp.port": "27017", **labels},
         running=True,
         health=health,

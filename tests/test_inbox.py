@@ -9,13 +9,14 @@ import time
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tcprouter.model import timestamp_ns
 from tcprouter.runner import Inbox
 from tcprouter.tracker import Change, ChangeTracker, Item, Reachability, Relist, causes
 
 from .strategies import container
 from .support import wait_until
 
-RUNS = ("2026-01-01T00:00:01Z", "2026-01-01T00:00:02Z", "")
+RUNS = (timestamp_ns("2026-01-01T00:00:01Z"), timestamp_ns("2026-01-01T00:00:02Z"), 0)
 
 
 def test_a_storm_of_events_is_coalesced_per_container():

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from tcprouter.compiler import compile_rules
 from tcprouter.labels import LabelError, desired_state, parse_backend, reachable_only
-from tcprouter.model import Balance, ContainerSnapshot
+from tcprouter.model import Balance, ContainerSnapshot, timestamp_ns
 
 from .strategies import containers
 
@@ -19,7 +19,7 @@ def snapshot(labels: dict[str, str], index: int = 1, **fields: object) -> Contai
     defaults: dict[str, object] = {
         "id": f"{index:064x}",
         "name": f"c{index}",
-        "created": f"2026-01-01T00:00:{index:02d}Z",
+        "created": timestamp_ns(f"2026-01-01T00:00:{index:02d}Z"),
         "labels": labels,
         "running": True,
         "networks": {"bridge": f"172.17.0.{index + 1}"},
@@ -220,9 +220,9 @@ def test_a_remote_host_without_an_ipv4_address_is_rejected_not_written():
 
 def test_the_rotation_is_ordered_by_creation_time_not_by_its_text():
     """Docker trims trailing zeros of the fraction: as strings "10:00:00.5Z" sorts before "10:00:00.123Z"."""
-    later = snapshot({"tcp.port": "80"}, 1, created="2026-11-27T10:00:00.5Z")
-    earlier = snapshot({"tcp.port": "80"}, 2, created="2026-11-27T10:00:00.123456789Z")
-    elsewhere = snapshot({"tcp.port": "80"}, 3, created="2026-11-27T11:00:00.3+01:00")  # 10:00:00.3 UTC
+    later = snapshot({"tcp.port": "80"}, 1, created=timestamp_ns("2026-11-27T10:00:00.5Z"))
+    earlier = snapshot({"tcp.port": "80"}, 2, created=timestamp_ns("2026-11-27T10:00:00.123456789Z"))
+    elsewhere = snapshot({"tcp.port": "80"}, 3, created=timestamp_ns("2026-11-27T11:00:00.3+01:00"))  # 10:00:00.3 UTC
     assert [b.name for b in desired_state([later, earlier, elsewhere]).frontends[80].backends] == ["c2", "c3", "c1"]
 
 

@@ -14,7 +14,7 @@ from tcprouter.compiler import Options, compile_rules
 from tcprouter.diff import believed_tables, owned_only
 from tcprouter.labels import desired_state
 from tcprouter.metrics import Metrics
-from tcprouter.model import ContainerSnapshot
+from tcprouter.model import ContainerSnapshot, timestamp_ns
 from tcprouter.netfilter import NetfilterError
 from tcprouter.policy import Policy, parse_ports
 from tcprouter.runner import SyncRunner, Timing
@@ -262,7 +262,11 @@ def test_a_partial_sync_rewrites_only_the_frontend_that_changed(kernel, syncer):
 def frontends(count: int, first_port: int = 1000) -> dict[int, ContainerSnapshot]:
     """`count` containers, each the one backend of its own frontend on first_port, first_port + 1, ..."""
     return {
-        i: container(i, labels={"tcp.port": str(first_port + i)}, created=f"2026-01-01T00:{i // 60:02d}:{i % 60:02d}Z")
+        i: container(
+            i,
+            labels={"tcp.port": str(first_port + i)},
+            created=timestamp_ns(f"2026-01-01T00:{i // 60:02d}:{i % 60:02d}Z"),
+        )
         for i in range(count)
     }
 

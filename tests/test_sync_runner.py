@@ -13,7 +13,7 @@ from tcprouter.compiler import Options, compile_rules
 from tcprouter.diff import believed_tables, owned_only
 from tcprouter.labels import desired_state
 from tcprouter.metrics import Metrics, kernel_reader
-from tcprouter.model import ContainerSnapshot
+from tcprouter.model import ContainerSnapshot, timestamp_ns
 from tcprouter.netfilter import Flavour, Iptables, NetfilterError
 from tcprouter.runner import SyncRunner, Timing
 from tcprouter.sync import Syncer
@@ -159,7 +159,7 @@ def test_draining_ends_with_the_run_it_belongs_to(namespace):
     """A kill drains that run of the container; a restart Docker did while tcprouter was away (seen only in a
     relist, with a new start time) brings it back, while a relist of the same run keeps it out."""
     runner, _ = make(namespace)
-    first_run = container(1, started_at="2026-01-01T00:00:01Z")
+    first_run = container(1, started_at=timestamp_ns("2026-01-01T00:00:01Z"))
     runner.tracker.apply(Relist((first_run, container(2))))
     runner.tracker.apply(Change(first_run.id, "kill", 0, drain=True))
 
@@ -169,7 +169,7 @@ def test_draining_ends_with_the_run_it_belongs_to(namespace):
     assert serving() == ["c2"]
     runner.tracker.apply(Relist((first_run, container(2))))
     assert serving() == ["c2"]
-    runner.tracker.apply(Relist((container(1, started_at="2026-01-01T00:05:00Z"), container(2))))
+    runner.tracker.apply(Relist((container(1, started_at=timestamp_ns("2026-01-01T00:05:00Z")), container(2))))
     assert serving() == ["c1", "c2"]
 
 

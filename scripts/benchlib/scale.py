@@ -32,7 +32,7 @@ from tcprouter.compiler import Options, RuleSet, compile_rules
 from tcprouter.diff import believed_tables, restore_script
 from tcprouter.labels import LabelKeys, desired_state
 from tcprouter.metrics import Metrics
-from tcprouter.model import ContainerSnapshot, DesiredState, Protocol
+from tcprouter.model import ContainerSnapshot, DesiredState, Protocol, timestamp_ns
 from tcprouter.netfilter import Flavour, Iptables, Nft, detect_flavour
 from tcprouter.sync import Syncer
 from tests.support import in_netns
@@ -46,6 +46,8 @@ SERVER_NET = "198.19.255"  # the server side of the first-packet topology (RFC 2
 OPTIONS = Options(forward_parent="FORWARD")  # a namespace has no DOCKER-USER
 DISPATCH_FRONTENDS = 10_000  # the first-packet comparison of the flat dispatch and the tree
 PARTIAL_EVENTS = 40  # at least: a p50 of a dozen 1-2 ms events moved by ~50% between runs on a noisy host
+# Older code holds a snapshot's times as Docker's text, this one as integers (model.timestamp_ns)
+_TIMES_AS_TEXT = ContainerSnapshot.__dataclass_fields__["created"].type == "str"
 
 
 def _address(k: int) -> str:
@@ -53,9 +55,11 @@ def _address(k: int) -> str:
     return f"198.{18 + k // 65536}.{(k // 256) % 256}.{k % 256}"
 
 
-def _created(k: int) -> str:
-    """Docker's form of a creation time (RFC 3339, nanoseconds, UTC): container k, k seconds after the first."""
-    return f"{(EPOCH + datetime.timedelta(seconds=k)).isoformat()}.{k * 7919 % 10**9:09d}Z"
+def _docker_time(k: int, offset: float = 0.0) -> str | int:
+    """Docker's form of a time (RFC 3339, nanoseconds, UTC), k + `offset` seconds after the epoch of the synthetic
+    containers, as a snapshot holds it: ns since the epoch (older code: the text)."""
+    text = f"{(EPOCH + datetime.timedelta(seconds=k + offset)).isoformat()}.{k * 7919 % 10**9:09d}Z"
+    return text if _TIMES_AS_TEXT else timestamp_ns(text)
 
 
 def snapshots(
@@ -77,7 +81,8 @@ def snapshots(
                 ContainerSnapshot(
                     id=f"{k:064x}",
                     name=f"bench-fe{f}-be{j}",
-                    created=_created(k),
+                    created=_docker_time(k),
+                    started_at=_docker_time(k, 1),  # its start, a second later
                     labels={"tcp.port": str(first_port + f), "tcp.backend_port": "80"},
                     running=True,
                     networks={"bench": ip},

@@ -23,7 +23,7 @@ from docker.types import CancellableStream
 
 from ..labels import LabelKeys, kept_labels, labels_if_map
 from ..metrics import Metrics
-from ..model import ContainerSnapshot, Protocol
+from ..model import ContainerSnapshot, Protocol, timestamp_ns
 from ..tracker import LOCAL, Change, Relist
 from . import Sink
 from .docker_api import DOCKER_ERRORS, connect, follow_forever, url_host
@@ -140,11 +140,11 @@ def snapshot_from_inspect(
     return ContainerSnapshot(
         id=info["Id"],
         name=(info.get("Name") or info["Id"][:12]).lstrip("/"),
-        created=info.get("Created") or "",
+        created=timestamp_ns(info.get("Created")),
         labels=kept_labels(config.get("Labels"), keys),
         running=bool(state.get("Running")) and not state.get("Paused") and not state.get("Restarting"),
         health=health or None,
-        started_at=state.get("StartedAt") or "",
+        started_at=timestamp_ns(state.get("StartedAt")),
         stop_signal=config.get("StopSignal") or "SIGTERM",
         networks=addresses,
         subnets=subnets,
@@ -273,7 +273,7 @@ def read_inspect(
         return ContainerSnapshot(
             id=container_id,
             name=container_id[:12],
-            created="",
+            created=0,
             labels=kept_labels(labels_if_map(config.get("Labels")) if isinstance(config, dict) else None, keys),
             running=True,
             malformed=f"Docker's inspect data has an unexpected shape ({type(error).__name__}: {error})",

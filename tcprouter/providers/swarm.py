@@ -77,10 +77,10 @@ def task_snapshot(
     return ContainerSnapshot(
         id=task["ID"],
         name=f"{spec.get('Name', service.get('ID', '')[:12])}.{slot}",
-        created=task.get("CreatedAt") or "",
+        created=timestamp_ns(task.get("CreatedAt")),
         labels=kept_labels(spec.get("Labels"), keys),
         running=status.get("State") == "running" and task.get("DesiredState") == "running" and node_ready,
-        started_at=status.get("Timestamp") or "",
+        started_at=timestamp_ns(status.get("Timestamp")),
         node=node_name,
         host_address=node_address(node),
         published_tcp_ports=published_ports(task),
@@ -117,7 +117,7 @@ def read_task(
         return ContainerSnapshot(
             id=str(task.get("ID", "")),
             name=str(task.get("ID", ""))[:12],
-            created="",
+            created=0,
             labels=kept_labels(labels_if_map((service.get("Spec") or {}).get("Labels")), keys),
             running=True,
             malformed=f"the manager's task data has an unexpected shape ({type(error).__name__}: {error})",
@@ -137,7 +137,7 @@ def task_changes(
             continue
         stopped = old is not None and old.running and not snapshot.running
         action = "task running" if snapshot.running else "task stopped" if stopped else "task pending"
-        stamp = timestamp_ns(snapshot.started_at) or now_ns
+        stamp = snapshot.started_at or now_ns
         changes.append(Change(task_id, action, stamp, snapshot=snapshot, drain=stopped, source=SOURCE))
     for task_id in before.keys() - after.keys():
         changes.append(Change(task_id, "task shutdown", now_ns, gone=True, drain=True, source=SOURCE))
