@@ -185,21 +185,56 @@ class CarriedTotals:
         self.carried: Tally[tuple[str, str]] = Tally()
         self._last = Counted({}, {})
 
-    def fold(self, current: Counted) -> dict[tuple[str, str], int]:
+    def fold(self, current: Counted) -> Totals:
         """The totals after one more read."""
         counts, digests, last_digests, group = current.counts, current.digests, self._last.digests, self.group
-        for key, last in self._last.counts.items():
-            count = counts.get(key)
-            if count is None or count < last or digests.get(group(key)) != last_digests.get(group(key)):
-                self.carried[key] += last
+        reset = [
+            (key, last)
+            for key, last in self._last.counts.items()
+            if (count := counts.get(key)) is None
+            or count < last
+            or digests.get(group(key)) != last_digests.get(group(key))
+        ]
         self.lingering.update(self._last.counts, counts)
-        for key in self.lingering.expired():
-            del self.carried[key]
-        self._last = current
-        carried = self.carried
-        totals = {key: total for key, total in carried.items() if key in self.lingering}
-        totals.update((key, carried[key] + count if key in carried else count) for key, count in counts.items())
-        return totals
+        expired = self.lingering.expired()
+        carried = self.carried.copy() if reset or expired else self.carried  # the totals given keep theirs
+        for key, last in reset:
+            carried[key] += last
+        for key in expired:
+            del carried[key]
+        self._last, self.carried = current, carried
+        lingering = {key: total for key, total in carried.items() if key in self.lingering and key not in counts}
+        return Totals(counts, carried, lingering)
+
+
+class Totals(Mapping[tuple[str, str], int]):
+    """A read's totals: each counter's count plus what was carried for its key, then the totals of the keys that
+    linger without a counter. A view of the read's counts, not a copy of them (100,000 keys at 10,000 x 10: ~5 MB);
+    the counts and carried totals it is given are never changed afterwards."""
+
+    __slots__ = ("_carried", "_counts", "_lingering")
+
+    def __init__(
+        self,
+        counts: Mapping[tuple[str, str], int],
+        carried: Mapping[tuple[str, str], int],
+        lingering: Mapping[tuple[str, str], int],
+    ) -> None:
+        self._counts, self._carried, self._lingering = counts, carried, lingering
+
+    def __getitem__(self, key: tuple[str, str]) -> int:
+        count = self._counts.get(key)
+        return self._lingering[key] if count is None else count + self._carried.get(key, 0)
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        yield from self._counts
+        yield from self._lingering
+
+    def __len__(self) -> int:
+        return len(self._counts) + len(self._lingering)
+
+    def __repr__(self) -> str:
+        return repr(dict(self.items()))
 
 
 @dataclass(frozen=True)
@@ -245,8 +280,8 @@ class KernelFigures:
 
     rules: dict[tuple[str, str, Family], int]  # (table, owned chain, family) -> its rule count
     # (protocol, family) -> (frontend, backend) -> monotonic total
-    connections: dict[tuple[Protocol, Family], dict[tuple[str, str], int]]
-    refusals: dict[Family, dict[tuple[str, str], int]]  # family -> (frontend, reason) -> monotonic total
+    connections: dict[tuple[Protocol, Family], Totals]
+    refusals: dict[Family, Totals]  # family -> (frontend, reason) -> monotonic total
 
 
 class StateCollector(Collector):
@@ -306,7 +341,7 @@ class StateCollector(Collector):
         protocol: Protocol = Protocol.TCP,
         family: Family = Family.IPV4,
         slots: Counted | None = None,
-    ) -> dict[tuple[str, str], int]:
+    ) -> Totals:
         """Monotonic connection (UDP: flow) counts per (frontend, backend) of the frontends of `protocol`, from
         successive reads of one family's rules and (--nat nftables) what its slots counted (KernelRead.slots)."""
         current = Counted(backend_connections(rules, protocol), _frontend_chains(rules, protocol))
@@ -316,9 +351,7 @@ class StateCollector(Collector):
         with self._lock:
             return self.carried(str(protocol), family).fold(current)
 
-    def refused_totals(
-        self, rules: list[tuple[str, SavedRule]], family: Family = Family.IPV4
-    ) -> dict[tuple[str, str], int]:
+    def refused_totals(self, rules: list[tuple[str, SavedRule]], family: Family = Family.IPV4) -> Totals:
         """Monotonic refusal counts per (frontend, reason); those of a frontend that dropped the label stay for
         the grace period."""
         with self._lock:  # refused_connections keeps a digest per key: a frontend's refusals are in two chains
