@@ -16,7 +16,6 @@ from collections import Counter as Tally
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
-from operator import itemgetter
 from types import MappingProxyType
 from typing import Generic, NamedTuple, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -29,7 +28,7 @@ from prometheus_client.utils import floatToGoString
 
 from .compiler import Tables, frontend_of, refusal, rule_comment
 from .diff import SavedRule, owned
-from .model import DesiredState, Family, Protocol
+from .model import EMPTY, DesiredState, Family, Protocol
 from .netfilter import Flavour, Iptables
 from .nftnat_read import Counted, slot_counts
 
@@ -111,9 +110,9 @@ def refused_connections(rules: list[tuple[str, SavedRule]]) -> Counted:
     for table, rule in rules:
         refused = refusal(rule.spec) if table == "filter" else None
         if refused is not None:
-            key = (str(refused[0]), refused[1])
-            found.counts[key] = rule.packets
-            found.digests[key] = chains[rule.chain]  # a frontend's refusals are in two chains: a digest per key
+            port, reason = str(refused[0]), refused[1]
+            found.counts.setdefault(port, {})[reason] = rule.packets
+            found.digests[(port, reason)] = chains[rule.chain]  # a frontend's refusals are in two chains: per key
     return found
 
 
@@ -152,9 +151,13 @@ class Lingering(Generic[K]):
     def update(self, before: Iterable[K], now_present: Iterable[K]) -> None:
         """Note what left between two sightings; what is present again no longer lingers."""
         present = set(now_present)
-        for key in present:
-            self._left.pop(key, None)
-        for key in set(before) - present:
+        self.left(set(before) - present, present.__contains__)
+
+    def left(self, gone: Iterable[K], present: Callable[[K], bool]) -> None:
+        """As update, given what left and what is present (for sightings too large to make sets of)."""
+        for key in [key for key in self._left if present(key)]:
+            del self._left[key]
+        for key in gone:
             self._left.setdefault(key, self.clock())
 
     def __contains__(self, key: object) -> bool:
@@ -172,30 +175,37 @@ class Lingering(Generic[K]):
 class CarriedTotals:
     """Monotonic totals from kernel packet counters, which restart at 0 whenever what holds them is written again
     (restore rewrites a chain only when its content changes; a pool's slots map is declared anew). Each read's counts,
-    per (frontend, backend or reason), come with digests, kept under each key's `group` (its frontend, or the key
-    itself): a count that went down, or whose digest changed, was reset, and what it had counted is carried. A key
+    per (frontend, backend or reason), come with digests, per frontend or per (frontend, key) (`digest_per_key`): a
+    count that went down, or whose digest changed, was reset, and what it had counted is carried. A key
     whose counter is gone keeps its total, exported as it was, while `lingering` holds it: back within it, it
     continues from there; after it, its series leaves."""
 
-    def __init__(
-        self, lingering: Lingering[tuple[str, str]], group: Callable[[tuple[str, str]], Hashable] = itemgetter(0)
-    ) -> None:
-        """`group`: what a key's digest is kept under (Counted.digests): its frontend, or the key itself."""
-        self.lingering, self.group = lingering, group
+    def __init__(self, lingering: Lingering[tuple[str, str]], digest_per_key: bool = False) -> None:
+        """`digest_per_key`: Counted.digests are kept per (frontend, key), not per frontend."""
+        self.lingering, self.digest_per_key = lingering, digest_per_key
         self.carried: Tally[tuple[str, str]] = Tally()
         self._last = Counted({}, {})
 
     def fold(self, current: Counted) -> Totals:
         """The totals after one more read."""
-        counts, digests, last_digests, group = current.counts, current.digests, self._last.digests, self.group
-        reset = [
-            (key, last)
-            for key, last in self._last.counts.items()
-            if (count := counts.get(key)) is None
-            or count < last
-            or digests.get(group(key)) != last_digests.get(group(key))
-        ]
-        self.lingering.update(self._last.counts, counts)
+        counts, digests, last = current.counts, current.digests, self._last
+        reset: list[tuple[tuple[str, str], int]] = []
+        gone: list[tuple[str, str]] = []
+        for port, before in last.counts.items():
+            now = counts.get(port, EMPTY)
+            rewritten = not self.digest_per_key and digests.get(port) != last.digests.get(port)
+            for name, was in before.items():
+                count = now.get(name)
+                if count is None:
+                    gone.append((port, name))
+                if (
+                    count is None
+                    or count < was
+                    or rewritten
+                    or (self.digest_per_key and digests.get((port, name)) != last.digests.get((port, name)))
+                ):
+                    reset.append(((port, name), was))
+        self.lingering.left(gone, lambda key: key[1] in counts.get(key[0], EMPTY))
         expired = self.lingering.expired()
         carried = self.carried.copy() if reset or expired else self.carried  # the totals given keep theirs
         for key, last in reset:
@@ -203,35 +213,50 @@ class CarriedTotals:
         for key in expired:
             del carried[key]
         self._last, self.carried = current, carried
-        lingering = {key: total for key, total in carried.items() if key in self.lingering and key not in counts}
+        lingering = {
+            key: total
+            for key, total in carried.items()
+            if key in self.lingering and key[1] not in counts.get(key[0], EMPTY)
+        }
         return Totals(counts, carried, lingering)
 
 
 class Totals(Mapping[tuple[str, str], int]):
-    """A read's totals: each counter's count plus what was carried for its key, then the totals of the keys that
-    linger without a counter. A view of the read's counts, not a copy of them (100,000 keys at 10,000 x 10: ~5 MB);
-    the counts and carried totals it is given are never changed afterwards."""
+    """A read's totals by (frontend, key): each counter's count plus what was carried for its key, then the totals
+    of the keys that linger without a counter. A view of the read's counts (Counted.counts), not a copy of them
+    (100,000 keys at 10,000 x 10: ~5 MB); the counts and carried totals it is given are never changed afterwards."""
 
     __slots__ = ("_carried", "_counts", "_lingering")
 
     def __init__(
         self,
-        counts: Mapping[tuple[str, str], int],
+        counts: Mapping[str, Mapping[str, int]],
         carried: Mapping[tuple[str, str], int],
         lingering: Mapping[tuple[str, str], int],
     ) -> None:
         self._counts, self._carried, self._lingering = counts, carried, lingering
 
     def __getitem__(self, key: tuple[str, str]) -> int:
-        count = self._counts.get(key)
+        count = self._counts.get(key[0], EMPTY).get(key[1])
         return self._lingering[key] if count is None else count + self._carried.get(key, 0)
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
-        yield from self._counts
+        for port, names in self._counts.items():
+            for name in names:
+                yield port, name
         yield from self._lingering
 
     def __len__(self) -> int:
-        return len(self._counts) + len(self._lingering)
+        return sum(map(len, self._counts.values())) + len(self._lingering)
+
+    def pairs(self) -> Iterator[tuple[tuple[str, str], int]]:
+        """(key, total) of every key: items(), without looking each key up again (110,000 per text)."""
+        carried = self._carried
+        for port, names in self._counts.items():
+            for name, count in names.items():
+                key = (port, name)
+                yield key, count + carried.get(key, 0) if carried else count
+        yield from self._lingering.items()
 
     def __repr__(self) -> str:
         return repr(dict(self.items()))
@@ -317,14 +342,12 @@ class StateCollector(Collector):
         self._lock = threading.RLock()
         self._cache_lock = threading.Lock()  # the last read and the background one, held briefly
 
-    def carried(
-        self, kind: str, family: Family = Family.IPV4, group: Callable[[tuple[str, str]], Hashable] = itemgetter(0)
-    ) -> CarriedTotals:
-        """The totals of one kind (a protocol's connections, or "refused") in one family's rules; `group`: what their
-        digests are kept under (CarriedTotals), when they are first folded."""
+    def carried(self, kind: str, family: Family = Family.IPV4, digest_per_key: bool = False) -> CarriedTotals:
+        """The totals of one kind (a protocol's connections, or "refused") in one family's rules; `digest_per_key`:
+        how their digests are kept (CarriedTotals), when they are first folded."""
         if (kind, family) not in self._carried:
             lingering = Lingering(self._lingering.grace, self._lingering.clock)
-            self._carried[(kind, family)] = CarriedTotals(lingering, group)
+            self._carried[(kind, family)] = CarriedTotals(lingering, digest_per_key)
         return self._carried[(kind, family)]
 
     def publish(self, state: DesiredState, family: Family = Family.IPV4) -> None:
@@ -344,9 +367,10 @@ class StateCollector(Collector):
     ) -> Totals:
         """Monotonic connection (UDP: flow) counts per (frontend, backend) of the frontends of `protocol`, from
         successive reads of one family's rules and (--nat nftables) what its slots counted (KernelRead.slots)."""
-        current = Counted(backend_connections(rules, protocol), _frontend_chains(rules, protocol))
+        current = Counted(Counted.nest(backend_connections(rules, protocol)), _frontend_chains(rules, protocol))
         if slots is not None:
-            current.counts.update(slots.counts)
+            for port, names in slots.counts.items():
+                current.counts.setdefault(port, {}).update(names)
             current.digests.update(slots.digests)
         with self._lock:
             return self.carried(str(protocol), family).fold(current)
@@ -355,7 +379,7 @@ class StateCollector(Collector):
         """Monotonic refusal counts per (frontend, reason); those of a frontend that dropped the label stay for
         the grace period."""
         with self._lock:  # refused_connections keeps a digest per key: a frontend's refusals are in two chains
-            return self.carried("refused", family, lambda key: key).fold(refused_connections(rules))
+            return self.carried("refused", family, digest_per_key=True).fold(refused_connections(rules))
 
     def _read(self) -> KernelFigures | None:
         """One read of every family's rules, folded into the totals; None (and a warning) if none could be read."""
@@ -501,7 +525,7 @@ class StateCollector(Collector):
             labels=["frontend", "backend", "protocol", "family"],
         )
         for (protocol, family), per_backend in sorted(figures.connections.items()):
-            for (port, name), total in sorted(per_backend.items()):
+            for (port, name), total in sorted(per_backend.pairs()):
                 connections.add_metric([port, name, str(protocol), str(family)], total)
         refusals = CounterMetricFamily(
             "tcprouter_refused_connections",
@@ -510,7 +534,7 @@ class StateCollector(Collector):
             labels=["frontend", "reason", "family"],
         )
         for family, refused in sorted(figures.refusals.items()):
-            for (port, reason), total in sorted(refused.items()):
+            for (port, reason), total in sorted(refused.pairs()):
                 refusals.add_metric([port, reason, str(family)], total)
         yield from (counts, connections, refusals)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 import socket
 import struct
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import NamedTuple
@@ -323,13 +323,26 @@ def slot_rules(family: Family, netns: str | None = None, timeout: float = 5.0) -
 
 
 class Counted(NamedTuple):
-    """Kernel counters per (frontend port as text, something of that frontend: a backend's name, a refusal's reason),
-    and digests of what holds those counters (a chain's rules, a map's slots; counters excluded), per frontend (the
-    slots) or per key (the refusals): where one changed since the last read, that was written again and its counters
-    restarted."""
+    """Kernel counters per frontend (its port as text), each per something of that frontend (a backend's name, a
+    refusal's reason), and digests of what holds those counters (a chain's rules, a map's slots; counters excluded),
+    per frontend (the slots) or per (frontend, something) (the refusals): where one changed since the last read, that
+    was written again and its counters restarted. Nested: a map per frontend holds 100,000 counts (10,000 x 10) in
+    ~7 MB less than one map keyed by 100,000 (port, name) pairs."""
 
-    counts: dict[tuple[str, str], int]
+    counts: dict[str, dict[str, int]]
     digests: dict[Hashable, int]
+
+    @staticmethod
+    def nest(flat: Mapping[tuple[str, str], int]) -> dict[str, dict[str, int]]:
+        """(port, name) -> count, as counts."""
+        nested: dict[str, dict[str, int]] = {}
+        for (port, name), count in flat.items():
+            nested.setdefault(port, {})[name] = count
+        return nested
+
+    def flat(self) -> dict[tuple[str, str], int]:
+        """The counts by (port, name)."""
+        return {(port, name): count for port, names in self.counts.items() for name, count in names.items()}
 
 
 def slot_counts(family: Family, netns: str | None = None, timeout: float = 5.0) -> dict[Protocol, Counted]:
@@ -340,7 +353,8 @@ def slot_counts(family: Family, netns: str | None = None, timeout: float = 5.0) 
     for slots_map, slots in _maps(family, netns, timeout):
         port, mine = str(slots_map.port), counted[slots_map.protocol]
         mine.digests[port] = hash(tuple((fields.slot, fields.target, fields.userdata) for fields in slots))
+        names = mine.counts[port] = {}
         for fields in slots:
-            key = (port, _comment(fields.userdata))
-            mine.counts[key] = mine.counts.get(key, 0) + fields.packets
+            name = _comment(fields.userdata)
+            names[name] = names.get(name, 0) + fields.packets
     return counted

@@ -109,7 +109,7 @@ def test_slot_rules_are_the_rules_of_the_nft_listing(name: str, path: str, monke
 
 def counts(family: Family, ns: str) -> dict[Protocol, dict[tuple[str, str], int]]:
     """slot_counts without the digests."""
-    return {p: counted.counts for p, counted in slot_counts(family, ns).items()}
+    return {p: counted.flat() for p, counted in slot_counts(family, ns).items()}
 
 
 @pytest.mark.parametrize("path", PATHS)

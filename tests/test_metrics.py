@@ -26,6 +26,7 @@ from tcprouter.metrics import (
     Lingering,
     Metrics,
     StateCollector,
+    Totals,
     backend_connections,
     exposition_text,
     kernel_reader,
@@ -418,12 +419,12 @@ def test_what_the_nftables_slots_counted_is_exported_and_a_rewritten_map_carries
     reads = iter(
         [
             {
-                Protocol.TCP: Counted({("27017", "web-a"): 3, ("27017", "web-c"): 5}, {"27017": 1}),
-                Protocol.UDP: Counted({("53", "dns"): 2}, {"53": 7}),
+                Protocol.TCP: Counted({"27017": {"web-a": 3, "web-c": 5}}, {"27017": 1}),
+                Protocol.UDP: Counted({"53": {"dns": 2}}, {"53": 7}),
             },
             {
-                Protocol.TCP: Counted({("27017", "web-a"): 1, ("27017", "web-c"): 6}, {"27017": 2}),
-                Protocol.UDP: Counted({("53", "dns"): 4}, {"53": 7}),
+                Protocol.TCP: Counted({"27017": {"web-a": 1, "web-c": 6}}, {"27017": 2}),
+                Protocol.UDP: Counted({"53": {"dns": 4}}, {"53": 7}),
             },
         ]
     )
@@ -465,10 +466,11 @@ def test_the_state_s_text_is_what_generate_latest_makes_of_its_families(
     state: DesiredState, connections: dict, refusals: dict, rules: dict, reasons: list[str]
 ):
     state = dataclasses.replace(state, rejections=tuple(Rejection("1" * 64, "x", r, "") for r in reasons))
+    totals = Totals(Counted.nest(connections), {}, {})
     figures = KernelFigures(
         {(table, chain, Family.IPV4): n for (table, chain), n in rules.items()},
-        {(Protocol.TCP, Family.IPV4): connections, (Protocol.UDP, Family.IPV6): connections},
-        {Family.IPV4: refusals},
+        {(Protocol.TCP, Family.IPV4): totals, (Protocol.UDP, Family.IPV6): totals},
+        {Family.IPV4: Totals(Counted.nest(refusals), {}, {})},
     )
     states = {Family.IPV4: state, Family.IPV6: state.of_family(Family.IPV6)}
     families = list(StateCollector(lambda: ({}, []))._families(states, lambda: figures))

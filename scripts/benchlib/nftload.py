@@ -19,7 +19,7 @@ import contextlib
 import dataclasses
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 from tcprouter.metrics import StateCollector
@@ -79,13 +79,13 @@ def figures(frontends: int, repeats: int) -> dict[str, float]:
     }
 
 
-def _metrics_read(netns: str) -> dict[Protocol, dict[tuple[str, str], int]]:
+def _metrics_read(netns: str) -> dict[Protocol, Mapping[tuple[str, str], int]]:
     """The slots' totals of both protocols as the metrics read them."""
     counted, collector = slot_counts(Family.IPV4, netns, 120), StateCollector(lambda: ({}, []))
     return {p: collector.connection_totals([], p, Family.IPV4, counted[p]) for p in Protocol}
 
 
-def _read_as_rules(netns: str) -> dict[Protocol, dict[tuple[str, str], int]]:
+def _read_as_rules(netns: str) -> dict[Protocol, Mapping[tuple[str, str], int]]:
     """The same totals from the slots read as DNAT rules (metrics.backend_connections parses them)."""
     rules, collector = slot_rules(Family.IPV4, netns, 120), StateCollector(lambda: ({}, []))
     return {p: collector.connection_totals(rules, p) for p in Protocol}
