@@ -8,12 +8,14 @@ a sync needs. The kernel is read at most once per read interval, whoever scrapes
 from __future__ import annotations
 
 import gzip
+import itertools
 import logging
 import socket
 import threading
 import time
+import zlib
 from collections import Counter as Tally
-from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from types import MappingProxyType
@@ -28,7 +30,7 @@ from prometheus_client.utils import floatToGoString
 
 from .compiler import Tables, frontend_of, refusal, rule_comment
 from .diff import SavedRule, owned
-from .model import EMPTY, DesiredState, Family, Protocol
+from .model import EMPTY, DesiredState, Family, Frontend, Protocol
 from .netfilter import Flavour, Iptables
 from .nftnat_read import Counted, slot_counts
 
@@ -258,6 +260,19 @@ class Totals(Mapping[tuple[str, str], int]):
                 yield key, count + carried.get(key, 0) if carried else count
         yield from self._lingering.items()
 
+    def in_order(self) -> Iterator[tuple[tuple[str, str], int]]:
+        """pairs() sorted by key, a frontend at a time (not a list of every pair to sort)."""
+        lingering: dict[str, list[str]] = {}
+        for port, name in self._lingering:
+            lingering.setdefault(port, []).append(name)
+        carried = self._carried
+        for port in sorted(self._counts.keys() | lingering.keys()):
+            counts = self._counts.get(port, EMPTY)
+            for name in sorted([*counts, *lingering.get(port, ())]):
+                key = (port, name)
+                count = counts.get(name)
+                yield key, self._lingering[key] if count is None else count + carried.get(key, 0)
+
     def __repr__(self) -> str:
         return repr(dict(self.items()))
 
@@ -282,21 +297,58 @@ def _label_value(value: str) -> str:
     return value
 
 
-def exposition_text(families: Iterable[Metric]) -> bytes:
-    """What generate_latest makes of gauge and counter families without timestamps or `_created` samples, whose names
-    and label names are valid Prometheus names: the state's (tests/test_metrics.py checks the two equal). It does not
-    check and escape every name of every sample as generate_latest does: the text of a build at 10,000 x 10 (110,000
-    series) takes about half the time (BENCHMARKS.md, "Sixth pass")."""
-    lines = []
+class SeriesFamily(NamedTuple):
+    """A metric family of the state's exposition, its series made as they are written: each row is its label values
+    (in the order of `labels`) and its value. A text of 110,000 series is written from these without a
+    prometheus_client sample (a tuple and a dict) for each; the registry's collect() makes them into Metric families.
+    """
+
+    name: str
+    documentation: str
+    type: str  # "gauge" or "counter"
+    labels: tuple[str, ...]
+    rows: Iterable[tuple[Sequence[str], float]]
+
+    def metric(self) -> Metric:
+        """The family as prometheus_client's (its rows are used up)."""
+        kind = GaugeMetricFamily if self.type == "gauge" else CounterMetricFamily
+        family = kind(self.name, self.documentation, labels=list(self.labels))
+        for values, value in self.rows:
+            family.add_metric(list(values), value)
+        return family
+
+
+def exposition_lines(families: Iterable[SeriesFamily]) -> Iterator[str]:
+    """What generate_latest writes of these families as Metric families (SeriesFamily.metric), a line at a time
+    (tests/test_metrics.py checks the two equal). It does not check and escape every name of every sample, as
+    generate_latest does: the names are tcprouter's own, valid Prometheus names."""
     for family in families:
-        name = f"{family.name}_total" if family.type == "counter" else family.name
+        name = f"{family.name}_total" if family.type == "counter" else family.name  # a counter's series too
         documentation = family.documentation.replace("\\", r"\\").replace("\n", r"\n")
-        lines.append(f"# HELP {name} {documentation}\n# TYPE {name} {family.type}\n")
-        for sample in family.samples:
-            labels = ",".join(f'{key}="{_label_value(value)}"' for key, value in sorted(sample.labels.items()))
-            value = floatToGoString(sample.value)
-            lines.append(f"{sample.name}{{{labels}}} {value}\n" if labels else f"{sample.name} {value}\n")
-    return "".join(lines).encode()
+        yield f"# HELP {name} {documentation}\n# TYPE {name} {family.type}\n"
+        order = sorted(range(len(family.labels)), key=family.labels.__getitem__)  # labels are written sorted
+        for values, value in family.rows:
+            labels = ",".join(f'{family.labels[i]}="{_label_value(values[i])}"' for i in order)
+            yield f"{name}{{{labels}}} {floatToGoString(value)}\n" if labels else f"{name} {floatToGoString(value)}\n"
+
+
+def exposition_text(families: Iterable[SeriesFamily]) -> bytes:
+    return "".join(exposition_lines(families)).encode()
+
+
+EXPOSITION_BATCH = 4096  # lines gzipped at a time
+
+
+def exposition_gzipped(families: Iterable[SeriesFamily], level: int = 1) -> bytes:
+    """exposition_text gzipped as it is written, EXPOSITION_BATCH lines at a time: the text of 110,000 series is never
+    whole in memory, nor are its lines (a build's peak at 10,000 x 10 is ~60 MB lower, BENCHMARKS.md "Seventh
+    pass")."""
+    compressor = zlib.compressobj(level, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # 16: with gzip's header and trailer
+    lines, parts = exposition_lines(families), []
+    while batch := list(itertools.islice(lines, EXPOSITION_BATCH)):
+        parts.append(compressor.compress("".join(batch).encode()))
+    parts.append(compressor.flush())
+    return b"".join(parts)
 
 
 @dataclass(frozen=True)
@@ -307,6 +359,15 @@ class KernelFigures:
     # (protocol, family) -> (frontend, backend) -> monotonic total
     connections: dict[tuple[Protocol, Family], Totals]
     refusals: dict[Family, Totals]  # family -> (frontend, reason) -> monotonic total
+
+
+def _as_held(counts: dict[str, int], frontend: Frontend | None) -> dict[str, int]:
+    """A frontend's counts per backend name, keyed by the state's own strings of those names where it holds them: one
+    string per name in the daemon, not one more per read (~6 MB at 10,000 x 10)."""
+    if frontend is None:
+        return counts
+    held = {backend.name: backend.name for backend in frontend.backends}
+    return {held.get(name, name): count for name, count in counts.items()}
 
 
 class StateCollector(Collector):
@@ -367,13 +428,16 @@ class StateCollector(Collector):
     ) -> Totals:
         """Monotonic connection (UDP: flow) counts per (frontend, backend) of the frontends of `protocol`, from
         successive reads of one family's rules and (--nat nftables) what its slots counted (KernelRead.slots)."""
-        current = Counted(Counted.nest(backend_connections(rules, protocol)), _frontend_chains(rules, protocol))
+        counts, digests = Counted.nest(backend_connections(rules, protocol)), _frontend_chains(rules, protocol)
         if slots is not None:
             for port, names in slots.counts.items():
-                current.counts.setdefault(port, {}).update(names)
-            current.digests.update(slots.digests)
+                counts.setdefault(port, {}).update(names)
+            digests.update(slots.digests)
+        states = self._states
+        pools = states[family].pools(protocol) if family in states else EMPTY
+        counts = {port: _as_held(names, pools.get(int(port))) for port, names in counts.items()}
         with self._lock:
-            return self.carried(str(protocol), family).fold(current)
+            return self.carried(str(protocol), family).fold(Counted(counts, digests))
 
     def refused_totals(self, rules: list[tuple[str, SavedRule]], family: Family = Family.IPV4) -> Totals:
         """Monotonic refusal counts per (frontend, reason); those of a frontend that dropped the label stay for
@@ -424,7 +488,7 @@ class StateCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         states = self._states
-        yield from self._families(states, self.kernel_figures)
+        yield from (family.metric() for family in self._series(states, self.kernel_figures))
 
     def exposition(self) -> Exposition:
         """What collect() yields, as text. With a read interval, the last build is served at once: a new one (a
@@ -476,67 +540,80 @@ class StateCollector(Collector):
 
     def _serve(self, states: Mapping[Family, DesiredState], figures: KernelFigures | None) -> Exposition:
         """The text of `states` and `figures` (None: the state's series only), served from now on."""
-        text = exposition_text(self._families(states, lambda: figures))
-        built = Exposition(states, gzip.compress(text, compresslevel=1))
+        built = Exposition(states, exposition_gzipped(self._series(states, lambda: figures)))
         with self._cache_lock:
             self._built = built
         self._first_text.set()
         return built
 
-    def _families(
+    def _series(
         self, states: Mapping[Family, DesiredState], kernel_figures: Callable[[], KernelFigures | None]
-    ) -> Iterator[Metric]:
+    ) -> Iterator[SeriesFamily]:
         """The metric families of `states`, then those of kernel_figures() (none if the kernel cannot be read)."""
         # Frontends and rejections are the same in every family's state; backends are each family's own.
         state = next((states[f] for f in Family if f in states), DesiredState(frontends={}))
-        frontends = GaugeMetricFamily(
-            "tcprouter_frontends", "Frontends (public ports) declared by labels", labels=["protocol"]
+        yield SeriesFamily(
+            "tcprouter_frontends",
+            "Frontends (public ports) declared by labels",
+            "gauge",
+            ("protocol",),
+            [((str(protocol),), len(state.pools(protocol))) for protocol in Protocol],
         )
-        backends = GaugeMetricFamily(
+        yield SeriesFamily(
             "tcprouter_backends",
             "Backends in the rotation, by the node they run on and the address family they are reached in",
-            labels=["frontend", "node", "protocol", "family"],
+            "gauge",
+            ("frontend", "node", "protocol", "family"),
+            _backend_rows(states),
         )
-        for protocol in Protocol:
-            frontends.add_metric([str(protocol)], len(state.pools(protocol)))
-            for family, routed in states.items():
-                for port, frontend in sorted(routed.pools(protocol).items()):
-                    nodes = Tally(b.node for b in frontend.backends) or Tally({"": 0})  # an empty pool shows, at 0
-                    for node, count in sorted(nodes.items()):
-                        backends.add_metric([str(port), node, str(protocol), str(family)], count)
-        rejected = GaugeMetricFamily(
-            "tcprouter_rejected_containers", "Labelled containers left out, by reason", labels=["reason"]
+        rejected = [((reason,), n) for reason, n in sorted(Tally(r.reason for r in state.rejections).items())]
+        yield SeriesFamily(
+            "tcprouter_rejected_containers", "Labelled containers left out, by reason", "gauge", ("reason",), rejected
         )
-        for reason, count in sorted(Tally(r.reason for r in state.rejections).items()):
-            rejected.add_metric([reason], count)
-        yield from (frontends, backends, rejected)
 
         figures = kernel_figures()
         if figures is None:
             return
-        counts = GaugeMetricFamily(
-            "tcprouter_rules", "Rules in owned chains, as the kernel holds them", labels=["table", "chain", "family"]
+        yield SeriesFamily(
+            "tcprouter_rules",
+            "Rules in owned chains, as the kernel holds them",
+            "gauge",
+            ("table", "chain", "family"),
+            [((table, chain, str(family)), n) for (table, chain, family), n in sorted(figures.rules.items())],
         )
-        for (table, chain, family), count in sorted(figures.rules.items()):
-            counts.add_metric([table, chain, str(family)], count)
-        connections = CounterMetricFamily(
+        yield SeriesFamily(
             "tcprouter_backend_connections",
             "New connections (UDP: flows) sent to each backend (DNAT packet counters)",
-            labels=["frontend", "backend", "protocol", "family"],
+            "counter",
+            ("frontend", "backend", "protocol", "family"),
+            (
+                ((port, name, str(protocol), str(family)), total)
+                for (protocol, family), per_backend in sorted(figures.connections.items())
+                for (port, name), total in per_backend.in_order()
+            ),
         )
-        for (protocol, family), per_backend in sorted(figures.connections.items()):
-            for (port, name), total in sorted(per_backend.pairs()):
-                connections.add_metric([port, name, str(protocol), str(family)], total)
-        refusals = CounterMetricFamily(
+        yield SeriesFamily(
             "tcprouter_refused_connections",
             "New connections refused with a reset by a frontend's access labels (allow, maxconn, rate), "
             "from the kernel's rule counters",
-            labels=["frontend", "reason", "family"],
+            "counter",
+            ("frontend", "reason", "family"),
+            (
+                ((port, reason, str(family)), total)
+                for family, refused in sorted(figures.refusals.items())
+                for (port, reason), total in refused.in_order()
+            ),
         )
-        for family, refused in sorted(figures.refusals.items()):
-            for (port, reason), total in sorted(refused.pairs()):
-                refusals.add_metric([port, reason, str(family)], total)
-        yield from (counts, connections, refusals)
+
+
+def _backend_rows(states: Mapping[Family, DesiredState]) -> Iterator[tuple[tuple[str, ...], int]]:
+    """tcprouter_backends: each frontend's backends per node, in each family's state (an empty pool shows, at 0)."""
+    for protocol in Protocol:
+        for family, routed in states.items():
+            for port, frontend in sorted(routed.pools(protocol).items()):
+                nodes = Tally(b.node for b in frontend.backends) or Tally({"": 0})
+                for node, count in sorted(nodes.items()):
+                    yield (str(port), node, str(protocol), str(family)), count
 
 
 class Metrics:

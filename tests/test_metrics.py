@@ -28,6 +28,7 @@ from tcprouter.metrics import (
     StateCollector,
     Totals,
     backend_connections,
+    exposition_gzipped,
     exposition_text,
     kernel_reader,
 )
@@ -473,5 +474,23 @@ def test_the_state_s_text_is_what_generate_latest_makes_of_its_families(
         {Family.IPV4: Totals(Counted.nest(refusals), {}, {})},
     )
     states = {Family.IPV4: state, Family.IPV6: state.of_family(Family.IPV6)}
-    families = list(StateCollector(lambda: ({}, []))._families(states, lambda: figures))
-    assert exposition_text(families) == generate_latest(_Collected(families))  # type: ignore[arg-type]
+    collector = StateCollector(lambda: ({}, []))
+    text = exposition_text(collector._series(states, lambda: figures))
+    families = [family.metric() for family in collector._series(states, lambda: figures)]
+    assert text == generate_latest(_Collected(families))  # type: ignore[arg-type]
+    assert gzip.decompress(exposition_gzipped(collector._series(states, lambda: figures), 9)) == text
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.dictionaries(st.tuples(st.sampled_from(["80", "443", "9"]), texts), counts, max_size=8),
+    st.dictionaries(st.tuples(st.sampled_from(["80", "443", "9"]), texts), counts, max_size=4),
+    st.dictionaries(st.tuples(st.sampled_from(["80", "443", "53"]), texts), counts, max_size=4),
+)
+def test_totals_read_as_the_dict_of_counts_plus_carried_then_the_lingering(counts: dict, carried: dict, left: dict):
+    lingering = {key: total for key, total in left.items() if key not in counts}  # as CarriedTotals.fold makes them
+    totals = Totals(Counted.nest(counts), carried, lingering)
+    expected = {key: count + carried.get(key, 0) for key, count in counts.items()} | lingering
+    assert dict(totals) == expected and len(totals) == len(expected)
+    assert dict(totals.pairs()) == expected
+    assert list(totals.in_order()) == sorted(expected.items())
