@@ -18,7 +18,6 @@ from collections import Counter as Tally
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
-from types import MappingProxyType
 from typing import Generic, NamedTuple, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
@@ -30,9 +29,9 @@ from prometheus_client.utils import floatToGoString
 
 from .compiler import Tables, frontend_of, refusal, rule_comment
 from .diff import SavedRule, owned
-from .model import EMPTY, DesiredState, Family, Frontend, Protocol
+from .model import EMPTY, DesiredState, Family, Protocol
 from .netfilter import Flavour, Iptables
-from .nftnat_read import Counted, slot_counts
+from .nftnat_read import Counted, FrontendCounts, frontend_counts
 
 log = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -51,11 +50,12 @@ K = TypeVar("K", bound=Hashable)
 
 class KernelRead(NamedTuple):
     """One read of the kernel: the nat and filter tables (chains and rules) and their rules with packet counters, as
-    Iptables.read returns them, and what the slots of tcprouter's nftables tables counted (--nat nftables)."""
+    Iptables.read returns them, and what the slots of tcprouter's nftables tables counted (--nat nftables), a
+    frontend at a time (nftnat_read.frontend_counts: it may read them as they are taken)."""
 
     tables: Tables
     rules: list[tuple[str, SavedRule]]
-    slots: Mapping[Protocol, Counted] = MappingProxyType({})
+    slots: Iterable[FrontendCounts] = ()
 
 
 KernelReader = Callable[[], KernelRead | tuple[Tables, list[tuple[str, SavedRule]]]]
@@ -70,12 +70,12 @@ def kernel_reader(
 ) -> Callable[[], KernelRead]:
     """Reads the tables with counters by a bounded `iptables-save -c` (`ip6tables-save -c` for IPv6); with
     `nat_tables` (--nat nftables), what the slots of tcprouter's nftables tables counted too, over netlink
-    (nftnat_read.slot_counts: ~1 s at 10,000 x 10, where `nft -j list` takes ~19 s)."""
+    (nftnat_read.frontend_counts: ~1 s at 10,000 x 10, where `nft -j list` takes ~19 s)."""
     iptables = Iptables(flavour, netns=netns, timeout=timeout, family=family)
 
     def read() -> KernelRead:
         tables, rules = iptables.read(counters=True)
-        return KernelRead(tables, rules, slot_counts(family, netns, timeout) if nat_tables else {})
+        return KernelRead(tables, rules, frontend_counts(family, netns, timeout) if nat_tables else ())
 
     return read
 
@@ -361,15 +361,6 @@ class KernelFigures:
     refusals: dict[Family, Totals]  # family -> (frontend, reason) -> monotonic total
 
 
-def _as_held(counts: dict[str, int], frontend: Frontend | None) -> dict[str, int]:
-    """A frontend's counts per backend name, keyed by the state's own strings of those names where it holds them: one
-    string per name in the daemon, not one more per read (~6 MB at 10,000 x 10)."""
-    if frontend is None:
-        return counts
-    held = {backend.name: backend.name for backend in frontend.backends}
-    return {held.get(name, name): count for name, count in counts.items()}
-
-
 class StateCollector(Collector):
     """Reads the published desired states (one per address family routed) when Prometheus scrapes, and the kernel's
     owned rules (iptables, and ip6tables with `read_kernel6`) at most once per `interval` (on `clock`): a scrape that
@@ -428,16 +419,39 @@ class StateCollector(Collector):
     ) -> Totals:
         """Monotonic connection (UDP: flow) counts per (frontend, backend) of the frontends of `protocol`, from
         successive reads of one family's rules and (--nat nftables) what its slots counted (KernelRead.slots)."""
-        counts, digests = Counted.nest(backend_connections(rules, protocol)), _frontend_chains(rules, protocol)
+        held = self._held(family, protocol)
+        counts = {port: held(port, names) for port, names in Counted.nest(backend_connections(rules, protocol)).items()}
+        digests = _frontend_chains(rules, protocol)
         if slots is not None:
             for port, names in slots.counts.items():
                 counts.setdefault(port, {}).update(names)
             digests.update(slots.digests)
-        states = self._states
-        pools = states[family].pools(protocol) if family in states else EMPTY
-        counts = {port: _as_held(names, pools.get(int(port))) for port, names in counts.items()}
         with self._lock:
             return self.carried(str(protocol), family).fold(Counted(counts, digests))
+
+    def _held(self, family: Family, protocol: Protocol) -> Callable[[str, dict[str, int]], dict[str, int]]:
+        """A frontend's counts per backend name -> the same, keyed by the published state's own strings of those names
+        where it holds them: one string per name in the daemon, not one more per read (~6 MB at 10,000 x 10)."""
+        states = self._states
+        pools = states[family].pools(protocol) if family in states else EMPTY
+
+        def held(port: str, counts: dict[str, int]) -> dict[str, int]:
+            frontend = pools.get(int(port))
+            if frontend is None:
+                return counts
+            names = {backend.name: backend.name for backend in frontend.backends}
+            return {names.get(name, name): count for name, count in counts.items()}
+
+        return held
+
+    def _slot_counts(self, slots: Iterable[FrontendCounts], family: Family) -> dict[Protocol, Counted]:
+        """What the slots counted, per protocol, each frontend's names made the state's as it is read (_held)."""
+        counted = {protocol: Counted({}, {}) for protocol in Protocol}
+        held = {protocol: self._held(family, protocol) for protocol in Protocol}
+        for found in slots:
+            counted[found.protocol].counts[found.port] = held[found.protocol](found.port, found.counts)
+            counted[found.protocol].digests[found.port] = found.digest
+        return counted
 
     def refused_totals(self, rules: list[tuple[str, SavedRule]], family: Family = Family.IPV4) -> Totals:
         """Monotonic refusal counts per (frontend, reason); those of a frontend that dropped the label stay for
@@ -454,6 +468,7 @@ class StateCollector(Collector):
             for family, read_kernel in self._readers.items():
                 try:
                     tables, rules, slots = KernelRead(*read_kernel())
+                    counted = self._slot_counts(slots, family)
                 except Exception as error:  # a scrape must answer even when iptables does not
                     log.warning("metrics: cannot read the kernel's %s rules: %s", family, error)
                     continue
@@ -466,7 +481,7 @@ class StateCollector(Collector):
                 )
                 for protocol in Protocol:
                     figures.connections[(protocol, family)] = self.connection_totals(
-                        rules, protocol, family, slots.get(protocol)
+                        rules, protocol, family, counted[protocol]
                     )
                 figures.refusals[family] = self.refused_totals(rules, family)
             if not read:

@@ -6,8 +6,8 @@ per map of its elements (the kernel dumps one named set's elements at a time, on
 element a slot: its number (the key), address . port (the data), its counter's packets and its comment (the
 backend's name). The replies are parsed here with struct, in the few functions below (pyroute2's decoding would
 take seconds). Two readings of them:
-  - slot_counts, for the metrics: the packets per backend, ~0.9-1.2 s at 10,000 x 10 on a 2-core VM, ~0.35 s of it
-    in the kernel (10,000 dumps), the rest parsing 100,000 elements;
+  - frontend_counts, for the metrics: the packets per backend, a map at a time (slot_counts: all of them), ~0.9-1.2 s
+    at 10,000 x 10 on a 2-core VM, ~0.35 s of it in the kernel (10,000 dumps), the rest parsing 100,000 elements;
   - slot_rules, for `status` and the tests: each slot as the DNAT rule iptables would hold (what
     tests/nft_listing.py makes of `nft -j list ruleset <family>`), ~1.4-1.8 s at that size (BENCHMARKS.md,
     "Sixth pass": `benchlib.nftload` times both).
@@ -345,16 +345,32 @@ class Counted(NamedTuple):
         return {(port, name): count for port, names in self.counts.items() for name, count in names.items()}
 
 
-def slot_counts(family: Family, netns: str | None = None, timeout: float = 5.0) -> dict[Protocol, Counted]:
-    """The new connections (UDP: flows) each backend's slots counted, per protocol, as metrics.backend_connections
-    counts them in slot_rules (the slots of one name summed), without making the rules; each frontend's digest is its
-    map's slots'. As _maps reads them."""
-    counted = {protocol: Counted({}, {}) for protocol in Protocol}
+class FrontendCounts(NamedTuple):
+    """What one frontend's slots counted: per backend name, and the digest of its map's slots."""
+
+    protocol: Protocol
+    port: str
+    digest: int
+    counts: dict[str, int]
+
+
+def frontend_counts(family: Family, netns: str | None = None, timeout: float = 5.0) -> Iterator[FrontendCounts]:
+    """The new connections (UDP: flows) each backend's slots counted, as metrics.backend_connections counts them in
+    slot_rules (the slots of one name summed), without making the rules; a frontend at a time, as _maps reads them
+    (whoever keeps them can make each one its own before the next is read)."""
     for slots_map, slots in _maps(family, netns, timeout):
-        port, mine = str(slots_map.port), counted[slots_map.protocol]
-        mine.digests[port] = hash(tuple((fields.slot, fields.target, fields.userdata) for fields in slots))
-        names = mine.counts[port] = {}
+        counts: dict[str, int] = {}
         for fields in slots:
             name = _comment(fields.userdata)
-            names[name] = names.get(name, 0) + fields.packets
+            counts[name] = counts.get(name, 0) + fields.packets
+        digest = hash(tuple((fields.slot, fields.target, fields.userdata) for fields in slots))
+        yield FrontendCounts(slots_map.protocol, str(slots_map.port), digest, counts)
+
+
+def slot_counts(family: Family, netns: str | None = None, timeout: float = 5.0) -> dict[Protocol, Counted]:
+    """frontend_counts, all of them, per protocol."""
+    counted = {protocol: Counted({}, {}) for protocol in Protocol}
+    for found in frontend_counts(family, netns, timeout):
+        counted[found.protocol].counts[found.port] = found.counts
+        counted[found.protocol].digests[found.port] = found.digest
     return counted

@@ -9,6 +9,7 @@ import stat
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,7 @@ from tcprouter.metrics import (
 )
 from tcprouter.model import Access, Backend, Balance, DesiredState, Family, Frontend, Protocol, Rejection
 from tcprouter.netfilter import Flavour
-from tcprouter.nftnat_read import Counted
+from tcprouter.nftnat_read import Counted, FrontendCounts
 from tcprouter.providers.engine import EngineProvider
 
 from .fakes import FakeClock
@@ -246,6 +247,21 @@ def test_a_scrape_answers_when_iptables_fails():
     assert "tcprouter_rules" not in seen and "tcprouter_backend_connections" not in seen
 
 
+def test_a_scrape_answers_when_the_slots_read_fails_midway():
+    """The slots are read as they are taken (frontend_counts): a netlink error after some frontends is the read's
+    failure, as iptables' would be, and nothing half read is exported."""
+
+    def slots() -> Iterator[FrontendCounts]:
+        yield FrontendCounts(Protocol.TCP, "27017", 1, {"web-a": 3})
+        raise OSError("netlink: interrupted dump")
+
+    metrics = Metrics(lambda: KernelRead({}, [], slots()))
+    metrics.state.publish(pool(A))
+    seen = scrape(metrics)
+    assert seen["tcprouter_backends"] == [({"frontend": "27017", "node": "", "protocol": "tcp", "family": "ipv4"}, 1)]
+    assert "tcprouter_rules" not in seen and "tcprouter_backend_connections" not in seen
+
+
 @pytest.mark.timeout(20)
 def test_a_hanging_iptables_save_cannot_hang_a_scrape(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     fake = tmp_path / "iptables-nft-save"
@@ -419,14 +435,14 @@ def test_what_the_nftables_slots_counted_is_exported_and_a_rewritten_map_carries
     digest changed restarted, and what it had counted is carried."""
     reads = iter(
         [
-            {
-                Protocol.TCP: Counted({"27017": {"web-a": 3, "web-c": 5}}, {"27017": 1}),
-                Protocol.UDP: Counted({"53": {"dns": 2}}, {"53": 7}),
-            },
-            {
-                Protocol.TCP: Counted({"27017": {"web-a": 1, "web-c": 6}}, {"27017": 2}),
-                Protocol.UDP: Counted({"53": {"dns": 4}}, {"53": 7}),
-            },
+            [
+                FrontendCounts(Protocol.TCP, "27017", 1, {"web-a": 3, "web-c": 5}),
+                FrontendCounts(Protocol.UDP, "53", 7, {"dns": 2}),
+            ],
+            [
+                FrontendCounts(Protocol.TCP, "27017", 2, {"web-a": 1, "web-c": 6}),
+                FrontendCounts(Protocol.UDP, "53", 7, {"dns": 4}),
+            ],
         ]
     )
     metrics = Metrics(lambda: KernelRead({}, [], next(reads)))
