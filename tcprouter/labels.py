@@ -26,6 +26,7 @@ from .model import (
     Frontend,
     Protocol,
     Rejection,
+    network_names,
 )
 from .policy import DEFAULT_POLICY, Policy, owner_text
 
@@ -121,48 +122,49 @@ def _integer(labels: dict[str, str], key: str, low: int, high: int) -> int | Non
     return int(value)
 
 
-def _choose_network(container: ContainerSnapshot, key: str) -> str:
-    """The label's network, else the first (by name) this host can route to. A network of an unknown driver
-    counts as routable."""
-    wanted = container.labels.get(key)
-    if wanted is None and len(container.networks) == 1:  # most containers: one network, nothing to choose
-        (only,) = container.networks
-        if container.network_drivers.get(only) not in UNROUTABLE_DRIVERS and only not in container.internal_networks:
+def _choose_network(
+    labels: Mapping[str, str], networks: tuple[str, ...], drivers: Mapping[str, str], internal: frozenset[str], key: str
+) -> str:
+    """The label's network, else the first (by name) this host can route to, among the container's `networks` (their
+    `drivers`; the `internal` ones). A network of an unknown driver counts as routable."""
+    wanted = labels.get(key)
+    if wanted is None and len(networks) == 1:  # most containers: one network, nothing to choose
+        (only,) = networks
+        if drivers.get(only) not in UNROUTABLE_DRIVERS and only not in internal:
             return only
-    drivers = container.network_drivers
-    unroutable = {n for n in container.networks if drivers.get(n) in UNROUTABLE_DRIVERS} if drivers else set()
+    unroutable = {n for n in networks if drivers.get(n) in UNROUTABLE_DRIVERS} if drivers else set()
     if wanted is not None:
-        if wanted not in container.networks:
+        if wanted not in networks:
             raise LabelError(
                 "unknown_network",
                 f"label {key}={wanted!r} names a network the container is not attached to "
-                f"(attached: {', '.join(sorted(container.networks)) or 'none'})",
+                f"(attached: {', '.join(sorted(networks)) or 'none'})",
             )
-        _refuse_internal(container, {wanted}, key)
+        _refuse_internal(internal, {wanted}, key)
         if wanted in unroutable:
             raise LabelError(
                 "network_unroutable",
-                f"label {key}={wanted!r} names a {container.network_drivers[wanted]} network, which this host "
+                f"label {key}={wanted!r} names a {drivers[wanted]} network, which this host "
                 "cannot route to; attach the container to a bridge network and name that one",
             )
         return wanted
-    if not container.networks:
+    if not networks:
         raise LabelError("no_address", "the container is attached to no network with an address")
-    routable = sorted(set(container.networks) - unroutable - container.internal_networks)
+    routable = sorted(set(networks) - unroutable - internal)
     if not routable:
-        _refuse_internal(container, set(container.networks), key)
-        drivers = ", ".join(f"{n} ({container.network_drivers[n]})" for n in sorted(unroutable))
+        _refuse_internal(internal, set(networks), key)
+        listed = ", ".join(f"{n} ({drivers[n]})" for n in sorted(unroutable))
         raise LabelError(
             "network_unroutable",
-            f"the container's only networks are ones this host cannot route to: {drivers}; "
+            f"the container's only networks are ones this host cannot route to: {listed}; "
             "attach it to a bridge network as well",
         )
     return routable[0]
 
 
-def _refuse_internal(container: ContainerSnapshot, networks: set[str], key: str) -> None:
+def _refuse_internal(internal_networks: frozenset[str], networks: set[str], key: str) -> None:
     """An --internal network is cut off from the outside world by Docker: routing to it would open it."""
-    internal = sorted(networks & container.internal_networks)
+    internal = sorted(networks & internal_networks)
     if internal:
         raise LabelError(
             "network_internal",
@@ -196,13 +198,39 @@ def _local_endpoint(
 ) -> tuple[str, int, str]:
     """A container of this host: a container port and the Docker network it is reached on, where it has an IPv4
     address (and, on a network created with --ipv6, an IPv6 one)."""
-    exposed = sorted(container.exposed_ports(protocol))
-    backend_port = _container_port(exposed, wanted, port, prefix, "exposes", protocol)
-    network = _choose_network(container, f"{prefix}.network")
+    backend_port, network = _local_choice(
+        container.labels,
+        container.exposed_ports(protocol),
+        network_names(container.networks),
+        container.network_drivers,
+        container.internal_networks,
+        prefix,
+        port,
+        wanted,
+        protocol,
+    )
     address = container.networks[network]
     if not address:
         raise LabelError("no_address", f"the container has no IPv4 address on network {network!r}")
     return address, backend_port, network
+
+
+@functools.lru_cache(maxsize=MAPS_KEPT)
+def _local_choice(
+    labels: Mapping[str, str],
+    exposed: tuple[int, ...],
+    networks: tuple[str, ...],
+    drivers: Mapping[str, str],
+    internal: frozenset[str],
+    prefix: str,
+    port: int,
+    wanted: int | None,
+    protocol: Protocol,
+) -> tuple[int, str]:
+    """The container port and the network of a local container, from what its replicas share (its labels, exposed
+    ports, networks and their drivers): read once per shape, not per container (an error is not kept)."""
+    backend_port = _container_port(sorted(exposed), wanted, port, prefix, "exposes", protocol)
+    return backend_port, _choose_network(labels, networks, drivers, internal, f"{prefix}.network")
 
 
 def _remote_endpoint(
@@ -236,7 +264,7 @@ def parse_backend(
     The access labels (allow, maxconn, rate, burst) are read for TCP only: a UDP frontend is open to every client.
     """
     # The replicas of a service share their labels: each label map is read once (_frontend_labels, _access_labels).
-    labels = tuple(container.labels.items())
+    labels = container.labels
     port, wanted_port, weight, balance, synproxy = _frontend_labels(labels, prefix, protocol)
     network = ""
     if container.host_address:
@@ -262,11 +290,10 @@ def parse_backend(
 # A label map's reading is kept per map (an error is not kept: wrong labels are read again, and rare).
 @functools.lru_cache(maxsize=MAPS_KEPT)
 def _frontend_labels(
-    items: tuple[tuple[str, str], ...], prefix: str, protocol: Protocol
+    labels: Mapping[str, str], prefix: str, protocol: Protocol
 ) -> tuple[int, int | None, int, Balance | None, bool | None]:
-    """The frontend port, backend port (None: not set), weight, balance and synproxy (None: not set) that labels
-    `items` give; LabelError for the first wrong one."""
-    labels = dict(items)
+    """The frontend port, backend port (None: not set), weight, balance and synproxy (None: not set) that `labels`
+    (a snapshot's, hashable: model.FrozenMap) give; LabelError for the first wrong one."""
     port = _integer(labels, f"{prefix}.port", 1, 65535)
     if port is None:
         raise LabelError("missing_port", f"label {prefix}.port is missing")
@@ -294,8 +321,8 @@ def _frontend_labels(
 
 
 @functools.lru_cache(maxsize=MAPS_KEPT)
-def _access_labels(items: tuple[tuple[str, str], ...], prefix: str) -> Access:
-    return parse_access(dict(items), prefix)
+def _access_labels(labels: Mapping[str, str], prefix: str) -> Access:
+    return parse_access(labels, prefix)
 
 
 def _allow(labels: Mapping[str, str], key: str) -> tuple[str, ...]:

@@ -13,7 +13,6 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from types import MappingProxyType
 from typing import Any, NamedTuple
 
 _FRACTION_DIGITS = re.compile(r"[0-9]{1,9}")  # a fraction of a second, to the nanosecond
@@ -43,7 +42,27 @@ class Balance(StrEnum):
     RANDOM = "random"
 
 
-EMPTY: Mapping = MappingProxyType({})
+class FrozenMap(dict):
+    """A dict that cannot change, and so can be hashed: the maps that snapshots share (labels, subnets...), which the
+    caches of their readings take as keys as they are (a tuple of a map's items, made per container to look a reading
+    up, cost about as much as the reading)."""
+
+    __slots__ = ("_hash",)
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        try:
+            return self._hash
+        except AttributeError:
+            self._hash: int = hash(frozenset(self.items()))
+            return self._hash
+
+    def _refuse(self, *args: object, **kwargs: object) -> None:
+        raise TypeError("a shared map cannot change")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _refuse  # type: ignore
+
+
+EMPTY: Mapping = FrozenMap()
 
 
 # How many distinct maps the caches of shared maps and of their readings keep: replicas come one after the other
@@ -53,12 +72,14 @@ MAPS_KEPT = 1024
 
 
 @functools.lru_cache(maxsize=MAPS_KEPT)
-def _shared(items: tuple[tuple[object, object], ...]) -> Mapping:
-    return MappingProxyType(dict(items))
+def _shared(items: tuple[tuple[object, object], ...]) -> FrozenMap:
+    return FrozenMap(items)
 
 
 def shared(mapping: Mapping) -> Mapping:
-    """A read-only map equal to `mapping`, the same object for every equal one (a bounded cache)."""
+    """A FrozenMap equal to `mapping`, the same object for every equal one (a bounded cache)."""
+    if isinstance(mapping, FrozenMap):
+        return mapping
     return _shared(tuple(mapping.items())) if mapping else EMPTY
 
 
@@ -82,6 +103,11 @@ class Addresses(Mapping[str, str]):
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Its networks' names, in order (the tuple its replicas share)."""
+        return self._names
+
     def __len__(self) -> int:
         return len(self._names)
 
@@ -99,6 +125,11 @@ class Addresses(Mapping[str, str]):
 @functools.lru_cache(maxsize=MAPS_KEPT)
 def _names(names: tuple[str, ...]) -> tuple[str, ...]:
     return names
+
+
+def network_names(networks: Mapping[str, str]) -> tuple[str, ...]:
+    """The names of a container's networks (`networks`, `networks6`), in order."""
+    return networks.names if isinstance(networks, Addresses) else tuple(networks)
 
 
 def addresses(mapping: Mapping[str, str]) -> Mapping[str, str]:

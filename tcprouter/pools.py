@@ -36,11 +36,11 @@ class _Result:
 
 @functools.lru_cache(maxsize=MAPS_KEPT)
 def _claimed_ports(
-    items: tuple[tuple[str, str], ...], prefix: str, udp_prefix: str
+    labels: Mapping[str, str], prefix: str, udp_prefix: str
 ) -> tuple[tuple[tuple[Protocol, int | None], ...], bool]:
     """The protocols a label map claims frontends of, each with its port as labels.parse_backend reads it (None:
-    no valid port), and whether every port is valid. Kept per label map: the replicas of a service share theirs."""
-    labels = dict(items)
+    no valid port), and whether every port is valid. Kept per label map (a snapshot's: model.FrozenMap): the
+    replicas of a service share theirs."""
     found = []
     for protocol in claims(labels, prefix, udp_prefix):
         raw = labels.get(f"{udp_prefix if protocol is Protocol.UDP else prefix}.port", "").strip()
@@ -65,8 +65,7 @@ class Pools:
         """The frontends the container claims (as labels.parse_backend reads their ports), else its id."""
         if container.malformed:
             return ((None, container.id),)
-        labels = tuple(container.labels.items())
-        claimed, valid = _claimed_ports(labels, self.prefixes[Protocol.TCP], self.prefixes[Protocol.UDP])
+        claimed, valid = _claimed_ports(container.labels, self.prefixes[Protocol.TCP], self.prefixes[Protocol.UDP])
         if valid:
             return cast(tuple[Group, ...], claimed)  # the kept tuple: one per label map, not one per container
         return tuple((protocol, container.id if port is None else port) for protocol, port in claimed)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tcprouter.labels import desired_state
-from tcprouter.model import PORT_SHARDS, Balance, DesiredState, Frontend, PortMap, Protocol
+from tcprouter.model import PORT_SHARDS, Balance, DesiredState, Frontend, FrozenMap, PortMap, Protocol, shared
 from tcprouter.pools import Pools
 
 from .strategies import container, containers
@@ -91,3 +92,16 @@ def test_a_port_map_reads_as_the_dict_it_was_made_from_and_shares_what_did_not_c
             for index, (mine, theirs) in enumerate(zip(ports._shards, before._shards, strict=True))
         )
     assert "x" not in ports and ports.get("x") is None  # type: ignore[operator]
+
+
+@given(st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=6))
+def test_a_shared_map_reads_as_its_dict_is_hashed_by_its_content_and_cannot_change(items: dict[str, str]):
+    """What the caches of label readings take as keys: equal maps are one object, or at least hash alike."""
+    kept = shared(items)
+    assert kept == items and dict(kept) == items
+    assert shared(dict(items)) is kept and shared(kept) is kept
+    assert hash(FrozenMap(items)) == hash(kept)
+    for change in (lambda m: m.__setitem__("k", "v"), lambda m: m.update(k="v"), lambda m: m.pop("k", None)):
+        with pytest.raises(TypeError):
+            change(kept)
+    assert kept == items
