@@ -641,20 +641,28 @@ def change_batch(before: NatPool | None, after: NatPool | None, family: Family) 
     if before is not None and (before.protocol, before.port) != (pool.protocol, pool.port):
         raise ValueError(f"one frontend's change, not {before.chain} -> {pool.chain}")
     objects = _Objects(family, table_of(pool.port), pool.chain)
+    old, new = _maps(before, family), _maps(after, family)
+    rules = list(_rules(after, family, f"self-{after.chain}" in new)) if after is not None else []
+    # Rules as they were, looking up maps declared as they were (their elements change): the chain is left alone. A
+    # commit that adds a rule makes the kernel validate the table's every chain (~0.3 ms more at 10,000 frontends).
+    kept = (
+        before is not None
+        and old.keys() == new.keys()
+        and all(old[name].declaration == new[name].declaration for name in new)
+        and list(_rules(before, family, f"self-{before.chain}" in old)) == rules
+    )
     messages = []
     if before is None:
         messages.append(objects.chain_message(NFT_MSG_NEWCHAIN, NLM_F_CREATE | NLM_F_EXCL))
-    else:
+    elif not kept:
         messages.append(objects.flush_rules())  # first: the rules hold the maps they look up
     if after is None:  # the ports element holds the chain it goes to
         messages.append(objects.elements(NFT_MSG_DELSETELEM, "ports", [_ports_element(pool, False)]))
         messages.append(objects.chain_message(NFT_MSG_DELCHAIN))
-    old, new = _maps(before, family), _maps(after, family)
     for name in dict.fromkeys([*old, *new]):
         messages += objects.change_map(old.get(name), new.get(name))
-    if after is not None:
-        self_map = f"self-{after.chain}" in new
-        messages += [objects.add_rule(expressions) for expressions in _rules(after, family, self_map)]
+    if not kept:
+        messages += [objects.add_rule(expressions) for expressions in rules]
     if before is None:
         flags = NLM_F_CREATE | NLM_F_EXCL
         messages.append(objects.elements(NFT_MSG_NEWSETELEM, "ports", [_ports_element(pool, True)], flags))

@@ -13,6 +13,7 @@ import pytest
 
 from tcprouter.compiler import Options
 from tcprouter.model import Access, Backend, Balance, DesiredState, Family, Frontend, Protocol
+from tcprouter.nf_tables import NFT_MSG_DELRULE, NFT_MSG_NEWRULE
 from tcprouter.nftnat import nat_pools, ruleset_text, table_names, table_of
 from tcprouter.nftnat_netlink import NatSocket, TransactionRefused, change_batch, table_batch
 
@@ -123,6 +124,20 @@ def assert_same_layout(changed: str, reference: str, family: Family, table: str)
     debug = ("--debug=netlink", "list", "table", NFT_FAMILIES[family], table)
     ours, theirs = (expressions(nft(ns, *debug)) for ns in (changed, reference))
     assert "prerouting" in theirs and ours == theirs
+
+
+RULES_KEPT = {"same size, other backends"}  # the pool's size and its maps' kinds stay
+
+
+@pytest.mark.parametrize("name", CHANGES.keys())
+def test_a_change_rewrites_the_chain_s_rules_only_if_they_or_the_maps_they_look_up_change(name: str):
+    """A commit that adds a rule makes the kernel validate its whole table: a change that leaves the rules as they
+    were changes only the maps' elements."""
+    change, options = CHANGES[name], Options(family=CHANGES[name].family)
+    before = nat_pools(change.before, options).get(change.frontend)
+    after = nat_pools(change.after, options).get(change.frontend)
+    kinds = {request.type for request in change_batch(before, after, change.family)}
+    assert kinds.isdisjoint({NFT_MSG_NEWRULE, NFT_MSG_DELRULE}) == (name in RULES_KEPT)
 
 
 @pytest.mark.parametrize("change", CHANGES.values(), ids=CHANGES.keys())
