@@ -5,7 +5,8 @@ addresses as in benchlib.scale), in a private namespace:
   - the desired state of 100,000 snapshots (Pools.update, as a full sync makes it from nothing);
   - a full load: its messages made (nftnat_netlink.load_batches) and encoded, and the kernel's share (the time
     in NatSocket.transact: the kernel does a transaction's work within the send), sent one part after the other;
-  - one frontend's 10 -> 9 -> 10 backend change: the kernel's share, p50 of REPEATS x 20 transactions;
+  - one frontend's 10 -> 9 -> 10 backend change: the kernel's share, p50 of REPEATS x 20 transactions; and the same
+    for one of its backends replaced by another (the size stays: only the maps' elements change);
   - a read of the slots' counters as the metrics make it (nftnat_read.slot_counts, then the totals of both protocols
     folded), beside the same counts made from the slots read as DNAT rules (slot_rules, which `status` reads, then
     metrics.backend_connections: how the metrics read them before), the best of REPEATS each,
@@ -24,7 +25,7 @@ from typing import TypeVar
 
 from tcprouter.metrics import StateCollector
 from tcprouter.model import Family, Protocol
-from tcprouter.nftnat import nat_pools
+from tcprouter.nftnat import NatPool, Slot, nat_pools
 from tcprouter.nftnat_netlink import NatSocket, Request, change_batch, load_batches
 from tcprouter.nftnat_read import slot_counts, slot_rules
 from tcprouter.pools import Pools
@@ -57,12 +58,9 @@ def figures(frontends: int, repeats: int) -> dict[str, float]:
         for (data, sequence), batch in zip(encoded, batches, strict=True):
             kernel_s += _timed(lambda: sock.transact(data, sequence, batch))[1]  # noqa: B023
         whole = next(iter(nat_pools(state, NFT_OPTIONS).values()))
-        shrunk = dataclasses.replace(whole, slots=whole.slots[:-1])
-        change: list[float] = []
-        for i in range(20 * repeats):
-            messages: list[Request] = change_batch(*((whole, shrunk) if i % 2 == 0 else (shrunk, whole)), Family.IPV4)
-            data, sequence = sock.encode(messages)
-            change.append(_timed(lambda: sock.transact(data, sequence, messages))[1])  # noqa: B023
+        shrunk = dataclasses.replace(whole, slots=whole.slots[:-1])  # a backend leaves: the pool's size changes
+        swapped = dataclasses.replace(whole, slots=(*whole.slots[:-1], Slot("198.51.100.7", 80, "spare")))
+        change, swap = _changes(sock, whole, shrunk, 20 * repeats), _changes(sock, whole, swapped, 20 * repeats)
         counted_s = min(_timed(lambda: _metrics_read(netns))[1] for _ in range(repeats))
         as_rules_s = min(_timed(lambda: _read_as_rules(netns))[1] for _ in range(repeats))
         assert _metrics_read(netns) == _read_as_rules(netns), "the two readings differ"
@@ -76,7 +74,18 @@ def figures(frontends: int, repeats: int) -> dict[str, float]:
         "load_kernel_s": kernel_s,
         "load_mib": sum(len(data) for data, _ in encoded) / 2**20,
         "change_kernel_ms": median(change) * 1e3,
+        "swap_kernel_ms": median(swap) * 1e3,
     }
+
+
+def _changes(sock: NatSocket, one: NatPool, other: NatPool, count: int) -> list[float]:
+    """The kernel's share of `count` changes of a pool from `one` to `other` and back, each."""
+    times = []
+    for i in range(count):
+        messages: list[Request] = change_batch(*((one, other) if i % 2 == 0 else (other, one)), Family.IPV4)
+        data, sequence = sock.encode(messages)
+        times.append(_timed(lambda: sock.transact(data, sequence, messages))[1])  # noqa: B023
+    return times
 
 
 def _metrics_read(netns: str) -> dict[Protocol, Mapping[tuple[str, str], int]]:
@@ -94,18 +103,19 @@ def _read_as_rules(netns: str) -> dict[Protocol, Mapping[tuple[str, str], int]]:
 def table(rows: list[dict[str, float]]) -> str:
     lines = [
         "| size | desired state s | load: messages made s | encoded s | kernel s (MiB) | a change: kernel ms p50 "
-        "| a metrics read of the slots s: counted / as rules |",
-        "|---|---|---|---|---|---|---|",
+        "| a backend replaced (same size): kernel ms p50 | a metrics read of the slots s: counted / as rules |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['frontends']:,} x {BACKENDS_PER_FRONTEND} | {r['desired_s']:.2f} | {r['load_make_s']:.2f} | "
             f"{r['load_encode_s']:.2f} | {r['load_kernel_s']:.2f} ({r['load_mib']:.1f}) | {r['change_kernel_ms']:.3f} "
-            f"| {r['read_counted_s']:.2f} / {r['read_as_rules_s']:.2f} |"
+            f"| {r['swap_kernel_ms']:.3f} | {r['read_counted_s']:.2f} / {r['read_as_rules_s']:.2f} |"
         )
     first, last = rows[0], rows[-1]
     lines.append(
-        f"\nlargest / smallest: a change's kernel share {last['change_kernel_ms'] / first['change_kernel_ms']:.2f}x"
+        f"\nlargest / smallest: a change's kernel share {last['change_kernel_ms'] / first['change_kernel_ms']:.2f}x, "
+        f"a backend replaced {last['swap_kernel_ms'] / first['swap_kernel_ms']:.2f}x"
     )
     lines.append(
         f"a metrics read at the largest, counted / as rules: {last['read_counted_s'] / last['read_as_rules_s']:.2f}x"
