@@ -134,6 +134,23 @@ def _frontend_port(chain: str, protocol: Protocol) -> int | None:
     return found[1] if found and found[0] is protocol else None
 
 
+def _frontend_rules(rules: list[tuple[str, SavedRule]]) -> dict[Protocol, list[tuple[str, SavedRule]]]:
+    """The rules of each protocol's frontend chains in the nat table: one walk of every rule, where each protocol's
+    totals would walk them all again (110,000 rules at 10,000 x 10 with the nat side in iptables)."""
+    found: dict[Protocol, list[tuple[str, SavedRule]]] = {protocol: [] for protocol in Protocol}
+    protocols: dict[str, Protocol | None] = {}  # chain -> the protocol of its frontend, worked out once per chain
+    for table, rule in rules:
+        if table != "nat":
+            continue
+        if rule.chain not in protocols:
+            frontend = frontend_of(rule.chain)
+            protocols[rule.chain] = frontend[0] if frontend else None
+        protocol = protocols[rule.chain]
+        if protocol is not None:
+            found[protocol].append((table, rule))
+    return found
+
+
 def _frontend_chains(rules: list[tuple[str, SavedRule]], protocol: Protocol) -> dict[str, int]:
     """frontend port -> the digest of its chain of `protocol` (_chain_digests)."""
     chains = _chain_digests(rules, "nat")
@@ -471,9 +488,10 @@ class StateCollector(Collector):
                     for chain, specs in chains.items()
                     if owned(chain)
                 )
+                frontend_rules = _frontend_rules(rules)
                 for protocol in Protocol:
                     figures.connections[(protocol, family)] = self.connection_totals(
-                        rules, protocol, family, counted[protocol]
+                        frontend_rules[protocol], protocol, family, counted[protocol]
                     )
                 figures.refusals[family] = self.refused_totals(rules, family)
             if not read:
