@@ -59,6 +59,9 @@ class FrozenMap(dict):
     def _refuse(self, *args: object, **kwargs: object) -> None:
         raise TypeError("a shared map cannot change")
 
+    def __reduce__(self) -> tuple[type[FrozenMap], tuple[dict]]:
+        return FrozenMap, (dict(self),)  # copied and pickled through the constructor, not item by item
+
     __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _refuse  # type: ignore
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import pickle
 
 import pytest
 from hypothesis import given, settings
@@ -101,6 +103,7 @@ def test_a_shared_map_reads_as_its_dict_is_hashed_by_its_content_and_cannot_chan
     assert kept == items and dict(kept) == items
     assert shared(dict(items)) is kept and shared(kept) is kept
     assert hash(FrozenMap(items)) == hash(kept)
+    assert copy.deepcopy(kept) == kept and pickle.loads(pickle.dumps(kept)) == kept and copy.copy(kept) == kept
     for change in (lambda m: m.__setitem__("k", "v"), lambda m: m.update(k="v"), lambda m: m.pop("k", None)):
         with pytest.raises(TypeError):
             change(kept)
