@@ -31,7 +31,7 @@ from .compiler import Tables, frontend_of, refusal, rule_comment
 from .diff import SavedRule, owned
 from .model import EMPTY, DesiredState, Family, Protocol
 from .netfilter import Flavour, Iptables
-from .nftnat_read import Counted, FrontendCounts, frontend_counts
+from .nftnat_read import Counted, FrontendCounts, by_protocol, frontend_counts
 
 log = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -455,12 +455,8 @@ class StateCollector(Collector):
 
     def _slot_counts(self, slots: Iterable[FrontendCounts], family: Family) -> dict[Protocol, Counted]:
         """What the slots counted, per protocol, each frontend's names made the state's as it is read (_held)."""
-        counted = {protocol: Counted({}, {}) for protocol in Protocol}
         held = {protocol: self._held(family, protocol) for protocol in Protocol}
-        for found in slots:
-            counted[found.protocol].counts[found.port] = held[found.protocol](found.port, found.counts)
-            counted[found.protocol].digests[found.port] = found.digest
-        return counted
+        return by_protocol(found._replace(counts=held[found.protocol](found.port, found.counts)) for found in slots)
 
     def refused_totals(self, rules: list[tuple[str, SavedRule]], family: Family = Family.IPV4) -> Totals:
         """Monotonic refusal counts per (frontend, reason); those of a frontend that dropped the label stay for

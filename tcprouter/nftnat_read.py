@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 import socket
 import struct
-from collections.abc import Hashable, Iterator, Mapping
+from collections.abc import Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import NamedTuple
@@ -367,10 +367,15 @@ def frontend_counts(family: Family, netns: str | None = None, timeout: float = 5
         yield FrontendCounts(slots_map.protocol, str(slots_map.port), digest, counts)
 
 
-def slot_counts(family: Family, netns: str | None = None, timeout: float = 5.0) -> dict[Protocol, Counted]:
-    """frontend_counts, all of them, per protocol."""
+def by_protocol(frontends: Iterable[FrontendCounts]) -> dict[Protocol, Counted]:
+    """Frontends' counts gathered per protocol, each frontend's digest kept under its port."""
     counted = {protocol: Counted({}, {}) for protocol in Protocol}
-    for found in frontend_counts(family, netns, timeout):
+    for found in frontends:
         counted[found.protocol].counts[found.port] = found.counts
         counted[found.protocol].digests[found.port] = found.digest
     return counted
+
+
+def slot_counts(family: Family, netns: str | None = None, timeout: float = 5.0) -> dict[Protocol, Counted]:
+    """frontend_counts, all of them, per protocol."""
+    return by_protocol(frontend_counts(family, netns, timeout))
