@@ -340,10 +340,6 @@ class Counted(NamedTuple):
             nested.setdefault(port, {})[name] = count
         return nested
 
-    def flat(self) -> dict[tuple[str, str], int]:
-        """The counts by (port, name)."""
-        return {(port, name): count for port, names in self.counts.items() for name, count in names.items()}
-
 
 class FrontendCounts(NamedTuple):
     """What one frontend's slots counted: per backend name, and the digest of its map's slots."""

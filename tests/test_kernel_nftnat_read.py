@@ -109,7 +109,10 @@ def test_slot_rules_are_the_rules_of_the_nft_listing(name: str, path: str, monke
 
 def counts(family: Family, ns: str) -> dict[Protocol, dict[tuple[str, str], int]]:
     """slot_counts without the digests."""
-    return {p: counted.flat() for p, counted in slot_counts(family, ns).items()}
+    return {
+        p: {(port, name): n for port, names in counted.counts.items() for name, n in names.items()}
+        for p, counted in slot_counts(family, ns).items()
+    }
 
 
 @pytest.mark.parametrize("path", PATHS)
