@@ -29,13 +29,14 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from . import netlink
-from .compiler import Options
+from .compiler import Options, access_bit
 from .model import DesiredState, Family, Protocol
 from .netlink import (
     NLA_F_NESTED,
     NLM_F_ACK,
     NLM_F_APPEND,
     NLM_F_CREATE,
+    NLM_F_ECHO,
     NLM_F_EXCL,
     NLM_F_REQUEST,
     big32,
@@ -63,6 +64,7 @@ from .nf_tables import (
     NFT_MSG_DELSET,
     NFT_MSG_DELSETELEM,
     NFT_MSG_DELTABLE,
+    NFT_MSG_GETRULE,
     NFT_MSG_NEWCHAIN,
     NFT_MSG_NEWRULE,
     NFT_MSG_NEWSET,
@@ -74,6 +76,7 @@ from .nf_tables import (
     NFT_PAYLOAD_NETWORK_HEADER,
     NFT_PAYLOAD_TRANSPORT_HEADER,
     NFT_REG32_01,
+    NFT_REG32_02,
     NFT_REG_1,
     NFT_REG_2,
     NFT_REG_VERDICT,
@@ -128,7 +131,9 @@ from .nf_tables import (
     NFTA_PAYLOAD_OFFSET,
     NFTA_RULE_CHAIN,
     NFTA_RULE_EXPRESSIONS,
+    NFTA_RULE_HANDLE,
     NFTA_RULE_TABLE,
+    NFTA_RULE_USERDATA,
     NFTA_SET_DATA_LEN,
     NFTA_SET_DATA_TYPE,
     NFTA_SET_DESC,
@@ -151,6 +156,7 @@ from .nf_tables import (
     NFTA_TABLE_NAME,
     NFTA_VERDICT_CHAIN,
     NFTA_VERDICT_CODE,
+    NFTNL_UDATA_RULE_COMMENT,
     NFTNL_UDATA_SET_DATA_INTERVAL,
     NFTNL_UDATA_SET_DATA_TYPEOF,
     NFTNL_UDATA_SET_DATABYTEORDER,
@@ -159,7 +165,7 @@ from .nf_tables import (
     NFTNL_UDATA_SET_KEYBYTEORDER,
     RTN_LOCAL,
 )
-from .nftnat import PRIORITY, NatPool, Slot, table_of, table_parts
+from .nftnat import GROUP_MASK, GROUPS, PICK_PREFIX, PRIORITY, TABLES, NatPool, Slot, table_of, table_parts
 
 # nft's datatypes (a concatenation's type is its fields' types, 6 bits each) and its expression types (in userdata)
 TYPE_INTEGER, TYPE_IPADDR, TYPE_IP6ADDR, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE = 4, 7, 8, 12, 13
@@ -170,6 +176,8 @@ PROTO_DESCS = {Protocol.UDP: 6, Protocol.TCP: 8}  # nft's proto_desc_id of the t
 DPORT_FIELD = 2  # the template index of tcp/udp dport
 
 _HOST32 = struct.Struct("=I")
+_BIG_U16 = struct.Struct(">H")
+_BIG_U64 = struct.Struct(">Q")
 _PORT_REGISTER = struct.Struct(">H2x")  # a port in network order, padded to its 32-bit register
 _PORTS_KEY = struct.Struct(">B3xH2x")  # inet_proto . inet_service, each field padded to its register
 _VALUE_IN = struct.Struct("=HHHH")  # an attribute's header, then its only attribute's
@@ -391,7 +399,7 @@ def element(key: bytes, *more: bytes) -> bytes:
     return value_in(NFTA_SET_ELEM_KEY, key) + b"".join(more)
 
 
-# --- the maps ---
+# --- the maps and sets ---
 
 
 @dataclass(frozen=True)
@@ -446,7 +454,7 @@ def _slots_map(pool: NatPool, family: Family) -> _Map:
     """Map `slots-...`: slot number -> address . port, commented."""
     layout = _LAYOUTS[family]
     declaration = _slots_declaration(len(pool.slots), pool.protocol, layout)
-    return _Map(f"slots-{pool.chain}", declaration, functools.partial(_slot_elements, pool.slots, layout))
+    return _Map(f"slots-{pool.name}", declaration, functools.partial(_slot_elements, pool.slots, layout))
 
 
 def _slot_elements(slots: Sequence[Slot], layout: _FamilyLayout) -> list[bytes]:
@@ -461,66 +469,91 @@ def _slot_elements(slots: Sequence[Slot], layout: _FamilyLayout) -> list[bytes]:
     ]
 
 
-@functools.cache
-def _self_declaration(layout: _FamilyLayout) -> bytes:
-    """`type <address> : <address> . inet_service`."""
-    # nft 1.0.6 records a concatenated `type` as a typeof concatenation of no fields
-    userdata = _set_userdata(BYTEORDER_BIG, None, _typeof(EXPR_CONCAT))
-    return _map_declaration((layout.address_type, layout.address_len), layout, userdata)
+_FRONTEND_TYPE = TYPE_INET_PROTOCOL << 6 | TYPE_INET_SERVICE  # inet_proto . inet_service
 
 
-def _self_map(chain: str, fallbacks: Sequence[tuple[str, Slot]], family: Family) -> _Map:
-    """Map `self-...`: a backend's address -> where its own connections go."""
-    layout = _LAYOUTS[family]
-    return _Map(f"self-{chain}", _self_declaration(layout), functools.partial(_self_elements, fallbacks, layout))
-
-
-def _self_elements(fallbacks: Sequence[tuple[str, Slot]], layout: _FamilyLayout) -> list[bytes]:
-    return [element(layout.pack(address), _destination(slot, layout)) for address, slot in fallbacks]
-
-
-def _maps(pool: NatPool | None, family: Family) -> dict[str, _Map]:
-    if pool is None:
-        return {}
-    fallbacks = pool.fallbacks  # derived each time: once here
-    maps = [_slots_map(pool, family), *([_self_map(pool.chain, fallbacks, family)] if fallbacks else [])]
-    return {m.name: m for m in maps}
-
-
-def _ports_element(pool: NatPool, with_verdict: bool) -> bytes:
-    """`<protocol> . <port> : goto <chain>` of map ports."""
-    key = _PORTS_KEY.pack(IPPROTOS[pool.protocol], pool.port)
-    if not with_verdict:
-        return element(key)
-    return element(key, nested(NFTA_SET_ELEM_DATA, verdict(NFT_GOTO, pool.chain)))
-
-
-# --- the chain's rules, as nft 1.0.6 sends nftnat's ---
-
-
-def _saddr(layout: _FamilyLayout) -> bytes:
-    return payload(NFT_PAYLOAD_NETWORK_HEADER, layout.saddr_offset, layout.address_len)
-
-
-def _dnat_through(map_name: str, layout: _FamilyLayout) -> list[bytes]:
-    """Look reg 1 up in the map, DNAT to the address . port found."""
-    return [lookup(map_name, NFT_REG_1), dnat(layout.nfproto, layout.port_reg)]
-
-
-def _unrouted(chain: str, unrouted: tuple[str, ...], layout: _FamilyLayout) -> list[bytes]:
-    """`ip saddr { address } return`: nft makes a one-element set a comparison. nat_pool never gives more than one
-    address (only a pool of one address has any), and more would need an anonymous set."""
-    if len(unrouted) != 1:
-        raise ValueError(f"{chain}: {len(unrouted)} unrouted addresses, the netlink writer takes one")
-    return [_saddr(layout), equals(layout.pack(unrouted[0])), _give_back()]
+def _frontend_key(pool: NatPool) -> bytes:
+    """`<protocol> . <port>`, each field padded to its register: the key of sets frontends and access."""
+    return _PORTS_KEY.pack(IPPROTOS[pool.protocol], pool.port)
 
 
 @functools.cache
-def _give_back() -> bytes:
-    """`return`."""
-    return expression(
-        "immediate", big32(NFTA_IMMEDIATE_DREG, NFT_REG_VERDICT), nested(NFTA_IMMEDIATE_DATA, verdict(NFT_RETURN))
+def _table_declarations(layout: _FamilyLayout) -> dict[str, bytes]:
+    """The declarations of a table's sets and maps besides the slot maps (nftnat._table), by name. nft 1.0.6 records a
+    concatenated `type` as a typeof concatenation of no fields."""
+    concat = _typeof(EXPR_CONCAT)
+    by_source = (_FRONTEND_TYPE << 6 | layout.address_type, 8 + layout.address_len)  # ... . <address>
+
+    def plain(key: tuple[int, int]) -> bytes:
+        userdata = _set_userdata(BYTEORDER_INVALID, concat, None)
+        return (
+            big32(NFTA_SET_FLAGS, 0)
+            + big32(NFTA_SET_KEY_TYPE, key[0])
+            + big32(NFTA_SET_KEY_LEN, key[1])
+            + (netlink.attribute(NFTA_SET_USERDATA, userdata))
+        )
+
+    groups = b"".join(
+        [
+            big32(NFTA_SET_FLAGS, NFT_SET_MAP),
+            big32(NFTA_SET_KEY_TYPE, TYPE_INET_SERVICE),
+            big32(NFTA_SET_KEY_LEN, 2),
+            big32(NFTA_SET_DATA_TYPE, NFT_DATA_VERDICT),
+            big32(NFTA_SET_DATA_LEN, 0),
+            netlink.attribute(NFTA_SET_USERDATA, _set_userdata(BYTEORDER_BIG, None, None)),
+        ]
     )
+    return {
+        "frontends": plain((_FRONTEND_TYPE, 8)),
+        "access": plain((_FRONTEND_TYPE, 8)),
+        "unrouted": plain(by_source),
+        "self": _map_declaration(by_source, layout, _set_userdata(BYTEORDER_BIG, concat, concat)),
+        "groups": groups,
+    }
+
+
+def _shared_elements(pool: NatPool | None, layout: _FamilyLayout) -> dict[str, dict[bytes, bytes]]:
+    """The pool's elements in the table's shared sets and maps: set or map name -> key -> the rest (b"": none)."""
+    if pool is None:
+        return {"frontends": {}, "access": {}, "unrouted": {}, "self": {}}
+    key = _frontend_key(pool)
+    return {
+        "frontends": {key: b""},
+        "access": {key: b""} if pool.access else {},
+        "unrouted": {key + layout.pack(address): b"" for address in pool.unrouted},
+        "self": {key + layout.pack(address): _destination(slot, layout) for address, slot in pool.fallbacks},
+    }
+
+
+# --- the rules, as nft 1.0.6 sends nftnat's ---
+
+_DPORT = payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2)
+
+
+def _meta_l4proto() -> bytes:
+    return expression("meta", big32(NFTA_META_KEY, NFT_META_L4PROTO), big32(NFTA_META_DREG, NFT_REG_1))
+
+
+def _frontend_of_packet() -> list[bytes]:
+    """`meta l4proto . th dport` into reg 1 and the register after it."""
+    return [_meta_l4proto(), payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, NFT_REG32_01)]
+
+
+def _by_source(layout: _FamilyLayout) -> list[bytes]:
+    """`meta l4proto . th dport . ip saddr`."""
+    saddr = payload(NFT_PAYLOAD_NETWORK_HEADER, layout.saddr_offset, layout.address_len, NFT_REG32_02)
+    return [*_frontend_of_packet(), saddr]
+
+
+def _member(set_name: str) -> bytes:
+    """Reg 1 (and the registers after it) is a key of set `set_name`."""
+    return expression("lookup", big32(NFTA_LOOKUP_SREG, NFT_REG_1), string(NFTA_LOOKUP_SET, set_name))
+
+
+def _immediate(code: int, chain: str | None = None) -> bytes:
+    """A verdict: `return`, `goto <chain>`."""
+    data = nested(NFTA_IMMEDIATE_DATA, verdict(code, chain))
+    return expression("immediate", big32(NFTA_IMMEDIATE_DREG, NFT_REG_VERDICT), data)
 
 
 @functools.cache
@@ -534,26 +567,49 @@ def _fib_type() -> bytes:
     )
 
 
-@functools.cache
-def _not_local() -> tuple[bytes, ...]:
-    """`fib daddr type != local return`."""
-    return _fib_type(), compare(NFT_CMP_NEQ, host32(RTN_LOCAL)), _give_back()
-
-
-def _rules(pool: NatPool, family: Family, self_map: bool) -> Iterator[Sequence[bytes]]:
-    """The chain's rules in order, each as its expressions (nftnat._chain); `self_map`: the pool has map self-...
-    (a pool of one address has none, and a return rule instead)."""
+def _pick_rule(pool: NatPool, family: Family) -> list[bytes]:
+    """The frontend's rule in its pick chain (nftnat._pick), its comment aside."""
     layout = _LAYOUTS[family]
-    protocol = IPPROTOS[pool.protocol]
-    if pool.local_only:
-        yield _not_local()
-    yield set_mark(pool.mark)
-    if self_map:
-        yield [*l4proto(protocol), _saddr(layout), *_dnat_through(f"self-{pool.chain}", layout)]
-    else:
-        yield _unrouted(pool.chain, pool.unrouted, layout)
-    pick = numgen(NFT_NG_RANDOM if pool.random else NFT_NG_INCREMENTAL, len(pool.slots))
-    yield [*l4proto(protocol), pick, *_dnat_through(f"slots-{pool.chain}", layout)]
+    generator = NFT_NG_RANDOM if pool.random else NFT_NG_INCREMENTAL
+    return [
+        _DPORT,
+        equals(_BIG_U16.pack(pool.port)),
+        *l4proto(IPPROTOS[pool.protocol]),
+        numgen(generator, len(pool.slots)),
+        lookup(f"slots-{pool.name}", NFT_REG_1),
+        dnat(layout.nfproto, layout.port_reg),
+    ]
+
+
+def pick_changes(before: NatPool | None, after: NatPool | None) -> bool:
+    """Whether a change replaces the frontend's rule (it came, it went, its size or its kind of rotation changed):
+    then its handle is needed, and the commit makes the kernel validate the table's chains."""
+    if before is None or after is None:
+        return before is not after
+    return (before.random, len(before.slots)) != (after.random, len(after.slots))
+
+
+def _route_rules(options: Options) -> list[list[bytes]]:
+    """Chain route's rules (nftnat._route)."""
+    layout = _LAYOUTS[options.family]
+    not_local = [_fib_type(), compare(NFT_CMP_NEQ, host32(RTN_LOCAL)), _immediate(NFT_RETURN)]
+    group_bits = expression(
+        "bitwise",
+        big32(NFTA_BITWISE_SREG, NFT_REG_1),
+        big32(NFTA_BITWISE_DREG, NFT_REG_1),
+        big32(NFTA_BITWISE_OP, NFT_BITWISE_BOOL),
+        big32(NFTA_BITWISE_LEN, 2),
+        value_in(NFTA_BITWISE_MASK, _BIG_U16.pack(GROUP_MASK)),
+        value_in(NFTA_BITWISE_XOR, bytes(2)),
+    )
+    return [
+        *([] if options.listen_address else [not_local]),
+        list(set_mark(options.mark_bit)),
+        [*_frontend_of_packet(), _member("access"), *set_mark(access_bit(options.mark_bit))],
+        [*_by_source(layout), _member("unrouted"), _immediate(NFT_RETURN)],
+        [*_by_source(layout), lookup("self", NFT_REG_1), dnat(layout.nfproto, layout.port_reg)],
+        [_DPORT, group_bits, lookup("groups", NFT_REG_VERDICT)],
+    ]
 
 
 # --- the change ---
@@ -576,8 +632,8 @@ def _name(kind: int, text: str) -> bytes:
 
 @dataclass(frozen=True)
 class _Objects:
-    """The messages about objects of `table`: a frontend's chain and maps, or a base chain (`chain`: the one that the
-    chain and rule messages are about), or the table's map ports."""
+    """The messages about objects of `table`: a chain (`chain`: the one that the chain and rule messages are
+    about), the table's sets and maps."""
 
     family: Family
     table: str
@@ -593,29 +649,42 @@ class _Objects:
     def chain_message(self, msg_type: int, flags: int = 0) -> Request:
         return self._message(msg_type, _CHAIN, self.chain, flags=flags)
 
-    def flush_rules(self) -> Request:
-        return self._message(NFT_MSG_DELRULE, _RULES, self.chain)  # no handle: every rule
-
-    def add_rule(self, expressions: Sequence[bytes]) -> Request:
+    def add_rule(self, expressions: Sequence[bytes], comment: str | None = None) -> Request:
+        """A rule appended to the chain; with a comment, echoed back with its handle (NatSocket.send gives it)."""
         rule = list_of(NFTA_RULE_EXPRESSIONS, expressions)
-        return self._message(NFT_MSG_NEWRULE, _RULES, self.chain, rule, flags=NLM_F_CREATE | NLM_F_APPEND)
+        if comment is None:
+            return self._message(NFT_MSG_NEWRULE, _RULES, self.chain, rule, flags=NLM_F_CREATE | NLM_F_APPEND)
+        userdata = netlink.attribute(NFTA_RULE_USERDATA, _tlv(NFTNL_UDATA_RULE_COMMENT, comment.encode() + b"\0"))
+        flags = NLM_F_CREATE | NLM_F_APPEND | NLM_F_ECHO
+        return self._message(NFT_MSG_NEWRULE, _RULES, self.chain, rule, userdata, flags=flags)
+
+    def delete_rule(self, handle: int) -> Request:
+        return self._message(
+            NFT_MSG_DELRULE, _RULES, self.chain, netlink.attribute(NFTA_RULE_HANDLE, _BIG_U64.pack(handle))
+        )
 
     def elements(self, msg_type: int, name: str, elements: list[bytes] | None, flags: int = 0) -> Request:
-        """Elements of map `name` to add or delete; None: all of them (a flush)."""
+        """Elements of set or map `name` to add or delete; None: all of them (a flush)."""
         listed = list_of(NFTA_SET_ELEM_LIST_ELEMENTS, elements) if elements is not None else b""
         return self._message(msg_type, _ELEMENTS, name, listed, flags=flags)
+
+    def add_elements(self, name: str, elements: list[bytes]) -> list[Request]:
+        """Elements added (exclusively: one already there is a refusal); none: no message."""
+        return [self.elements(NFT_MSG_NEWSETELEM, name, elements, NLM_F_CREATE | NLM_F_EXCL)] if elements else []
+
+    def delete_elements(self, name: str, keys: list[bytes]) -> list[Request]:
+        return [self.elements(NFT_MSG_DELSETELEM, name, [element(key) for key in keys])] if keys else []
 
     def delete_map(self, name: str) -> Request:
         return self._message(NFT_MSG_DELSET, _SET, name)
 
     def declare_map(self, name: str, declaration: bytes) -> Request:
-        """A new map, empty (created exclusively)."""
+        """A new set or map, empty (created exclusively)."""
         set_id = big32(NFTA_SET_ID, next(_set_ids))
         return self._message(NFT_MSG_NEWSET, _SET, name, declaration, set_id, flags=NLM_F_CREATE | NLM_F_EXCL)
 
     def add_map(self, new: _Map) -> list[Request]:
-        elements = self.elements(NFT_MSG_NEWSETELEM, new.name, new.elements(), NLM_F_CREATE | NLM_F_EXCL)
-        return [self.declare_map(new.name, new.declaration), elements]
+        return [self.declare_map(new.name, new.declaration), *self.add_elements(new.name, new.elements())]
 
     def base_chain(self, hook: int) -> Request:
         """The chain as a nat base chain of netfilter hook `hook` (NF_INET_*) at PRIORITY, policy accept."""
@@ -626,46 +695,47 @@ class _Objects:
     def change_map(self, old: _Map | None, new: _Map | None) -> list[Request]:
         """A map as declared alike is flushed and refilled; one declared otherwise is deleted and added again."""
         if old is not None and new is not None and old.declaration == new.declaration:
-            refill = self.elements(NFT_MSG_NEWSETELEM, new.name, new.elements(), NLM_F_CREATE | NLM_F_EXCL)
-            return [self.elements(NFT_MSG_DELSETELEM, new.name, None), refill]
+            refill = self.add_elements(new.name, new.elements())
+            return [self.elements(NFT_MSG_DELSETELEM, new.name, None), *refill]
         return [*([self.delete_map(old.name)] if old else []), *(self.add_map(new) if new else [])]
 
 
-def change_batch(before: NatPool | None, after: NatPool | None, family: Family) -> list[Request]:
+def change_batch(
+    before: NatPool | None, after: NatPool | None, family: Family, handle: int | None = None
+) -> list[Request]:
     """The messages (without the batch's begin and end) that turn the kernel's objects of `before` (None: the
-    frontend has none yet) into those of `after` (None: remove them), in the table of their port. Creations are
-    exclusive: a kernel that does not hold `before` refuses the batch rather than merge."""
+    frontend has none yet) into those of `after` (None: remove them), in the table of their port. `handle`: that of
+    before's rule, needed if pick_changes. Creations are exclusive: a kernel that does not hold `before` refuses the
+    batch rather than merge."""
     pool = after if after is not None else before
     if pool is None:
         return []
     if before is not None and (before.protocol, before.port) != (pool.protocol, pool.port):
-        raise ValueError(f"one frontend's change, not {before.chain} -> {pool.chain}")
-    objects = _Objects(family, table_of(pool.port), pool.chain)
-    old, new = _maps(before, family), _maps(after, family)
-    rules = list(_rules(after, family, f"self-{after.chain}" in new)) if after is not None else []
-    # Rules as they were, looking up maps declared as they were (their elements change): the chain is left alone. A
-    # commit that adds a rule makes the kernel validate the table's every chain (~0.3 ms more at 10,000 frontends).
-    kept = (
-        before is not None
-        and old.keys() == new.keys()
-        and all(old[name].declaration == new[name].declaration for name in new)
-        and list(_rules(before, family, f"self-{before.chain}" in old)) == rules
-    )
+        raise ValueError(f"one frontend's change, not {before.name} -> {pool.name}")
+    replaced = pick_changes(before, after)
+    if before is not None and replaced and handle is None:
+        raise ValueError(f"the handle of {before.name}'s rule is needed to replace it")
+    layout = _LAYOUTS[family]
+    objects = _Objects(family, table_of(pool.port), pool.pick_chain)
+    old, new = _shared_elements(before, layout), _shared_elements(after, layout)
     messages = []
+    if after is None:  # first: no new connection is sent to the chains as they go
+        messages += objects.delete_elements("frontends", list(old["frontends"]))
+    if before is not None and replaced:  # before its map: a rule holds the map it looks up
+        assert handle is not None
+        messages.append(objects.delete_rule(handle))
+    old_slots, new_slots = (_slots_map(p, family) if p is not None else None for p in (before, after))
+    messages += objects.change_map(old_slots, new_slots)
+    for name in ("access", "unrouted", "self"):
+        gone = [key for key, rest in old[name].items() if new[name].get(key) != rest]
+        messages += objects.delete_elements(name, gone)
+    for name in ("access", "unrouted", "self"):
+        came = [element(key, rest) for key, rest in new[name].items() if old[name].get(key) != rest]
+        messages += objects.add_elements(name, came)
+    if after is not None and replaced:
+        messages.append(objects.add_rule(_pick_rule(after, family), after.name))
     if before is None:
-        messages.append(objects.chain_message(NFT_MSG_NEWCHAIN, NLM_F_CREATE | NLM_F_EXCL))
-    elif not kept:
-        messages.append(objects.flush_rules())  # first: the rules hold the maps they look up
-    if after is None:  # the ports element holds the chain it goes to
-        messages.append(objects.elements(NFT_MSG_DELSETELEM, "ports", [_ports_element(pool, False)]))
-        messages.append(objects.chain_message(NFT_MSG_DELCHAIN))
-    for name in dict.fromkeys([*old, *new]):
-        messages += objects.change_map(old.get(name), new.get(name))
-    if not kept:
-        messages += [objects.add_rule(expressions) for expressions in rules]
-    if before is None:
-        flags = NLM_F_CREATE | NLM_F_EXCL
-        messages.append(objects.elements(NFT_MSG_NEWSETELEM, "ports", [_ports_element(pool, True)], flags))
+        messages += objects.add_elements("frontends", [element(key) for key in new["frontends"]])
     return messages
 
 
@@ -676,28 +746,11 @@ _LOOPBACK_MATCH = {  # `ip daddr != 127.0.0.0/8` (nft compares the first byte), 
     Family.IPV6: (24, socket.inet_pton(socket.AF_INET6, "::1")),
 }
 _HOOKS = (("prerouting", NF_INET_PRE_ROUTING), ("output", NF_INET_LOCAL_OUT))
-_PORTS_TYPE = TYPE_INET_PROTOCOL << 6 | TYPE_INET_SERVICE  # inet_proto . inet_service
-
-
-@functools.cache
-def _ports_declaration() -> bytes:
-    """`type inet_proto . inet_service : verdict` (nft records the concatenated type as a typeof of no fields)."""
-    userdata = _set_userdata(BYTEORDER_INVALID, _typeof(EXPR_CONCAT), None)
-    return b"".join(
-        [
-            big32(NFTA_SET_FLAGS, NFT_SET_MAP),
-            big32(NFTA_SET_KEY_TYPE, _PORTS_TYPE),
-            big32(NFTA_SET_KEY_LEN, 8),
-            big32(NFTA_SET_DATA_TYPE, NFT_DATA_VERDICT),
-            big32(NFTA_SET_DATA_LEN, 0),
-            netlink.attribute(NFTA_SET_USERDATA, userdata),
-        ]
-    )
 
 
 def _dispatch_rules(options: Options) -> dict[str, list[bytes]]:
     """The base chains' one rule each (nftnat._dispatch): a new connection (to the listen address, if any; from the
-    host itself, not to loopback unless asked) looked up by `meta l4proto . th dport` in map ports."""
+    host itself, not to loopback unless asked) to a frontend goes to chain route."""
     family = options.family
     layout = _LAYOUTS[family]
     daddr_offset = layout.saddr_offset + layout.address_len
@@ -710,12 +763,8 @@ def _dispatch_rules(options: Options) -> dict[str, list[bytes]]:
         offset, loopback = _LOOPBACK_MATCH[family]
         not_loopback = [payload(NFT_PAYLOAD_NETWORK_HEADER, offset, len(loopback)), compare(NFT_CMP_NEQ, loopback)]
         output = [] if options.route_localhost and family is Family.IPV4 else not_loopback
-    lookup_port = [
-        expression("meta", big32(NFTA_META_KEY, NFT_META_L4PROTO), big32(NFTA_META_DREG, NFT_REG_1)),
-        payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, NFT_REG32_01),
-        lookup("ports", NFT_REG_VERDICT),
-    ]
-    return {"prerouting": [*local, *lookup_port], "output": [*output, *lookup_port]}
+    to_route = [*_frontend_of_packet(), _member("frontends"), _immediate(NFT_GOTO, "route")]
+    return {"prerouting": [*local, *to_route], "output": [*output, *to_route]}
 
 
 def table_batch(pools: Iterable[NatPool], options: Options, tables: Collection[str]) -> list[Request]:
@@ -723,10 +772,12 @@ def table_batch(pools: Iterable[NatPool], options: Options, tables: Collection[s
     tables' pools), as `nft -f` of nftnat.ruleset_text does: the table is created if missing, deleted, created
     again and filled. A full load at 10,000 frontends, without the nft tool's parsing (seconds of it)."""
     family = options.family
+    layout = _LAYOUTS[family]
     members: dict[str, list[NatPool]] = {name: [] for name in tables}
     for pool in pools:
         members[table_of(pool.port)].append(pool)
-    dispatch = _dispatch_rules(options)
+    declarations = _table_declarations(layout)
+    dispatch, route = _dispatch_rules(options), _route_rules(options)
     messages = []
     for table, table_pools in members.items():
         name = string(NFTA_TABLE_NAME, table)
@@ -735,10 +786,29 @@ def table_batch(pools: Iterable[NatPool], options: Options, tables: Collection[s
             message(NFT_MSG_DELTABLE, 0, family, name, table),
             message(NFT_MSG_NEWTABLE, NLM_F_CREATE | NLM_F_EXCL, family, name + big32(NFTA_TABLE_FLAGS, 0), table),
         ]
-        messages.append(_Objects(family, table).declare_map("ports", _ports_declaration()))
+        objects = _Objects(family, table)
+        shared = [_shared_elements(pool, layout) for pool in table_pools]
+        for set_name in ("frontends", "access", "unrouted", "self"):
+            messages.append(objects.declare_map(set_name, declarations[set_name]))
+            messages += objects.add_elements(set_name, [element(k, v) for s in shared for k, v in s[set_name].items()])
         for pool in table_pools:
-            messages += change_batch(None, pool, family)
-        for hook_name, hook in _HOOKS:  # last: binding map ports checks every element's chain once
+            messages += objects.add_map(_slots_map(pool, family))
+        for n in range(GROUPS):
+            picks = _Objects(family, table, f"{PICK_PREFIX}{n}")
+            messages.append(picks.chain_message(NFT_MSG_NEWCHAIN, NLM_F_CREATE | NLM_F_EXCL))
+            for pool in table_pools:
+                if pool.pick_chain == picks.chain:
+                    messages.append(picks.add_rule(_pick_rule(pool, family), pool.name))
+        messages.append(objects.declare_map("groups", declarations["groups"]))
+        gotos = (
+            element(_BIG_U16.pack(n * TABLES), nested(NFTA_SET_ELEM_DATA, verdict(NFT_GOTO, f"{PICK_PREFIX}{n}")))
+            for n in range(GROUPS)
+        )
+        messages += objects.add_elements("groups", list(gotos))
+        routing = _Objects(family, table, "route")
+        messages.append(routing.chain_message(NFT_MSG_NEWCHAIN, NLM_F_CREATE | NLM_F_EXCL))
+        messages += [routing.add_rule(rule) for rule in route]
+        for hook_name, hook in _HOOKS:  # last: the base chains hold the rest
             base = _Objects(family, table, hook_name)
             messages += [base.base_chain(hook), base.add_rule(dispatch[hook_name])]
     return messages
@@ -763,7 +833,7 @@ _VERBS = {
     NFT_MSG_NEWCHAIN: "add chain",
     NFT_MSG_DELCHAIN: "delete chain",
     NFT_MSG_NEWRULE: "add a rule to chain",
-    NFT_MSG_DELRULE: "flush chain",
+    NFT_MSG_DELRULE: "delete a rule of chain",
     NFT_MSG_NEWSET: "add map",
     NFT_MSG_DELSET: "delete map",
     NFT_MSG_NEWSETELEM: "add elements to map",
@@ -777,6 +847,20 @@ def describe(request: Request) -> str:
     verb = _VERBS.get(request.type, f"nf_tables message {request.type}")
     family = _FAMILY_NAMES.get(request.nfproto, str(request.nfproto))
     return " ".join(filter(None, [verb, family, request.subject]))
+
+
+_NEW_RULE = netlink.NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWRULE
+
+
+def rule_handles(replies: Iterable[netlink.Message]) -> dict[str, int]:
+    """The handles of the rules in NFT_MSG_NEWRULE replies (a dump's, or echoes) that have a comment, by comment."""
+    found = {}
+    for msg in replies:
+        attributes = netlink.attributes(netlink.nftables_attributes(msg))
+        userdata = attributes.get(NFTA_RULE_USERDATA, b"")
+        if len(userdata) >= 2 and userdata[0] == NFTNL_UDATA_RULE_COMMENT and NFTA_RULE_HANDLE in attributes:
+            found[netlink.text(userdata[2 : 2 + userdata[1]])] = _BIG_U64.unpack(attributes[NFTA_RULE_HANDLE])[0]
+    return found
 
 
 class TransactionRefused(OSError):
@@ -797,11 +881,13 @@ class NatSocket:
         self._sock.settimeout(timeout)  # the kernel answers before sendmsg returns: a guard only
         self._send_buffer = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
         self._sequence = 0
+        self._netns, self._timeout = netns, timeout
+        self._dumps: netlink.Requester | None = None  # for chain_handles
 
-    def send(self, messages: Sequence[Request]) -> None:
-        """The messages as one transaction, committed whole or not at all; TransactionRefused if refused."""
-        if messages:
-            self.transact(*self.encode(messages), messages)
+    def send(self, messages: Sequence[Request]) -> dict[str, int]:
+        """The messages as one transaction, committed whole or not at all; TransactionRefused if refused. The handles
+        of the rules added with a comment (_Objects.add_rule), by comment."""
+        return self.transact(*self.encode(messages), messages) if messages else {}
 
     def send_each(self, batches: Iterable[Sequence[Request]]) -> None:
         """Each batch of messages as a transaction of its own, in order, each sent while the next is made: the
@@ -823,38 +909,55 @@ class NatSocket:
         self._sequence = sequence.stop % (1 << 31)
         return encode_batch(messages, sequence.start), sequence
 
-    def transact(self, data: bytes, sequence: range, messages: Sequence[Request]) -> None:
+    def transact(self, data: bytes, sequence: range, messages: Sequence[Request]) -> dict[str, int]:
         """Sends an encoded batch, then reads the replies up to the last message's ack, or an error about the
-        batch as a whole (reported against its begin); replies of an earlier batch are skipped."""
+        batch as a whole (reported against its begin); replies of an earlier batch are skipped. The handles of the
+        rules the kernel echoed (by comment)."""
         if len(data) > self._send_buffer:  # netlink refuses a message larger than the send buffer
             self._sock.setsockopt(socket.SOL_SOCKET, netlink.SO_SNDBUFFORCE, len(data))
             self._send_buffer = len(data)
         self._sock.send(data)
         refusals: list[tuple[str, int]] = []
+        handles: dict[str, int] = {}
         last, done = sequence[-2], False
         while not done:
-            for seq, number in self._errors():
-                if seq not in sequence:
+            for msg in self._replies():
+                if msg.sequence not in sequence:
                     continue
+                if msg.type == _NEW_RULE:
+                    handles.update(rule_handles([msg]))
+                    continue
+                number = netlink.error_of(msg)
                 if number:
-                    inside = sequence.start < seq <= last
-                    refusals.append((describe(messages[seq - sequence.start - 1]) if inside else "the batch", number))
-                done = done or seq in (last, sequence.start)
+                    inside = sequence.start < msg.sequence <= last
+                    what = describe(messages[msg.sequence - sequence.start - 1]) if inside else "the batch"
+                    refusals.append((what, number))
+                done = done or msg.sequence in (last, sequence.start)
         if refusals:
             raise TransactionRefused(refusals)
+        return handles
 
-    def _errors(self) -> Iterator[tuple[int, int]]:
-        """The (sequence number, errno) of each ack or error in the next datagram (errno 0: an ack)."""
+    def _replies(self) -> Iterator[netlink.Message]:
+        """The acks, errors and echoed rules in the next datagram."""
         try:
             reply = self._sock.recv(netlink.RECEIVE_SIZE)
         except TimeoutError as error:  # committed or not: unknown
             raise TimeoutError(errno.ETIMEDOUT, "nf_tables did not answer the transaction") from error
-        for msg in netlink.messages(reply):
-            if msg.type == netlink.NLMSG_ERROR:
-                yield msg.sequence, netlink.error_of(msg)
+        return (msg for msg in netlink.messages(reply) if msg.type in (netlink.NLMSG_ERROR, _NEW_RULE))
+
+    def chain_handles(self, family: Family, table: str, chain: str) -> dict[str, int]:
+        """The handles of the chain's rules that have a comment, by comment (one dump)."""
+        if self._dumps is None:
+            self._dumps = netlink.Requester(netlink.NETLINK_NETFILTER, self._netns, self._timeout)
+        attributes = _name(NFTA_RULE_TABLE, table) + _name(NFTA_RULE_CHAIN, chain)
+        msg_type, payload = netlink.nftables_request(NFT_MSG_GETRULE, _LAYOUTS[family].nfproto, attributes)
+        replies, _ = self._dumps.ask(msg_type, payload, NLM_F_REQUEST | netlink.NLM_F_DUMP)
+        return rule_handles(replies)
 
     def close(self) -> None:
         self._sock.close()
+        if self._dumps is not None:
+            self._dumps.close()
 
     def __enter__(self) -> NatSocket:
         return self

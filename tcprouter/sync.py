@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from typing import TypeVar
 
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
@@ -36,11 +37,13 @@ from .labels import DEFAULT_UDP_PREFIX, reachable_only
 from .metrics import Metrics
 from .model import ContainerSnapshot, DesiredState, Frontend, Protocol
 from .netfilter import NetfilterError, Nft, Writer
-from .nftnat import TABLE_PREFIX, NatPool, nat_pool
-from .nftnat_netlink import NatSocket, change_batch, load_batches
+from .nftnat import TABLE_PREFIX, NatPool, nat_pool, table_of
+from .nftnat_netlink import NatSocket, change_batch, load_batches, pick_changes
 from .pools import Pools
 from .sysctls import TCP_LOOSE
 from .tracker import Endpoint
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 # A full load of the nat side in nftables: a transaction of 64 / NAT_LOAD_PARTS tables each, each made while the
@@ -85,6 +88,7 @@ class Syncer:
         # is written against its pools, recomputed for the ports that changed (not kept: 100,000 slots at 10,000 x 10).
         self._nat_written: tuple[DesiredState, Options] | None = None
         self._nat_sock: NatSocket | None = None
+        self._pick_handles: dict[str, int] = {}  # the handles of the frontends' rules in their pick chains, by name
         self.commits = 0  # table commits made by this syncer's writes (one per table of a restore script)
         self.syncs = 0  # successful syncs
 
@@ -252,8 +256,9 @@ class Syncer:
         if self.nat_writer is None:
             raise NetfilterError("the nat side in nftables tables needs a Syncer with a nat_writer (their namespace)")
         written, self._nat_written = self._nat_written, None  # unknown until the write succeeds
-        if ports is None or written is None:
+        if ports is None or written is None or written[1] != self.options:
             batches = load_batches(state, self.options, NAT_LOAD_PARTS)
+            self._pick_handles.clear()  # the rules are new: their handles are read when a change needs them
             self._send_nat(lambda sock: sock.send_each(batches))
             self.commits += NAT_LOAD_PARTS  # a transaction each
             self._nat_written = state, self.options
@@ -261,19 +266,36 @@ class Syncer:
         messages = []
         for port in ports:
             for protocol in Protocol:
-                before, after = (_routed(s.pools(protocol).get(port), o) for s, o in (written, (state, self.options)))
+                before, after = (_routed(s.pools(protocol).get(port)) for s in (written[0], state))
                 if before != after:
-                    messages += change_batch(before, after, self.options.family)
+                    handle = self._pick_handle(before) if before is not None and pick_changes(before, after) else None
+                    messages += change_batch(before, after, self.options.family, handle)
+                    if after is None:
+                        self._pick_handles.pop(before.name, None)  # type: ignore[union-attr]
         if messages:
-            self._send_nat(lambda sock: sock.send(messages))  # no thread: the change is one transaction
+            self._pick_handles.update(self._send_nat(lambda sock: sock.send(messages)))  # one transaction
             self.commits += 1
         self._nat_written = state, self.options
 
-    def _send_nat(self, send: Callable[[NatSocket], None]) -> None:
-        """Send transactions on the nat socket; NetfilterError if one fails (a change is then retried as a full
-        load)."""
+    def _pick_handle(self, pool: NatPool) -> int:
+        """The handle of a frontend's rule in its pick chain: as the kernel echoed it when it was added, else read
+        (with the others of its chain) once after a full load."""
+        if pool.name not in self._pick_handles:
+            table = table_of(pool.port)
+            self._pick_handles.update(
+                self._send_nat(lambda sock: sock.chain_handles(self.options.family, table, pool.pick_chain))
+            )
         try:
-            send(self._nat_socket())
+            return self._pick_handles[pool.name]
+        except KeyError:
+            self._close_nat_socket()
+            raise NetfilterError(f"nftables: no rule of {pool.name} in chain {pool.pick_chain}") from None
+
+    def _send_nat(self, send: Callable[[NatSocket], T]) -> T:
+        """Send transactions on the nat socket (or read); NetfilterError if one fails (a change is then retried as a
+        full load)."""
+        try:
+            return send(self._nat_socket())
         except OSError as error:  # TransactionRefused, a timeout: the kernel's tables are reloaded whole
             self._close_nat_socket()
             raise NetfilterError(f"nf_tables refused the nat change: {error}") from error
@@ -304,6 +326,7 @@ class Syncer:
         if self._nat_sock is not None:
             self._nat_sock.close()
             self._nat_sock = None
+            self._pick_handles.clear()  # what the failed transaction left is unknown
 
     def _synproxied_ports(self, state: DesiredState, ports: set[int] | None) -> set[int]:
         """synproxy_ports of `state`; given the `ports` whose frontends may have changed since the last write, from
@@ -447,9 +470,9 @@ def scan_busy_ports(
     return hostports.busy_ports(docker_chain, route_localhost, protocol)
 
 
-def _routed(frontend: Frontend | None, options: Options) -> NatPool | None:
+def _routed(frontend: Frontend | None) -> NatPool | None:
     """The nat objects of a frontend of options.family's state, None if it is not routed (no frontend, no backend)."""
-    return nat_pool(frontend, options) if frontend and frontend.backends else None
+    return nat_pool(frontend) if frontend and frontend.backends else None
 
 
 def _log_retry(retry_state: RetryCallState) -> None:

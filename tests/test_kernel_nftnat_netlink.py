@@ -14,8 +14,8 @@ import pytest
 from tcprouter.compiler import Options
 from tcprouter.model import Access, Backend, Balance, DesiredState, Family, Frontend, Protocol
 from tcprouter.nf_tables import NFT_MSG_DELRULE, NFT_MSG_NEWRULE
-from tcprouter.nftnat import nat_pools, ruleset_text, table_names, table_of
-from tcprouter.nftnat_netlink import NatSocket, TransactionRefused, change_batch, table_batch
+from tcprouter.nftnat import NatPool, nat_pools, ruleset_text, table_names, table_of
+from tcprouter.nftnat_netlink import NatSocket, Request, TransactionRefused, change_batch, pick_changes, table_batch
 
 from .support import private_netns, sh
 
@@ -61,8 +61,10 @@ CHANGES = {
     "weights": Change(
         tcp(rr(A, B), NEIGHBOUR), tcp(rr(A, Backend("b" * 64, "web-b", "10.0.0.3", 80, weight=3)), NEIGHBOUR)
     ),
-    "a lone backend gains a second (self- map appears)": Change(tcp(rr(A), NEIGHBOUR), tcp(rr(A, B), NEIGHBOUR)),
-    "two backends -> one (self- map goes, return rule comes)": Change(tcp(rr(A, B)), tcp(rr(B))),
+    "a lone backend gains a second (leaves unrouted, enters self)": Change(
+        tcp(rr(A), NEIGHBOUR), tcp(rr(A, B), NEIGHBOUR)
+    ),
+    "two backends -> one (leaves self, enters unrouted)": Change(tcp(rr(A, B)), tcp(rr(B))),
     "access labels: the mark": Change(tcp(rr(A, B)), tcp(rr(A, B, access=Access(maxconn=5)))),
     "udp 3 -> 2 backends": Change(
         udp(rr(A, B, C, protocol=Protocol.UDP)), udp(rr(A, C, protocol=Protocol.UDP)), (Protocol.UDP, 8000)
@@ -78,6 +80,10 @@ CHANGES = {
         tcp(Frontend(8000, Balance.RANDOM, (A,))), tcp(rr(A, B)), family=Family.IPV6
     ),
     "ipv6 removed frontend": Change(tcp(rr(A, B), NEIGHBOUR), tcp(NEIGHBOUR), family=Family.IPV6),
+    "ipv6 two backends -> one": Change(tcp(rr(A, B), NEIGHBOUR), tcp(rr(B), NEIGHBOUR), family=Family.IPV6),
+    "a frontend in the same pick chain as another": Change(
+        tcp(rr(A, B, port=8001)), tcp(rr(A, B, port=8001), rr(C, port=8513)), (Protocol.TCP, 8513)
+    ),  # 8513 = 8001 + 512: the same table and the same port bits above its table's
 }
 
 
@@ -91,15 +97,25 @@ def nft(ns: str, *args: str) -> str:
 
 
 def objects(listing: str) -> dict[tuple[str, str], str]:
-    """`nft list` output as (table, `map X` / `chain X`) -> body, counters at 0: the listing's order is the
-    objects' creation order, which a change does not keep."""
+    """`nft list` output as (table, `set X` / `map X` / `chain X`) -> body, counters at 0, a set's elements and a
+    pick chain's rules sorted: the listing's order is the objects' creation order, which a change does not keep, and
+    a change appends a frontend's rule to its pick chain, where the order of the rules does not matter (each
+    compares its own port first)."""
     found, table = {}, ""
-    for block in re.findall(r"^(table .+?|\t(?:map|chain) \S+ \{\n.*?^\t\})$", listing, re.MULTILINE | re.DOTALL):
+    pattern = r"^(table .+?|\t(?:set|map|chain) \S+ \{\n.*?^\t\})$"
+    for block in re.findall(pattern, listing, re.MULTILINE | re.DOTALL):
         if block.startswith("table"):
             table = block
-        else:
-            head, body = block.split("\n", 1)
-            found[(table, head.strip())] = re.sub(r"packets \d+ bytes \d+", "packets 0 bytes 0", body)
+            continue
+        head, body = block.split("\n", 1)
+        body = re.sub(r"packets \d+ bytes \d+", "packets 0 bytes 0", body)
+        if head.strip().startswith("chain pick-"):
+            body = "\n".join(sorted(body.splitlines()))
+        elements = re.search(r"elements = \{ (.*?) \}", body, re.DOTALL)
+        if elements:
+            listed = sorted(e.strip() for e in elements.group(1).split(","))
+            body = body.replace(elements.group(0), f"elements = {{ {', '.join(listed)} }}")
+        found[(table, head.strip())] = body
     return found
 
 
@@ -115,43 +131,56 @@ def expressions(listing: str) -> dict[str, list[str]]:
             found[name] = sorted(lines)
         else:
             found.setdefault(name, []).append("\n".join(lines))
-    return found
+    return {name: sorted(rules) if name.startswith("pick-") else rules for name, rules in found.items()}
 
 
 def assert_same_layout(changed: str, reference: str, family: Family, table: str) -> None:
     ours, theirs = (objects(nft(ns, "list", "ruleset")) for ns in (changed, reference))
-    assert len(theirs) >= 3 * 64 and ours == theirs  # each table: ports, prerouting, output, and its frontends'
+    assert len(theirs) >= 16 * 64 and ours == theirs  # each table: 5 sets and maps, 11 chains, its slot maps
     debug = ("--debug=netlink", "list", "table", NFT_FAMILIES[family], table)
     ours, theirs = (expressions(nft(ns, *debug)) for ns in (changed, reference))
     assert "prerouting" in theirs and ours == theirs
 
 
-RULES_KEPT = {"same size, other backends"}  # the pool's size and its maps' kinds stay
+def change(sock: NatSocket, before: NatPool | None, after: NatPool | None, family: Family) -> list[Request]:
+    """change_batch, with the handle of before's rule read from the kernel if the change needs it."""
+    if before is None or not pick_changes(before, after):
+        return change_batch(before, after, family)
+    handle = sock.chain_handles(family, table_of(before.port), before.pick_chain)[before.name]
+    return change_batch(before, after, family, handle)
+
+
+RULES_KEPT = {"same size, other backends", "access labels: the mark"}  # the pool's size and rotation stay
 
 
 @pytest.mark.parametrize("name", CHANGES.keys())
-def test_a_change_rewrites_the_chain_s_rules_only_if_they_or_the_maps_they_look_up_change(name: str):
-    """A commit that adds a rule makes the kernel validate its whole table: a change that leaves the rules as they
-    were changes only the maps' elements."""
-    change, options = CHANGES[name], Options(family=CHANGES[name].family)
-    before = nat_pools(change.before, options).get(change.frontend)
-    after = nat_pools(change.after, options).get(change.frontend)
-    kinds = {request.type for request in change_batch(before, after, change.family)}
+def test_a_change_replaces_the_frontend_s_rule_only_if_its_size_or_rotation_changes(name: str):
+    """A commit that adds a rule makes the kernel validate its whole table: a change that leaves the rule as it
+    was changes only elements of sets and maps."""
+    case, options = CHANGES[name], Options(family=CHANGES[name].family)
+    before = nat_pools(case.before, options).get(case.frontend)
+    after = nat_pools(case.after, options).get(case.frontend)
+    kinds = {request.type for request in change_batch(before, after, case.family, handle=1)}
     assert kinds.isdisjoint({NFT_MSG_NEWRULE, NFT_MSG_DELRULE}) == (name in RULES_KEPT)
 
 
-@pytest.mark.parametrize("change", CHANGES.values(), ids=CHANGES.keys())
-def test_a_change_written_over_netlink_leaves_what_nft_f_of_the_new_state_makes(change: Change):
-    options = Options(family=change.family)
-    before = nat_pools(change.before, options).get(change.frontend)
-    after = nat_pools(change.after, options).get(change.frontend)
+@pytest.mark.parametrize("case", CHANGES.values(), ids=CHANGES.keys())
+def test_a_change_written_over_netlink_leaves_what_nft_f_of_the_new_state_makes(case: Change):
+    options = Options(family=case.family)
+    before = nat_pools(case.before, options).get(case.frontend)
+    after = nat_pools(case.after, options).get(case.frontend)
     assert before != after
     with private_netns() as changed, private_netns() as reference:
-        load(changed, change.before, change.family)
+        load(changed, case.before, case.family)
         with NatSocket(changed) as sock:
-            sock.send(change_batch(before, after, change.family))
-        load(reference, change.after, change.family)
-        assert_same_layout(changed, reference, change.family, table_of(change.frontend[1]))
+            handles = sock.send(change(sock, before, after, case.family))
+            if after is not None and pick_changes(before, after):  # the kernel echoed the new rule's handle
+                in_chain = sock.chain_handles(case.family, table_of(after.port), after.pick_chain)
+                assert list(handles) == [after.name] and handles.items() <= in_chain.items()
+            else:
+                assert handles == {}
+        load(reference, case.after, case.family)
+        assert_same_layout(changed, reference, case.family, table_of(case.frontend[1]))
 
 
 def test_changes_of_several_frontends_go_in_one_transaction_and_the_socket_serves_several():
@@ -163,7 +192,7 @@ def test_changes_of_several_frontends_go_in_one_transaction_and_the_socket_serve
         with NatSocket(changed) as sock:
             for old, new in itertools.pairwise(pools):
                 keys = dict.fromkeys([*old, *new])
-                sock.send([msg for key in keys for msg in change_batch(old.get(key), new.get(key), Family.IPV4)])
+                sock.send([msg for key in keys for msg in change(sock, old.get(key), new.get(key), Family.IPV4)])
         load(reference, third, Family.IPV4)
         assert_same_layout(changed, reference, Family.IPV4, table_of(8000))
 
@@ -171,19 +200,22 @@ def test_changes_of_several_frontends_go_in_one_transaction_and_the_socket_serve
 def test_a_refused_batch_raises_and_changes_nothing_and_the_socket_still_works():
     state = tcp(rr(A, B, C), NEIGHBOUR)
     pools = nat_pools(state, Options())
-    valid = change_batch(pools[(Protocol.TCP, 8000)], None, Family.IPV4)  # would remove 8000
     ipv6 = nat_pools(state, Options(family=Family.IPV6))[(Protocol.TCP, 8064)]
     with private_netns() as ns:
         load(ns, state, Family.IPV4)  # no ip6 table at all
         listed = nft(ns, "-a", "list", "ruleset")
         with NatSocket(ns) as sock:
-            with pytest.raises(TransactionRefused, match=r"add chain ip6 tcprouter-00 tcp-8064: No such file"):
+            valid = change(sock, pools[(Protocol.TCP, 8000)], None, Family.IPV4)  # would remove 8000
+            with pytest.raises(TransactionRefused, match=r"add map ip6 tcprouter-00 slots-tcp-8064: No such file"):
                 sock.send([*valid, *change_batch(None, ipv6, Family.IPV6)])
             assert nft(ns, "-a", "list", "ruleset") == listed
-            with pytest.raises(TransactionRefused, match=r"add chain ip tcprouter-00 tcp-8064: File exists"):
+            with pytest.raises(TransactionRefused, match=r"add map ip tcprouter-00 slots-tcp-8064: File exists"):
                 sock.send(change_batch(None, pools[(Protocol.TCP, 8064)], Family.IPV4))  # it exists: not merged
             assert nft(ns, "-a", "list", "ruleset") == listed
-            sock.send(change_batch(pools[(Protocol.TCP, 8000)], None, Family.IPV4))
+            with pytest.raises(TransactionRefused, match=r"delete a rule of chain ip tcprouter-00 pick-\d: No such"):
+                sock.send(change_batch(pools[(Protocol.TCP, 8000)], None, Family.IPV4, handle=10**6))
+            assert nft(ns, "-a", "list", "ruleset") == listed
+            sock.send(valid)
         assert "tcp-8000" not in nft(ns, "list", "ruleset")
 
 
@@ -191,7 +223,7 @@ MIXED = DesiredState(
     {
         8000: rr(A, B, C),
         8064: Frontend(8064, Balance.RANDOM, (C, Backend("d" * 64, "web-d", "10.0.0.5", 8080, weight=3))),
-        8128: rr(A, port=8128),  # a lone backend: a return rule, no self- map
+        8128: rr(A, port=8128),  # a lone backend: in set unrouted, not in map self
         9001: rr(A, B, port=9001, access=Access(maxconn=5)),  # the access bit in the mark
     },
     udp_frontends={8000: rr(B, C, protocol=Protocol.UDP), 9002: rr(D, port=9002, protocol=Protocol.UDP)},
@@ -216,8 +248,8 @@ def test_a_full_load_over_netlink_leaves_what_nft_f_makes_and_replaces_what_the_
             sock.send(table_batch(pools, options, table_names()))
         sh("ip", "netns", "exec", reference, "nft", "-f", "-", input=ruleset_text(pools, options))
         ours, theirs = (objects(nft(ns, "list", "ruleset")) for ns in (loaded, reference))
-        chains = {head for _, head in theirs}
-        assert all(f"chain {pool.chain} {{" in chains for pool in pools) and ours == theirs
+        heads = {head for _, head in theirs}
+        assert all(f"map slots-{pool.name} {{" in heads for pool in pools) and ours == theirs
         for table in tables:
             debug = ("--debug=netlink", "list", "table", family, table)
             ours, theirs = (expressions(nft(ns, *debug)) for ns in (loaded, reference))
