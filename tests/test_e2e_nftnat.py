@@ -187,11 +187,11 @@ def test_three_backends_rotate_exactly_through_the_nft_tables(
     assert any(":TCPR-FORWARD " in r for r in owned_rules_in_host(host_tables))  # the filter side stays
     assert nft_tables("ip") == [f"tcprouter-{n:02d}" for n in range(TABLES)]
     table = nft_table(FRONT)
-    assert f"tcp-{FRONT}" in table["chain"]
-    assert {"prerouting", "output"} <= set(table["chain"])
+    assert f"slots-tcp-{FRONT}" in table["map"]
+    assert {"prerouting", "output", "route"} <= set(table["chain"])
     assert slot_addresses(FRONT) == ips
     assert slot_counters(FRONT) == [2, 2, 2]  # the 6 connections went through these slots
-    assert all(f"tcp-{FRONT}" not in nft_table(port)["chain"] for port in (FRONT + 1, FRONT - 1))
+    assert all(f"slots-tcp-{FRONT}" not in nft_table(port)["map"] for port in (FRONT + 1, FRONT - 1))
     assert foreign_rules() == before
 
 
@@ -226,7 +226,7 @@ def test_udp_flows_rotate_and_a_stopped_backend_leaves(backends, start_nat_route
     start_nat_router("nftables")
     ns, host = client_host.name, client_host.host_ip
     assert udp_greetings(ns, host, COAP, 6) == ips + ips
-    assert f"udp-{COAP}" in nft_table(COAP)["chain"]
+    assert f"slots-udp-{COAP}" in nft_table(COAP)["map"]
     assert iptables_nat_frontends(host_tables) == []
 
     stopping = docker_stop(containers[1])
@@ -272,7 +272,7 @@ def test_restarts_between_iptables_and_nftables_keep_routing(backends, start_nat
 
     def frontends_in_nftables_only() -> None:
         assert iptables_nat_frontends(host_tables) == []
-        assert f"tcp-{FRONT}" in nft_table(FRONT)["chain"]
+        assert f"slots-tcp-{FRONT}" in nft_table(FRONT)["map"]
         assert slot_addresses(FRONT) == ips
 
     router = start_nat_router("iptables")
@@ -311,7 +311,7 @@ def test_render_prints_the_nft_tables_run_loads_then_the_iptables_side(backends,
 
 def test_hairpin_a_neighbour_rotates_and_a_member_never_gets_itself(backends, start_nat_router, client_host):
     """From a container of the same bridge, through the nft tables: a neighbour rotates over the pool; a member's
-    own connections go to the other backend (map self-...), and a lone member's are not DNATed at all."""
+    own connections go to the other backend (map self), and a lone member's are not DNATed at all (set unrouted)."""
     containers, ips = pool(backends, 2)
     neighbour = backends.start({})
     start_nat_router("nftables")

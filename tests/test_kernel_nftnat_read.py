@@ -15,7 +15,7 @@ from tcprouter import nftnat_read
 from tcprouter.compiler import Options
 from tcprouter.metrics import backend_connections
 from tcprouter.model import Backend, Balance, DesiredState, Family, Frontend, Protocol
-from tcprouter.nftnat import nat_pools, ruleset_text
+from tcprouter.nftnat import nat_pools, ruleset_text, table_of
 from tcprouter.nftnat_netlink import NatSocket, change_batch
 from tcprouter.nftnat_read import slot_counts, slot_rules
 
@@ -141,7 +141,8 @@ def test_maps_come_in_the_kernel_s_order_after_a_netlink_change() -> None:
         old, new = (nat_pools(s, options)[(Protocol.TCP, 8000)] for s in (before, after))
         unchanged = slot_counts(Family.IPV4, ns)[Protocol.TCP].digests
         with NatSocket(ns) as sock:
-            sock.send(change_batch(old, new, Family.IPV4))
+            handle = sock.chain_handles(Family.IPV4, table_of(8000), old.pick_chain)[old.name]
+            sock.send(change_batch(old, new, Family.IPV4, handle))
         read = slot_rules(Family.IPV4, ns)
         assert read == listed(ns, Family.IPV4)
         assert [rule.chain for _, rule in read] == ["TCPR-FE-8064"] * 2 + ["TCPR-FE-8000"] * 2
