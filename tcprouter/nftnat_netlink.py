@@ -649,13 +649,14 @@ class _Objects:
     def chain_message(self, msg_type: int, flags: int = 0) -> Request:
         return self._message(msg_type, _CHAIN, self.chain, flags=flags)
 
-    def add_rule(self, expressions: Sequence[bytes], comment: str | None = None) -> Request:
-        """A rule appended to the chain; with a comment, echoed back with its handle (NatSocket.send gives it)."""
+    def add_rule(self, expressions: Sequence[bytes], comment: str | None = None, echo: bool = False) -> Request:
+        """A rule appended to the chain, with a comment if given; `echo`: the kernel echoes it back, with its handle
+        (NatSocket.send gives it, by comment)."""
+        userdata = b""
+        if comment is not None:
+            userdata = netlink.attribute(NFTA_RULE_USERDATA, _tlv(NFTNL_UDATA_RULE_COMMENT, comment.encode() + b"\0"))
+        flags = NLM_F_CREATE | NLM_F_APPEND | (NLM_F_ECHO if echo else 0)
         rule = list_of(NFTA_RULE_EXPRESSIONS, expressions)
-        if comment is None:
-            return self._message(NFT_MSG_NEWRULE, _RULES, self.chain, rule, flags=NLM_F_CREATE | NLM_F_APPEND)
-        userdata = netlink.attribute(NFTA_RULE_USERDATA, _tlv(NFTNL_UDATA_RULE_COMMENT, comment.encode() + b"\0"))
-        flags = NLM_F_CREATE | NLM_F_APPEND | NLM_F_ECHO
         return self._message(NFT_MSG_NEWRULE, _RULES, self.chain, rule, userdata, flags=flags)
 
     def delete_rule(self, handle: int) -> Request:
@@ -733,7 +734,7 @@ def change_batch(
         came = [element(key, rest) for key, rest in new[name].items() if old[name].get(key) != rest]
         messages += objects.add_elements(name, came)
     if after is not None and replaced:
-        messages.append(objects.add_rule(_pick_rule(after, family), after.name))
+        messages.append(objects.add_rule(_pick_rule(after, family), after.name, echo=True))
     if before is None:
         messages += objects.add_elements("frontends", [element(key) for key in new["frontends"]])
     return messages

@@ -25,7 +25,7 @@ from typing import TypeVar
 
 from tcprouter.metrics import StateCollector
 from tcprouter.model import Family, Protocol
-from tcprouter.nftnat import NatPool, Slot, nat_pools
+from tcprouter.nftnat import NatPool, Slot, nat_pools, table_of
 from tcprouter.nftnat_netlink import NatSocket, Request, change_batch, load_batches
 from tcprouter.nftnat_read import slot_counts, slot_rules
 from tcprouter.pools import Pools
@@ -79,12 +79,17 @@ def figures(frontends: int, repeats: int) -> dict[str, float]:
 
 
 def _changes(sock: NatSocket, one: NatPool, other: NatPool, count: int) -> list[float]:
-    """The kernel's share of `count` changes of a pool from `one` to `other` and back, each."""
+    """The kernel's share of `count` changes of a pool from `one` to `other` and back, each (the handle of its
+    rule read once, then echoed by each change that replaces it, as the daemon does)."""
     times = []
+    handles = sock.chain_handles(Family.IPV4, table_of(one.port), one.pick_chain)
     for i in range(count):
-        messages: list[Request] = change_batch(*((one, other) if i % 2 == 0 else (other, one)), Family.IPV4)
+        before, after = (one, other) if i % 2 == 0 else (other, one)
+        messages: list[Request] = change_batch(before, after, Family.IPV4, handles[before.name])
         data, sequence = sock.encode(messages)
-        times.append(_timed(lambda: sock.transact(data, sequence, messages))[1])  # noqa: B023
+        echoed, took = _timed(lambda: sock.transact(data, sequence, messages))  # noqa: B023
+        handles.update(echoed)
+        times.append(took)
     return times
 
 
