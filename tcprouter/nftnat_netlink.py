@@ -1,15 +1,19 @@
 """One frontend's change to the nat layout of nftnat.py as one nf_tables transaction over netlink, without the nft CLI
 (which reads its whole cache before each command: ~130 ms at 10,000 frontends, against a few ms here).
 
-change_batch(before, after, family) gives the messages that turn the kernel's objects of one NatPool into those of
-another (or create or remove them) in the table of its port: the chain `<protocol>-<port>`, its maps `slots-...` and
-`self-...`, and its element of map `ports`. The objects end up as `nft -f` of ruleset_text makes them (nft 1.0.6:
-the same set flags, types and userdata, element comments, rule expressions); NatSocket sends such messages, from one
-or more changes, as one transaction, in a network namespace of choice.
+change_batch(before, after, family, handle) gives the messages that turn the kernel's objects of one NatPool into
+those of another (or create or remove them) in the table of its port: its map `slots-...`, its rule in its pick
+chain, and its elements of the table's sets and maps (frontends, access, unrouted, self). The objects end up as
+`nft -f` of ruleset_text makes them (nft 1.0.6: the same set flags, types and userdata, element comments, rule
+expressions); NatSocket sends such messages, from one or more changes, as one transaction, in a network namespace
+of choice.
 
-Rules are replaced by flushing the chain and adding them again; a map whose declaration changes (`typeof numgen inc
-mod N` carries the pool's size in the map's userdata) is deleted and created again, other maps are flushed and
-refilled. Either way the slots' counters start again from 0, as after a reload by `nft -f`.
+The frontend's rule is replaced only when its pool's size or kind of rotation changes (pick_changes), by deleting it
+by its handle and appending the new one, which the kernel echoes back with its handle (NatSocket.send gives them;
+NatSocket.chain_handles reads a chain's, after a full load, which echoes nothing). The other rules of its pick chain
+are left alone, and so are their rotations. A slot map whose declaration changes (`typeof numgen inc mod N` carries
+the pool's size in the map's userdata) is deleted and created again, another is flushed and refilled. Either way the
+slots' counters start again from 0, as after a reload by `nft -f`.
 
 The messages are encoded here, with netlink.py's helpers, as libnftnl encodes them (attribute types and values of
 linux/netfilter/nf_tables.h; its u32 values big-endian, its nests flagged NLA_F_NESTED).
