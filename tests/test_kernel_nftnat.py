@@ -13,10 +13,10 @@ import pytest
 from tcprouter import sync
 from tcprouter.compiler import Options
 from tcprouter.metrics import Metrics, backend_connections
-from tcprouter.model import Backend, Balance, DesiredState, Family, Frontend
+from tcprouter.model import Backend, Balance, ContainerSnapshot, DesiredState, Family, Frontend
 from tcprouter.netfilter import Iptables, Nft, detect_flavour
 from tcprouter.nf_tables import NFT_MSG_DELTABLE
-from tcprouter.nftnat import nat_pools, ruleset_text, table_of
+from tcprouter.nftnat import nat_pools, pick_chain, ruleset_text, table_of
 from tcprouter.nftnat_netlink import NatSocket, Request
 from tcprouter.sync import Syncer
 
@@ -162,6 +162,50 @@ def test_the_syncer_routes_through_the_nft_tables_and_writes_a_change_over_netli
         assert syncer.sync(view[1:])  # a leaves
         assert greetings(client, ROUTER, 27017, 3) == ["b"] * 3
         assert nat_writes == [64, 0]  # a change, not a reload
+
+
+def test_a_change_of_a_frontend_leaves_its_pick_chain_neighbour_and_its_rotation_alone(nat_writes: list[int]):
+    """27017 and 27529 share a table and a pick chain (27529 = 27017 + 512). 27529 loses a backend and gets it back:
+    its rule is replaced twice (found by the handle read from its chain after the load, then by the one the kernel
+    echoed), in one transaction each; 27017's rule stays, and its rotation goes on where it was."""
+    with router_and_client() as (router, client), weighted_pool(router) as pool:
+        assert pick_chain(27017) == pick_chain(27529) and table_of(27017) == table_of(27529)
+
+        def containers(port: int, backends: Sequence[Backend], first: int) -> list[ContainerSnapshot]:
+            return [
+                container(
+                    first + i,
+                    name=f"{backend.name}-{port}",
+                    labels={"tcp.port": str(port), "tcp.backend_port": str(backend.port), "tcp.weight": "2"}
+                    if backend.weight == 2
+                    else {"tcp.port": str(port), "tcp.backend_port": str(backend.port)},
+                    networks={"n": backend.ip},
+                    subnets={"n": "10.99.0.0/24"},
+                )
+                for i, backend in enumerate(backends)
+            ]
+
+        rotating, neighbour = containers(27017, pool, 0), containers(27529, (pool[0], pool[2]), 10)
+        syncer = Syncer(
+            Iptables(detect_flavour(), netns=router),
+            Options(nat_tables=True, forward_parent="FORWARD"),
+            "tcp",
+            Metrics(lambda: ({}, [])),
+            nat_writer=Nft(router),
+        )
+        assert syncer.sync([*rotating, *neighbour], full=True)
+        assert greetings(client, ROUTER, 27017, 1) == ["b"]
+        with NatSocket(router) as sock:
+            kept = sock.chain_handles(Family.IPV4, table_of(27017), pick_chain(27017))["tcp-27017"]
+        assert syncer.sync([*rotating, *neighbour[:1]])  # the neighbour's size changes: its rule is replaced
+        assert greetings(client, ROUTER, 27529, 2) == ["a", "a"]
+        assert syncer.sync([*rotating, *neighbour])
+        assert sorted(greetings(client, ROUTER, 27529, 2)) == ["a", "c"]
+        assert nat_writes == [64, 0, 0]  # changes, not reloads
+        assert greetings(client, ROUTER, 27017, 3) == ["a", "c", "b"]  # the rotation's next slots
+        with NatSocket(router) as sock:
+            handles = sock.chain_handles(Family.IPV4, table_of(27017), pick_chain(27017))
+        assert handles["tcp-27017"] == kept and set(handles) == {"tcp-27017", "tcp-27529"}
 
 
 def test_switching_the_nat_side_between_iptables_and_nftables_keeps_routing_and_leaves_one_of_them():
