@@ -326,11 +326,13 @@ def equals(data: bytes) -> bytes:
 # Expressions of few variants (a protocol, a mark, a family) are encoded once each: a function call an attribute.
 
 
+META_L4PROTO = expression("meta", big32(NFTA_META_KEY, NFT_META_L4PROTO), big32(NFTA_META_DREG, NFT_REG_1))
+
+
 @functools.cache
 def l4proto(protocol: int) -> tuple[bytes, bytes]:
     """`meta l4proto <protocol>`, through reg 1."""
-    meta = expression("meta", big32(NFTA_META_KEY, NFT_META_L4PROTO), big32(NFTA_META_DREG, NFT_REG_1))
-    return meta, equals(bytes([protocol]))
+    return META_L4PROTO, equals(bytes([protocol]))
 
 
 @functools.cache
@@ -387,15 +389,11 @@ def payload(base: int, offset: int, length: int, register: int = NFT_REG_1) -> b
     )
 
 
-def lookup(set_name: str, data_register: int, *more: bytes) -> bytes:
-    """Look reg 1 up in set `set_name`, the data found into `data_register` (a verdict map's: NFT_REG_VERDICT)."""
-    return expression(
-        "lookup",
-        big32(NFTA_LOOKUP_SREG, NFT_REG_1),
-        big32(NFTA_LOOKUP_DREG, data_register),
-        string(NFTA_LOOKUP_SET, set_name),
-        *more,
-    )
+def lookup(set_name: str, data_register: int | None = None, *more: bytes) -> bytes:
+    """Look reg 1 (and the registers after it: a concatenation) up in set `set_name`: a match, or in a map, the data
+    found into `data_register` (a verdict map's: NFT_REG_VERDICT)."""
+    found = big32(NFTA_LOOKUP_DREG, data_register) if data_register is not None else b""
+    return expression("lookup", big32(NFTA_LOOKUP_SREG, NFT_REG_1), found, string(NFTA_LOOKUP_SET, set_name), *more)
 
 
 def element(key: bytes, *more: bytes) -> bytes:
@@ -534,24 +532,13 @@ def _shared_elements(pool: NatPool | None, layout: _FamilyLayout) -> dict[str, d
 _DPORT = payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2)
 
 
-def _meta_l4proto() -> bytes:
-    return expression("meta", big32(NFTA_META_KEY, NFT_META_L4PROTO), big32(NFTA_META_DREG, NFT_REG_1))
-
-
-def _frontend_of_packet() -> list[bytes]:
-    """`meta l4proto . th dport` into reg 1 and the register after it."""
-    return [_meta_l4proto(), payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, NFT_REG32_01)]
+_FRONTEND_OF_PACKET = (META_L4PROTO, payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, NFT_REG32_01))  # l4proto . th dport
 
 
 def _by_source(layout: _FamilyLayout) -> list[bytes]:
     """`meta l4proto . th dport . ip saddr`."""
     saddr = payload(NFT_PAYLOAD_NETWORK_HEADER, layout.saddr_offset, layout.address_len, NFT_REG32_02)
-    return [*_frontend_of_packet(), saddr]
-
-
-def _member(set_name: str) -> bytes:
-    """Reg 1 (and the registers after it) is a key of set `set_name`."""
-    return expression("lookup", big32(NFTA_LOOKUP_SREG, NFT_REG_1), string(NFTA_LOOKUP_SET, set_name))
+    return [*_FRONTEND_OF_PACKET, saddr]
 
 
 def _immediate(code: int, chain: str | None = None) -> bytes:
@@ -609,8 +596,8 @@ def _route_rules(options: Options) -> list[list[bytes]]:
     return [
         *([] if options.listen_address else [not_local]),
         list(set_mark(options.mark_bit)),
-        [*_frontend_of_packet(), _member("access"), *set_mark(access_bit(options.mark_bit))],
-        [*_by_source(layout), _member("unrouted"), _immediate(NFT_RETURN)],
+        [*_FRONTEND_OF_PACKET, lookup("access"), *set_mark(access_bit(options.mark_bit))],
+        [*_by_source(layout), lookup("unrouted"), _immediate(NFT_RETURN)],
         [*_by_source(layout), lookup("self", NFT_REG_1), dnat(layout.nfproto, layout.port_reg)],
         [_DPORT, group_bits, lookup("groups", NFT_REG_VERDICT)],
     ]
@@ -768,7 +755,7 @@ def _dispatch_rules(options: Options) -> dict[str, list[bytes]]:
         offset, loopback = _LOOPBACK_MATCH[family]
         not_loopback = [payload(NFT_PAYLOAD_NETWORK_HEADER, offset, len(loopback)), compare(NFT_CMP_NEQ, loopback)]
         output = [] if options.route_localhost and family is Family.IPV4 else not_loopback
-    to_route = [*_frontend_of_packet(), _member("frontends"), _immediate(NFT_GOTO, "route")]
+    to_route = [*_FRONTEND_OF_PACKET, lookup("frontends"), _immediate(NFT_GOTO, "route")]
     return {"prerouting": [*local, *to_route], "output": [*output, *to_route]}
 
 

@@ -90,6 +90,32 @@ def weighted_pool(router: str) -> Iterator[tuple[Backend, ...]]:
         )
 
 
+def nft_syncer(router: str) -> Syncer:
+    """The daemon's Syncer of `router`, the nat side in its nft tables."""
+    options = Options(nat_tables=True, forward_parent="FORWARD")
+    return Syncer(
+        Iptables(detect_flavour(), netns=router), options, "tcp", Metrics(lambda: ({}, [])), nat_writer=Nft(router)
+    )
+
+
+def containers(port: int, backends: Sequence[Backend], first: int = 0) -> list[ContainerSnapshot]:
+    """A container per backend (numbered from `first`), labelled for frontend `port`, on the greeters' subnet."""
+    return [
+        container(
+            first + i,
+            name=f"{backend.name}-{port}",
+            labels={
+                "tcp.port": str(port),
+                "tcp.backend_port": str(backend.port),
+                **({"tcp.weight": str(backend.weight)} if backend.weight != 1 else {}),
+            },
+            networks={"n": backend.ip},
+            subnets={"n": "10.99.0.0/24"},
+        )
+        for i, backend in enumerate(backends)
+    ]
+
+
 def test_connections_follow_the_weighted_rotation_exactly_and_each_slot_counts_its_own():
     with router_and_client() as (router, client), weighted_pool(router) as pool:
         load(router, DesiredState({27017: Frontend(27017, Balance.ROUNDROBIN, pool)}))
@@ -136,27 +162,11 @@ def test_the_syncer_routes_through_the_nft_tables_and_writes_a_change_over_netli
         a, b = (
             stack.enter_context(greeter(router, address, name)) for address, name in zip(SERVERS, "ab", strict=False)
         )
-        view = [
-            container(
-                i,
-                name=name,
-                labels={"tcp.port": "27017", "tcp.backend_port": str(port)},
-                networks={"n": address},
-                subnets={"n": "10.99.0.0/24"},
-            )
-            for i, (name, port, address) in enumerate((("a", a, SERVERS[0]), ("b", b, SERVERS[1])))
-        ]
-        flavour = detect_flavour()
-        syncer = Syncer(
-            Iptables(flavour, netns=router),
-            Options(nat_tables=True, forward_parent="FORWARD"),
-            "tcp",
-            Metrics(lambda: ({}, [])),
-            nat_writer=Nft(router),
-        )
+        view = containers(27017, (Backend("a" * 64, "a", SERVERS[0], a), Backend("b" * 64, "b", SERVERS[1], b)))
+        syncer = nft_syncer(router)
         assert syncer.sync(view, full=True)
         assert sorted(greetings(client, ROUTER, 27017, 4)) == ["a", "a", "b", "b"]
-        nat = Iptables(flavour, netns=router).read()[0]["nat"]
+        nat = Iptables(detect_flavour(), netns=router).read()[0]["nat"]
         assert not [chain for chain in nat if chain.startswith(("TCPR-FE-", "TCPR-FRONTENDS"))]
         assert nat_writes == [64]
         assert syncer.sync(view[1:])  # a leaves
@@ -171,28 +181,8 @@ def test_a_change_of_a_frontend_leaves_its_pick_chain_neighbour_and_its_rotation
     with router_and_client() as (router, client), weighted_pool(router) as pool:
         assert pick_chain(27017) == pick_chain(27529) and table_of(27017) == table_of(27529)
 
-        def containers(port: int, backends: Sequence[Backend], first: int) -> list[ContainerSnapshot]:
-            return [
-                container(
-                    first + i,
-                    name=f"{backend.name}-{port}",
-                    labels={"tcp.port": str(port), "tcp.backend_port": str(backend.port), "tcp.weight": "2"}
-                    if backend.weight == 2
-                    else {"tcp.port": str(port), "tcp.backend_port": str(backend.port)},
-                    networks={"n": backend.ip},
-                    subnets={"n": "10.99.0.0/24"},
-                )
-                for i, backend in enumerate(backends)
-            ]
-
-        rotating, neighbour = containers(27017, pool, 0), containers(27529, (pool[0], pool[2]), 10)
-        syncer = Syncer(
-            Iptables(detect_flavour(), netns=router),
-            Options(nat_tables=True, forward_parent="FORWARD"),
-            "tcp",
-            Metrics(lambda: ({}, [])),
-            nat_writer=Nft(router),
-        )
+        rotating, neighbour = containers(27017, pool), containers(27529, (pool[0], pool[2]), 10)
+        syncer = nft_syncer(router)
         assert syncer.sync([*rotating, *neighbour], full=True)
         assert greetings(client, ROUTER, 27017, 1) == ["b"]
         with NatSocket(router) as sock:
@@ -242,23 +232,8 @@ def test_a_change_the_kernel_refuses_is_retried_as_a_reload_of_every_table(nat_w
     """Someone deletes the frontend's table: the next change fails (the objects it edits are gone), the sync's
     retry reloads all 64 tables, and the frontend routes again."""
     with router_and_client() as (router, client), weighted_pool(router) as pool:
-        view = [
-            container(
-                i,
-                name=backend.name,
-                labels={"tcp.port": "27017", "tcp.backend_port": str(backend.port)},
-                networks={"n": backend.ip},
-                subnets={"n": "10.99.0.0/24"},
-            )
-            for i, backend in enumerate(pool)
-        ]
-        syncer = Syncer(
-            Iptables(detect_flavour(), netns=router),
-            Options(nat_tables=True, forward_parent="FORWARD"),
-            "tcp",
-            Metrics(lambda: ({}, [])),
-            nat_writer=Nft(router),
-        )
+        view = containers(27017, pool)
+        syncer = nft_syncer(router)
         assert syncer.sync(view, full=True) and nat_writes == [64]
         sh("ip", "netns", "exec", router, "nft", "delete", "table", "ip", table_of(27017))
         # c0 leaves: the change needs the handle of the frontend's rule, read from the kernel (the load did not
