@@ -785,12 +785,13 @@ def table_batch(pools: Iterable[NatPool], options: Options, tables: Collection[s
             messages += objects.add_elements(set_name, [element(k, v) for s in shared for k, v in s[set_name].items()])
         for pool in table_pools:
             messages += objects.add_map(_slots_map(pool, family))
-        for n in range(GROUPS):
-            picks = _Objects(family, table, f"{PICK_PREFIX}{n}")
-            messages.append(picks.chain_message(NFT_MSG_NEWCHAIN, NLM_F_CREATE | NLM_F_EXCL))
-            for pool in table_pools:
-                if pool.pick_chain == picks.chain:
-                    messages.append(picks.add_rule(_pick_rule(pool, family), pool.name))
+        picks: dict[str, list[NatPool]] = {f"{PICK_PREFIX}{n}": [] for n in range(GROUPS)}
+        for pool in table_pools:
+            picks[pool.pick_chain].append(pool)
+        for chain, chain_pools in picks.items():
+            picking = _Objects(family, table, chain)
+            messages.append(picking.chain_message(NFT_MSG_NEWCHAIN, NLM_F_CREATE | NLM_F_EXCL))
+            messages += [picking.add_rule(_pick_rule(pool, family), pool.name) for pool in chain_pools]
         messages.append(objects.declare_map("groups", declarations["groups"]))
         gotos = (
             element(_BIG_U16.pack(n * TABLES), nested(NFTA_SET_ELEM_DATA, verdict(NFT_GOTO, f"{PICK_PREFIX}{n}")))
