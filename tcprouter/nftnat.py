@@ -75,20 +75,21 @@ class NatPool:
     @property
     def fallbacks(self) -> tuple[tuple[str, Slot], ...]:
         """A backend's address -> where its own connections go: the first slot of another address."""
-        return tuple((address, other) for address, other in self._others() if other is not None)
+        return tuple((address, other) for address, other in self.own_connections() if other is not None)
 
     @property
     def unrouted(self) -> tuple[str, ...]:
         """The backend addresses with nowhere else to go (a pool of one address): their own connections are not
         DNATed."""
-        return tuple(address for address, other in self._others() if other is None)
+        return tuple(address for address, other in self.own_connections() if other is None)
 
-    def _others(self) -> list[tuple[str, Slot | None]]:
-        """Each address once, in slot order, with the first slot of another address (None: there is none): the
-        first slot, but for the first slot's own address."""
+    def own_connections(self) -> list[tuple[str, Slot | None]]:
+        """Each backend address once, in slot order, with where its own connections go: the first slot of another
+        address (the first slot, but for the first slot's own address), or None where there is none."""
         first = self.slots[0]
         after_first = next((slot for slot in self.slots if slot.address != first.address), None)
-        return [(a, after_first if a == first.address else first) for a in dict.fromkeys(s.address for s in self.slots)]
+        addresses = dict.fromkeys([slot.address for slot in self.slots])
+        return [(a, after_first if a == first.address else first) for a in addresses]
 
 
 def nft_family(family: Family) -> str:

@@ -204,6 +204,13 @@ class _FamilyLayout:
         return socket.inet_pton(self.address_family, address)
 
     @functools.cached_property
+    def slot_element(self) -> struct.Struct:
+        """A slot's element up to its comment's text (_slot_elements): the key's headers and the slot number (host
+        order), the data's headers, address and port (network order, padded), the comment's attribute and TLV
+        headers. One pack where a full load makes 100,000."""
+        return struct.Struct(f"=8sI8s{self.address_len}sH2xHHBB")
+
+    @functools.cached_property
     def destination_header(self) -> bytes:
         """value_in(NFTA_SET_ELEM_DATA, ...) of an address . port, all but their bytes."""
         length = self.address_len + 4
@@ -460,15 +467,17 @@ def _slots_map(pool: NatPool, family: Family) -> _Map:
 
 
 def _slot_elements(slots: Sequence[Slot], layout: _FamilyLayout) -> list[bytes]:
-    """Slot number -> address . port, the backend's name as the comment (a few packs each: a full load encodes
-    100,000)."""
-    return [
-        _SLOT_KEY_HEADER
-        + host32(number)
-        + _destination(slot, layout)
-        + netlink.attribute(NFTA_SET_ELEM_USERDATA, _tlv(NFTNL_UDATA_SET_ELEM_COMMENT, slot.name.encode() + b"\0"))
-        for number, slot in enumerate(slots)
-    ]
+    """Slot number -> address . port, the backend's name as the comment (its userdata)."""
+    pack, data_header, htons = layout.slot_element.pack, layout.destination_header, socket.htons
+    elements = []
+    for number, slot in enumerate(slots):
+        comment = slot.name.encode() + b"\0"
+        length = 6 + len(comment)  # the attribute's header, the TLV's, the text
+        address, port = layout.pack(slot.address), htons(slot.port)
+        userdata = (length, NFTA_SET_ELEM_USERDATA, NFTNL_UDATA_SET_ELEM_COMMENT, len(comment))
+        head = pack(_SLOT_KEY_HEADER, number, data_header, address, port, *userdata)
+        elements.append(head + comment + bytes(-length % 4))
+    return elements
 
 
 _FRONTEND_TYPE = TYPE_INET_PROTOCOL << 6 | TYPE_INET_SERVICE  # inet_proto . inet_service
@@ -519,11 +528,12 @@ def _shared_elements(pool: NatPool | None, layout: _FamilyLayout) -> dict[str, d
     if pool is None:
         return {"frontends": {}, "access": {}, "unrouted": {}, "self": {}}
     key = _frontend_key(pool)
+    own = pool.own_connections()
     return {
         "frontends": {key: b""},
         "access": {key: b""} if pool.access else {},
-        "unrouted": {key + layout.pack(address): b"" for address in pool.unrouted},
-        "self": {key + layout.pack(address): _destination(slot, layout) for address, slot in pool.fallbacks},
+        "unrouted": {key + layout.pack(address): b"" for address, other in own if other is None},
+        "self": {key + layout.pack(address): _destination(other, layout) for address, other in own if other},
     }
 
 

@@ -7,8 +7,10 @@ start:  tcprouter running on the host (a label prefix of this run's own); every 
         engine takes them (8 calls at a time); from the last start returning to every backend's DNAT rule in the
         kernel (polled with iptables-save, whose duration bounds the resolution).
 kill:   a fifth of them killed at once (concurrently); from the last kill returning to none of their rules left.
+With NAT `nftables`, tcprouter runs with `--nat nftables` and the polls read its slot maps over netlink
+(nftnat_read.slot_rules, each slot as the DNAT rule iptables would hold) instead.
 
-Usage: python -m benchlib.fleet [FRONTENDS [BACKENDS [ROUNDS]]]   (from scripts/, as root, on a Docker host)
+Usage: python -m benchlib.fleet [FRONTENDS [BACKENDS [ROUNDS [NAT]]]]   (from scripts/, as root, on a Docker host)
 """
 
 from __future__ import annotations
@@ -21,13 +23,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import docker
 
 from tcprouter.labels import LabelKeys
+from tcprouter.model import Family
 from tcprouter.netfilter import detect_flavour
+from tcprouter.nftnat_read import slot_rules
 from tcprouter.providers.docker_api import connect
 from tcprouter.providers.engine import list_labelled
 
@@ -65,19 +70,26 @@ def _addresses(api: docker.APIClient, ids: list[str]) -> dict[str, str]:
         return {i["Id"]: next(iter(i["NetworkSettings"]["Networks"].values()))["IPAddress"] for i in infos}
 
 
-def _routed(save: list[str], addresses: set[str]) -> set[str]:
-    """The addresses that some DNAT rule of the nat table sends to."""
-    text = subprocess.run(save, capture_output=True, text=True, check=True).stdout
-    targets = {word.rpartition(":")[0] for word in text.split() if ":" in word and word[0].isdigit()}
+def _dnat_rules(nat: str) -> Callable[[], str]:
+    """What the kernel's DNAT rules read as (`-j DNAT --to-destination <address>:<port>`), on the nat side `nat`."""
+    if nat == "nftables":
+        return lambda: "\n".join(rule.spec for _, rule in slot_rules(Family.IPV4, None, 60))
+    save = [f"iptables-{detect_flavour()}-save", "-t", "nat"]
+    return lambda: subprocess.run(save, capture_output=True, text=True, check=True).stdout
+
+
+def _routed(rules: Callable[[], str], addresses: set[str]) -> set[str]:
+    """The addresses that some DNAT rule sends to."""
+    targets = {word.rpartition(":")[0] for word in rules().split() if ":" in word and word[0].isdigit()}
     return addresses & targets
 
 
-def _poll(save: list[str], addresses: set[str], until, deadline: float) -> tuple[float | None, float]:
-    """Poll the nat table until `until(routed addresses)`: (when it first held, longest poll)."""
+def _poll(rules: Callable[[], str], addresses: set[str], until, deadline: float) -> tuple[float | None, float]:
+    """Poll the DNAT rules until `until(routed addresses)`: (when it first held, longest poll)."""
     longest = 0.0
     while time.perf_counter() < deadline:
         started = time.perf_counter()
-        done = until(_routed(save, addresses))
+        done = until(_routed(rules, addresses))
         longest = max(longest, time.perf_counter() - started)
         if done:
             return time.perf_counter(), longest
@@ -120,12 +132,11 @@ class _Counting:
         return self.api.inspect_container(container_id)
 
 
-def run(frontends: int = 100, backends: int = 10, rounds: int = 3) -> dict:
+def run(frontends: int = 100, backends: int = 10, rounds: int = 3, nat: str = "iptables") -> dict:
     prefix = unique("fleet")
     api = connect(None, timeout=120)
-    flavour = detect_flavour()
-    save = [f"iptables-{flavour}-save", "-t", "nat"]
-    figures: dict = {"frontends": frontends, "backends_per_frontend": backends}
+    save = _dnat_rules(nat)
+    figures: dict = {"frontends": frontends, "backends_per_frontend": backends, "nat": nat}
     with contextlib.ExitStack() as stack:
         stack.callback(_remove_all, api, prefix)
         stack.enter_context(host_lock("fleet"))
@@ -137,7 +148,7 @@ def run(frontends: int = 100, backends: int = 10, rounds: int = 3) -> dict:
         router_log = Path(tempfile.mkstemp(prefix="tcpr-fleet-", suffix=".log")[1])
         stack.callback(router_log.unlink, missing_ok=True)
         router = subprocess.Popen(
-            [*tool, "run", "--label-prefix", prefix, "--metrics-address", f"127.0.0.1:{metrics}"],
+            [*tool, "run", "--label-prefix", prefix, "--metrics-address", f"127.0.0.1:{metrics}", "--nat", nat],
             stdout=router_log.open("w"), stderr=subprocess.STDOUT, cwd=REPO, env=dict(os.environ),
         )  # fmt: skip
         stack.callback(router.wait, 30)
@@ -173,4 +184,4 @@ def run(frontends: int = 100, backends: int = 10, rounds: int = 3) -> dict:
 
 if __name__ == "__main__":
     numbers = [int(a) for a in sys.argv[1:4]]
-    print(json.dumps(run(*numbers), indent=1))
+    print(json.dumps(run(*numbers, *sys.argv[4:5]), indent=1))
