@@ -266,3 +266,53 @@ def test_a_full_load_of_some_tables_leaves_the_others_as_they_were():
         assert nft(ns, "list", "table", "ip", table_of(8001)) == untouched
         listed = nft(ns, "list", "table", "ip", table_of(8000))
         assert "tcp-8064" in listed and "tcp-8000" not in listed
+
+
+# A table as tcprouter wrote it before the pick chains (a chain per frontend, dispatched by map ports): what a host
+# upgraded from that version holds when the new daemon starts.
+PREVIOUS_LAYOUT = """table ip tcprouter-00 {
+	map ports {
+		type inet_proto . inet_service : verdict
+		elements = { tcp . 8000 : goto tcp-8000 }
+	}
+	map self-tcp-8000 {
+		type ipv4_addr : ipv4_addr . inet_service
+		elements = { 10.0.0.2 : 10.0.0.3 . 80, 10.0.0.3 : 10.0.0.2 . 80 }
+	}
+	map slots-tcp-8000 {
+		typeof numgen inc mod 2 : ip daddr . tcp dport
+		size 2
+		counter
+		elements = { 0 comment "web-a" : 10.0.0.2 . 80, 1 comment "web-b" : 10.0.0.3 . 80 }
+	}
+	chain tcp-8000 {
+		fib daddr type != local return
+		ct mark set ct mark | 0x00100000
+		meta l4proto tcp dnat ip to ip saddr map @self-tcp-8000
+		meta l4proto tcp dnat ip to numgen inc mod 2 map @slots-tcp-8000
+	}
+	chain prerouting {
+		type nat hook prerouting priority -101; policy accept;
+		meta l4proto . th dport vmap @ports
+	}
+	chain output {
+		type nat hook output priority -101; policy accept;
+		ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @ports
+	}
+}
+"""
+
+
+def test_a_full_load_replaces_tables_of_the_previous_layout_whole():
+    """The first sync after an upgrade loads every table: what it leaves is what `nft -f` of the new layout makes,
+    nothing of the chain per frontend."""
+    options, state = Options(), tcp(rr(A, B, C), NEIGHBOUR)
+    pools = nat_pools(state, options).values()
+    with private_netns() as upgraded, private_netns() as reference:
+        sh("ip", "netns", "exec", upgraded, "nft", "-f", "-", input=PREVIOUS_LAYOUT)
+        with NatSocket(upgraded) as sock:
+            sock.send(table_batch(pools, options, table_names()))
+        load(reference, state, Family.IPV4)
+        listed = nft(upgraded, "list", "ruleset")
+        assert "chain tcp-8000" not in listed and "map ports" not in listed
+        assert listed == nft(reference, "list", "ruleset")
