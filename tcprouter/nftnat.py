@@ -35,8 +35,8 @@ TABLES = 64
 GROUPS = 8  # pick chains per table: a frontend's is picked by the port's bits above those that choose its table
 PRIORITY = -101  # dstnat - 1: before the iptables nat table's chains (Docker's published ports)
 TABLE_PREFIX = "tcprouter-"
-PICK_PREFIX = "pick-"
 GROUP_MASK = (GROUPS - 1) * TABLES  # the port's bits that choose its group, both counts being powers of 2
+PICK_CHAINS = tuple(f"pick-{n}" for n in range(GROUPS))  # by group: group_of(port) // TABLES
 _FAMILIES = {Family.IPV4: "ip", Family.IPV6: "ip6"}
 _ADDRESS_TYPES = {Family.IPV4: "ipv4_addr", Family.IPV6: "ipv6_addr"}
 _LOOPBACK = {Family.IPV4: "127.0.0.0/8", Family.IPV6: "::1"}
@@ -108,7 +108,12 @@ def group_of(port: int) -> int:
 
 
 def pick_chain(port: int) -> str:
-    return f"{PICK_PREFIX}{group_of(port) // TABLES}"
+    return PICK_CHAINS[group_of(port) // TABLES]
+
+
+def groups() -> Iterator[tuple[int, str]]:
+    """Map groups' elements: the port's group bits -> the pick chain they go to."""
+    return ((n * TABLES, chain) for n, chain in enumerate(PICK_CHAINS))
 
 
 def _slot_name(name: str) -> str:
@@ -229,10 +234,9 @@ def _table(pools: list[NatPool], options: Options) -> str:
     address_type = _ADDRESS_TYPES[family]
     frontend_type = "inet_proto . inet_service"
     fallbacks = [f"{_key(p)} . {address} : {_destination(slot)}" for p in pools for address, slot in p.fallbacks]
-    picks: list[list[str]] = [[] for _ in range(GROUPS)]
+    picks: dict[str, list[str]] = {chain: [] for chain in PICK_CHAINS}
     for pool in pools:
-        picks[group_of(pool.port) // TABLES].append(f"\t\t{_pick(pool, family)}\n")
-    groups = (f"{n * TABLES} : goto {PICK_PREFIX}{n}" for n in range(GROUPS))
+        picks[pool.pick_chain].append(f"\t\t{_pick(pool, family)}\n")
     return "".join(
         [
             _set("set", "frontends", f"type {frontend_type}", map(_key, pools)),
@@ -245,8 +249,8 @@ def _table(pools: list[NatPool], options: Options) -> str:
             ),
             _set("map", "self", f"type {frontend_type} . {address_type} : {address_type} . inet_service", fallbacks),
             *(_slots(pool, family) for pool in pools),
-            *(f"\tchain {PICK_PREFIX}{n} {{\n{''.join(rules)}\t}}\n" for n, rules in enumerate(picks)),
-            _set("map", "groups", "type inet_service : verdict", groups),
+            *(f"\tchain {chain} {{\n{''.join(rules)}\t}}\n" for chain, rules in picks.items()),
+            _set("map", "groups", "type inet_service : verdict", (f"{key} : goto {chain}" for key, chain in groups())),
             _route(options),
             _dispatch(options),
         ]

@@ -169,7 +169,7 @@ from .nf_tables import (
     NFTNL_UDATA_SET_KEYBYTEORDER,
     RTN_LOCAL,
 )
-from .nftnat import GROUP_MASK, GROUPS, PICK_PREFIX, PRIORITY, TABLES, NatPool, Slot, table_of, table_parts
+from .nftnat import GROUP_MASK, PICK_CHAINS, PRIORITY, NatPool, Slot, groups, table_of, table_parts
 
 # nft's datatypes (a concatenation's type is its fields' types, 6 bits each) and its expression types (in userdata)
 TYPE_INTEGER, TYPE_IPADDR, TYPE_IP6ADDR, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE = 4, 7, 8, 12, 13
@@ -497,12 +497,12 @@ def _table_declarations(layout: _FamilyLayout) -> dict[str, bytes]:
 
     def plain(key: tuple[int, int]) -> bytes:
         userdata = _set_userdata(BYTEORDER_INVALID, concat, None)
-        return (
-            big32(NFTA_SET_FLAGS, 0)
-            + big32(NFTA_SET_KEY_TYPE, key[0])
-            + big32(NFTA_SET_KEY_LEN, key[1])
-            + (netlink.attribute(NFTA_SET_USERDATA, userdata))
+        flags, key_type, key_len = (
+            big32(NFTA_SET_FLAGS, 0),
+            big32(NFTA_SET_KEY_TYPE, key[0]),
+            big32(NFTA_SET_KEY_LEN, key[1]),
         )
+        return flags + key_type + key_len + netlink.attribute(NFTA_SET_USERDATA, userdata)
 
     groups = b"".join(
         [
@@ -523,10 +523,16 @@ def _table_declarations(layout: _FamilyLayout) -> dict[str, bytes]:
     }
 
 
+# The table's sets and maps that hold elements of every pool: a change edits those of _EDITED in place, and adds a
+# pool's element of set frontends last (removes it first), so that no connection is sent to objects not there yet.
+_EDITED = ("access", "unrouted", "self")
+_SHARED = ("frontends", *_EDITED)
+
+
 def _shared_elements(pool: NatPool | None, layout: _FamilyLayout) -> dict[str, dict[bytes, bytes]]:
-    """The pool's elements in the table's shared sets and maps: set or map name -> key -> the rest (b"": none)."""
+    """The pool's elements in the table's shared sets and maps (_SHARED): name -> key -> the rest (b"": none)."""
     if pool is None:
-        return {"frontends": {}, "access": {}, "unrouted": {}, "self": {}}
+        return {name: {} for name in _SHARED}
     key = _frontend_key(pool)
     own = pool.own_connections()
     return {
@@ -728,10 +734,10 @@ def change_batch(
         messages.append(objects.delete_rule(handle))
     old_slots, new_slots = (_slots_map(p, family) if p is not None else None for p in (before, after))
     messages += objects.change_map(old_slots, new_slots)
-    for name in ("access", "unrouted", "self"):
+    for name in _EDITED:
         gone = [key for key, rest in old[name].items() if new[name].get(key) != rest]
         messages += objects.delete_elements(name, gone)
-    for name in ("access", "unrouted", "self"):
+    for name in _EDITED:
         came = [element(key, rest) for key, rest in new[name].items() if old[name].get(key) != rest]
         messages += objects.add_elements(name, came)
     if after is not None and replaced:
@@ -790,12 +796,12 @@ def table_batch(pools: Iterable[NatPool], options: Options, tables: Collection[s
         ]
         objects = _Objects(family, table)
         shared = [_shared_elements(pool, layout) for pool in table_pools]
-        for set_name in ("frontends", "access", "unrouted", "self"):
+        for set_name in _SHARED:
             messages.append(objects.declare_map(set_name, declarations[set_name]))
             messages += objects.add_elements(set_name, [element(k, v) for s in shared for k, v in s[set_name].items()])
         for pool in table_pools:
             messages += objects.add_map(_slots_map(pool, family))
-        picks: dict[str, list[NatPool]] = {f"{PICK_PREFIX}{n}": [] for n in range(GROUPS)}
+        picks: dict[str, list[NatPool]] = {chain: [] for chain in PICK_CHAINS}
         for pool in table_pools:
             picks[pool.pick_chain].append(pool)
         for chain, chain_pools in picks.items():
@@ -803,11 +809,10 @@ def table_batch(pools: Iterable[NatPool], options: Options, tables: Collection[s
             messages.append(picking.chain_message(NFT_MSG_NEWCHAIN, NLM_F_CREATE | NLM_F_EXCL))
             messages += [picking.add_rule(_pick_rule(pool, family), pool.name) for pool in chain_pools]
         messages.append(objects.declare_map("groups", declarations["groups"]))
-        gotos = (
-            element(_BIG_U16.pack(n * TABLES), nested(NFTA_SET_ELEM_DATA, verdict(NFT_GOTO, f"{PICK_PREFIX}{n}")))
-            for n in range(GROUPS)
-        )
-        messages += objects.add_elements("groups", list(gotos))
+        gotos = [
+            element(_BIG_U16.pack(key), nested(NFTA_SET_ELEM_DATA, verdict(NFT_GOTO, chain))) for key, chain in groups()
+        ]
+        messages += objects.add_elements("groups", gotos)
         routing = _Objects(family, table, "route")
         messages.append(routing.chain_message(NFT_MSG_NEWCHAIN, NLM_F_CREATE | NLM_F_EXCL))
         messages += [routing.add_rule(rule) for rule in route]
