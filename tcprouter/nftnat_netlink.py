@@ -170,6 +170,7 @@ from .nf_tables import (
     RTN_LOCAL,
 )
 from .nftnat import GROUP_MASK, PICK_CHAINS, PRIORITY, NatPool, Slot, groups, table_of, table_parts
+from .nftnat_read import userdata_comment
 
 # nft's datatypes (a concatenation's type is its fields' types, 6 bits each) and its expression types (in userdata)
 TYPE_INTEGER, TYPE_IPADDR, TYPE_IP6ADDR, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE = 4, 7, 8, 12, 13
@@ -865,9 +866,9 @@ def rule_handles(replies: Iterable[netlink.Message]) -> dict[str, int]:
     found = {}
     for msg in replies:
         attributes = netlink.attributes(netlink.nftables_attributes(msg))
-        userdata = attributes.get(NFTA_RULE_USERDATA, b"")
-        if len(userdata) >= 2 and userdata[0] == NFTNL_UDATA_RULE_COMMENT and NFTA_RULE_HANDLE in attributes:
-            found[netlink.text(userdata[2 : 2 + userdata[1]])] = _BIG_U64.unpack(attributes[NFTA_RULE_HANDLE])[0]
+        comment = userdata_comment(attributes.get(NFTA_RULE_USERDATA, b""), NFTNL_UDATA_RULE_COMMENT)
+        if comment and NFTA_RULE_HANDLE in attributes:
+            found[comment] = _BIG_U64.unpack(attributes[NFTA_RULE_HANDLE])[0]
     return found
 
 

@@ -172,12 +172,13 @@ class _Shape:
         )
 
 
-def _comment(userdata: bytes) -> str:
-    """The comment among libnftnl's TLVs of an element's userdata (type and length a byte each), '' if none."""
+def userdata_comment(userdata: bytes, comment_kind: int = NFTNL_UDATA_SET_ELEM_COMMENT) -> str:
+    """The comment among libnftnl's TLVs of an element's userdata, or a rule's (NFTNL_UDATA_RULE_COMMENT; type and
+    length a byte each), '' if none."""
     offset = 0
     while offset + 2 <= len(userdata):
         kind, length = userdata[offset], userdata[offset + 1]
-        if kind == NFTNL_UDATA_SET_ELEM_COMMENT:
+        if kind == comment_kind:
             return netlink.text(userdata[offset + 2 : offset + 2 + length])
         offset += 2 + length
     return ""
@@ -231,7 +232,7 @@ class _SlotsMap:
         """The DNAT rule iptables would hold for a slot (as tests/nft_listing.py reads it from nft)."""
         address = socket.inet_ntop(layout.address_family, fields.target[: layout.address_len])  # as nft prints it
         (port,) = _BIG_U16.unpack_from(fields.target, layout.address_len)
-        comment, target = _saved(_comment(fields.userdata)), destination(address, port)
+        comment, target = _saved(userdata_comment(fields.userdata)), destination(address, port)
         return SavedRule(
             frontend_chain(self.port, self.protocol),
             f"-p {self.protocol} -m comment --comment {comment} -j DNAT --to-destination {target}",
@@ -357,7 +358,7 @@ def frontend_counts(family: Family, netns: str | None = None, timeout: float = 5
     for slots_map, slots in _maps(family, netns, timeout):
         counts: dict[str, int] = {}
         for fields in slots:
-            name = _comment(fields.userdata)
+            name = userdata_comment(fields.userdata)
             counts[name] = counts.get(name, 0) + fields.packets
         digest = hash(tuple((fields.slot, fields.target, fields.userdata) for fields in slots))
         yield FrontendCounts(slots_map.protocol, str(slots_map.port), digest, counts)
